@@ -1,0 +1,322 @@
+/*
+ * Copyright (C) ngx_anythingllm authors
+ *
+ * The nginx-free core of ngx_http_anythingllm_module: route
+ * classification, key digests, OpenAI <-> AnythingLLM JSON translation
+ * and the incremental SSE re-framer.  Nothing here includes an nginx
+ * header; unit tests and fuzzers link these files alone.
+ *
+ * Conventions: strings are (pointer, length) pairs and need not be
+ * NUL-terminated; functions that return heap memory say so and the
+ * caller releases it with free().
+ */
+
+
+#ifndef _ALM_CORE_H_INCLUDED_
+#define _ALM_CORE_H_INCLUDED_
+
+
+#include <stddef.h>
+#include <stdint.h>
+#include <time.h>
+
+
+#define ALM_OK                 0
+#define ALM_ERROR             -1
+
+
+/* scopes a key may hold (bit mask) */
+
+#define ALM_SCOPE_CHAT         0x01
+#define ALM_SCOPE_READ         0x02
+#define ALM_SCOPE_DOCUMENTS    0x04
+#define ALM_SCOPE_ADMIN        0x08
+
+
+#define ALM_DIGEST_LEN         32     /* SHA-256 */
+#define ALM_DIGEST_HEX_LEN     64
+#define ALM_KEY_ID_LEN         12     /* first hex digits shown in logs */
+#define ALM_SLUG_MAX           255
+
+
+/* ------------------------------------------------------------------ */
+/* route classification                                               */
+
+typedef enum {
+    ALM_ROUTE_NONE = 0,         /* not under /api/v1/: not judged */
+    ALM_ROUTE_BAD,              /* under /api/v1/ but malformed: refuse */
+    ALM_ROUTE_AUTH,             /* GET /api/v1/auth: any valid key */
+    ALM_ROUTE_WORKSPACES,       /* GET /api/v1/workspaces: filtered */
+    ALM_ROUTE_API,              /* any other /api/v1/ route */
+    ALM_ROUTE_OPENAI_PASS       /* /api/v1/openai/... passed through */
+} alm_route_kind_e;
+
+
+typedef struct {
+    alm_route_kind_e   kind;
+    unsigned           scope;      /* ALM_SCOPE_* needed, 0 for none */
+    const char        *slug;       /* workspace slug in the path, or NULL */
+    size_t             slug_len;
+} alm_route_t;
+
+
+/*
+ * Classifies an already decoded and normalised path (nginx's r->uri)
+ * with its method.  The slug points into "path".  A path segment that
+ * is empty, "." or "..", or a slug with characters outside
+ * [A-Za-z0-9_.-] (or longer than ALM_SLUG_MAX) gives ALM_ROUTE_BAD.
+ */
+void alm_route_classify(const char *method, size_t method_len,
+    const char *path, size_t path_len, alm_route_t *rt);
+
+
+/* OpenAI-style routes answered by the gateway (matched by suffix) */
+
+typedef enum {
+    ALM_OAI_NONE = 0,           /* anything else: 404 */
+    ALM_OAI_MODELS,             /* .../models */
+    ALM_OAI_MODEL,              /* .../models/{id} */
+    ALM_OAI_CHAT                /* .../chat/completions */
+} alm_oai_route_e;
+
+
+/* "id" receives the model id of ALM_OAI_MODEL (points into path) */
+alm_oai_route_e alm_oai_route(const char *path, size_t path_len,
+    const char **id, size_t *id_len);
+
+
+/* 1 when s is a valid workspace slug: 1..ALM_SLUG_MAX of [A-Za-z0-9_.-] */
+int alm_slug_valid(const char *s, size_t len);
+
+
+/* ------------------------------------------------------------------ */
+/* keys                                                               */
+
+/* parses "chat,read,..." (spaces ignored, unknown names ignored) */
+unsigned alm_scopes_parse(const char *s, size_t len);
+
+/*
+ * 1 when "slug" is allowed by a workspace list: "*" or a comma list
+ * of slugs (spaces around items ignored).  An empty list allows none.
+ */
+int alm_workspace_allowed(const char *list, size_t list_len,
+    const char *slug, size_t slug_len);
+
+/* SHA-256 of the key as 64 lowercase hex digits (no NUL written) */
+void alm_key_digest(const char *key, size_t len,
+    char hex[ALM_DIGEST_HEX_LEN]);
+
+void alm_hex(const unsigned char *bin, size_t len, char *out);
+
+
+/* ------------------------------------------------------------------ */
+/* OpenAI errors                                                      */
+
+typedef struct {
+    int          status;     /* HTTP status */
+    const char  *message;    /* static text, or "buf" */
+    const char  *type;       /* "invalid_request_error", ... */
+    const char  *param;      /* or NULL */
+    const char  *code;       /* or NULL */
+    char         buf[256];   /* room for a formatted message */
+} alm_error_t;
+
+
+/*
+ * Writes {"error":{"message":..,"type":..,"param":..,"code":..}} into
+ * out (JSON-escaped).  Returns the length written, or the length
+ * needed when it exceeds cap (nothing then is usable).
+ */
+size_t alm_error_json(char *out, size_t cap, const char *message,
+    const char *type, const char *param, const char *code);
+
+void alm_error_set(alm_error_t *err, int status, const char *type,
+    const char *param, const char *code, const char *fmt, ...);
+
+
+/* ------------------------------------------------------------------ */
+/* chat completions request                                           */
+
+typedef enum {
+    ALM_MODE_CHAT = 0,
+    ALM_MODE_QUERY,
+    ALM_MODE_AUTOMATIC
+} alm_mode_e;
+
+
+/* incremental conversation digest; opaque state of fixed size */
+
+typedef struct {
+    uint64_t       state[16];
+} alm_conv_hash_t;
+
+void alm_conv_hash_init(alm_conv_hash_t *h, const char *key_digest_hex,
+    const char *model, size_t model_len);
+/* adds one message: role and its canonical text */
+void alm_conv_hash_message_begin(alm_conv_hash_t *h, const char *role,
+    size_t role_len);
+void alm_conv_hash_update(alm_conv_hash_t *h, const char *p, size_t len);
+void alm_conv_hash_message_end(alm_conv_hash_t *h);
+/* hex of the digest so far; h stays usable */
+void alm_conv_hash_hex(const alm_conv_hash_t *h,
+    char hex[ALM_DIGEST_HEX_LEN]);
+
+
+typedef struct {
+    char              *model;          /* malloc, NUL-terminated */
+    size_t             model_len;
+    int                stream;
+    int                include_usage;
+    char              *message;        /* last user message text, malloc */
+    size_t             message_len;
+    char              *attachments;    /* JSON array text or NULL, malloc */
+    char              *transcript;     /* earlier turns as text or NULL */
+    int                has_history;    /* earlier non-system turns exist */
+
+    /*
+     * prefix: every message but the last, looked up to continue a
+     * session; full: every message, to which the answer is added
+     * before it is stored.
+     */
+    char               prefix_hex[ALM_DIGEST_HEX_LEN];
+    alm_conv_hash_t    full;
+} alm_chat_req_t;
+
+
+/*
+ * Validates and reads an OpenAI chat completions body.  On ALM_ERROR
+ * err is filled (status 400, param named) and nothing is left to free.
+ * On ALM_OK, release with alm_chat_req_free().
+ */
+int alm_chat_req_parse(const char *body, size_t len,
+    const char *key_digest_hex, alm_chat_req_t *req, alm_error_t *err);
+
+void alm_chat_req_free(alm_chat_req_t *req);
+
+
+/*
+ * The body for POST /api/v1/workspace/<slug>/(stream-)chat:
+ * {"message":..,"mode":..,"sessionId":..[,"attachments":[..]]}.
+ * When "continuing" is 0 and the request carried a history the
+ * gateway has not seen, the earlier turns are put before the message
+ * as a transcript.  Returns malloc'd text (length in *len) or NULL.
+ */
+char *alm_chat_req_upstream_body(const alm_chat_req_t *req,
+    alm_mode_e mode, const char *session_id, size_t session_id_len,
+    int continuing, size_t *len);
+
+
+/* ------------------------------------------------------------------ */
+/* responses                                                          */
+
+typedef struct {
+    long        prompt_tokens;
+    long        completion_tokens;
+    long        total_tokens;
+    int         present;
+} alm_usage_t;
+
+
+typedef struct {
+    const char        *id;        /* "chatcmpl-..." */
+    size_t             id_len;
+    const char        *model;
+    size_t             model_len;
+    time_t             created;
+} alm_completion_meta_t;
+
+
+/*
+ * Translates a non-stream workspace chat answer (200) into a
+ * chat.completion object.  The answer text is also fed to "conv"
+ * when not NULL.  Returns malloc'd JSON or NULL with err filled
+ * (an "abort" answer gives a 502/500 style error).
+ */
+char *alm_chat_response_translate(const char *json, size_t len,
+    const alm_completion_meta_t *meta, alm_usage_t *usage,
+    alm_conv_hash_t *conv, size_t *out_len, alm_error_t *err);
+
+/*
+ * Translates an upstream error answer (any status >= 400, any body)
+ * of a chat call into an OpenAI error: 400 abort "is not a valid
+ * workspace" gives 404 model_not_found, 403 gives 502 (the upstream
+ * key is wrong), other 4xx 400, 5xx 502.  Fills err.
+ */
+void alm_chat_error_translate(int status, const char *body, size_t len,
+    const char *model, size_t model_len, alm_error_t *err);
+
+/*
+ * GET /api/v1/workspaces answer filtered by a workspace list: the
+ * same object with only allowed workspaces.  malloc'd or NULL.
+ */
+char *alm_workspaces_filter(const char *json, size_t len,
+    const char *list, size_t list_len, size_t *out_len);
+
+/*
+ * GET /api/v1/workspaces answer as an OpenAI model list (only allowed
+ * workspaces).  With "one" set, the single model of that id, or NULL
+ * with err 404 model_not_found.  malloc'd or NULL.
+ */
+char *alm_workspaces_to_models(const char *json, size_t len,
+    const char *list, size_t list_len, const char *one, size_t one_len,
+    time_t now, size_t *out_len, alm_error_t *err);
+
+
+/* ------------------------------------------------------------------ */
+/* the SSE re-framer                                                  */
+
+/*
+ * Output sink: called with each produced piece, in order.  Returns
+ * ALM_OK or ALM_ERROR (the re-framer then stops).  A piece is a whole
+ * number of frames.
+ */
+typedef int (*alm_emit_pt)(void *data, const char *p, size_t len);
+
+
+typedef struct {
+    /* set by alm_sse_init() */
+    char               *buf;            /* pending partial frame */
+    size_t              cap;
+    size_t              len;
+    alm_emit_pt         emit;
+    void               *data;
+    alm_completion_meta_t meta;
+    int                 include_usage;
+    alm_conv_hash_t    *conv;           /* answer text fed here, or NULL */
+
+    /* state */
+    unsigned            sent_role:1;
+    unsigned            got_chunk:1;    /* a textResponseChunk came */
+    unsigned            got_text:1;     /* content was emitted */
+    unsigned            closed:1;       /* a close:true answer frame */
+    unsigned            done:1;         /* [DONE] was emitted */
+    unsigned            failed:1;       /* ended with an error frame */
+    unsigned            skip_line:1;    /* discarding an oversized frame */
+    alm_usage_t         usage;
+} alm_sse_t;
+
+
+/*
+ * "buf" of "cap" bytes bounds the largest frame; a longer frame ends
+ * the stream with an error frame and [DONE].
+ */
+void alm_sse_init(alm_sse_t *s, char *buf, size_t cap,
+    const alm_completion_meta_t *meta, int include_usage,
+    alm_conv_hash_t *conv, alm_emit_pt emit, void *data);
+
+/* feeds upstream bytes; frames may be split anywhere */
+int alm_sse_feed(alm_sse_t *s, const char *p, size_t len);
+
+/*
+ * The upstream ended: "broken" when it broke (or timed out) rather
+ * than ended cleanly.  Emits what the end calls for: the stop chunk,
+ * the usage chunk and [DONE] when the answer was complete, otherwise
+ * an error frame and [DONE].  Nothing when [DONE] was already sent.
+ */
+int alm_sse_finish(alm_sse_t *s, int broken);
+
+/* 1 when the answer completed (not an error) */
+int alm_sse_succeeded(const alm_sse_t *s);
+
+
+#endif /* _ALM_CORE_H_INCLUDED_ */

@@ -1,0 +1,561 @@
+/*
+ * Copyright (C) ngx_anythingllm authors
+ *
+ * Small pieces shared by the core: slugs, scopes, workspace lists,
+ * key digests, JSON string escaping, OpenAI error bodies and the
+ * incremental conversation digest.
+ */
+
+
+#define OPENSSL_SUPPRESS_DEPRECATED
+
+#include <stdarg.h>
+#include <stdio.h>
+#include <string.h>
+
+#include <openssl/sha.h>
+
+#include "alm_core.h"
+
+
+/*
+ * The conversation digest keeps an OpenSSL SHA256_CTX inside the
+ * opaque storage of alm_conv_hash_t.  The context is moved in and out
+ * with memcpy() so that the storage is never accessed through a
+ * pointer of another type.
+ */
+_Static_assert(sizeof(SHA256_CTX) <= sizeof(alm_conv_hash_t),
+               "alm_conv_hash_t is too small for SHA256_CTX");
+
+
+static int alm_list_next(const char **pos, const char *end,
+    const char **item, size_t *item_len, int space_separates);
+
+
+int
+alm_slug_valid(const char *s, size_t len)
+{
+    size_t  i;
+    u_char  c;
+
+    if (len == 0 || len > ALM_SLUG_MAX) {
+        return 0;
+    }
+
+    for (i = 0; i < len; i++) {
+        c = (u_char) s[i];
+
+        if ((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z')
+            || (c >= '0' && c <= '9') || c == '_' || c == '.' || c == '-')
+        {
+            continue;
+        }
+
+        return 0;
+    }
+
+    return 1;
+}
+
+
+/*
+ * Splits a list on commas (and on blanks when "space_separates"),
+ * skipping blanks around items and empty items.  Returns 0 at the end.
+ */
+
+static int
+alm_list_next(const char **pos, const char *end, const char **item,
+    size_t *item_len, int space_separates)
+{
+    const char  *p, *start, *last;
+
+    p = *pos;
+
+    for ( ;; ) {
+
+        while (p < end && (*p == ' ' || *p == '\t' || *p == ','
+                           || *p == '\r' || *p == '\n'))
+        {
+            p++;
+        }
+
+        if (p == end) {
+            *pos = p;
+            return 0;
+        }
+
+        start = p;
+
+        while (p < end && *p != ','
+               && !(space_separates
+                    && (*p == ' ' || *p == '\t' || *p == '\r'
+                        || *p == '\n')))
+        {
+            p++;
+        }
+
+        last = p;
+
+        while (last > start
+               && (last[-1] == ' ' || last[-1] == '\t'
+                   || last[-1] == '\r' || last[-1] == '\n'))
+        {
+            last--;
+        }
+
+        if (last > start) {
+            *item = start;
+            *item_len = last - start;
+            *pos = p;
+            return 1;
+        }
+    }
+}
+
+
+static int
+alm_ascii_caseeq(const char *a, size_t a_len, const char *b)
+{
+    size_t  i;
+    u_char  c;
+
+    for (i = 0; i < a_len; i++) {
+        if (b[i] == '\0') {
+            return 0;
+        }
+
+        c = (u_char) a[i];
+        if (c >= 'A' && c <= 'Z') {
+            c = (u_char) (c | 0x20);
+        }
+
+        if (c != (u_char) b[i]) {
+            return 0;
+        }
+    }
+
+    return b[a_len] == '\0';
+}
+
+
+unsigned
+alm_scopes_parse(const char *s, size_t len)
+{
+    size_t       n;
+    unsigned     scopes;
+    const char  *pos, *end, *item;
+
+    scopes = 0;
+
+    if (s == NULL) {
+        return 0;
+    }
+
+    pos = s;
+    end = s + len;
+
+    while (alm_list_next(&pos, end, &item, &n, 1)) {
+
+        if (alm_ascii_caseeq(item, n, "chat")) {
+            scopes |= ALM_SCOPE_CHAT;
+
+        } else if (alm_ascii_caseeq(item, n, "read")) {
+            scopes |= ALM_SCOPE_READ;
+
+        } else if (alm_ascii_caseeq(item, n, "documents")) {
+            scopes |= ALM_SCOPE_DOCUMENTS;
+
+        } else if (alm_ascii_caseeq(item, n, "admin")) {
+            scopes |= ALM_SCOPE_ADMIN;
+        }
+    }
+
+    return scopes;
+}
+
+
+int
+alm_workspace_allowed(const char *list, size_t list_len, const char *slug,
+    size_t slug_len)
+{
+    size_t       n;
+    const char  *pos, *end, *item;
+
+    if (list == NULL || slug == NULL || slug_len == 0) {
+        return 0;
+    }
+
+    pos = list;
+    end = list + list_len;
+
+    while (alm_list_next(&pos, end, &item, &n, 0)) {
+
+        if (n == 1 && item[0] == '*') {
+            return 1;
+        }
+
+        /* slugs are compared exactly: AnythingLLM's lookup is exact */
+
+        if (n == slug_len && memcmp(item, slug, n) == 0) {
+            return 1;
+        }
+    }
+
+    return 0;
+}
+
+
+void
+alm_hex(const unsigned char *bin, size_t len, char *out)
+{
+    static const char  digits[] = "0123456789abcdef";
+
+    while (len--) {
+        *out++ = digits[*bin >> 4];
+        *out++ = digits[*bin & 0x0f];
+        bin++;
+    }
+}
+
+
+void
+alm_key_digest(const char *key, size_t len, char hex[ALM_DIGEST_HEX_LEN])
+{
+    unsigned char  md[ALM_DIGEST_LEN];
+
+    SHA256((const unsigned char *) key, len, md);
+    alm_hex(md, ALM_DIGEST_LEN, hex);
+}
+
+
+/*
+ * Length of the valid UTF-8 sequence at p (1..4), or 0 when the bytes
+ * there do not start one (overlong forms and surrogates are invalid).
+ */
+
+static size_t
+alm_utf8_len(const u_char *p, size_t avail)
+{
+    u_char  c, lo, hi;
+    size_t  n, i;
+
+    c = p[0];
+
+    if (c < 0x80) {
+        return 1;
+    }
+
+    lo = 0x80;
+    hi = 0xbf;
+
+    if (c >= 0xc2 && c <= 0xdf) {
+        n = 2;
+
+    } else if (c >= 0xe0 && c <= 0xef) {
+        n = 3;
+        if (c == 0xe0) {
+            lo = 0xa0;
+        } else if (c == 0xed) {
+            hi = 0x9f;
+        }
+
+    } else if (c >= 0xf0 && c <= 0xf4) {
+        n = 4;
+        if (c == 0xf0) {
+            lo = 0x90;
+        } else if (c == 0xf4) {
+            hi = 0x8f;
+        }
+
+    } else {
+        return 0;
+    }
+
+    if (avail < n || p[1] < lo || p[1] > hi) {
+        return 0;
+    }
+
+    for (i = 2; i < n; i++) {
+        if (p[i] < 0x80 || p[i] > 0xbf) {
+            return 0;
+        }
+    }
+
+    return n;
+}
+
+
+size_t
+alm_json_escape(char *out, const char *s, size_t len)
+{
+    static const char  digits[] = "0123456789abcdef";
+
+    u_char        c;
+    size_t        n, w, i;
+    const u_char  *p, *end;
+
+    p = (const u_char *) s;
+    end = p + len;
+    w = 0;
+
+    while (p < end) {
+        c = *p;
+
+        if (c >= 0x20 && c < 0x80 && c != '"' && c != '\\') {
+            if (out) {
+                out[w] = (char) c;
+            }
+            w++;
+            p++;
+            continue;
+        }
+
+        if (c >= 0x80) {
+            n = alm_utf8_len(p, end - p);
+
+            if (n == 0) {
+                /* an invalid byte becomes U+FFFD, keeping the JSON valid */
+                if (out) {
+                    memcpy(out + w, "\\ufffd", 6);
+                }
+                w += 6;
+                p++;
+                continue;
+            }
+
+            if (out) {
+                for (i = 0; i < n; i++) {
+                    out[w + i] = (char) p[i];
+                }
+            }
+            w += n;
+            p += n;
+            continue;
+        }
+
+        if (c == '"' || c == '\\' || c == '\n' || c == '\r' || c == '\t'
+            || c == '\b' || c == '\f')
+        {
+            if (out) {
+                out[w] = '\\';
+                switch (c) {
+                case '\n': out[w + 1] = 'n'; break;
+                case '\r': out[w + 1] = 'r'; break;
+                case '\t': out[w + 1] = 't'; break;
+                case '\b': out[w + 1] = 'b'; break;
+                case '\f': out[w + 1] = 'f'; break;
+                default:   out[w + 1] = (char) c; break;
+                }
+            }
+            w += 2;
+            p++;
+            continue;
+        }
+
+        if (out) {
+            memcpy(out + w, "\\u00", 4);
+            out[w + 4] = digits[c >> 4];
+            out[w + 5] = digits[c & 0x0f];
+        }
+        w += 6;
+        p++;
+    }
+
+    return w;
+}
+
+
+/* appends a JSON string value ("..." or null) at out + w when it fits */
+
+static size_t
+alm_error_json_str(char *out, size_t cap, size_t w, const char *s)
+{
+    size_t  n, len;
+
+    if (s == NULL) {
+        if (w + 4 <= cap) {
+            memcpy(out + w, "null", 4);
+        }
+        return w + 4;
+    }
+
+    len = strlen(s);
+    n = alm_json_escape(NULL, s, len);
+
+    if (w + n + 2 <= cap) {
+        out[w] = '"';
+        alm_json_escape(out + w + 1, s, len);
+        out[w + n + 1] = '"';
+    }
+
+    return w + n + 2;
+}
+
+
+static size_t
+alm_error_json_lit(char *out, size_t cap, size_t w, const char *lit)
+{
+    size_t  n;
+
+    n = strlen(lit);
+
+    if (w + n <= cap) {
+        memcpy(out + w, lit, n);
+    }
+
+    return w + n;
+}
+
+
+size_t
+alm_error_json(char *out, size_t cap, const char *message, const char *type,
+    const char *param, const char *code)
+{
+    size_t  w;
+
+    if (out == NULL) {
+        cap = 0;
+    }
+
+    w = alm_error_json_lit(out, cap, 0, "{\"error\":{\"message\":");
+    w = alm_error_json_str(out, cap, w, message ? message : "");
+    w = alm_error_json_lit(out, cap, w, ",\"type\":");
+    w = alm_error_json_str(out, cap, w, type);
+    w = alm_error_json_lit(out, cap, w, ",\"param\":");
+    w = alm_error_json_str(out, cap, w, param);
+    w = alm_error_json_lit(out, cap, w, ",\"code\":");
+    w = alm_error_json_str(out, cap, w, code);
+    w = alm_error_json_lit(out, cap, w, "}}");
+
+    if (w < cap) {
+        out[w] = '\0';
+    }
+
+    return w;
+}
+
+
+void
+alm_error_set(alm_error_t *err, int status, const char *type,
+    const char *param, const char *code, const char *fmt, ...)
+{
+    va_list  args;
+
+    if (err == NULL) {
+        return;
+    }
+
+    err->status = status;
+    err->type = type;
+    err->param = param;
+    err->code = code;
+
+    va_start(args, fmt);
+    vsnprintf(err->buf, sizeof(err->buf), fmt, args);
+    va_end(args);
+
+    err->message = err->buf;
+}
+
+
+/* ------------------------------------------------------------------ */
+/* the conversation digest                                            */
+
+/*
+ * The digest covers one byte stream:
+ *
+ *   key digest hex (64) | model | 0x1e |
+ *   { role | 0x00 | canonical content | 0x1e } for each message
+ *
+ * Canonical content is the text of a string content, or the parts of
+ * an array content in order: a text part as its text, an image part
+ * as 0x01 followed by its URL.  The answer of the assistant is added
+ * the same way once it is known, so the digest after an answer equals
+ * the digest of the next request's messages up to that answer.
+ */
+
+static void
+alm_conv_load(const alm_conv_hash_t *h, SHA256_CTX *ctx)
+{
+    memcpy(ctx, h->state, sizeof(SHA256_CTX));
+}
+
+
+static void
+alm_conv_store(alm_conv_hash_t *h, const SHA256_CTX *ctx)
+{
+    memcpy(h->state, ctx, sizeof(SHA256_CTX));
+}
+
+
+void
+alm_conv_hash_init(alm_conv_hash_t *h, const char *key_digest_hex,
+    const char *model, size_t model_len)
+{
+    SHA256_CTX           ctx;
+    static const char    anonymous[ALM_DIGEST_HEX_LEN + 1] =
+        "0000000000000000000000000000000000000000000000000000000000000000";
+
+    memset(h, 0, sizeof(alm_conv_hash_t));
+
+    SHA256_Init(&ctx);
+    SHA256_Update(&ctx, key_digest_hex ? key_digest_hex : anonymous,
+                  ALM_DIGEST_HEX_LEN);
+    SHA256_Update(&ctx, model, model_len);
+    SHA256_Update(&ctx, "\x1e", 1);
+
+    alm_conv_store(h, &ctx);
+}
+
+
+void
+alm_conv_hash_message_begin(alm_conv_hash_t *h, const char *role,
+    size_t role_len)
+{
+    SHA256_CTX  ctx;
+
+    alm_conv_load(h, &ctx);
+    SHA256_Update(&ctx, role, role_len);
+    SHA256_Update(&ctx, "", 1);
+    alm_conv_store(h, &ctx);
+}
+
+
+void
+alm_conv_hash_update(alm_conv_hash_t *h, const char *p, size_t len)
+{
+    SHA256_CTX  ctx;
+
+    if (len == 0) {
+        return;
+    }
+
+    alm_conv_load(h, &ctx);
+    SHA256_Update(&ctx, p, len);
+    alm_conv_store(h, &ctx);
+}
+
+
+void
+alm_conv_hash_message_end(alm_conv_hash_t *h)
+{
+    SHA256_CTX  ctx;
+
+    alm_conv_load(h, &ctx);
+    SHA256_Update(&ctx, "\x1e", 1);
+    alm_conv_store(h, &ctx);
+}
+
+
+void
+alm_conv_hash_hex(const alm_conv_hash_t *h, char hex[ALM_DIGEST_HEX_LEN])
+{
+    SHA256_CTX     ctx;
+    unsigned char  md[ALM_DIGEST_LEN];
+
+    /* finishing a copy leaves h usable for more messages */
+
+    alm_conv_load(h, &ctx);
+    SHA256_Final(md, &ctx);
+    alm_hex(md, ALM_DIGEST_LEN, hex);
+}

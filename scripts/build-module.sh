@@ -1,0 +1,56 @@
+#!/bin/bash
+# Builds ngx_http_anythingllm_module.so against Debian's nginx-dev so
+# that the stock /usr/sbin/nginx loads it.
+#
+#   scripts/build-module.sh [--asan] [outdir]
+#
+# The result is <outdir>/ngx_http_anythingllm_module.so (default
+# build/module, or build/asan with --asan).
+
+set -eu
+
+top=$(cd "$(dirname "$0")/.." && pwd)
+src=/usr/share/nginx/src
+
+asan=0
+if [ "${1:-}" = "--asan" ]; then
+    asan=1
+    shift
+fi
+
+if [ $asan = 1 ]; then
+    out=${1:-$top/build/asan}
+    cc_opt="-g -O1 -fPIC -fno-omit-frame-pointer -fsanitize=address,undefined"
+    ld_opt="-fPIC -fsanitize=address,undefined"
+else
+    out=${1:-$top/build/module}
+    cc_opt="-g -O2 -fPIC -Wextra -Wno-unused-parameter"
+    ld_opt="-fPIC"
+fi
+
+if [ ! -f $src/conf_flags ]; then
+    echo "build-module: $src is missing: install nginx-dev" >&2
+    exit 1
+fi
+
+# configure writes into its source tree: work on a private copy
+mkdir -p "$out"
+rm -rf "$out/nginx-src"
+cp -a $src "$out/nginx-src"
+
+cd "$out/nginx-src"
+
+# shellcheck disable=SC1091
+. ./conf_flags
+
+./configure --with-cc-opt="$cc_opt" --with-ld-opt="$ld_opt" \
+    "${NGX_CONF_FLAGS[@]}" --add-dynamic-module="$top" \
+    --builddir="$out/objs" > "$out/configure.log" 2>&1 || {
+    cat "$out/configure.log" >&2
+    exit 1
+}
+
+make -s -f "$out/objs/Makefile" modules
+
+cp "$out/objs/ngx_http_anythingllm_module.so" "$out/"
+echo "built $out/ngx_http_anythingllm_module.so"
