@@ -1,0 +1,911 @@
+"""
+Fixtures that run the real processes: Redis, the AnythingLLM stand-in
+(t/backend.py) and nginx with the module.
+
+    redis_server   a redis-server of its own on a free port
+    backend        the stand-in AnythingLLM on a free port
+    nginx          a factory: nginx(locations=..., http_extra=...) -> Nginx
+
+Environment:
+    ALM_MODULE     the module .so
+                   (default build/module/ngx_http_anythingllm_module.so)
+    ALM_ASAN=1     run nginx with libasan preloaded and scan its reports
+    ALM_NGINX      the nginx binary (default /usr/sbin/nginx)
+    ALM_REDIS      the redis-server binary (default /usr/bin/redis-server)
+"""
+
+import hashlib
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.parse
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import helpers  # noqa: E402
+
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+PYTHON = "/usr/bin/python3"
+UPSTREAM_KEY = "UPSTREAM-KEY-0001-TEST"
+PREFIX = "anythingllm:"
+
+NGINX_BIN = os.environ.get("ALM_NGINX", "/usr/sbin/nginx")
+REDIS_BIN = os.environ.get("ALM_REDIS", "/usr/bin/redis-server")
+MODULE = os.environ.get(
+    "ALM_MODULE",
+    os.path.join(REPO, "build", "module", "ngx_http_anythingllm_module.so"))
+ASAN = os.environ.get("ALM_ASAN") == "1"
+
+BAD_LOG = re.compile(r"\[(alert|emerg|crit)\]|Sanitizer|runtime error:"
+                     r"|LeakSanitizer")
+
+
+def free_port():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def port_open(port, host="127.0.0.1"):
+    try:
+        socket.create_connection((host, port), timeout=0.2).close()
+        return True
+    except OSError:
+        return False
+
+
+def key_digest(key):
+    if isinstance(key, str):
+        key = key.encode()
+    return hashlib.sha256(key).hexdigest()
+
+
+def module_available():
+    return os.path.exists(MODULE)
+
+
+# ---------------------------------------------------------------------------
+# Redis
+
+
+class RedisError(Exception):
+    pass
+
+
+class Resp:
+    """A tiny RESP2 client: bulk strings as bytes, status lines as str."""
+
+    def __init__(self, host=None, port=None, unix=None, timeout=5.0):
+        if unix:
+            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self.sock.settimeout(timeout)
+            self.sock.connect(unix)
+        else:
+            self.sock = socket.create_connection((host, port), timeout=timeout)
+        self.buf = b""
+
+    def close(self):
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+    @staticmethod
+    def encode(args):
+        out = [b"*%d\r\n" % len(args)]
+        for a in args:
+            if isinstance(a, bytes):
+                b = a
+            else:
+                b = str(a).encode()
+            out.append(b"$%d\r\n%s\r\n" % (len(b), b))
+        return b"".join(out)
+
+    def send(self, *args):
+        self.sock.sendall(self.encode(args))
+
+    def _line(self):
+        while b"\r\n" not in self.buf:
+            d = self.sock.recv(65536)
+            if not d:
+                raise ConnectionError("Redis closed the connection")
+            self.buf += d
+        line, self.buf = self.buf.split(b"\r\n", 1)
+        return line
+
+    def _exact(self, n):
+        while len(self.buf) < n + 2:
+            d = self.sock.recv(65536)
+            if not d:
+                raise ConnectionError("Redis closed the connection")
+            self.buf += d
+        data, self.buf = self.buf[:n], self.buf[n + 2:]
+        return data
+
+    def reply(self):
+        line = self._line()
+        kind, rest = line[:1], line[1:]
+        if kind == b"+":
+            return rest.decode()
+        if kind == b"-":
+            raise RedisError(rest.decode())
+        if kind == b":":
+            return int(rest)
+        if kind == b"$":
+            n = int(rest)
+            return None if n < 0 else self._exact(n)
+        if kind == b"*":
+            n = int(rest)
+            if n < 0:
+                return None
+            out = []
+            for _ in range(n):
+                try:
+                    out.append(self.reply())
+                except RedisError as e:
+                    out.append(e)
+            return out
+        raise RedisError("unexpected reply %r" % line)
+
+    def cmd(self, *args):
+        self.send(*args)
+        return self.reply()
+
+
+class RedisServer:
+    def __init__(self, tmpdir, prefix=PREFIX):
+        self.host = "127.0.0.1"
+        self.port = free_port()
+        self.dir = str(tmpdir)
+        self.unix_path = os.path.join(self.dir, "redis.sock")
+        self.prefix = prefix
+        self.proc = None
+        self.client = None
+        self.log_path = os.path.join(self.dir, "redis.log")
+
+    @property
+    def addr(self):
+        return "%s:%d" % (self.host, self.port)
+
+    def start(self):
+        if self.proc is not None and self.proc.poll() is None:
+            return
+        self.proc = subprocess.Popen(
+            [REDIS_BIN, "--save", "", "--appendonly", "no",
+             "--port", str(self.port), "--bind", "127.0.0.1",
+             "--dir", self.dir, "--unixsocket", self.unix_path,
+             "--unixsocketperm", "777", "--enable-debug-command", "yes",
+             "--logfile", self.log_path, "--daemonize", "no"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            cwd=self.dir)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                c = Resp(self.host, self.port, timeout=1)
+                if c.cmd("PING") == "PONG":
+                    self.client = c
+                    return
+                c.close()
+            except (OSError, RedisError):
+                pass
+            if self.proc.poll() is not None:
+                raise RuntimeError("redis-server exited: %s" % self.log())
+            if time.monotonic() > deadline:
+                raise RuntimeError("redis-server did not answer PING")
+            time.sleep(0.02)
+
+    def stop(self):
+        if self.client is not None:
+            self.client.close()
+            self.client = None
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def kill(self):
+        """Stops Redis at once (SIGKILL)."""
+        if self.client is not None:
+            self.client.close()
+            self.client = None
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def log(self):
+        try:
+            with open(self.log_path) as f:
+                return f.read()
+        except OSError:
+            return ""
+
+    def connect(self):
+        return Resp(self.host, self.port)
+
+    def cmd(self, *args):
+        if self.client is None:
+            self.client = Resp(self.host, self.port)
+        try:
+            return self.client.cmd(*args)
+        except (OSError, ConnectionError):
+            self.client.close()
+            self.client = None
+            raise
+
+    def sleep(self, seconds):
+        """DEBUG SLEEP in the background: Redis stops answering meanwhile.
+        Returns the thread (join() it to wait for the end)."""
+        def run():
+            c = Resp(self.host, self.port, timeout=seconds + 10)
+            try:
+                c.cmd("DEBUG", "SLEEP", str(seconds))
+            finally:
+                c.close()
+        t = threading.Thread(target=run, daemon=True)
+        t.start()
+        time.sleep(0.05)
+        return t
+
+    def key_name(self, key=None, digest=None, prefix=None):
+        return "%skey:%s" % (self.prefix if prefix is None else prefix,
+                             digest or key_digest(key))
+
+    def add_key(self, key, name="k", scopes="chat,read", workspaces="*",
+                rpm=0, expires=0, disabled=0, prefix=None, **extra):
+        """Stores a key as anythingllm-keys would; returns its digest."""
+        digest = key_digest(key)
+        fields = {"name": name, "scopes": scopes, "workspaces": workspaces,
+                  "rpm": rpm, "expires": int(expires), "disabled": disabled,
+                  "created": int(time.time())}
+        fields.update(extra)
+        args = []
+        for k, v in fields.items():
+            args += [k, v]
+        self.cmd("DEL", self.key_name(digest=digest, prefix=prefix))
+        self.cmd("HSET", self.key_name(digest=digest, prefix=prefix), *args)
+        return digest
+
+    def update_key(self, key, prefix=None, **fields):
+        args = []
+        for k, v in fields.items():
+            args += [k, v]
+        return self.cmd("HSET", self.key_name(key, prefix=prefix), *args)
+
+    def revoke(self, key, prefix=None):
+        digest = key_digest(key)
+        p = self.prefix if prefix is None else prefix
+        self.cmd("DEL", self.key_name(digest=digest, prefix=prefix))
+        return self.cmd("PUBLISH", p + "revocations", digest)
+
+    def hgetall(self, name):
+        flat = self.cmd("HGETALL", name) or []
+        return {flat[i].decode(): flat[i + 1].decode()
+                for i in range(0, len(flat), 2)}
+
+    def subscribe(self, channel):
+        """A separate connection subscribed to channel; .reply() reads."""
+        c = Resp(self.host, self.port)
+        c.cmd("SUBSCRIBE", channel)
+        return c
+
+
+@pytest.fixture
+def redis_server(tmp_path_factory):
+    d = tmp_path_factory.mktemp("redis")
+    r = RedisServer(d)
+    r.start()
+    yield r
+    r.stop()
+
+
+# ---------------------------------------------------------------------------
+# the AnythingLLM stand-in
+
+
+class Backend:
+    def __init__(self, tmpdir, api_key=UPSTREAM_KEY, workspaces=None,
+                 keepalive_timeout=None):
+        self.dir = str(tmpdir)
+        self.api_key = api_key
+        self.host = "127.0.0.1"
+        self.port = None
+        self.proc = None
+        self.workspaces = workspaces
+        self.keepalive_timeout = keepalive_timeout
+        self.log_path = os.path.join(self.dir, "backend.log")
+
+    @property
+    def addr(self):
+        return "%s:%d" % (self.host, self.port)
+
+    @property
+    def url(self):
+        return "http://%s:%d" % (self.host, self.port)
+
+    def start(self):
+        cmd = [PYTHON, os.path.join(HERE, "backend.py"), "--host", self.host,
+               "--port", str(self.port or 0), "--api-key", self.api_key]
+        if self.workspaces is not None:
+            cmd += ["--workspaces", self.workspaces]
+        if self.keepalive_timeout is not None:
+            cmd += ["--keepalive-timeout", str(self.keepalive_timeout)]
+        log = open(self.log_path, "a")
+        self.proc = subprocess.Popen(cmd, stdout=log, stderr=log,
+                                     stdin=subprocess.DEVNULL)
+        log.close()
+        deadline = time.monotonic() + 15
+        while True:
+            m = re.search(r"listening on [\d.]+:(\d+)", self.log())
+            if m:
+                self.port = int(m.group(1))
+                return
+            if self.proc.poll() is not None:
+                raise RuntimeError("backend exited: %s" % self.log())
+            if time.monotonic() > deadline:
+                raise RuntimeError("backend did not start: %s" % self.log())
+            time.sleep(0.02)
+
+    def stop(self):
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def kill(self):
+        """Stops the backend at once: its connections drop, its port
+        refuses."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def restart(self):
+        """Starts again on the same port."""
+        self.stop()
+        self.start()
+
+    def log(self):
+        try:
+            with open(self.log_path) as f:
+                return f.read()
+        except OSError:
+            return ""
+
+    # control API
+
+    def _call(self, method, path, obj=None):
+        r = helpers.request(method, self.url + path, json=obj, timeout=10)
+        if r.status != 200:
+            raise RuntimeError("backend control %s %s: %d %s"
+                               % (method, path, r.status, r.text))
+        return r.json()
+
+    def reset(self):
+        return self._call("POST", "/__test/reset")
+
+    def requests(self, path=None, method=None):
+        """Requests received (oldest first); path filters by prefix of the
+        path without the query."""
+        out = self._call("GET", "/__test/requests")
+        if path is not None:
+            out = [r for r in out if r["path"].split("?")[0].startswith(path)]
+        if method is not None:
+            out = [r for r in out if r["method"] == method]
+        return out
+
+    def last_request(self, path=None, method=None):
+        reqs = self.requests(path, method)
+        return reqs[-1] if reqs else None
+
+    def clear(self):
+        return self._call("DELETE", "/__test/requests")
+
+    def script(self, events=None, **kw):
+        """Scripts the next chat/stream-chat answer; see t/backend.py."""
+        sc = dict(kw)
+        if events is not None:
+            sc["events"] = events
+        return self._call("POST", "/__test/script", sc)
+
+    def clear_scripts(self):
+        return self._call("DELETE", "/__test/script")
+
+    def release(self, name):
+        return self._call("POST", "/__test/release/%s"
+                          % urllib.parse.quote(name, safe=""))
+
+    def connections(self):
+        """{"open", "accepted", "streams", "inflight", "aborted_streams",
+        "aborted", "completed_streams", ...}: "open" and "accepted" count
+        connections that carried API requests, not control calls."""
+        return self._call("GET", "/__test/connections")
+
+    def state(self):
+        return self._call("GET", "/__test/state")
+
+    def wait_waiting(self, name, timeout=5):
+        """Waits until a stream sits at {"wait": name}."""
+        return helpers.wait_until(
+            lambda: name in self.state()["waiting"], timeout,
+            message="backend never reached wait %r" % name)
+
+    def wait_connections(self, open=None, streams=None, aborted=None,
+                         timeout=5):
+        def ok():
+            c = self.connections()
+            if open is not None and c["open"] != open:
+                return None
+            if streams is not None and c["streams"] != streams:
+                return None
+            if aborted is not None and c["aborted_streams"] < aborted:
+                return None
+            return c
+        return helpers.wait_until(ok, timeout, message=(
+            "backend connections never reached open=%r streams=%r "
+            "aborted=%r: %r" % (open, streams, aborted, self.connections())))
+
+    def api(self, method, path, json=None, key=None, **kw):
+        """Direct call to the stand-in with the upstream key."""
+        headers = dict(kw.pop("headers", {}) or {})
+        headers.setdefault("Authorization",
+                           "Bearer %s" % (key or self.api_key))
+        return helpers.request(method, self.url + path, json=json,
+                               headers=headers, **kw)
+
+
+@pytest.fixture
+def backend(tmp_path_factory):
+    b = Backend(tmp_path_factory.mktemp("backend"))
+    b.start()
+    yield b
+    b.stop()
+
+
+@pytest.fixture
+def backend_factory(tmp_path_factory):
+    """Starts more stand-ins: backend_factory(api_key=..., workspaces=...)."""
+    made = []
+
+    def make(**kw):
+        b = Backend(tmp_path_factory.mktemp("backend"), **kw)
+        b.start()
+        made.append(b)
+        return b
+    yield make
+    for b in made:
+        b.stop()
+
+
+# ---------------------------------------------------------------------------
+# nginx
+
+LOG_FORMAT_MODULE = (
+    "log_format alm '$remote_addr [$time_local] \"$request\" $status "
+    "$body_bytes_sent rt=$request_time ua=\"$upstream_addr\" "
+    "us=$upstream_status key_name=\"$anythingllm_key_name\" "
+    "key_id=$anythingllm_key_id auth=$anythingllm_auth_result "
+    "ws=$anythingllm_workspace pt=$anythingllm_prompt_tokens "
+    "ct=$anythingllm_completion_tokens';")
+
+LOG_FORMAT_PLAIN = (
+    "log_format alm '$remote_addr [$time_local] \"$request\" $status "
+    "$body_bytes_sent rt=$request_time ua=\"$upstream_addr\" "
+    "us=$upstream_status';")
+
+DEFAULT_LOCATIONS = """
+        location /api/v1/ {
+            anythingllm_upstream_key @UPSTREAM_KEY@;
+            proxy_pass http://anythingllm;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_buffering off;
+        }
+"""
+
+PLAIN_LOCATIONS = """
+        location /api/v1/ {
+            proxy_set_header Authorization "Bearer @UPSTREAM_KEY@";
+            proxy_pass http://anythingllm;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_buffering off;
+        }
+"""
+
+# the full gateway as conf/anythingllm.conf sets it up: nginx(gateway=True)
+GATEWAY_HTTP = """
+    anythingllm_redis      @REDIS@ timeout=100ms prefix=anythingllm:;
+    anythingllm_key_cache  zone=anythingllm_keys:10m valid=30s invalid=5s;
+    anythingllm_conversation_ttl  24h;
+"""
+
+GATEWAY_SERVER = """
+        anythingllm_upstream_key  @UPSTREAM_KEY@;
+        anythingllm_auth          on;
+        anythingllm_cors          *;
+
+        proxy_http_version  1.1;
+        proxy_set_header    Connection "";
+        proxy_buffering     off;
+        proxy_read_timeout  600s;
+"""
+
+GATEWAY_LOCATIONS = """
+        location /v1/ {
+            anythingllm_openai  on;
+            proxy_pass          http://anythingllm;
+        }
+
+        location /api/v1/openai/ {
+            anythingllm_openai  on;
+            proxy_pass          http://anythingllm;
+        }
+
+        location /api/v1/ {
+            client_max_body_size  64m;
+            proxy_pass            http://anythingllm;
+        }
+
+        location / {
+            return  404;
+        }
+"""
+
+TEMPLATE = """\
+@USER@
+@LOAD_MODULE@
+worker_processes @WORKERS@;
+master_process on;
+daemon off;
+error_log logs/error.log @LOG_LEVEL@;
+pid logs/nginx.pid;
+@MAIN_EXTRA@
+
+events {
+    worker_connections 1024;
+@EVENTS_EXTRA@
+}
+
+http {
+    @LOG_FORMAT@
+    access_log logs/access.log alm;
+
+    client_body_temp_path tmp/body;
+    proxy_temp_path tmp/proxy;
+    fastcgi_temp_path tmp/fastcgi;
+    uwsgi_temp_path tmp/uwsgi;
+    scgi_temp_path tmp/scgi;
+
+    upstream anythingllm {
+        server @BACKEND@;
+        keepalive 8;
+        keepalive_timeout 4s;
+    }
+
+@HTTP_EXTRA@
+
+    server {
+        listen 127.0.0.1:@PORT@;
+@SERVER_EXTRA@
+@LOCATIONS@
+    }
+}
+"""
+
+
+class Nginx:
+    def __init__(self, prefix, params, backend_addr, redis_addr):
+        self.prefix = str(prefix)
+        self.params = dict(params)
+        self.backend_addr = backend_addr
+        self.redis_addr = redis_addr
+        self.port = params.get("port") or free_port()
+        self.proc = None
+        self.allowed = []
+        self.checked = False
+        for d in ("logs", "tmp", "conf"):
+            os.makedirs(os.path.join(self.prefix, d), exist_ok=True)
+        self.conf_path = os.path.join(self.prefix, "nginx.conf")
+        self.error_path = os.path.join(self.prefix, "logs", "error.log")
+        self.access_path = os.path.join(self.prefix, "logs", "access.log")
+
+    @property
+    def url(self):
+        return "http://127.0.0.1:%d" % self.port
+
+    @property
+    def addr(self):
+        return "127.0.0.1:%d" % self.port
+
+    def substitute(self, text):
+        text = text.replace("@UPSTREAM_KEY@", UPSTREAM_KEY)
+        text = text.replace("@BACKEND@", self.backend_addr or "127.0.0.1:9")
+        text = text.replace("@REDIS@", self.redis_addr or "127.0.0.1:9")
+        text = text.replace("@PORT@", str(self.port))
+        text = text.replace("@PREFIX@", self.prefix)
+        text = text.replace("@MODULE@", MODULE)
+        return text
+
+    def render(self):
+        p = self.params
+        module = p.get("module", True)
+        locations = p.get("locations")
+        if locations is None:
+            locations = DEFAULT_LOCATIONS if module else PLAIN_LOCATIONS
+        user = "user root;" if (os.geteuid() == 0 and p.get("user", True)) \
+            else ""
+        conf = TEMPLATE
+        for k, v in (
+                ("@USER@", user),
+                ("@LOAD_MODULE@", "load_module %s;" % MODULE if module
+                 else ""),
+                ("@WORKERS@", str(p.get("workers", 2))),
+                ("@LOG_LEVEL@", p.get("log_level", "debug")),
+                ("@MAIN_EXTRA@", p.get("main_extra", "")),
+                ("@EVENTS_EXTRA@", p.get("events_extra", "")),
+                ("@LOG_FORMAT@", p.get("log_format") or (
+                    LOG_FORMAT_MODULE if module else LOG_FORMAT_PLAIN)),
+                ("@HTTP_EXTRA@", p.get("http_extra", "")),
+                ("@SERVER_EXTRA@", p.get("server_extra", "")),
+                ("@LOCATIONS@", locations)):
+            conf = conf.replace(k, v)
+        conf = self.substitute(conf)
+        with open(self.conf_path, "w") as f:
+            f.write(conf)
+        return conf
+
+    def env(self):
+        env = dict(os.environ)
+        if ASAN:
+            lib = subprocess.run(["gcc", "-print-file-name=libasan.so"],
+                                 capture_output=True, text=True).stdout.strip()
+            env["LD_PRELOAD"] = lib
+            env["ASAN_OPTIONS"] = (
+                "detect_leaks=0:abort_on_error=0:log_path=%s"
+                % os.path.join(self.prefix, "logs", "asan"))
+            env["UBSAN_OPTIONS"] = "print_stacktrace=1"
+        return env
+
+    def command(self, *extra):
+        return [NGINX_BIN, "-p", self.prefix + "/", "-c", self.conf_path,
+                "-e", self.error_path] + list(extra)
+
+    def test_config(self):
+        """Runs nginx -t on the rendered config: (ok, output)."""
+        self.render()
+        r = subprocess.run(self.command("-t"), capture_output=True,
+                           text=True, env=self.env())
+        return r.returncode == 0, r.stdout + r.stderr + self.error_log()
+
+    def start(self, timeout=10):
+        self.render()
+        self._log_offset = len(self.error_log())
+        with open(os.path.join(self.prefix, "logs", "stderr.log"),
+                  "a") as err:
+            self.proc = subprocess.Popen(self.command(), env=self.env(),
+                                         stdin=subprocess.DEVNULL,
+                                         stdout=subprocess.DEVNULL,
+                                         stderr=err)
+        deadline = time.monotonic() + timeout
+        while not port_open(self.port):
+            if self.proc.poll() is not None:
+                raise RuntimeError("nginx exited (%d):\n%s" % (
+                    self.proc.returncode, self.error_log()[-4000:]))
+            if time.monotonic() > deadline:
+                raise RuntimeError("nginx did not listen:\n%s"
+                                   % self.error_log()[-4000:])
+            time.sleep(0.02)
+        helpers.wait_until(lambda: len(self.worker_pids()) >= int(
+            self.params.get("workers", 2)), timeout,
+            message="nginx workers did not start")
+        return self
+
+    @property
+    def master_pid(self):
+        return self.proc.pid if self.proc else None
+
+    def worker_pids(self):
+        if self.proc is None:
+            return []
+        out = []
+        for d in os.listdir("/proc"):
+            if not d.isdigit():
+                continue
+            try:
+                with open("/proc/%s/stat" % d) as f:
+                    stat = f.read()
+                with open("/proc/%s/cmdline" % d, "rb") as f:
+                    cmdline = f.read()
+            except OSError:
+                continue
+            fields = stat.rsplit(")", 1)[1].split()
+            if int(fields[1]) == self.proc.pid and \
+                    b"worker process" in cmdline and fields[0] != "Z":
+                out.append(int(d))
+        return sorted(out)
+
+    def reload(self, timeout=10, **changes):
+        """Re-renders the config with changes and sends HUP; returns when
+        the new workers run.  Raises when nginx refuses the config."""
+        self.params.update(changes)
+        old = set(self.worker_pids())
+        before = len(self.error_log())
+        self.render()
+        self.proc.send_signal(signal.SIGHUP)
+        n = int(self.params.get("workers", 2))
+
+        def done():
+            log = self.error_log()[before:]
+            if "[emerg]" in log:
+                raise RuntimeError("reload refused:\n" + log[-3000:])
+            new = set(self.worker_pids()) - old
+            if len(new) < n:
+                return False
+            # old workers must have stopped accepting
+            for pid in old:
+                try:
+                    with open("/proc/%d/cmdline" % pid, "rb") as f:
+                        title = f.read()
+                except OSError:
+                    continue
+                if b"worker process" in title and \
+                        b"shutting down" not in title:
+                    return False
+            return True
+        helpers.wait_until(done, timeout, message="reload did not finish")
+        return self
+
+    def stop(self, timeout=10):
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGQUIT)
+        try:
+            self.proc.wait(timeout)
+            return
+        except subprocess.TimeoutExpired:
+            pass
+        self.proc.terminate()
+        try:
+            self.proc.wait(5)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+    def kill_worker(self, sig=signal.SIGKILL):
+        pids = self.worker_pids()
+        os.kill(pids[0], sig)
+        return pids[0]
+
+    def error_log(self):
+        try:
+            with open(self.error_path, errors="replace") as f:
+                return f.read()
+        except OSError:
+            return ""
+
+    def access_log(self):
+        try:
+            with open(self.access_path, errors="replace") as f:
+                return f.read()
+        except OSError:
+            return ""
+
+    def access_lines(self):
+        return [l for l in self.access_log().splitlines() if l.strip()]
+
+    def asan_log(self):
+        out = []
+        logs = os.path.join(self.prefix, "logs")
+        for name in sorted(os.listdir(logs)):
+            if name.startswith("asan"):
+                with open(os.path.join(logs, name), errors="replace") as f:
+                    out.append(f.read())
+        return "\n".join(out)
+
+    def allow(self, pattern):
+        """Lets error-log lines matching this regex pass the final check."""
+        self.allowed.append(re.compile(pattern))
+
+    def bad_lines(self):
+        lines = self.error_log().splitlines()
+        try:
+            with open(os.path.join(self.prefix, "logs", "stderr.log"),
+                      errors="replace") as f:
+                lines += f.read().splitlines()
+        except OSError:
+            pass
+        lines += self.asan_log().splitlines()
+        return [l for l in lines if BAD_LOG.search(l)
+                and not any(a.search(l) for a in self.allowed)]
+
+    # requests through this nginx
+
+    def request(self, method, path, **kw):
+        return helpers.request(method, self.url + path, **kw)
+
+    def get(self, path, **kw):
+        return helpers.request("GET", self.url + path, **kw)
+
+    def post(self, path, json=None, **kw):
+        return helpers.request("POST", self.url + path, json=json, **kw)
+
+    def stream(self, method, path, **kw):
+        return helpers.StreamReader(method, self.url + path, **kw)
+
+
+@pytest.fixture
+def nginx(request, tmp_path_factory):
+    """Factory: nginx(locations=..., http_extra=..., server_extra=...,
+    main_extra=..., events_extra=..., workers=2, module=True,
+    log_level="debug", backend=<Backend>|None, redis=<RedisServer>|None,
+    upstream="host:port", start=True, gateway=False) -> Nginx.
+
+    gateway=True fills http_extra, server_extra and locations (unless
+    given) with the full gateway of conf/anythingllm.conf: Redis (the
+    redis_server fixture), key cache, auth, CORS, OpenAI locations.
+
+    In any of the texts, @UPSTREAM_KEY@, @BACKEND@ (host:port of the
+    stand-in), @REDIS@ (host:port of redis_server), @PORT@, @PREFIX@ are
+    replaced.  The default backend is the `backend` fixture, started only
+    when a config needs it."""
+    made = []
+
+    def make(**params):
+        if params.pop("gateway", False):
+            params.setdefault("http_extra", GATEWAY_HTTP)
+            params.setdefault("server_extra", GATEWAY_SERVER)
+            params.setdefault("locations", GATEWAY_LOCATIONS)
+        module = params.get("module", True)
+        if module and not module_available():
+            pytest.fail("module not built: %s (run make build)" % MODULE)
+        upstream = params.pop("upstream", None)
+        be = params.pop("backend", None)
+        rd = params.pop("redis", None)
+        start = params.pop("start", True)
+        texts = "".join(str(params.get(k, "")) for k in (
+            "locations", "http_extra", "server_extra", "main_extra"))
+        if upstream is None:
+            if be is None:
+                be = request.getfixturevalue("backend")
+            upstream = be.addr
+        redis_addr = None
+        if rd is None and "@REDIS@" in texts:
+            rd = request.getfixturevalue("redis_server")
+        if rd is not None:
+            redis_addr = rd.addr
+        n = Nginx(tmp_path_factory.mktemp("nginx"), params, upstream,
+                  redis_addr)
+        n.backend = be
+        n.redis = rd
+        made.append(n)
+        if start:
+            n.start()
+        return n
+
+    yield make
+
+    problems = []
+    for n in made:
+        n.stop()
+        bad = n.bad_lines()
+        if bad:
+            problems.append("%s:\n  %s" % (n.prefix, "\n  ".join(bad[:20])))
+    if problems:
+        pytest.fail("nginx logged alerts or sanitizer reports:\n"
+                    + "\n".join(problems), pytrace=False)

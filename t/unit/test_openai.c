@@ -1,0 +1,1083 @@
+/*
+ * Copyright (C) ngx_anythingllm authors
+ *
+ * The chat completions request, the workspace answer and its errors,
+ * and the workspace list as models.
+ */
+
+
+#include "test_common.h"
+
+
+#define KEY  "0123456789abcdef0123456789abcdef" \
+             "0123456789abcdef0123456789abcdef"
+
+#define PNG  "data:image/png;base64,iVBORw0KGgo="
+#define JPEG "data:image/jpeg;base64,/9j/4AAQ"
+
+
+static void
+parse_ok(const char *body, alm_chat_req_t *req)
+{
+    alm_error_t  err;
+
+    memset(&err, 0, sizeof(err));
+
+    if (alm_chat_req_parse(body, strlen(body), KEY, req, &err) != ALM_OK) {
+        print_error("refused (%d, param %s): %s\nbody: %s\n", err.status,
+                    err.param ? err.param : "null", err.message, body);
+        fail();
+    }
+}
+
+
+static void
+parse_err(const char *body, const char *param)
+{
+    alm_error_t     err;
+    alm_chat_req_t  req;
+
+    memset(&err, 0, sizeof(err));
+
+    if (alm_chat_req_parse(body, strlen(body), KEY, &req, &err)
+        != ALM_ERROR)
+    {
+        print_error("accepted: %s\n", body);
+        alm_chat_req_free(&req);
+        fail();
+    }
+
+    assert_int_equal(err.status, 400);
+    assert_string_equal(err.type, "invalid_request_error");
+    assert_null(err.code);
+    assert_non_null(err.message);
+    assert_true(strlen(err.message) > 0);
+
+    if (param == NULL) {
+        if (err.param) {
+            print_error("param %s, expected null: %s\nbody: %s\n", err.param, err.message, body);
+        }
+        assert_null(err.param);
+
+    } else if (err.param == NULL || strcmp(err.param, param) != 0) {
+        print_error("param %s, expected %s: %s\nbody: %s\n",
+                    err.param ? err.param : "null", param, err.message,
+                    body);
+        fail();
+    }
+
+    /* nothing is left to free, and freeing again is harmless */
+    assert_null(req.model);
+    assert_null(req.message);
+    alm_chat_req_free(&req);
+}
+
+
+static void
+hash_hex(const char *body, char hex[ALM_DIGEST_HEX_LEN], int full)
+{
+    alm_chat_req_t  req;
+
+    parse_ok(body, &req);
+
+    if (full) {
+        alm_conv_hash_hex(&req.full, hex);
+
+    } else {
+        memcpy(hex, req.prefix_hex, ALM_DIGEST_HEX_LEN);
+    }
+
+    alm_chat_req_free(&req);
+}
+
+
+/* ------------------------------------------------------------------ */
+
+static void
+test_req_simple(void **state)
+{
+    alm_chat_req_t   req;
+    alm_conv_hash_t  h;
+    char             hex[ALM_DIGEST_HEX_LEN];
+
+    (void) state;
+
+    parse_ok("{\"model\":\"my-ws\",\"messages\":[{\"role\":\"user\","
+             "\"content\":\"Hello\"}]}", &req);
+
+    assert_string_equal(req.model, "my-ws");
+    assert_int_equal(req.model_len, 5);
+    assert_int_equal(req.stream, 0);
+    assert_int_equal(req.include_usage, 0);
+    assert_string_equal(req.message, "Hello");
+    assert_int_equal(req.message_len, 5);
+    assert_null(req.attachments);
+    assert_null(req.transcript);
+    assert_int_equal(req.has_history, 0);
+
+    /* the prefix of a first message is the empty conversation */
+    alm_conv_hash_init(&h, KEY, S("my-ws"));
+    alm_conv_hash_hex(&h, hex);
+    assert_memory_equal(hex, req.prefix_hex, ALM_DIGEST_HEX_LEN);
+
+    alm_conv_hash_message_begin(&h, S("user"));
+    alm_conv_hash_update(&h, S("Hello"));
+    alm_conv_hash_message_end(&h);
+    alm_conv_hash_hex(&h, hex);
+    alm_conv_hash_hex(&req.full, req.prefix_hex);
+    assert_memory_equal(hex, req.prefix_hex, ALM_DIGEST_HEX_LEN);
+
+    alm_chat_req_free(&req);
+    alm_chat_req_free(&req);
+}
+
+
+static void
+test_req_stream(void **state)
+{
+    alm_chat_req_t  req;
+
+    (void) state;
+
+    parse_ok("{\"model\":\"w\",\"stream\":true,\"messages\":[{\"role\":"
+             "\"user\",\"content\":\"x\"}]}", &req);
+    assert_int_equal(req.stream, 1);
+    assert_int_equal(req.include_usage, 0);
+    alm_chat_req_free(&req);
+
+    parse_ok("{\"model\":\"w\",\"stream\":true,\"stream_options\":"
+             "{\"include_usage\":true},\"messages\":[{\"role\":\"user\","
+             "\"content\":\"x\"}]}", &req);
+    assert_int_equal(req.stream, 1);
+    assert_int_equal(req.include_usage, 1);
+    alm_chat_req_free(&req);
+
+    parse_ok("{\"model\":\"w\",\"stream\":false,\"stream_options\":"
+             "{\"include_usage\":true},\"messages\":[{\"role\":\"user\","
+             "\"content\":\"x\"}]}", &req);
+    assert_int_equal(req.stream, 0);
+    assert_int_equal(req.include_usage, 0);
+    alm_chat_req_free(&req);
+
+    parse_ok("{\"model\":\"w\",\"stream\":null,\"stream_options\":null,"
+             "\"messages\":[{\"role\":\"user\",\"content\":\"x\"}]}", &req);
+    assert_int_equal(req.stream, 0);
+    alm_chat_req_free(&req);
+
+    parse_ok("{\"model\":\"w\",\"stream\":true,\"stream_options\":{},"
+             "\"messages\":[{\"role\":\"user\",\"content\":\"x\"}]}", &req);
+    assert_int_equal(req.include_usage, 0);
+    alm_chat_req_free(&req);
+}
+
+
+#define M  ",\"messages\":[{\"role\":\"user\",\"content\":\"hi\"}]"
+#define W  "{\"model\":\"w\""
+
+
+static void
+test_req_errors(void **state)
+{
+    char  body[600];
+
+    (void) state;
+
+    /* the body */
+    parse_err("", NULL);
+    parse_err("{", NULL);
+    parse_err("[]", NULL);
+    parse_err("\"x\"", NULL);
+    parse_err("null", NULL);
+    parse_err("{\"model\":\"w\"} trailing", NULL);
+
+    /* model */
+    parse_err("{\"messages\":[{\"role\":\"user\",\"content\":\"hi\"}]}",
+              "model");
+    parse_err("{\"model\":null" M "}", "model");
+    parse_err("{\"model\":5" M "}", "model");
+    parse_err("{\"model\":\"\"" M "}", "model");
+    parse_err("{\"model\":\"a b\"" M "}", "model");
+    parse_err("{\"model\":\"../x\"" M "}", "model");
+    parse_err("{\"model\":\"gpt-4o/x\"" M "}", "model");
+    snprintf(body, sizeof(body), "{\"model\":\"%0*d\"" M "}",
+             ALM_SLUG_MAX + 1, 0);
+    parse_err(body, "model");
+
+    /* messages */
+    parse_err(W "}", "messages");
+    parse_err(W ",\"messages\":null}", "messages");
+    parse_err(W ",\"messages\":[]}", "messages");
+    parse_err(W ",\"messages\":{}}", "messages");
+    parse_err(W ",\"messages\":\"hi\"}", "messages");
+    parse_err(W ",\"messages\":[\"hi\"]}", "messages");
+    parse_err(W ",\"messages\":[{\"content\":\"hi\"}]}", "messages");
+    parse_err(W ",\"messages\":[{\"role\":\"bot\",\"content\":\"hi\"}]}",
+              "messages");
+    parse_err(W ",\"messages\":[{\"role\":7,\"content\":\"hi\"}]}",
+              "messages");
+    parse_err(W ",\"messages\":[{\"role\":\"User\",\"content\":\"hi\"}]}",
+              "messages");
+    parse_err(W ",\"messages\":[{\"role\":\"user\"}]}", "messages");
+    parse_err(W ",\"messages\":[{\"role\":\"user\",\"content\":null}]}",
+              "messages");
+    parse_err(W ",\"messages\":[{\"role\":\"system\",\"content\":null},"
+              "{\"role\":\"user\",\"content\":\"x\"}]}", "messages");
+    parse_err(W ",\"messages\":[{\"role\":\"user\",\"content\":5}]}",
+              "messages");
+    parse_err(W ",\"messages\":[{\"role\":\"user\",\"content\":{}}]}",
+              "messages");
+    parse_err(W ",\"messages\":[{\"role\":\"user\",\"content\":[\"x\"]}]}",
+              "messages");
+    parse_err(W ",\"messages\":[{\"role\":\"user\",\"content\":[{\"type\":"
+              "\"text\"}]}]}", "messages");
+    parse_err(W ",\"messages\":[{\"role\":\"user\",\"content\":[{\"type\":"
+              "\"text\",\"text\":1}]}]}", "messages");
+    parse_err(W ",\"messages\":[{\"role\":\"user\",\"content\":[{\"type\":"
+              "\"input_audio\",\"input_audio\":{}}]}]}", "messages");
+    parse_err(W ",\"messages\":[{\"role\":\"user\",\"content\":[{\"text\":"
+              "\"x\"}]}]}", "messages");
+
+    /* the last message */
+    parse_err(W ",\"messages\":[{\"role\":\"user\",\"content\":\"a\"},"
+              "{\"role\":\"assistant\",\"content\":\"b\"}]}", "messages");
+    parse_err(W ",\"messages\":[{\"role\":\"system\",\"content\":\"a\"}]}",
+              "messages");
+    parse_err(W ",\"messages\":[{\"role\":\"user\",\"content\":\"\"}]}",
+              "messages");
+    parse_err(W ",\"messages\":[{\"role\":\"user\",\"content\":[]}]}",
+              "messages");
+    parse_err(W ",\"messages\":[{\"role\":\"user\",\"content\":[{\"type\":"
+              "\"text\",\"text\":\"\"}]}]}", "messages");
+
+    /* images */
+    parse_err(W ",\"messages\":[{\"role\":\"user\",\"content\":[{\"type\":"
+              "\"image_url\",\"image_url\":{\"url\":\"https://x/a.png\"}}]}]}",
+              "messages");
+    parse_err(W ",\"messages\":[{\"role\":\"user\",\"content\":[{\"type\":"
+              "\"image_url\",\"image_url\":{}}]}]}", "messages");
+    parse_err(W ",\"messages\":[{\"role\":\"user\",\"content\":[{\"type\":"
+              "\"image_url\"}]}]}", "messages");
+    parse_err(W ",\"messages\":[{\"role\":\"user\",\"content\":[{\"type\":"
+              "\"image_url\",\"image_url\":\"data:text/plain;base64,QQ==\"}]}"
+              "]}", "messages");
+    parse_err(W ",\"messages\":[{\"role\":\"user\",\"content\":[{\"type\":"
+              "\"image_url\",\"image_url\":\"data:image/png,QQ==\"}]}]}",
+              "messages");
+    parse_err(W ",\"messages\":[{\"role\":\"user\",\"content\":[{\"type\":"
+              "\"image_url\",\"image_url\":\"data:image/png;base64,\"}]}]}",
+              "messages");
+    parse_err(W ",\"messages\":[{\"role\":\"user\",\"content\":[{\"type\":"
+              "\"image_url\",\"image_url\":\"data:image/;base64,QQ==\"}]}]}",
+              "messages");
+    parse_err(W ",\"messages\":[{\"role\":\"user\",\"content\":[{\"type\":"
+              "\"image_url\",\"image_url\":\"data:image/png;base64,Q\\\"Q\"}]"
+              "}]}", "messages");
+    parse_err(W ",\"messages\":[{\"role\":\"system\",\"content\":[{\"type\":"
+              "\"image_url\",\"image_url\":\"" PNG "\"}]},{\"role\":\"user\","
+              "\"content\":\"x\"}]}", "messages");
+
+    /* options */
+    parse_err(W M ",\"stream\":\"yes\"}", "stream");
+    parse_err(W M ",\"stream\":1}", "stream");
+    parse_err(W M ",\"stream_options\":true}", "stream_options");
+    parse_err(W M ",\"stream_options\":{\"include_usage\":\"yes\"}}",
+              "stream_options");
+
+    /* refused */
+    parse_err(W M ",\"n\":2}", "n");
+    parse_err(W M ",\"n\":0}", "n");
+    parse_err(W M ",\"n\":\"1\"}", "n");
+    parse_err(W M ",\"tools\":[{\"type\":\"function\"}]}", "tools");
+    parse_err(W M ",\"tools\":{}}", "tools");
+    parse_err(W M ",\"functions\":[{\"name\":\"f\"}]}", "functions");
+    parse_err(W M ",\"tool_choice\":\"auto\"}", "tool_choice");
+    parse_err(W M ",\"tool_choice\":\"required\"}", "tool_choice");
+    parse_err(W M ",\"tool_choice\":{\"type\":\"function\"}}", "tool_choice");
+    parse_err(W M ",\"logprobs\":true}", "logprobs");
+    parse_err(W M ",\"logprobs\":1}", "logprobs");
+    parse_err(W M ",\"response_format\":{\"type\":\"json_object\"}}",
+              "response_format");
+    parse_err(W M ",\"response_format\":{\"type\":\"json_schema\","
+              "\"json_schema\":{}}}", "response_format");
+    parse_err(W M ",\"response_format\":{}}", "response_format");
+    parse_err(W M ",\"response_format\":\"text\"}", "response_format");
+    parse_err(W M ",\"audio\":{\"voice\":\"alloy\",\"format\":\"wav\"}}",
+              "modalities");
+    parse_err(W M ",\"modalities\":[\"text\",\"audio\"]}", "modalities");
+    parse_err(W M ",\"modalities\":\"text\"}", "modalities");
+
+    /* ignored ones still have a type */
+    parse_err(W M ",\"temperature\":\"hot\"}", "temperature");
+    parse_err(W M ",\"top_p\":[]}", "top_p");
+    parse_err(W M ",\"max_tokens\":\"9\"}", "max_tokens");
+    parse_err(W M ",\"max_completion_tokens\":true}",
+              "max_completion_tokens");
+    parse_err(W M ",\"presence_penalty\":{}}", "presence_penalty");
+    parse_err(W M ",\"frequency_penalty\":\"0\"}", "frequency_penalty");
+    parse_err(W M ",\"stop\":5}", "stop");
+    parse_err(W M ",\"seed\":\"1\"}", "seed");
+    parse_err(W M ",\"user\":5}", "user");
+    parse_err(W M ",\"logit_bias\":[]}", "logit_bias");
+    parse_err(W M ",\"metadata\":\"x\"}", "metadata");
+    parse_err(W M ",\"store\":\"no\"}", "store");
+    parse_err(W M ",\"parallel_tool_calls\":0}", "parallel_tool_calls");
+    parse_err(W M ",\"reasoning_effort\":1}", "reasoning_effort");
+    parse_err(W M ",\"service_tier\":false}", "service_tier");
+}
+
+
+static void
+test_req_accepted_params(void **state)
+{
+    alm_chat_req_t  req;
+
+    (void) state;
+
+    parse_ok(W M ",\"n\":1,\"tools\":[],\"functions\":null,\"tool_choice\":"
+             "\"none\",\"logprobs\":false,\"top_logprobs\":null,"
+             "\"response_format\":{\"type\":\"text\"},\"audio\":null,"
+             "\"modalities\":[\"text\"],\"temperature\":0.2,\"top_p\":1,"
+             "\"max_tokens\":100,\"max_completion_tokens\":null,"
+             "\"presence_penalty\":0,\"frequency_penalty\":0,\"stop\":"
+             "[\"x\"],\"seed\":42,\"user\":\"u\",\"logit_bias\":{\"1\":2},"
+             "\"metadata\":{\"a\":\"b\"},\"store\":false,"
+             "\"parallel_tool_calls\":true,\"reasoning_effort\":\"low\","
+             "\"service_tier\":\"auto\",\"unknown_thing\":{\"x\":1}}", &req);
+    assert_string_equal(req.message, "hi");
+    alm_chat_req_free(&req);
+
+    parse_ok(W M ",\"n\":1.0,\"stop\":\"\\n\",\"tools\":null,"
+             "\"modalities\":null,\"response_format\":null}", &req);
+    alm_chat_req_free(&req);
+}
+
+
+static void
+test_req_content_forms(void **state)
+{
+    alm_chat_req_t  req;
+
+    (void) state;
+
+    parse_ok(W ",\"messages\":[{\"role\":\"user\",\"content\":[{\"type\":"
+             "\"text\",\"text\":\"line one\"},{\"type\":\"text\",\"text\":"
+             "\"\"},{\"type\":\"text\",\"text\":\"line two\"}]}]}", &req);
+    assert_string_equal(req.message, "line one\nline two");
+    assert_int_equal(req.message_len, 17);
+    assert_null(req.attachments);
+    alm_chat_req_free(&req);
+
+    /* an assistant may have null or no content (e.g. after tool calls) */
+    parse_ok(W ",\"messages\":[{\"role\":\"user\",\"content\":\"a\"},"
+             "{\"role\":\"assistant\",\"content\":null,\"tool_calls\":[]},"
+             "{\"role\":\"assistant\"},{\"role\":\"tool\",\"content\":\"r\","
+             "\"tool_call_id\":\"c\"},{\"role\":\"user\",\"content\":\"b\","
+             "\"name\":\"bob\"}]}", &req);
+    assert_string_equal(req.message, "b");
+    assert_int_equal(req.has_history, 1);
+    assert_string_equal(req.transcript, "Conversation so far:\nuser: a\n\n");
+    alm_chat_req_free(&req);
+
+    /* JSON escapes and UTF-8 come through decoded */
+    parse_ok(W ",\"messages\":[{\"role\":\"user\",\"content\":"
+             "\"caf\\u00e9 \\\"q\\\"\\n\\ud83d\\ude00\"}]}", &req);
+    assert_string_equal(req.message, "caf\xc3\xa9 \"q\"\n\xf0\x9f\x98\x80");
+    alm_chat_req_free(&req);
+}
+
+
+static void
+test_req_attachments(void **state)
+{
+    cJSON           *j, *a;
+    alm_chat_req_t   req;
+
+    (void) state;
+
+    parse_ok(W ",\"messages\":[{\"role\":\"user\",\"content\":[{\"type\":"
+             "\"image_url\",\"image_url\":{\"url\":\"data:image/png;base64,"
+             "OLD=\"}},{\"type\":\"text\",\"text\":\"old\"}]},{\"role\":"
+             "\"assistant\",\"content\":\"seen\"},{\"role\":\"user\","
+             "\"content\":[{\"type\":\"text\",\"text\":\"What is this?\"},"
+             "{\"type\":\"image_url\",\"image_url\":{\"url\":\"" PNG "\","
+             "\"detail\":\"high\"}},{\"type\":\"image_url\",\"image_url\":\""
+             JPEG "\"},{\"type\":\"image_url\",\"image_url\":{\"url\":"
+             "\"data:image/svg+xml;base64,PHN2Zz4=\"}},{\"type\":"
+             "\"image_url\",\"image_url\":{\"url\":\"data:image/WEBP;base64,"
+             "UklG\"}}]}]}", &req);
+
+    assert_string_equal(req.message, "What is this?");
+    assert_non_null(req.attachments);
+
+    /* only the last user message's images, in order */
+    assert_string_equal(req.attachments,
+        "[{\"name\":\"image-1.png\",\"mime\":\"image/png\","
+        "\"contentString\":\"" PNG "\"},"
+        "{\"name\":\"image-2.jpg\",\"mime\":\"image/jpeg\","
+        "\"contentString\":\"" JPEG "\"},"
+        "{\"name\":\"image-3.svg\",\"mime\":\"image/svg+xml\","
+        "\"contentString\":\"data:image/svg+xml;base64,PHN2Zz4=\"},"
+        "{\"name\":\"image-4.webp\",\"mime\":\"image/WEBP\","
+        "\"contentString\":\"data:image/WEBP;base64,UklG\"}]");
+
+    j = test_json(req.attachments, strlen(req.attachments));
+    assert_int_equal(cJSON_GetArraySize(j), 4);
+    a = cJSON_GetArrayItem(j, 0);
+    assert_string_equal(test_str(a, "contentString"), PNG);
+    cJSON_Delete(j);
+
+    /* earlier images show in the transcript as a placeholder */
+    assert_string_equal(req.transcript, "Conversation so far:\n"
+                        "user: [image]\nold\nassistant: seen\n\n");
+    alm_chat_req_free(&req);
+
+    /* an image alone: AnythingLLM needs some message text */
+    parse_ok(W ",\"messages\":[{\"role\":\"user\",\"content\":[{\"type\":"
+             "\"image_url\",\"image_url\":{\"url\":\"" PNG "\"}}]}]}", &req);
+    assert_string_equal(req.message, " ");
+    assert_int_equal(req.message_len, 1);
+    assert_non_null(req.attachments);
+    alm_chat_req_free(&req);
+}
+
+
+static void
+test_req_history(void **state)
+{
+    alm_chat_req_t  req;
+
+    (void) state;
+
+    /* system and developer messages are not history */
+    parse_ok(W ",\"messages\":[{\"role\":\"system\",\"content\":\"Be "
+             "brief.\"},{\"role\":\"developer\",\"content\":\"x\"},{\"role\":"
+             "\"user\",\"content\":\"Hi\"}]}", &req);
+    assert_int_equal(req.has_history, 0);
+    assert_null(req.transcript);
+    assert_string_equal(req.message, "Hi");
+    alm_chat_req_free(&req);
+
+    parse_ok(W ",\"messages\":[{\"role\":\"system\",\"content\":\"Be "
+             "brief.\"},{\"role\":\"user\",\"content\":\"Hi\"},{\"role\":"
+             "\"assistant\",\"content\":\"Hello!\\nHow can I help?\"},"
+             "{\"role\":\"assistant\",\"content\":\"\"},{\"role\":\"user\","
+             "\"content\":[{\"type\":\"text\",\"text\":\"More\"}]},"
+             "{\"role\":\"user\",\"content\":\"Last\"}]}", &req);
+    assert_int_equal(req.has_history, 1);
+    assert_string_equal(req.transcript, "Conversation so far:\n"
+                        "user: Hi\nassistant: Hello!\nHow can I help?\n"
+                        "user: More\n\n");
+    assert_string_equal(req.message, "Last");
+    alm_chat_req_free(&req);
+}
+
+
+static void
+test_req_hash(void **state)
+{
+    alm_chat_req_t   req;
+    alm_conv_hash_t  conv;
+    char             a[ALM_DIGEST_HEX_LEN], b[ALM_DIGEST_HEX_LEN];
+    alm_error_t      err;
+
+    (void) state;
+
+    /* a string and its text parts hash alike */
+    hash_hex(W ",\"messages\":[{\"role\":\"user\",\"content\":\"ab\"}]}",
+             a, 1);
+    hash_hex(W ",\"messages\":[{\"role\":\"user\",\"content\":[{\"type\":"
+             "\"text\",\"text\":\"ab\"}]}]}", b, 1);
+    assert_memory_equal(a, b, ALM_DIGEST_HEX_LEN);
+
+    hash_hex(W ",\"messages\":[{\"role\":\"user\",\"content\":[{\"type\":"
+             "\"text\",\"text\":\"a\"},{\"type\":\"text\",\"text\":\"b\"}]}]}",
+             b, 1);
+    assert_memory_equal(a, b, ALM_DIGEST_HEX_LEN);
+
+    /* images count */
+    hash_hex(W ",\"messages\":[{\"role\":\"user\",\"content\":[{\"type\":"
+             "\"text\",\"text\":\"ab\"},{\"type\":\"image_url\",\"image_url\":"
+             "\"" PNG "\"}]}]}", b, 1);
+    assert_memory_not_equal(a, b, ALM_DIGEST_HEX_LEN);
+
+    /* the ignored options do not */
+    hash_hex(W ",\"temperature\":1,\"stream\":true,\"messages\":[{\"role\":"
+             "\"user\",\"content\":\"ab\"}]}", b, 1);
+    assert_memory_equal(a, b, ALM_DIGEST_HEX_LEN);
+
+    /* the key and the model do */
+    parse_ok("{\"model\":\"v\",\"messages\":[{\"role\":\"user\",\"content\":"
+             "\"ab\"}]}", &req);
+    alm_conv_hash_hex(&req.full, b);
+    assert_memory_not_equal(a, b, ALM_DIGEST_HEX_LEN);
+    alm_chat_req_free(&req);
+
+    assert_int_equal(alm_chat_req_parse(S(W ",\"messages\":[{\"role\":"
+                                          "\"user\",\"content\":\"ab\"}]}"),
+                                        NULL, &req, &err), ALM_OK);
+    alm_conv_hash_hex(&req.full, b);
+    assert_memory_not_equal(a, b, ALM_DIGEST_HEX_LEN);
+    alm_chat_req_free(&req);
+
+    /* the system message is part of the digest */
+    hash_hex(W ",\"messages\":[{\"role\":\"system\",\"content\":\"s\"},"
+             "{\"role\":\"user\",\"content\":\"ab\"}]}", b, 1);
+    assert_memory_not_equal(a, b, ALM_DIGEST_HEX_LEN);
+
+    /*
+     * The next turn's prefix equals this turn's digest once the answer
+     * is added, whether the answer came in pieces or whole.
+     */
+    parse_ok(W ",\"messages\":[{\"role\":\"system\",\"content\":\"s\"},"
+             "{\"role\":\"user\",\"content\":\"Hi\"}]}", &req);
+    conv = req.full;
+    alm_chat_req_free(&req);
+
+    alm_conv_hash_message_begin(&conv, S("assistant"));
+    alm_conv_hash_update(&conv, S("Hel"));
+    alm_conv_hash_update(&conv, S("lo \xc3"));
+    alm_conv_hash_update(&conv, S("\xa9!"));
+    alm_conv_hash_message_end(&conv);
+    alm_conv_hash_hex(&conv, a);
+
+    hash_hex(W ",\"messages\":[{\"role\":\"system\",\"content\":\"s\"},"
+             "{\"role\":\"user\",\"content\":\"Hi\"},{\"role\":\"assistant\","
+             "\"content\":\"Hello \\u00e9!\"},{\"role\":\"user\",\"content\":"
+             "\"And?\"}]}", b, 0);
+    assert_memory_equal(a, b, ALM_DIGEST_HEX_LEN);
+
+    hash_hex(W ",\"messages\":[{\"role\":\"system\",\"content\":\"s\"},"
+             "{\"role\":\"user\",\"content\":\"Hi\"},{\"role\":\"assistant\","
+             "\"content\":[{\"type\":\"text\",\"text\":\"Hello \"},{\"type\":"
+             "\"text\",\"text\":\"\\u00e9!\"}]},{\"role\":\"user\",\"content\":"
+             "\"And?\"}]}", b, 0);
+    assert_memory_equal(a, b, ALM_DIGEST_HEX_LEN);
+
+    /* a different answer is a different conversation */
+    hash_hex(W ",\"messages\":[{\"role\":\"system\",\"content\":\"s\"},"
+             "{\"role\":\"user\",\"content\":\"Hi\"},{\"role\":\"assistant\","
+             "\"content\":\"Hello!\"},{\"role\":\"user\",\"content\":"
+             "\"And?\"}]}", b, 0);
+    assert_memory_not_equal(a, b, ALM_DIGEST_HEX_LEN);
+}
+
+
+static void
+test_req_upstream_body(void **state)
+{
+    char            *body;
+    size_t           len;
+    cJSON           *j;
+    alm_chat_req_t   req;
+
+    (void) state;
+
+    parse_ok(W ",\"messages\":[{\"role\":\"user\",\"content\":\"Say \\\"hi\\\""
+             "\\n\"}]}", &req);
+
+    body = alm_chat_req_upstream_body(&req, ALM_MODE_CHAT, S("sess-1"), 0,
+                                      &len);
+    assert_non_null(body);
+    assert_int_equal(len, strlen(body));
+    assert_string_equal(body, "{\"message\":\"Say \\\"hi\\\"\\n\",\"mode\":"
+                        "\"chat\",\"sessionId\":\"sess-1\"}");
+    free(body);
+
+    body = alm_chat_req_upstream_body(&req, ALM_MODE_QUERY, NULL, 0, 1, &len);
+    assert_string_equal(body, "{\"message\":\"Say \\\"hi\\\"\\n\",\"mode\":"
+                        "\"query\"}");
+    free(body);
+
+    body = alm_chat_req_upstream_body(&req, ALM_MODE_AUTOMATIC, S("a\"b"), 1,
+                                      &len);
+    assert_string_equal(body, "{\"message\":\"Say \\\"hi\\\"\\n\",\"mode\":"
+                        "\"automatic\",\"sessionId\":\"a\\\"b\"}");
+    free(body);
+    alm_chat_req_free(&req);
+
+    /* unseen history goes first as a transcript */
+    parse_ok(W ",\"messages\":[{\"role\":\"user\",\"content\":\"Hi\"},"
+             "{\"role\":\"assistant\",\"content\":\"Hello\"},{\"role\":"
+             "\"user\",\"content\":[{\"type\":\"text\",\"text\":\"Look\"},"
+             "{\"type\":\"image_url\",\"image_url\":\"" PNG "\"}]}]}", &req);
+
+    body = alm_chat_req_upstream_body(&req, ALM_MODE_CHAT, S("s"), 0, &len);
+    j = test_json(body, len);
+    assert_string_equal(test_str(j, "message"), "Conversation so far:\n"
+                        "user: Hi\nassistant: Hello\n\nuser: Look");
+    assert_string_equal(test_str(j, "mode"), "chat");
+    assert_string_equal(test_str(j, "sessionId"), "s");
+    assert_int_equal(cJSON_GetArraySize(
+                         cJSON_GetObjectItemCaseSensitive(j, "attachments")),
+                     1);
+    cJSON_Delete(j);
+    free(body);
+
+    /* continuing a session: the history is upstream already */
+    body = alm_chat_req_upstream_body(&req, ALM_MODE_CHAT, S("s"), 1, &len);
+    j = test_json(body, len);
+    assert_string_equal(test_str(j, "message"), "Look");
+    cJSON_Delete(j);
+    free(body);
+    alm_chat_req_free(&req);
+
+    /* a zeroed request gives nothing */
+    memset(&req, 0, sizeof(req));
+    assert_null(alm_chat_req_upstream_body(&req, ALM_MODE_CHAT, NULL, 0, 0,
+                                           &len));
+}
+
+
+/* ------------------------------------------------------------------ */
+
+static const alm_completion_meta_t  meta = {
+    "chatcmpl-abc", 12, "my-ws", 5, 1700000000
+};
+
+
+static void
+test_response_ok(void **state)
+{
+    char             *out, a[ALM_DIGEST_HEX_LEN], b[ALM_DIGEST_HEX_LEN];
+    size_t            len;
+    cJSON            *j, *c, *m, *u;
+    alm_error_t       err;
+    alm_usage_t       usage;
+    alm_conv_hash_t   conv, ref;
+    static const char  body[] =
+        "{\"id\":\"u1\",\"type\":\"textResponse\",\"textResponse\":\"Hello "
+        "from \\\"ws\\\"\",\"sources\":[{\"text\":\"t\",\"title\":\"doc\","
+        "\"docId\":\"d1\"}],\"close\":true,\"error\":null,\"chatId\":42,"
+        "\"metrics\":{\"prompt_tokens\":79,\"completion_tokens\":5,"
+        "\"total_tokens\":84,\"duration\":0.2,\"outputTps\":24.0,"
+        "\"model\":\"m\",\"provider\":\"p\"}}";
+
+    (void) state;
+
+    alm_conv_hash_init(&conv, KEY, S("my-ws"));
+    ref = conv;
+
+    out = alm_chat_response_translate(S(body), &meta, &usage, &conv, &len,
+                                      &err);
+    assert_non_null(out);
+    assert_int_equal(len, strlen(out));
+
+    assert_string_equal(out,
+        "{\"id\":\"chatcmpl-abc\",\"object\":\"chat.completion\","
+        "\"created\":1700000000,\"model\":\"my-ws\",\"choices\":[{\"index\":0,"
+        "\"message\":{\"role\":\"assistant\",\"content\":\"Hello from "
+        "\\\"ws\\\"\",\"refusal\":null},\"logprobs\":null,\"finish_reason\":"
+        "\"stop\"}],\"usage\":{\"prompt_tokens\":79,\"completion_tokens\":5,"
+        "\"total_tokens\":84},\"sources\":[{\"text\":\"t\",\"title\":\"doc\","
+        "\"docId\":\"d1\"}]}");
+
+    j = test_json(out, len);
+    c = cJSON_GetArrayItem(cJSON_GetObjectItemCaseSensitive(j, "choices"), 0);
+    m = cJSON_GetObjectItemCaseSensitive(c, "message");
+    assert_string_equal(test_str(m, "content"), "Hello from \"ws\"");
+    u = cJSON_GetObjectItemCaseSensitive(j, "usage");
+    assert_int_equal(cJSON_GetObjectItemCaseSensitive(u, "total_tokens")
+                     ->valueint, 84);
+    cJSON_Delete(j);
+    free(out);
+
+    assert_int_equal(usage.present, 1);
+    assert_int_equal(usage.prompt_tokens, 79);
+    assert_int_equal(usage.completion_tokens, 5);
+    assert_int_equal(usage.total_tokens, 84);
+
+    /* the answer went into the digest */
+    alm_conv_hash_message_begin(&ref, S("assistant"));
+    alm_conv_hash_update(&ref, S("Hello from \"ws\""));
+    alm_conv_hash_message_end(&ref);
+    alm_conv_hash_hex(&ref, a);
+    alm_conv_hash_hex(&conv, b);
+    assert_memory_equal(a, b, ALM_DIGEST_HEX_LEN);
+}
+
+
+static void
+test_response_usage_missing(void **state)
+{
+    char         *out;
+    size_t        len;
+    cJSON        *j, *u;
+    alm_error_t   err;
+    alm_usage_t   usage;
+
+    (void) state;
+
+    /* metrics {} (a query refusal), no sources, textChunk as the text */
+    out = alm_chat_response_translate(S("{\"type\":\"textResponse\","
+                                        "\"textChunk\":\"No relevant "
+                                        "information.\",\"metrics\":{}}"),
+                                      &meta, &usage, NULL, &len, &err);
+    assert_non_null(out);
+    j = test_json(out, len);
+    u = cJSON_GetObjectItemCaseSensitive(j, "usage");
+    assert_int_equal(cJSON_GetObjectItemCaseSensitive(u, "prompt_tokens")
+                     ->valueint, 0);
+    assert_int_equal(cJSON_GetArraySize(
+                         cJSON_GetObjectItemCaseSensitive(j, "sources")), 0);
+    cJSON_Delete(j);
+    free(out);
+    assert_int_equal(usage.present, 0);
+    assert_int_equal(usage.total_tokens, 0);
+
+    /* no metrics, null text, total computed when missing */
+    out = alm_chat_response_translate(S("{\"type\":\"textResponse\","
+                                        "\"textResponse\":null,\"sources\":"
+                                        "\"bogus\",\"metrics\":{"
+                                        "\"prompt_tokens\":3,"
+                                        "\"completion_tokens\":-4.5}}"),
+                                      &meta, &usage, NULL, &len, &err);
+    assert_non_null(out);
+    assert_non_null(strstr(out, "\"content\":\"\""));
+    assert_non_null(strstr(out, "\"sources\":[]"));
+    free(out);
+    assert_int_equal(usage.present, 1);
+    assert_int_equal(usage.prompt_tokens, 3);
+    assert_int_equal(usage.completion_tokens, 0);
+    assert_int_equal(usage.total_tokens, 3);
+
+    out = alm_chat_response_translate(S("{\"textResponse\":\"x\"}"), &meta,
+                                      NULL, NULL, NULL, &err);
+    assert_non_null(out);
+    free(out);
+}
+
+
+static void
+test_response_errors(void **state)
+{
+    char            *out, a[ALM_DIGEST_HEX_LEN], b[ALM_DIGEST_HEX_LEN];
+    alm_error_t      err;
+    alm_usage_t      usage;
+    alm_conv_hash_t  conv;
+    size_t           len;
+
+    (void) state;
+
+    alm_conv_hash_init(&conv, KEY, S("my-ws"));
+    alm_conv_hash_hex(&conv, a);
+
+    out = alm_chat_response_translate(S("{\"id\":\"x\",\"type\":\"abort\","
+                                        "\"textResponse\":null,\"sources\":[],"
+                                        "\"close\":true,\"error\":\"The model "
+                                        "returned nothing.\"}"),
+                                      &meta, &usage, &conv, &len, &err);
+    assert_null(out);
+    assert_int_equal(err.status, 502);
+    assert_string_equal(err.type, "server_error");
+    assert_non_null(strstr(err.message, "The model returned nothing."));
+
+    out = alm_chat_response_translate(S("{\"type\":\"abort\"}"), &meta,
+                                      &usage, &conv, &len, &err);
+    assert_null(out);
+    assert_int_equal(err.status, 502);
+
+    out = alm_chat_response_translate(S("{\"type\":\"textResponse\","
+                                        "\"textResponse\":\"x\",\"error\":"
+                                        "\"boom\"}"),
+                                      &meta, &usage, &conv, &len, &err);
+    assert_null(out);
+    assert_int_equal(err.status, 502);
+    assert_non_null(strstr(err.message, "boom"));
+
+    out = alm_chat_response_translate(S("<html>"), &meta, &usage, &conv,
+                                      &len, &err);
+    assert_null(out);
+    assert_int_equal(err.status, 502);
+    assert_string_equal(err.type, "server_error");
+
+    out = alm_chat_response_translate(S("[1]"), &meta, &usage, &conv, &len,
+                                      &err);
+    assert_null(out);
+
+    out = alm_chat_response_translate(NULL, 0, &meta, &usage, &conv, &len,
+                                      &err);
+    assert_null(out);
+
+    /* a failed answer leaves the digest alone */
+    alm_conv_hash_hex(&conv, b);
+    assert_memory_equal(a, b, ALM_DIGEST_HEX_LEN);
+}
+
+
+static void
+test_chat_error_translate(void **state)
+{
+    alm_error_t  err;
+
+    (void) state;
+
+    alm_chat_error_translate(400, S("{\"id\":\"x\",\"type\":\"abort\","
+                                    "\"textResponse\":null,\"sources\":[],"
+                                    "\"close\":true,\"error\":\"Workspace "
+                                    "nope is not a valid workspace.\"}"),
+                             S("nope"), &err);
+    assert_int_equal(err.status, 404);
+    assert_string_equal(err.type, "invalid_request_error");
+    assert_string_equal(err.code, "model_not_found");
+    assert_null(err.param);
+    assert_string_equal(err.message, "The model `nope` does not exist or "
+                        "you do not have access to it.");
+
+    alm_chat_error_translate(403, S("{\"error\":\"No valid api key "
+                                    "found.\"}"), S("w"), &err);
+    assert_int_equal(err.status, 502);
+    assert_string_equal(err.type, "server_error");
+    assert_non_null(strstr(err.message, "anythingllm_upstream_key"));
+
+    alm_chat_error_translate(400, S("{\"type\":\"abort\",\"error\":"
+                                    "\"Message is empty\"}"), S("w"), &err);
+    assert_int_equal(err.status, 400);
+    assert_string_equal(err.type, "invalid_request_error");
+    assert_null(err.code);
+    assert_non_null(strstr(err.message, "Message is empty"));
+
+    alm_chat_error_translate(400, S("Bad Request"), S("w"), &err);
+    assert_int_equal(err.status, 400);
+    assert_non_null(strstr(err.message, "400"));
+
+    alm_chat_error_translate(404, S(""), S("w"), &err);
+    assert_int_equal(err.status, 400);
+
+    alm_chat_error_translate(500, S("{\"type\":\"abort\",\"error\":"
+                                    "\"kaput\"}"), S("w"), &err);
+    assert_int_equal(err.status, 502);
+    assert_string_equal(err.type, "server_error");
+    assert_non_null(strstr(err.message, "kaput"));
+
+    alm_chat_error_translate(503, NULL, 0, S("w"), &err);
+    assert_int_equal(err.status, 502);
+    assert_non_null(strstr(err.message, "503"));
+
+    /* the "valid workspace" text matters only on a 400 */
+    alm_chat_error_translate(500, S("{\"error\":\"x is not a valid "
+                                    "workspace\"}"), S("w"), &err);
+    assert_int_equal(err.status, 502);
+}
+
+
+/* ------------------------------------------------------------------ */
+
+static const char  workspaces[] =
+    "{\"workspaces\":["
+    "{\"id\":1,\"name\":\"A\",\"slug\":\"a\",\"createdAt\":"
+    "\"2024-01-15T10:20:30.000Z\",\"documents\":[],\"threads\":[]},"
+    "{\"id\":2,\"name\":\"B\",\"slug\":\"b\",\"createdAt\":"
+    "\"2000-02-29T00:00:00+01:00\"},"
+    "{\"id\":3,\"name\":\"C\",\"slug\":\"c\",\"createdAt\":\"yesterday\"},"
+    "{\"id\":4,\"name\":\"D\",\"slug\":\"d\"},"
+    "{\"id\":5,\"name\":\"no slug\"},"
+    "\"junk\","
+    "{\"id\":6,\"name\":\"E\",\"slug\":\"e\",\"createdAt\":1700000000123}"
+    "],\"extra\":true}";
+
+
+static void
+test_workspaces_filter(void **state)
+{
+    char    *out;
+    size_t   len;
+    cJSON   *j, *a;
+
+    (void) state;
+
+    out = alm_workspaces_filter(S(workspaces), S("b, d"), &len);
+    assert_non_null(out);
+    assert_int_equal(len, strlen(out));
+    j = test_json(out, len);
+    a = cJSON_GetObjectItemCaseSensitive(j, "workspaces");
+    assert_int_equal(cJSON_GetArraySize(a), 2);
+    assert_string_equal(test_str(cJSON_GetArrayItem(a, 0), "slug"), "b");
+    assert_string_equal(test_str(cJSON_GetArrayItem(a, 1), "slug"), "d");
+    assert_true(cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(j, "extra")));
+    cJSON_Delete(j);
+    free(out);
+
+    out = alm_workspaces_filter(S(workspaces), S("*"), &len);
+    j = test_json(out, len);
+    a = cJSON_GetObjectItemCaseSensitive(j, "workspaces");
+    assert_int_equal(cJSON_GetArraySize(a), 5);
+    cJSON_Delete(j);
+    free(out);
+
+    out = alm_workspaces_filter(S(workspaces), S(""), &len);
+    assert_string_equal(out, "{\"workspaces\":[],\"extra\":true}");
+    free(out);
+
+    /* not the expected answer: nothing to pass on */
+    assert_null(alm_workspaces_filter(S("{\"workspaces\":{}}"), S("*"),
+                                      &len));
+    assert_null(alm_workspaces_filter(S("{}"), S("*"), &len));
+    assert_null(alm_workspaces_filter(S("[]"), S("*"), &len));
+    assert_null(alm_workspaces_filter(S("Bad Request"), S("*"), &len));
+    assert_null(alm_workspaces_filter(NULL, 0, S("*"), &len));
+}
+
+
+static void
+test_workspaces_models(void **state)
+{
+    char         *out;
+    size_t        len;
+    cJSON        *j, *d, *m;
+    alm_error_t   err;
+
+    (void) state;
+
+    out = alm_workspaces_to_models(S(workspaces), S("*"), NULL, 0, 1234,
+                                   &len, &err);
+    assert_non_null(out);
+    j = test_json(out, len);
+    assert_string_equal(test_str(j, "object"), "list");
+    d = cJSON_GetObjectItemCaseSensitive(j, "data");
+    assert_int_equal(cJSON_GetArraySize(d), 5);
+
+    m = cJSON_GetArrayItem(d, 0);
+    assert_string_equal(test_str(m, "id"), "a");
+    assert_string_equal(test_str(m, "object"), "model");
+    assert_string_equal(test_str(m, "owned_by"), "anythingllm");
+    assert_int_equal((long) cJSON_GetObjectItemCaseSensitive(m, "created")
+                     ->valuedouble, 1705314030L);
+
+    m = cJSON_GetArrayItem(d, 1);
+    assert_int_equal((long) cJSON_GetObjectItemCaseSensitive(m, "created")
+                     ->valuedouble, 951778800L);
+
+    m = cJSON_GetArrayItem(d, 2);
+    assert_int_equal(cJSON_GetObjectItemCaseSensitive(m, "created")->valueint,
+                     1234);
+    m = cJSON_GetArrayItem(d, 3);
+    assert_int_equal(cJSON_GetObjectItemCaseSensitive(m, "created")->valueint,
+                     1234);
+    m = cJSON_GetArrayItem(d, 4);
+    assert_string_equal(test_str(m, "id"), "e");
+    assert_int_equal((long) cJSON_GetObjectItemCaseSensitive(m, "created")
+                     ->valuedouble, 1700000000L);
+    cJSON_Delete(j);
+    free(out);
+
+    out = alm_workspaces_to_models(S(workspaces), S("a,zz"), NULL, 0, 1,
+                                   &len, &err);
+    assert_string_equal(out, "{\"object\":\"list\",\"data\":[{\"id\":\"a\","
+                        "\"object\":\"model\",\"created\":1705314030,"
+                        "\"owned_by\":\"anythingllm\"}]}");
+    free(out);
+
+    out = alm_workspaces_to_models(S("{\"workspaces\":[]}"), S("*"), NULL,
+                                   0, 1, &len, &err);
+    assert_string_equal(out, "{\"object\":\"list\",\"data\":[]}");
+    free(out);
+
+    /* one model */
+    out = alm_workspaces_to_models(S(workspaces), S("a,b"), S("b"), 1,
+                                   &len, &err);
+    assert_string_equal(out, "{\"id\":\"b\",\"object\":\"model\",\"created\":"
+                        "951778800,\"owned_by\":\"anythingllm\"}");
+    free(out);
+
+    out = alm_workspaces_to_models(S(workspaces), S("a,b"), S("c"), 1, &len,
+                                   &err);
+    assert_null(out);
+    assert_int_equal(err.status, 404);
+    assert_string_equal(err.code, "model_not_found");
+    assert_string_equal(err.message, "The model `c` does not exist or you do "
+                        "not have access to it.");
+
+    out = alm_workspaces_to_models(S(workspaces), S("*"), S("zz"), 1, &len,
+                                   &err);
+    assert_null(out);
+    assert_int_equal(err.status, 404);
+
+    out = alm_workspaces_to_models(S(workspaces), S("*"), S("B"), 1, &len,
+                                   &err);
+    assert_null(out);
+
+    out = alm_workspaces_to_models(S("nope"), S("*"), NULL, 0, 1, &len,
+                                   &err);
+    assert_null(out);
+    assert_int_equal(err.status, 502);
+    assert_string_equal(err.type, "server_error");
+}
+
+
+static void
+test_iso_dates(void **state)
+{
+    size_t        i, len;
+    char          body[256], *out;
+    cJSON        *j;
+    alm_error_t   err;
+
+    static const struct {
+        const char  *date;
+        long         t;
+    } cases[] = {
+        { "1970-01-01T00:00:00Z", 0 },
+        { "1970-01-01", 0 },
+        { "2024-01-15T10:20:30Z", 1705314030 },
+        { "2024-01-15 10:20:30.123456Z", 1705314030 },
+        { "2024-01-15T10:20Z", 1705314000 },
+        { "2024-01-15T12:20:30+02:00", 1705314030 },
+        { "2024-01-15T08:20:30-0200", 1705314030 },
+        { "2024-01-15T10:20:30", 1705314030 },
+        { "2100-03-01T00:00:00Z", 4107542400 },
+        { "1969-12-31T23:59:59Z", -1 },
+        { "2024-13-01T00:00:00Z", -1 },
+        { "2024-01-15T25:00:00Z", -1 },
+        { "2024-01-15T10:20:30Zjunk", -1 },
+        { "2024-1-15", -1 },
+        { "", -1 },
+    };
+
+    (void) state;
+
+    for (i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
+        snprintf(body, sizeof(body), "{\"workspaces\":[{\"slug\":\"a\","
+                 "\"createdAt\":\"%s\"}]}", cases[i].date);
+
+        out = alm_workspaces_to_models(body, strlen(body), S("*"), S("a"),
+                                       777, &len, &err);
+        assert_non_null(out);
+        j = test_json(out, len);
+
+        if ((long) cJSON_GetObjectItemCaseSensitive(j, "created")
+                ->valuedouble != (cases[i].t < 0 ? 777 : cases[i].t))
+        {
+            print_error("%s: %s\n", cases[i].date, out);
+            fail();
+        }
+
+        cJSON_Delete(j);
+        free(out);
+    }
+}
+
+
+int
+main(void)
+{
+    const struct CMUnitTest  tests[] = {
+        cmocka_unit_test(test_req_simple),
+        cmocka_unit_test(test_req_stream),
+        cmocka_unit_test(test_req_errors),
+        cmocka_unit_test(test_req_accepted_params),
+        cmocka_unit_test(test_req_content_forms),
+        cmocka_unit_test(test_req_attachments),
+        cmocka_unit_test(test_req_history),
+        cmocka_unit_test(test_req_hash),
+        cmocka_unit_test(test_req_upstream_body),
+        cmocka_unit_test(test_response_ok),
+        cmocka_unit_test(test_response_usage_missing),
+        cmocka_unit_test(test_response_errors),
+        cmocka_unit_test(test_chat_error_translate),
+        cmocka_unit_test(test_workspaces_filter),
+        cmocka_unit_test(test_workspaces_models),
+        cmocka_unit_test(test_iso_dates),
+    };
+
+    return cmocka_run_group_tests_name("openai", tests, NULL, NULL);
+}

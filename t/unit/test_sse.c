@@ -1,0 +1,723 @@
+/*
+ * Copyright (C) ngx_anythingllm authors
+ *
+ * The SSE re-framer: every frame pattern of AnythingLLM's stream,
+ * split at every byte.
+ */
+
+
+#include "test_common.h"
+
+
+#define KEY  "0123456789abcdef0123456789abcdef" \
+             "0123456789abcdef0123456789abcdef"
+
+#define HEAD "data: {\"id\":\"chatcmpl-1\",\"object\":\"chat.completion.chunk\"," \
+             "\"created\":1700000000,\"model\":\"ws\",\"choices\":["
+
+#define CONTENT(role, text)                                                   \
+    HEAD "{\"index\":0,\"delta\":{" role "\"content\":\"" text "\"},"          \
+    "\"logprobs\":null,\"finish_reason\":null}]}\n\n"
+
+#define ROLE "\"role\":\"assistant\","
+
+#define STOP                                                                  \
+    HEAD "{\"index\":0,\"delta\":{},\"logprobs\":null,\"finish_reason\":"     \
+    "\"stop\"}]}\n\n"
+
+#define DONE "data: [DONE]\n\n"
+
+#define ERROR(msg)                                                            \
+    "data: {\"error\":{\"message\":\"" msg "\",\"type\":\"server_error\","    \
+    "\"param\":null,\"code\":null}}\n\n" DONE
+
+#define EARLY  "AnythingLLM ended the stream before the answer was complete."
+#define BROKEN \
+    "The connection to AnythingLLM broke before the answer was complete."
+
+
+/* upstream frames */
+
+#define F_CHUNK(text, close)                                                  \
+    "data: {\"uuid\":\"u1\",\"sources\":[],\"type\":\"textResponseChunk\","   \
+    "\"textResponse\":\"" text "\",\"close\":" close ",\"error\":false}\n\n"
+
+#define F_FINAL                                                               \
+    "data: {\"uuid\":\"u1\",\"type\":\"finalizeResponseStream\",\"close\":"   \
+    "true,\"error\":false,\"chatId\":7,\"metrics\":{\"prompt_tokens\":11,"    \
+    "\"completion_tokens\":2,\"total_tokens\":13},\"sources\":[]}\n\n"
+
+#define F_ABORT(err)                                                          \
+    "data: {\"id\":\"u1\",\"type\":\"abort\",\"textResponse\":null,"          \
+    "\"sources\":[],\"close\":true,\"error\":\"" err "\"}\n\n"
+
+#define TYPICAL                                                               \
+    F_CHUNK("Hello", "false") F_CHUNK(" world", "false")                      \
+    F_CHUNK("", "true") F_FINAL
+
+#define TYPICAL_OUT                                                           \
+    CONTENT(ROLE, "Hello") CONTENT("", " world") STOP DONE
+
+
+typedef struct {
+    char    *p;
+    size_t   len;
+    int      calls;
+    int      fail_at;       /* make the n-th call fail, 0: never */
+} sink_t;
+
+
+static int
+sink_emit(void *data, const char *p, size_t len)
+{
+    sink_t  *s;
+
+    s = data;
+    s->calls++;
+
+    if (s->fail_at && s->calls == s->fail_at) {
+        return ALM_ERROR;
+    }
+
+    /* every piece is whole frames */
+    assert_true(len >= 2);
+    assert_memory_equal(p, "da", 2);
+    assert_memory_equal(p + len - 2, "\n\n", 2);
+
+    s->p = realloc(s->p, s->len + len + 1);
+    assert_non_null(s->p);
+    memcpy(s->p + s->len, p, len);
+    s->len += len;
+    s->p[s->len] = '\0';
+
+    return ALM_OK;
+}
+
+
+typedef struct {
+    alm_sse_t         sse;
+    sink_t            out;
+    char             *buf;
+    alm_conv_hash_t   conv;
+} run_t;
+
+
+static const alm_completion_meta_t  meta = {
+    "chatcmpl-1", 10, "ws", 2, 1700000000
+};
+
+
+static void
+run_init(run_t *r, size_t cap, int include_usage, int conv)
+{
+    memset(r, 0, sizeof(run_t));
+
+    /* exactly cap bytes: ASan catches any write past the bound */
+    r->buf = malloc(cap ? cap : 1);
+    assert_non_null(r->buf);
+
+    if (conv) {
+        alm_conv_hash_init(&r->conv, KEY, S("ws"));
+    }
+
+    alm_sse_init(&r->sse, r->buf, cap, &meta, include_usage,
+                 conv ? &r->conv : NULL, sink_emit, &r->out);
+}
+
+
+static void
+run_free(run_t *r)
+{
+    free(r->buf);
+    free(r->out.p);
+}
+
+
+/* feeds "in" in pieces cut at the given offsets, then finishes */
+
+static void
+run_split(run_t *r, const char *in, size_t len, const size_t *cuts,
+    size_t ncuts, int broken)
+{
+    size_t  i, at, next;
+
+    at = 0;
+
+    for (i = 0; i <= ncuts; i++) {
+        next = i < ncuts ? cuts[i] : len;
+        assert_int_equal(alm_sse_feed(&r->sse, in + at, next - at), ALM_OK);
+        at = next;
+    }
+
+    assert_int_equal(alm_sse_finish(&r->sse, broken), ALM_OK);
+}
+
+
+static void
+expect_out(run_t *r, const char *expected, const char *what)
+{
+    if (r->out.len != strlen(expected)
+        || memcmp(r->out.p ? r->out.p : "", expected, r->out.len) != 0)
+    {
+        print_error("%s\n got: %.*s\nwant: %s\n", what, (int) r->out.len,
+                    r->out.p ? r->out.p : "", expected);
+        fail();
+    }
+}
+
+
+/*
+ * Feeds the stream whole, in two pieces cut at every byte, byte by
+ * byte, and in pieces of 7; every way must give "expected".
+ */
+
+static void
+check_stream(const char *in, int broken, size_t cap, int include_usage,
+    const char *expected, int succeeded)
+{
+    run_t   r;
+    size_t  len, i, *cuts, n;
+    char    what[64];
+
+    len = strlen(in);
+
+    run_init(&r, cap, include_usage, 0);
+    run_split(&r, in, len, NULL, 0, broken);
+    expect_out(&r, expected, "whole");
+    assert_int_equal(alm_sse_succeeded(&r.sse), succeeded);
+    run_free(&r);
+
+    for (i = 1; i < len; i++) {
+        run_init(&r, cap, include_usage, 0);
+        run_split(&r, in, len, &i, 1, broken);
+        snprintf(what, sizeof(what), "cut at %zu", i);
+        expect_out(&r, expected, what);
+        assert_int_equal(alm_sse_succeeded(&r.sse), succeeded);
+        run_free(&r);
+    }
+
+    cuts = malloc(len * sizeof(size_t) + 1);
+    assert_non_null(cuts);
+
+    for (i = 1; i < len; i++) {
+        cuts[i - 1] = i;
+    }
+
+    run_init(&r, cap, include_usage, 0);
+    run_split(&r, in, len, cuts, len ? len - 1 : 0, broken);
+    expect_out(&r, expected, "byte by byte");
+    run_free(&r);
+
+    n = 0;
+    for (i = 7; i < len; i += 7) {
+        cuts[n++] = i;
+    }
+
+    run_init(&r, cap, include_usage, 0);
+    run_split(&r, in, len, cuts, n, broken);
+    expect_out(&r, expected, "pieces of 7");
+    run_free(&r);
+
+    free(cuts);
+}
+
+
+/* ------------------------------------------------------------------ */
+
+static void
+test_typical(void **state)
+{
+    (void) state;
+
+    check_stream(TYPICAL, 0, 4096, 0, TYPICAL_OUT, 1);
+
+    /* the upstream closing the connection after finalize is not broken */
+    check_stream(TYPICAL, 1, 4096, 0, TYPICAL_OUT, 1);
+}
+
+
+static void
+test_many_frames_one_feed(void **state)
+{
+    run_t  r;
+
+    (void) state;
+
+    run_init(&r, 4096, 0, 0);
+    assert_int_equal(alm_sse_feed(&r.sse, S(TYPICAL)), ALM_OK);
+
+    /* one feed, one piece of output */
+    assert_int_equal(r.out.calls, 1);
+    expect_out(&r, TYPICAL_OUT, "one feed");
+    assert_true(alm_sse_succeeded(&r.sse));
+
+    /* after [DONE] everything is ignored */
+    assert_int_equal(alm_sse_feed(&r.sse, S(F_CHUNK("late", "false"))),
+                     ALM_OK);
+    assert_int_equal(alm_sse_finish(&r.sse, 1), ALM_OK);
+    assert_int_equal(r.out.calls, 1);
+    run_free(&r);
+}
+
+
+static void
+test_include_usage(void **state)
+{
+    (void) state;
+
+    check_stream(TYPICAL, 0, 4096, 1,
+        HEAD "{\"index\":0,\"delta\":{" ROLE "\"content\":\"Hello\"},"
+        "\"logprobs\":null,\"finish_reason\":null}],\"usage\":null}\n\n"
+        HEAD "{\"index\":0,\"delta\":{\"content\":\" world\"},"
+        "\"logprobs\":null,\"finish_reason\":null}],\"usage\":null}\n\n"
+        HEAD "{\"index\":0,\"delta\":{},\"logprobs\":null,\"finish_reason\":"
+        "\"stop\"}],\"usage\":null}\n\n"
+        HEAD "],\"usage\":{\"prompt_tokens\":11,\"completion_tokens\":2,"
+        "\"total_tokens\":13}}\n\n" DONE, 1);
+
+    /* no metrics anywhere: zeros */
+    check_stream(F_CHUNK("a", "true") "data: {\"type\":"
+                 "\"finalizeResponseStream\",\"metrics\":{}}\n\n", 0, 4096, 1,
+        HEAD "{\"index\":0,\"delta\":{" ROLE "\"content\":\"a\"},"
+        "\"logprobs\":null,\"finish_reason\":null}],\"usage\":null}\n\n"
+        HEAD "{\"index\":0,\"delta\":{},\"logprobs\":null,\"finish_reason\":"
+        "\"stop\"}],\"usage\":null}\n\n"
+        HEAD "],\"usage\":{\"prompt_tokens\":0,\"completion_tokens\":0,"
+        "\"total_tokens\":0}}\n\n" DONE, 1);
+}
+
+
+static void
+test_crlf(void **state)
+{
+    (void) state;
+
+    check_stream("data: {\"type\":\"textResponseChunk\",\"textResponse\":"
+                 "\"Hi\",\"close\":false}\r\n\r\n"
+                 "data:{\"type\":\"textResponseChunk\",\"textResponse\":"
+                 "\"!\",\"close\":true}\r\n\r\n"
+                 "data: {\"type\":\"finalizeResponseStream\",\"close\":true}"
+                 "\r\n\r\n", 0, 4096, 0,
+                 CONTENT(ROLE, "Hi") CONTENT("", "!") STOP DONE, 1);
+}
+
+
+static void
+test_agent_path(void **state)
+{
+    (void) state;
+
+    /* chunks, then the whole text again, usage before the end */
+    check_stream("data: {\"type\":\"statusResponse\",\"textResponse\":"
+                 "\"Thinking\",\"close\":false}\n\n"
+                 "data: {\"type\":\"agentThought\",\"thought\":\"hmm\"}\n\n"
+                 F_CHUNK("Hel", "false") F_CHUNK("lo", "false")
+                 "data: {\"uuid\":\"u2\",\"type\":\"textResponse\","
+                 "\"textResponse\":\"Hello\",\"close\":true}\n\n"
+                 "data: {\"type\":\"usageMetrics\",\"metrics\":"
+                 "{\"prompt_tokens\":5,\"completion_tokens\":1}}\n\n"
+                 "data: {\"type\":\"fileDownload\",\"content\":{}}\n\n"
+                 "data: {\"type\":\"finalizeResponseStream\",\"close\":true,"
+                 "\"metrics\":{}}\n\n", 0, 4096, 1,
+        HEAD "{\"index\":0,\"delta\":{" ROLE "\"content\":\"Hel\"},"
+        "\"logprobs\":null,\"finish_reason\":null}],\"usage\":null}\n\n"
+        HEAD "{\"index\":0,\"delta\":{\"content\":\"lo\"},"
+        "\"logprobs\":null,\"finish_reason\":null}],\"usage\":null}\n\n"
+        HEAD "{\"index\":0,\"delta\":{},\"logprobs\":null,\"finish_reason\":"
+        "\"stop\"}],\"usage\":null}\n\n"
+        HEAD "],\"usage\":{\"prompt_tokens\":5,\"completion_tokens\":1,"
+        "\"total_tokens\":6}}\n\n" DONE, 1);
+
+    /* no chunks: the whole-text frame is the answer, once */
+    check_stream("data: {\"type\":\"textResponse\",\"textResponse\":"
+                 "\"Whole\",\"close\":true}\n\n"
+                 "data: {\"type\":\"textResponse\",\"textResponse\":"
+                 "\"Whole\",\"close\":true}\n\n"
+                 "data: {\"type\":\"finalizeResponseStream\",\"close\":true,"
+                 "\"textResponse\":\"Whole\"}\n\n", 0, 4096, 0,
+                 CONTENT(ROLE, "Whole") STOP DONE, 1);
+}
+
+
+static void
+test_finalize_text(void **state)
+{
+    (void) state;
+
+    /* the answer only in finalize, textChunk as the field name */
+    check_stream("data: {\"type\":\"finalizeResponseStream\",\"close\":true,"
+                 "\"textChunk\":\"All \\\"at\\\" once\\n\",\"metrics\":"
+                 "{\"prompt_tokens\":1,\"completion_tokens\":2,"
+                 "\"total_tokens\":3}}\n\n", 0, 4096, 0,
+                 CONTENT(ROLE, "All \\\"at\\\" once\\n") STOP DONE, 1);
+
+    /* finalize with text after chunks: not content again */
+    check_stream(F_CHUNK("A", "false")
+                 "data: {\"type\":\"finalizeResponseStream\",\"close\":true,"
+                 "\"textResponse\":\"A\"}\n\n", 0, 4096, 0,
+                 CONTENT(ROLE, "A") STOP DONE, 1);
+
+    /* an empty answer still has its role */
+    check_stream(F_CHUNK("", "true") F_FINAL, 0, 4096, 0,
+                 CONTENT(ROLE, "") STOP DONE, 1);
+}
+
+
+static void
+test_abort(void **state)
+{
+    (void) state;
+
+    /* before any chunk */
+    check_stream(F_ABORT("The model failed."), 0, 4096, 0,
+                 ERROR("The model failed."), 0);
+
+    /* after chunks */
+    check_stream(F_CHUNK("Hel", "false") F_ABORT("Premature close"), 0, 4096,
+                 0, CONTENT(ROLE, "Hel") ERROR("Premature close"), 0);
+
+    /* then finalize: ignored */
+    check_stream(F_CHUNK("Hel", "false") F_ABORT("Premature close") F_FINAL
+                 F_CHUNK("more", "true"), 0, 4096, 1,
+                 HEAD "{\"index\":0,\"delta\":{" ROLE "\"content\":\"Hel\"},"
+                 "\"logprobs\":null,\"finish_reason\":null}],\"usage\":null}"
+                 "\n\n" ERROR("Premature close"), 0);
+
+    /* no error text; an escaped one */
+    check_stream("data: {\"type\":\"abort\",\"error\":null}\n\n", 0, 4096, 0,
+                 ERROR("AnythingLLM aborted the answer."), 0);
+    check_stream("data: {\"type\":\"abort\",\"error\":\"\"}\n\n", 1, 4096, 0,
+                 ERROR("AnythingLLM aborted the answer."), 0);
+    check_stream(F_ABORT("a \\\"b\\\"\\n"), 0, 4096, 0,
+                 ERROR("a \\\"b\\\"\\n"), 0);
+}
+
+
+static void
+test_premature_end(void **state)
+{
+    (void) state;
+
+    /* no close: the stream ended early */
+    check_stream(F_CHUNK("Hel", "false"), 0, 4096, 0,
+                 CONTENT(ROLE, "Hel") ERROR(EARLY), 0);
+    check_stream(F_CHUNK("Hel", "false"), 1, 4096, 0,
+                 CONTENT(ROLE, "Hel") ERROR(BROKEN), 0);
+    check_stream("", 0, 4096, 0, ERROR(EARLY), 0);
+    check_stream("", 1, 4096, 0, ERROR(BROKEN), 0);
+
+    /* closed answer, but the connection broke before finalize */
+    check_stream(F_CHUNK("Hi", "true"), 1, 4096, 0,
+                 CONTENT(ROLE, "Hi") ERROR(BROKEN), 0);
+
+    /* closed answer and a clean end without finalize: complete */
+    check_stream(F_CHUNK("Hi", "true"), 0, 4096, 1,
+                 HEAD "{\"index\":0,\"delta\":{" ROLE "\"content\":\"Hi\"},"
+                 "\"logprobs\":null,\"finish_reason\":null}],\"usage\":null}"
+                 "\n\n"
+                 HEAD "{\"index\":0,\"delta\":{},\"logprobs\":null,"
+                 "\"finish_reason\":\"stop\"}],\"usage\":null}\n\n"
+                 HEAD "],\"usage\":{\"prompt_tokens\":0,\"completion_tokens\":"
+                 "0,\"total_tokens\":0}}\n\n" DONE, 1);
+
+    /* a frame cut short is dropped */
+    check_stream(F_CHUNK("Hi", "false") "data: {\"type\":\"textResponse"
+                 "Chunk\",\"textResponse\":\"x\",\"close\":true}", 0, 4096,
+                 0, CONTENT(ROLE, "Hi") ERROR(EARLY), 0);
+}
+
+
+static void
+test_query_refusal(void **state)
+{
+    (void) state;
+
+    check_stream("data: {\"id\":\"u9\",\"type\":\"textResponse\","
+                 "\"textResponse\":\"There is no relevant information in "
+                 "this workspace to answer your query.\",\"sources\":[],"
+                 "\"close\":true,\"error\":null}\n\n", 0, 4096, 0,
+                 CONTENT(ROLE, "There is no relevant information in this "
+                         "workspace to answer your query.") STOP DONE, 1);
+}
+
+
+static void
+test_ignored_input(void **state)
+{
+    (void) state;
+
+    check_stream(": a comment\n"
+                 "event: message\n"
+                 "id: 5\n"
+                 "retry: 1000\n"
+                 "\n\n\n"
+                 "data\n"
+                 "dat\n"
+                 "data:\n"
+                 "data: \n"
+                 "data: [DONE]\n"
+                 "data: not json\n"
+                 "data: [1,2]\n"
+                 "data: \"str\"\n"
+                 "data: {\"type\":5}\n"
+                 "data: {\"no\":\"type\"}\n"
+                 "data: {\"type\":\"somethingNew\",\"textResponse\":\"x\","
+                 "\"close\":true}\n"
+                 "data: {\"type\":\"textResponseChunk\",\"textResponse\":5}\n"
+                 "data: {\"type\":\"textResponseChunk\",\"textResponse\":\"\","
+                 "\"close\":false}\n"
+                 "data: {\"type\":\"textResponseChunk\",\"textResponse\":"
+                 "\"\\ud800\"}\n"
+                 "DATA: {\"type\":\"abort\"}\n"
+                 " data: {\"type\":\"abort\"}\n"
+                 F_CHUNK("ok", "false")
+                 "data: {\"type\":\"textResponse\",\"textResponse\":\"no\","
+                 "\"close\":false}\n"
+                 F_FINAL, 0, 4096, 0,
+                 CONTENT(ROLE, "ok") STOP DONE, 1);
+}
+
+
+static void
+test_escaping(void **state)
+{
+    (void) state;
+
+    check_stream(F_CHUNK("\\u0001 \\\" \\\\ \\t caf\\u00e9 \\ud83d\\ude00",
+                         "false") F_FINAL, 0, 4096, 0,
+                 CONTENT(ROLE, "\\u0001 \\\" \\\\ \\t caf\xc3\xa9 "
+                         "\xf0\x9f\x98\x80") STOP DONE, 1);
+}
+
+
+static void
+test_oversized(void **state)
+{
+    char  big[600], in[800], out[2048];
+
+    (void) state;
+
+    /* a 100-byte bound: the typical frames are longer */
+    check_stream(TYPICAL, 0, 100, 0,
+                 ERROR("AnythingLLM sent a stream frame larger than the "
+                       "gateway accepts."), 0);
+
+    /* after some content; later frames are ignored */
+    memset(big, 'x', 300);
+    big[300] = '\0';
+    snprintf(in, sizeof(in), "data: {\"type\":\"textResponseChunk\","
+             "\"textResponse\":\"a\"}\n\n"
+             "data: {\"type\":\"textResponseChunk\",\"textResponse\":\"%s\"}"
+             "\n\n" F_CHUNK("b", "true") F_FINAL, big);
+    check_stream(in, 0, 200, 0, CONTENT(ROLE, "a")
+                 ERROR("AnythingLLM sent a stream frame larger than the "
+                       "gateway accepts."), 0);
+
+    /* a line of exactly the bound is accepted, one more byte is not */
+    snprintf(in, sizeof(in), "data: {\"type\":\"textResponseChunk\","
+             "\"textResponse\":\"a\"}\r\n\r\n");
+    snprintf(out, sizeof(out), "%s", CONTENT(ROLE, "a") ERROR(EARLY));
+    check_stream(in, 0, strlen(in) - 3, 0, out, 0);
+    check_stream(in, 0, strlen(in) - 4, 0,
+                 ERROR("AnythingLLM sent a stream frame larger than the "
+                       "gateway accepts."), 0);
+
+    /* other lines are skipped whatever their length */
+    memset(big, 'c', 500);
+    big[500] = '\0';
+    snprintf(in, sizeof(in), ": %s\n\n" F_CHUNK("a", "true"), big);
+    check_stream(in, 0, 100, 0, CONTENT(ROLE, "a") STOP DONE, 1);
+}
+
+
+static void
+test_split_prefix(void **state)
+{
+    run_t  r;
+
+    (void) state;
+
+    /* a line whose first bytes look like "data:" for a while */
+    run_init(&r, 4096, 0, 0);
+    assert_int_equal(alm_sse_feed(&r.sse, S("da")), ALM_OK);
+    assert_int_equal(alm_sse_feed(&r.sse, S("tx: {\"type\":\"abort\"}\n")),
+                     ALM_OK);
+    assert_int_equal(alm_sse_feed(&r.sse, S("d")), ALM_OK);
+    assert_int_equal(alm_sse_feed(&r.sse, S("at")), ALM_OK);
+    assert_int_equal(alm_sse_feed(&r.sse, S("a")), ALM_OK);
+    assert_int_equal(alm_sse_feed(&r.sse, S(": {\"type\":\"textResponse\","
+                                            "\"textResponse\":\"q\",")),
+                     ALM_OK);
+    assert_int_equal(r.out.calls, 0);
+    assert_int_equal(alm_sse_feed(&r.sse, S("\"close\":true}\n\n")), ALM_OK);
+    assert_int_equal(r.out.calls, 1);
+    assert_int_equal(alm_sse_feed(&r.sse, S("")), ALM_OK);
+    assert_int_equal(alm_sse_finish(&r.sse, 0), ALM_OK);
+    expect_out(&r, CONTENT(ROLE, "q") STOP DONE, "prefix");
+    run_free(&r);
+}
+
+
+static void
+test_emit_failure(void **state)
+{
+    run_t  r;
+
+    (void) state;
+
+    run_init(&r, 4096, 0, 0);
+    r.out.fail_at = 2;
+    assert_int_equal(alm_sse_feed(&r.sse, S(F_CHUNK("a", "false"))), ALM_OK);
+    assert_int_equal(alm_sse_feed(&r.sse, S(F_CHUNK("b", "false"))),
+                     ALM_ERROR);
+
+    /* stopped for good */
+    assert_int_equal(alm_sse_feed(&r.sse, S(F_FINAL)), ALM_OK);
+    assert_int_equal(alm_sse_finish(&r.sse, 0), ALM_OK);
+    assert_int_equal(r.out.calls, 2);
+    assert_false(alm_sse_succeeded(&r.sse));
+    run_free(&r);
+
+    run_init(&r, 4096, 0, 0);
+    r.out.fail_at = 1;
+    assert_int_equal(alm_sse_finish(&r.sse, 0), ALM_ERROR);
+    assert_false(alm_sse_succeeded(&r.sse));
+    run_free(&r);
+}
+
+
+static void
+test_conv(void **state)
+{
+    run_t            r;
+    alm_chat_req_t   req;
+    alm_error_t      err;
+    char             a[ALM_DIGEST_HEX_LEN], b[ALM_DIGEST_HEX_LEN];
+    static const char  turn1[] =
+        "{\"model\":\"ws\",\"messages\":[{\"role\":\"user\",\"content\":"
+        "\"Hi\"}]}";
+    static const char  turn2[] =
+        "{\"model\":\"ws\",\"messages\":[{\"role\":\"user\",\"content\":"
+        "\"Hi\"},{\"role\":\"assistant\",\"content\":\"Hello world\"},"
+        "{\"role\":\"user\",\"content\":\"More\"}]}";
+    static const char  turn2_empty[] =
+        "{\"model\":\"ws\",\"messages\":[{\"role\":\"user\",\"content\":"
+        "\"Hi\"},{\"role\":\"assistant\",\"content\":\"\"},"
+        "{\"role\":\"user\",\"content\":\"More\"}]}";
+
+    (void) state;
+
+    assert_int_equal(alm_chat_req_parse(S(turn2), KEY, &req, &err), ALM_OK);
+    memcpy(b, req.prefix_hex, ALM_DIGEST_HEX_LEN);
+    alm_chat_req_free(&req);
+
+    /* the streamed answer, cut in the middle of a frame */
+    assert_int_equal(alm_chat_req_parse(S(turn1), KEY, &req, &err), ALM_OK);
+    run_init(&r, 4096, 0, 0);
+    r.conv = req.full;
+    r.sse.conv = &r.conv;
+    assert_int_equal(alm_sse_feed(&r.sse, TYPICAL, 40), ALM_OK);
+    assert_int_equal(alm_sse_feed(&r.sse, TYPICAL + 40, strlen(TYPICAL) - 40),
+                     ALM_OK);
+    assert_int_equal(alm_sse_finish(&r.sse, 0), ALM_OK);
+    assert_true(alm_sse_succeeded(&r.sse));
+    alm_conv_hash_hex(&r.conv, a);
+    assert_memory_equal(a, b, ALM_DIGEST_HEX_LEN);
+    run_free(&r);
+
+    /* the same answer from a query-mode single frame */
+    run_init(&r, 4096, 0, 0);
+    r.conv = req.full;
+    r.sse.conv = &r.conv;
+    assert_int_equal(alm_sse_feed(&r.sse, S("data: {\"type\":\"textResponse"
+                                            "\",\"textResponse\":\"Hello "
+                                            "world\",\"close\":true}\n\n")),
+                     ALM_OK);
+    assert_int_equal(alm_sse_finish(&r.sse, 0), ALM_OK);
+    alm_conv_hash_hex(&r.conv, a);
+    assert_memory_equal(a, b, ALM_DIGEST_HEX_LEN);
+    run_free(&r);
+    alm_chat_req_free(&req);
+
+    /* an empty answer is an empty assistant message */
+    assert_int_equal(alm_chat_req_parse(S(turn2_empty), KEY, &req, &err),
+                     ALM_OK);
+    memcpy(b, req.prefix_hex, ALM_DIGEST_HEX_LEN);
+    alm_chat_req_free(&req);
+
+    assert_int_equal(alm_chat_req_parse(S(turn1), KEY, &req, &err), ALM_OK);
+    run_init(&r, 4096, 0, 0);
+    r.conv = req.full;
+    r.sse.conv = &r.conv;
+    assert_int_equal(alm_sse_feed(&r.sse, S(F_FINAL)), ALM_OK);
+    alm_conv_hash_hex(&r.conv, a);
+    assert_memory_equal(a, b, ALM_DIGEST_HEX_LEN);
+    run_free(&r);
+    alm_chat_req_free(&req);
+}
+
+
+static void
+test_meta_escaped(void **state)
+{
+    run_t                  r;
+    alm_completion_meta_t  m;
+
+    (void) state;
+
+    m.id = "id\"x";
+    m.id_len = 4;
+    m.model = "w";
+    m.model_len = 1;
+    m.created = 5;
+
+    memset(&r, 0, sizeof(r));
+    r.buf = malloc(64);
+    alm_sse_init(&r.sse, r.buf, 64, &m, 0, NULL, sink_emit, &r.out);
+    assert_int_equal(alm_sse_finish(&r.sse, 0), ALM_OK);
+    expect_out(&r, ERROR(EARLY), "no id needed");
+    run_free(&r);
+
+    memset(&r, 0, sizeof(r));
+    r.buf = malloc(64);
+    alm_sse_init(&r.sse, r.buf, 64, &m, 0, NULL, sink_emit, &r.out);
+    assert_int_equal(alm_sse_feed(&r.sse, S("data: {\"type\":"
+                                            "\"finalizeResponseStream\"}\n")),
+                     ALM_OK);
+    expect_out(&r,
+        "data: {\"id\":\"id\\\"x\",\"object\":\"chat.completion.chunk\","
+        "\"created\":5,\"model\":\"w\",\"choices\":[{\"index\":0,\"delta\":"
+        "{\"role\":\"assistant\",\"content\":\"\"},\"logprobs\":null,"
+        "\"finish_reason\":null}]}\n\n"
+        "data: {\"id\":\"id\\\"x\",\"object\":\"chat.completion.chunk\","
+        "\"created\":5,\"model\":\"w\",\"choices\":[{\"index\":0,\"delta\":"
+        "{},\"logprobs\":null,\"finish_reason\":\"stop\"}]}\n\n" DONE,
+        "escaped id");
+    run_free(&r);
+}
+
+
+int
+main(void)
+{
+    const struct CMUnitTest  tests[] = {
+        cmocka_unit_test(test_typical),
+        cmocka_unit_test(test_many_frames_one_feed),
+        cmocka_unit_test(test_include_usage),
+        cmocka_unit_test(test_crlf),
+        cmocka_unit_test(test_agent_path),
+        cmocka_unit_test(test_finalize_text),
+        cmocka_unit_test(test_abort),
+        cmocka_unit_test(test_premature_end),
+        cmocka_unit_test(test_query_refusal),
+        cmocka_unit_test(test_ignored_input),
+        cmocka_unit_test(test_escaping),
+        cmocka_unit_test(test_oversized),
+        cmocka_unit_test(test_split_prefix),
+        cmocka_unit_test(test_emit_failure),
+        cmocka_unit_test(test_conv),
+        cmocka_unit_test(test_meta_escaped),
+    };
+
+    return cmocka_run_group_tests_name("sse", tests, NULL, NULL);
+}

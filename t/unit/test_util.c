@@ -1,0 +1,293 @@
+/*
+ * Copyright (C) ngx_anythingllm authors
+ *
+ * Slugs, scopes, workspace lists, digests, escaping and error bodies.
+ */
+
+
+#include "test_common.h"
+
+
+static void
+test_slug_valid(void **state)
+{
+    char  big[ALM_SLUG_MAX + 2];
+
+    (void) state;
+
+    assert_true(alm_slug_valid(S("my-workspace")));
+    assert_true(alm_slug_valid(S("A_b.c-9")));
+    assert_true(alm_slug_valid(S("...")));
+    assert_false(alm_slug_valid(S("")));
+    assert_false(alm_slug_valid(S("a b")));
+    assert_false(alm_slug_valid(S("a/b")));
+    assert_false(alm_slug_valid(S("a%2Fb")));
+    assert_false(alm_slug_valid(S("caf\xc3\xa9")));
+    assert_false(alm_slug_valid("a\0b", 3));
+
+    memset(big, 'a', sizeof(big));
+    assert_true(alm_slug_valid(big, ALM_SLUG_MAX));
+    assert_false(alm_slug_valid(big, ALM_SLUG_MAX + 1));
+}
+
+
+static void
+test_scopes(void **state)
+{
+    (void) state;
+
+    assert_int_equal(alm_scopes_parse(S("")), 0);
+    assert_int_equal(alm_scopes_parse(NULL, 0), 0);
+    assert_int_equal(alm_scopes_parse(S("chat")), ALM_SCOPE_CHAT);
+    assert_int_equal(alm_scopes_parse(S("chat,read")),
+                     ALM_SCOPE_CHAT | ALM_SCOPE_READ);
+    assert_int_equal(alm_scopes_parse(S(" chat , documents ,admin ")),
+                     ALM_SCOPE_CHAT | ALM_SCOPE_DOCUMENTS | ALM_SCOPE_ADMIN);
+    assert_int_equal(alm_scopes_parse(S("read admin")),
+                     ALM_SCOPE_READ | ALM_SCOPE_ADMIN);
+    assert_int_equal(alm_scopes_parse(S("CHAT,Read")),
+                     ALM_SCOPE_CHAT | ALM_SCOPE_READ);
+    assert_int_equal(alm_scopes_parse(S("chatty,reader,,x")), 0);
+    assert_int_equal(alm_scopes_parse(S("chat,bogus,read")),
+                     ALM_SCOPE_CHAT | ALM_SCOPE_READ);
+    /* the length bounds the list */
+    assert_int_equal(alm_scopes_parse("chat,read", 4), ALM_SCOPE_CHAT);
+}
+
+
+static void
+test_workspace_allowed(void **state)
+{
+    (void) state;
+
+    assert_true(alm_workspace_allowed(S("*"), S("anything")));
+    assert_true(alm_workspace_allowed(S(" * "), S("anything")));
+    assert_true(alm_workspace_allowed(S("a,*"), S("zzz")));
+    assert_true(alm_workspace_allowed(S("a,b,c"), S("b")));
+    assert_true(alm_workspace_allowed(S(" a , b "), S("b")));
+    assert_true(alm_workspace_allowed(S("a,b"), S("a")));
+    assert_false(alm_workspace_allowed(S("a,b"), S("c")));
+    assert_false(alm_workspace_allowed(S("ab"), S("a")));
+    assert_false(alm_workspace_allowed(S("a"), S("ab")));
+    assert_false(alm_workspace_allowed(S("A"), S("a")));
+    assert_false(alm_workspace_allowed(S(""), S("a")));
+    assert_false(alm_workspace_allowed(S(" , "), S("a")));
+    assert_false(alm_workspace_allowed(S("*"), S("")));
+    assert_false(alm_workspace_allowed(S("**"), S("a")));
+    assert_false(alm_workspace_allowed(NULL, 0, S("a")));
+}
+
+
+static void
+test_digest(void **state)
+{
+    char           hex[ALM_DIGEST_HEX_LEN];
+    unsigned char  bin[3] = { 0x00, 0xab, 0xff };
+
+    (void) state;
+
+    alm_key_digest(S("abc"), hex);
+    assert_memory_equal(hex, "ba7816bf8f01cfea414140de5dae2223"
+                             "b00361a396177a9cb410ff61f20015ad", 64);
+
+    alm_key_digest(S(""), hex);
+    assert_memory_equal(hex, "e3b0c44298fc1c149afbf4c8996fb924"
+                             "27ae41e4649b934ca495991b7852b855", 64);
+
+    alm_hex(bin, 3, hex);
+    assert_memory_equal(hex, "00abff", 6);
+}
+
+
+static void
+test_json_escape(void **state)
+{
+    char    out[128];
+    size_t  n;
+
+    (void) state;
+
+    n = alm_json_escape(out, S("a\"b\\c\n\r\t\b\f\x01\x1f\x7f"));
+    assert_int_equal(n, alm_json_escape(NULL, S("a\"b\\c\n\r\t\b\f\x01\x1f"
+                                                "\x7f")));
+    assert_memory_equal(out, "a\\\"b\\\\c\\n\\r\\t\\b\\f\\u0001\\u001f\x7f",
+                        n);
+
+    /* valid UTF-8 passes, invalid bytes become U+FFFD */
+    n = alm_json_escape(out, S("\xc3\xa9\xe2\x82\xac\xf0\x9f\x98\x80"));
+    assert_int_equal(n, 9);
+    assert_memory_equal(out, "\xc3\xa9\xe2\x82\xac\xf0\x9f\x98\x80", 9);
+
+    n = alm_json_escape(out, S("\xff" "a" "\xc3" "\xc0\xaf" "\xed\xa0\x80"));
+    assert_memory_equal(out, "\\ufffda\\ufffd\\ufffd\\ufffd\\ufffd\\ufffd"
+                             "\\ufffd", n);
+
+    /* truncated sequence at the end */
+    n = alm_json_escape(out, S("x\xe2\x82"));
+    assert_memory_equal(out, "x\\ufffd\\ufffd", n);
+
+    n = alm_json_escape(out, "a\0b", 3);
+    assert_memory_equal(out, "a\\u0000b", n);
+
+    assert_int_equal(alm_json_escape(NULL, NULL, 0), 0);
+}
+
+
+static void
+test_error_json(void **state)
+{
+    char     out[512];
+    size_t   n, need;
+    cJSON   *j, *e;
+
+    (void) state;
+
+    n = alm_error_json(out, sizeof(out), "bad \"thing\"\n\x02",
+                       "invalid_request_error", "model", NULL);
+    assert_true(n < sizeof(out));
+    assert_string_equal(out,
+        "{\"error\":{\"message\":\"bad \\\"thing\\\"\\n\\u0002\","
+        "\"type\":\"invalid_request_error\",\"param\":\"model\","
+        "\"code\":null}}");
+
+    j = test_json(out, n);
+    e = cJSON_GetObjectItemCaseSensitive(j, "error");
+    assert_string_equal(test_str(e, "message"), "bad \"thing\"\n\x02");
+    assert_true(cJSON_IsNull(cJSON_GetObjectItemCaseSensitive(e, "code")));
+    cJSON_Delete(j);
+
+    n = alm_error_json(out, sizeof(out), NULL, "server_error", NULL,
+                       "model_not_found");
+    assert_string_equal(out, "{\"error\":{\"message\":\"\",\"type\":"
+                        "\"server_error\",\"param\":null,\"code\":"
+                        "\"model_not_found\"}}");
+
+    /* too small: the needed length, no overflow */
+    need = n;
+    memset(out, 'Z', sizeof(out));
+    n = alm_error_json(out, 10, NULL, "server_error", NULL,
+                       "model_not_found");
+    assert_int_equal(n, need);
+    assert_int_equal(out[10], 'Z');
+
+    /* exactly the size: written, no room for the NUL */
+    n = alm_error_json(out, need, NULL, "server_error", NULL,
+                       "model_not_found");
+    assert_int_equal(n, need);
+    assert_int_equal(out[need], 'Z');
+    assert_memory_equal(out, "{\"error\":{\"message\":\"\"", 22);
+
+    assert_int_equal(alm_error_json(NULL, 0, "m", "t", NULL, NULL),
+                     strlen("{\"error\":{\"message\":\"m\",\"type\":\"t\","
+                            "\"param\":null,\"code\":null}}"));
+}
+
+
+static void
+test_error_set(void **state)
+{
+    alm_error_t  err;
+    char         big[600];
+
+    (void) state;
+
+    alm_error_set(&err, 404, "invalid_request_error", NULL,
+                  "model_not_found", "The model `%s` does not exist", "x");
+    assert_int_equal(err.status, 404);
+    assert_string_equal(err.message, "The model `x` does not exist");
+    assert_ptr_equal(err.message, err.buf);
+    assert_string_equal(err.type, "invalid_request_error");
+    assert_null(err.param);
+    assert_string_equal(err.code, "model_not_found");
+
+    memset(big, 'x', sizeof(big) - 1);
+    big[sizeof(big) - 1] = '\0';
+    alm_error_set(&err, 400, "t", "p", NULL, "%s", big);
+    assert_int_equal(strlen(err.message), sizeof(err.buf) - 1);
+
+    alm_error_set(NULL, 400, "t", "p", NULL, "ignored");
+}
+
+
+static void
+test_conv_hash(void **state)
+{
+    char             h1[ALM_DIGEST_HEX_LEN], h2[ALM_DIGEST_HEX_LEN];
+    alm_conv_hash_t  a, b;
+    const char      *key = "0123456789abcdef0123456789abcdef"
+                           "0123456789abcdef0123456789abcdef";
+
+    (void) state;
+
+    /* pieces hash like the whole */
+    alm_conv_hash_init(&a, key, S("ws"));
+    alm_conv_hash_message_begin(&a, S("user"));
+    alm_conv_hash_update(&a, S("hello world"));
+    alm_conv_hash_message_end(&a);
+
+    alm_conv_hash_init(&b, key, S("ws"));
+    alm_conv_hash_message_begin(&b, S("user"));
+    alm_conv_hash_update(&b, S("hel"));
+    alm_conv_hash_update(&b, S(""));
+    alm_conv_hash_update(&b, S("lo world"));
+    alm_conv_hash_message_end(&b);
+
+    alm_conv_hash_hex(&a, h1);
+    alm_conv_hash_hex(&b, h2);
+    assert_memory_equal(h1, h2, ALM_DIGEST_HEX_LEN);
+
+    /* reading the digest leaves the state usable, and repeatable */
+    alm_conv_hash_hex(&a, h2);
+    assert_memory_equal(h1, h2, ALM_DIGEST_HEX_LEN);
+
+    /* the record boundaries matter */
+    alm_conv_hash_init(&b, key, S("ws"));
+    alm_conv_hash_message_begin(&b, S("user"));
+    alm_conv_hash_update(&b, S("hello"));
+    alm_conv_hash_message_end(&b);
+    alm_conv_hash_message_begin(&b, S("user"));
+    alm_conv_hash_update(&b, S(" world"));
+    alm_conv_hash_message_end(&b);
+    alm_conv_hash_hex(&b, h2);
+    assert_memory_not_equal(h1, h2, ALM_DIGEST_HEX_LEN);
+
+    /* so do the key, the model and the role */
+    alm_conv_hash_init(&b, NULL, S("ws"));
+    alm_conv_hash_message_begin(&b, S("user"));
+    alm_conv_hash_update(&b, S("hello world"));
+    alm_conv_hash_message_end(&b);
+    alm_conv_hash_hex(&b, h2);
+    assert_memory_not_equal(h1, h2, ALM_DIGEST_HEX_LEN);
+
+    alm_conv_hash_init(&b, key, S("wsx"));
+    alm_conv_hash_message_begin(&b, S("user"));
+    alm_conv_hash_update(&b, S("hello world"));
+    alm_conv_hash_message_end(&b);
+    alm_conv_hash_hex(&b, h2);
+    assert_memory_not_equal(h1, h2, ALM_DIGEST_HEX_LEN);
+
+    alm_conv_hash_init(&b, key, S("ws"));
+    alm_conv_hash_message_begin(&b, S("system"));
+    alm_conv_hash_update(&b, S("hello world"));
+    alm_conv_hash_message_end(&b);
+    alm_conv_hash_hex(&b, h2);
+    assert_memory_not_equal(h1, h2, ALM_DIGEST_HEX_LEN);
+}
+
+
+int
+main(void)
+{
+    const struct CMUnitTest  tests[] = {
+        cmocka_unit_test(test_slug_valid),
+        cmocka_unit_test(test_scopes),
+        cmocka_unit_test(test_workspace_allowed),
+        cmocka_unit_test(test_digest),
+        cmocka_unit_test(test_json_escape),
+        cmocka_unit_test(test_error_json),
+        cmocka_unit_test(test_error_set),
+        cmocka_unit_test(test_conv_hash),
+    };
+
+    return cmocka_run_group_tests_name("util", tests, NULL, NULL);
+}
