@@ -32,25 +32,37 @@ if [ ! -f $src/conf_flags ]; then
     echo "build-module: $src is missing: install nginx-dev" >&2
     exit 1
 fi
-
-# configure writes into its source tree: work on a private copy
 mkdir -p "$out"
-rm -rf "$out/nginx-src"
-cp -a $src "$out/nginx-src"
+
+# several builds may run at once (tests, editors): one at a time
+exec 9>"$out/.lock"
+flock 9
+
+# configure writes into its source tree: work on a private copy, and
+# configure again only when the addon file or the flags change
+stamp="$(cat "$top/config"; echo "$cc_opt $ld_opt")"
+if [ ! -f "$out/objs/Makefile" ] || [ "$(cat "$out/.stamp" 2>/dev/null)" != "$stamp" ]
+then
+    rm -rf "$out/nginx-src" "$out/objs"
+    cp -a $src "$out/nginx-src"
+    cd "$out/nginx-src"
+
+    # shellcheck disable=SC1091
+    . ./conf_flags
+
+    ./configure --with-cc-opt="$cc_opt" --with-ld-opt="$ld_opt" \
+        "${NGX_CONF_FLAGS[@]}" --add-dynamic-module="$top" \
+        --builddir="$out/objs" > "$out/configure.log" 2>&1 || {
+        cat "$out/configure.log" >&2
+        exit 1
+    }
+
+    printf '%s' "$stamp" > "$out/.stamp"
+fi
 
 cd "$out/nginx-src"
-
-# shellcheck disable=SC1091
-. ./conf_flags
-
-./configure --with-cc-opt="$cc_opt" --with-ld-opt="$ld_opt" \
-    "${NGX_CONF_FLAGS[@]}" --add-dynamic-module="$top" \
-    --builddir="$out/objs" > "$out/configure.log" 2>&1 || {
-    cat "$out/configure.log" >&2
-    exit 1
-}
-
 make -s -f "$out/objs/Makefile" modules
 
-cp "$out/objs/ngx_http_anythingllm_module.so" "$out/"
+cp "$out/objs/ngx_http_anythingllm_module.so" "$out/.module.so.tmp"
+mv -f "$out/.module.so.tmp" "$out/ngx_http_anythingllm_module.so"
 echo "built $out/ngx_http_anythingllm_module.so"
