@@ -63,14 +63,45 @@ typedef struct {
 /*
  * Classifies an already decoded and normalised path (nginx's r->uri)
  * with its method.  The slug points into "path".  A path segment that
- * is empty, "." or "..", or a slug with characters outside
- * [A-Za-z0-9_.-] (or longer than ALM_SLUG_MAX) gives ALM_ROUTE_BAD.
+ * is empty, "." or "..", or holds a control character, or a workspace
+ * or thread slug with characters outside [A-Za-z0-9_.-] (or longer
+ * than ALM_SLUG_MAX) gives ALM_ROUTE_BAD.
+ *
+ * AnythingLLM's Express router ignores letter case and one trailing
+ * slash, so the classifier does too: "/API/V1/Workspaces/" is
+ * ALM_ROUTE_WORKSPACES.  "/api/v1/" alone and a "//" are BAD.
+ * Methods are compared exactly (uppercase); HEAD counts as GET.
+ *
+ *   GET  auth                                  AUTH        0
+ *   GET  workspaces                            WORKSPACES  READ
+ *   *    openai[/...]                          OPENAI_PASS CHAT
+ *   POST workspace/:slug/chat|stream-chat      API  CHAT
+ *   POST workspace/:slug/thread/new            API  CHAT
+ *   POST workspace/:slug/thread/:t/update|chat|stream-chat  API CHAT
+ *   DEL  workspace/:slug/thread/:t             API  CHAT
+ *   POST workspace/:slug/update-embeddings|update-pin       API DOCUMENTS
+ *   POST document/upload[/:folder], upload-link, raw-text,
+ *        create-folder, move-files             API  DOCUMENTS
+ *   DEL  document/...                          API  DOCUMENTS
+ *   DEL  system/remove-documents               API  DOCUMENTS
+ *   POST workspace/:slug/vector-search         API  READ
+ *   GET  system/vector-count                   API  READ
+ *   *    admin/..., users[/...], embed[/...]   API  ADMIN (GET too)
+ *   *    system[/...] otherwise                API  ADMIN (GET too)
+ *   GET  anything else                         API  READ
+ *   *    anything else                         API  ADMIN
+ *
+ * The slug is set for every workspace/:slug[/...] path (update and
+ * delete too), except POST workspace/new, which names no workspace.
  */
 void alm_route_classify(const char *method, size_t method_len,
     const char *path, size_t path_len, alm_route_t *rt);
 
 
-/* OpenAI-style routes answered by the gateway (matched by suffix) */
+/*
+ * OpenAI-style routes answered by the gateway, matched by suffix and
+ * exactly (no case folding, no trailing slash).
+ */
 
 typedef enum {
     ALM_OAI_NONE = 0,           /* anything else: 404 */
@@ -80,7 +111,10 @@ typedef enum {
 } alm_oai_route_e;
 
 
-/* "id" receives the model id of ALM_OAI_MODEL (points into path) */
+/*
+ * "id" receives the model id of ALM_OAI_MODEL: the last segment, not
+ * empty (points into path).  id and id_len may both be NULL.
+ */
 alm_oai_route_e alm_oai_route(const char *path, size_t path_len,
     const char **id, size_t *id_len);
 
@@ -92,12 +126,17 @@ int alm_slug_valid(const char *s, size_t len);
 /* ------------------------------------------------------------------ */
 /* keys                                                               */
 
-/* parses "chat,read,..." (spaces ignored, unknown names ignored) */
+/*
+ * Parses "chat,read,documents,admin": items are separated by commas
+ * or blanks, compared without case; unknown names are ignored.
+ */
 unsigned alm_scopes_parse(const char *s, size_t len);
 
 /*
  * 1 when "slug" is allowed by a workspace list: "*" or a comma list
- * of slugs (spaces around items ignored).  An empty list allows none.
+ * of slugs (spaces around items ignored, a "*" item allows all).
+ * Slugs compare exactly.  An empty list, or an empty slug, allows
+ * none.
  */
 int alm_workspace_allowed(const char *list, size_t list_len,
     const char *slug, size_t slug_len);
@@ -106,7 +145,15 @@ int alm_workspace_allowed(const char *list, size_t list_len,
 void alm_key_digest(const char *key, size_t len,
     char hex[ALM_DIGEST_HEX_LEN]);
 
+/* 2 * len lowercase hex digits (no NUL written) */
 void alm_hex(const unsigned char *bin, size_t len, char *out);
+
+/*
+ * JSON-escapes len bytes of s into out (no quotes added) and returns
+ * the length written; out must hold 6 * len bytes, or be NULL to only
+ * count.  Bytes that are not valid UTF-8 become \ufffd.
+ */
+size_t alm_json_escape(char *out, const char *s, size_t len);
 
 
 /* ------------------------------------------------------------------ */
@@ -124,12 +171,15 @@ typedef struct {
 
 /*
  * Writes {"error":{"message":..,"type":..,"param":..,"code":..}} into
- * out (JSON-escaped).  Returns the length written, or the length
- * needed when it exceeds cap (nothing then is usable).
+ * out (JSON-escaped; a NULL type, param or code is null, a NULL
+ * message ""), NUL-terminated when there is room.  Returns the length
+ * written, or the length needed when it exceeds cap (nothing then is
+ * usable); out may be NULL to only count.
  */
 size_t alm_error_json(char *out, size_t cap, const char *message,
     const char *type, const char *param, const char *code);
 
+/* fills err; the message is formatted into err->buf (truncated) */
 void alm_error_set(alm_error_t *err, int status, const char *type,
     const char *param, const char *code, const char *fmt, ...);
 
@@ -144,7 +194,21 @@ typedef enum {
 } alm_mode_e;
 
 
-/* incremental conversation digest; opaque state of fixed size */
+/*
+ * Incremental conversation digest; opaque state of fixed size (an
+ * OpenSSL SHA256_CTX), copyable by assignment.  It covers the bytes
+ *
+ *   key digest hex | model | 0x1e |
+ *   { role | 0x00 | canonical content | 0x1e } per message
+ *
+ * Canonical content: a string content is its text; an array's text
+ * parts in order, an image part as 0x01 and its URL; null is empty.
+ * So "ab" and [{"type":"text","text":"ab"}] hash alike, and an answer
+ * fed in pieces (begin "assistant", update..., end) hashes like the
+ * same text sent back as the next request's assistant message.  A
+ * NULL key digest counts as 64 "0".  Options (temperature, ...) are
+ * not part of it; system and developer messages are.
+ */
 
 typedef struct {
     uint64_t       state[16];
@@ -185,8 +249,29 @@ typedef struct {
 
 /*
  * Validates and reads an OpenAI chat completions body.  On ALM_ERROR
- * err is filled (status 400, param named) and nothing is left to free.
+ * err is filled (status 400 invalid_request_error with the param
+ * named, 500 only when memory runs out) and nothing is left to free.
  * On ALM_OK, release with alm_chat_req_free().
+ *
+ * Refused (400, param named): n other than 1; non-empty tools or
+ * functions; tool_choice other than "none"; logprobs true;
+ * response_format other than {"type":"text"}; audio, or modalities
+ * other than ["text"] (param "modalities"); image URLs that are not
+ * data:image/...;base64 URLs; a last message that is not "user".
+ * Ignored once their type is checked: temperature, top_p, max_tokens,
+ * max_completion_tokens, presence_penalty, frequency_penalty, stop,
+ * seed, user, logit_bias, metadata, store, parallel_tool_calls,
+ * reasoning_effort, service_tier, top_logprobs.  Unknown fields are
+ * ignored.  null counts as absent everywhere.
+ *
+ * message is the last message's text parts joined with "\n" (a lone
+ * image gives " ": AnythingLLM refuses an empty message); attachments
+ * are that message's images only.  System and developer messages are
+ * not sent upstream (the workspace has its own system prompt) but are
+ * part of the digest.  has_history: a user or assistant message comes
+ * before the last; transcript then holds
+ * "Conversation so far:\nuser: ...\nassistant: ...\n\n" (user and
+ * assistant turns with text; earlier images as "[image]").
  */
 int alm_chat_req_parse(const char *body, size_t len,
     const char *key_digest_hex, alm_chat_req_t *req, alm_error_t *err);
@@ -197,9 +282,10 @@ void alm_chat_req_free(alm_chat_req_t *req);
 /*
  * The body for POST /api/v1/workspace/<slug>/(stream-)chat:
  * {"message":..,"mode":..,"sessionId":..[,"attachments":[..]]}.
- * When "continuing" is 0 and the request carried a history the
- * gateway has not seen, the earlier turns are put before the message
- * as a transcript.  Returns malloc'd text (length in *len) or NULL.
+ * sessionId is left out when session_id is NULL or empty.  When
+ * "continuing" is 0 and the request carried a history the gateway has
+ * not seen, the message is the transcript, then "user: ", then the
+ * new message.  Returns malloc'd text (length in *len) or NULL.
  */
 char *alm_chat_req_upstream_body(const alm_chat_req_t *req,
     alm_mode_e mode, const char *session_id, size_t session_id_len,
@@ -228,9 +314,12 @@ typedef struct {
 
 /*
  * Translates a non-stream workspace chat answer (200) into a
- * chat.completion object.  The answer text is also fed to "conv"
- * when not NULL.  Returns malloc'd JSON or NULL with err filled
- * (an "abort" answer gives a 502/500 style error).
+ * chat.completion object (with AnythingLLM's "sources" kept, and
+ * usage from "metrics": zeros and usage->present 0 when absent).  On
+ * success the answer is fed to "conv" when not NULL.  Returns
+ * malloc'd JSON or NULL with err filled: an unreadable answer, a
+ * type "abort" or an "error" text give 502 server_error (with the
+ * upstream text), no memory 500.  meta's strings need no NUL.
  */
 char *alm_chat_response_translate(const char *json, size_t len,
     const alm_completion_meta_t *meta, alm_usage_t *usage,
@@ -247,15 +336,19 @@ void alm_chat_error_translate(int status, const char *body, size_t len,
 
 /*
  * GET /api/v1/workspaces answer filtered by a workspace list: the
- * same object with only allowed workspaces.  malloc'd or NULL.
+ * same object with only allowed workspaces.  malloc'd, or NULL when
+ * the answer is not {"workspaces":[...]} (or memory runs out): the
+ * caller must then fail closed, never pass the answer on.
  */
 char *alm_workspaces_filter(const char *json, size_t len,
     const char *list, size_t list_len, size_t *out_len);
 
 /*
  * GET /api/v1/workspaces answer as an OpenAI model list (only allowed
- * workspaces).  With "one" set, the single model of that id, or NULL
- * with err 404 model_not_found.  malloc'd or NULL.
+ * workspaces; "created" from createdAt, an ISO date, or "now").  With
+ * "one" set, the single model of that id, or NULL with err 404
+ * model_not_found when absent or not allowed.  An unreadable answer
+ * gives NULL with err 502.  malloc'd or NULL.
  */
 char *alm_workspaces_to_models(const char *json, size_t len,
     const char *list, size_t list_len, const char *one, size_t one_len,
@@ -291,31 +384,48 @@ typedef struct {
     unsigned            closed:1;       /* a close:true answer frame */
     unsigned            done:1;         /* [DONE] was emitted */
     unsigned            failed:1;       /* ended with an error frame */
-    unsigned            skip_line:1;    /* discarding an oversized frame */
+    unsigned            skip_line:1;    /* skipping a non-data line */
     alm_usage_t         usage;
 } alm_sse_t;
 
 
 /*
- * "buf" of "cap" bytes bounds the largest frame; a longer frame ends
- * the stream with an error frame and [DONE].
+ * The re-framer reads upstream lines; each "data:" line is one frame,
+ * acted on when its line ends ("\n" or "\r\n"); other lines are
+ * skipped.  Only a line left open at the end of a feed is copied into
+ * "buf".  "buf" of "cap" bytes (at least 64) bounds a data line; a
+ * longer one ends the stream with an error frame and [DONE].  meta's
+ * strings must live as long as s.  Output frames are exactly
+ * "data: <json>\n\n"; the role comes with the first content delta,
+ * "usage":null is on every chunk when include_usage is set.
  */
 void alm_sse_init(alm_sse_t *s, char *buf, size_t cap,
     const alm_completion_meta_t *meta, int include_usage,
     alm_conv_hash_t *conv, alm_emit_pt emit, void *data);
 
-/* feeds upstream bytes; frames may be split anywhere */
+/*
+ * Feeds upstream bytes; frames may be split anywhere, and all output
+ * of one call goes to the sink in one piece.  Returns ALM_OK, also
+ * after an oversized frame or once [DONE] was sent (later input is
+ * ignored); ALM_ERROR when the sink failed or memory ran out (the
+ * re-framer then stops for good).
+ */
 int alm_sse_feed(alm_sse_t *s, const char *p, size_t len);
 
 /*
  * The upstream ended: "broken" when it broke (or timed out) rather
  * than ended cleanly.  Emits what the end calls for: the stop chunk,
- * the usage chunk and [DONE] when the answer was complete, otherwise
- * an error frame and [DONE].  Nothing when [DONE] was already sent.
+ * the usage chunk and [DONE] when the answer was complete (a frame
+ * with close:true came and the end was clean), otherwise an error
+ * frame and [DONE].  Nothing when [DONE] was already sent.  A line
+ * still open is dropped.
  */
 int alm_sse_finish(alm_sse_t *s, int broken);
 
-/* 1 when the answer completed (not an error) */
+/*
+ * 1 when the answer completed (not an error); "conv" then holds the
+ * answer as an assistant message, ready to be stored.
+ */
 int alm_sse_succeeded(const alm_sse_t *s);
 
 

@@ -28,22 +28,18 @@ _Static_assert(sizeof(SHA256_CTX) <= sizeof(alm_conv_hash_t),
                "alm_conv_hash_t is too small for SHA256_CTX");
 
 
-static int alm_list_next(const char **pos, const char *end,
-    const char **item, size_t *item_len, int space_separates);
-
-
 int
 alm_slug_valid(const char *s, size_t len)
 {
-    size_t  i;
-    u_char  c;
+    size_t         i;
+    unsigned char  c;
 
     if (len == 0 || len > ALM_SLUG_MAX) {
         return 0;
     }
 
     for (i = 0; i < len; i++) {
-        c = (u_char) s[i];
+        c = (unsigned char) s[i];
 
         if ((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z')
             || (c >= '0' && c <= '9') || c == '_' || c == '.' || c == '-')
@@ -116,20 +112,20 @@ alm_list_next(const char **pos, const char *end, const char **item,
 static int
 alm_ascii_caseeq(const char *a, size_t a_len, const char *b)
 {
-    size_t  i;
-    u_char  c;
+    size_t         i;
+    unsigned char  c;
 
     for (i = 0; i < a_len; i++) {
         if (b[i] == '\0') {
             return 0;
         }
 
-        c = (u_char) a[i];
+        c = (unsigned char) a[i];
         if (c >= 'A' && c <= 'Z') {
-            c = (u_char) (c | 0x20);
+            c = (unsigned char) (c | 0x20);
         }
 
-        if (c != (u_char) b[i]) {
+        if (c != (unsigned char) b[i]) {
             return 0;
         }
     }
@@ -234,10 +230,10 @@ alm_key_digest(const char *key, size_t len, char hex[ALM_DIGEST_HEX_LEN])
  */
 
 static size_t
-alm_utf8_len(const u_char *p, size_t avail)
+alm_utf8_len(const unsigned char *p, size_t avail)
 {
-    u_char  c, lo, hi;
-    size_t  n, i;
+    size_t         n, i;
+    unsigned char  c, lo, hi;
 
     c = p[0];
 
@@ -290,11 +286,11 @@ alm_json_escape(char *out, const char *s, size_t len)
 {
     static const char  digits[] = "0123456789abcdef";
 
-    u_char        c;
-    size_t        n, w, i;
-    const u_char  *p, *end;
+    size_t                n, w, i;
+    unsigned char         c;
+    const unsigned char  *p, *end;
 
-    p = (const u_char *) s;
+    p = (const unsigned char *) s;
     end = p + len;
     w = 0;
 
@@ -492,8 +488,8 @@ void
 alm_conv_hash_init(alm_conv_hash_t *h, const char *key_digest_hex,
     const char *model, size_t model_len)
 {
-    SHA256_CTX           ctx;
-    static const char    anonymous[ALM_DIGEST_HEX_LEN + 1] =
+    SHA256_CTX          ctx;
+    static const char   anonymous[ALM_DIGEST_HEX_LEN + 1] =
         "0000000000000000000000000000000000000000000000000000000000000000";
 
     memset(h, 0, sizeof(alm_conv_hash_t));

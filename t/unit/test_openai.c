@@ -55,7 +55,8 @@ parse_err(const char *body, const char *param)
 
     if (param == NULL) {
         if (err.param) {
-            print_error("param %s, expected null: %s\nbody: %s\n", err.param, err.message, body);
+            print_error("param %s, expected null: %s\nbody: %s\n",
+                        err.param, err.message, body);
         }
         assert_null(err.param);
 

@@ -1,0 +1,330 @@
+/*
+ * Copyright (C) ngx_anythingllm authors
+ *
+ * libFuzzer target for the JSON translations and the classifiers.
+ * The first byte chooses what the rest is fed to:
+ *
+ *   0  alm_chat_req_parse() + alm_chat_req_upstream_body()
+ *   1  alm_chat_response_translate()
+ *   2  alm_chat_error_translate() (the next byte gives the status)
+ *   3  alm_workspaces_filter() and alm_workspaces_to_models()
+ *   4  alm_route_classify(), alm_oai_route(), the list parsers and
+ *      alm_error_json()
+ *
+ * Whatever the input, results must be valid JSON of the right shape.
+ */
+
+
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <cjson/cJSON.h>
+
+#include "alm_core.h"
+
+
+#define KEY  "0123456789abcdef0123456789abcdef" \
+             "0123456789abcdef0123456789abcdef"
+
+
+static cJSON *
+must_parse(const char *p, size_t len)
+{
+    cJSON  *j;
+
+    if (p == NULL || strlen(p) != len) {
+        abort();
+    }
+
+    j = cJSON_ParseWithLength(p, len);
+    if (j == NULL) {
+        fprintf(stderr, "not JSON: %.*s\n", (int) len, p);
+        abort();
+    }
+
+    return j;
+}
+
+
+static void
+check_error(const alm_error_t *err)
+{
+    char    *buf;
+    size_t   n;
+    cJSON   *j;
+
+    if (err->status < 400 || err->status > 599 || err->message == NULL
+        || err->type == NULL || err->message != err->buf)
+    {
+        abort();
+    }
+
+    n = alm_error_json(NULL, 0, err->message, err->type, err->param,
+                       err->code);
+    buf = malloc(n + 1);
+    if (buf == NULL) {
+        abort();
+    }
+
+    if (alm_error_json(buf, n + 1, err->message, err->type, err->param,
+                       err->code) != n)
+    {
+        abort();
+    }
+
+    j = must_parse(buf, n);
+    cJSON_Delete(j);
+    free(buf);
+}
+
+
+static void
+fuzz_request(const char *p, size_t len)
+{
+    int             continuing;
+    char           *body, hex[ALM_DIGEST_HEX_LEN];
+    size_t          n;
+    cJSON          *j, *msg;
+    alm_error_t     err;
+    alm_chat_req_t  req;
+
+    if (alm_chat_req_parse(p, len, KEY, &req, &err) != ALM_OK) {
+        if (err.status != 400) {
+            abort();
+        }
+
+        check_error(&err);
+        alm_chat_req_free(&req);
+        return;
+    }
+
+    if (req.model == NULL || req.message == NULL
+        || !alm_slug_valid(req.model, req.model_len)
+        || strlen(req.message) > req.message_len || req.message_len == 0
+        || (req.has_history && req.transcript == NULL))
+    {
+        abort();
+    }
+
+    alm_conv_hash_hex(&req.full, hex);
+
+    if (req.attachments) {
+        j = must_parse(req.attachments, strlen(req.attachments));
+        if (!cJSON_IsArray(j) || cJSON_GetArraySize(j) == 0) {
+            abort();
+        }
+        cJSON_Delete(j);
+    }
+
+    for (continuing = 0; continuing < 2; continuing++) {
+        body = alm_chat_req_upstream_body(&req, (alm_mode_e) continuing,
+                                          "sess", 4, continuing, &n);
+        if (body == NULL) {
+            abort();
+        }
+
+        j = must_parse(body, n);
+        msg = cJSON_GetObjectItemCaseSensitive(j, "message");
+
+        if (!cJSON_IsString(msg) || msg->valuestring[0] == '\0') {
+            abort();
+        }
+
+        cJSON_Delete(j);
+        free(body);
+    }
+
+    alm_chat_req_free(&req);
+    alm_chat_req_free(&req);
+}
+
+
+static void
+fuzz_response(const char *p, size_t len)
+{
+    char                   *out;
+    size_t                  n;
+    cJSON                  *j;
+    alm_error_t             err;
+    alm_usage_t             usage;
+    alm_conv_hash_t         conv;
+    alm_completion_meta_t   meta;
+
+    meta.id = "chatcmpl-x";
+    meta.id_len = 10;
+    meta.model = "m\"w";
+    meta.model_len = 3;
+    meta.created = 1;
+
+    alm_conv_hash_init(&conv, KEY, "m", 1);
+
+    out = alm_chat_response_translate(p, len, &meta, &usage, &conv, &n,
+                                      &err);
+    if (out == NULL) {
+        check_error(&err);
+        return;
+    }
+
+    j = must_parse(out, n);
+    if (!cJSON_IsObject(j)
+        || !cJSON_IsArray(cJSON_GetObjectItemCaseSensitive(j, "choices"))
+        || usage.prompt_tokens < 0 || usage.total_tokens < 0)
+    {
+        abort();
+    }
+
+    cJSON_Delete(j);
+    free(out);
+}
+
+
+static void
+fuzz_error(const char *p, size_t len)
+{
+    alm_error_t  err;
+
+    if (len < 1) {
+        return;
+    }
+
+    alm_chat_error_translate(300 + (unsigned char) p[0], p + 1, len - 1,
+                             "mo\"del", 6, &err);
+    check_error(&err);
+}
+
+
+static void
+fuzz_workspaces(const char *p, size_t len)
+{
+    static const char  *lists[] = { "*", "", "a,b", " ws , x ,", "a" };
+
+    char         *out;
+    size_t        n, i;
+    cJSON        *j;
+    alm_error_t   err;
+
+    for (i = 0; i < sizeof(lists) / sizeof(lists[0]); i++) {
+        out = alm_workspaces_filter(p, len, lists[i], strlen(lists[i]), &n);
+        if (out) {
+            j = must_parse(out, n);
+            cJSON_Delete(j);
+            free(out);
+        }
+
+        out = alm_workspaces_to_models(p, len, lists[i], strlen(lists[i]),
+                                       NULL, 0, 99, &n, &err);
+        if (out) {
+            j = must_parse(out, n);
+            cJSON_Delete(j);
+            free(out);
+
+        } else {
+            check_error(&err);
+        }
+
+        out = alm_workspaces_to_models(p, len, lists[i], strlen(lists[i]),
+                                       "a", 1, 99, &n, &err);
+        if (out) {
+            j = must_parse(out, n);
+            cJSON_Delete(j);
+            free(out);
+
+        } else {
+            check_error(&err);
+        }
+    }
+}
+
+
+static void
+fuzz_misc(const char *p, size_t len)
+{
+    size_t         n, id_len, cut;
+    char          *buf;
+    cJSON         *j;
+    const char    *id;
+    alm_route_t    rt;
+
+    static const char  *methods[] = { "GET", "POST", "DELETE", "HEAD" };
+
+    for (n = 0; n < 4; n++) {
+        alm_route_classify(methods[n], strlen(methods[n]), p, len, &rt);
+
+        if (rt.slug && (rt.slug < p || rt.slug + rt.slug_len > p + len
+                        || !alm_slug_valid(rt.slug, rt.slug_len)))
+        {
+            abort();
+        }
+
+        if ((rt.kind == ALM_ROUTE_NONE || rt.kind == ALM_ROUTE_BAD)
+            && (rt.scope || rt.slug))
+        {
+            abort();
+        }
+    }
+
+    if (alm_oai_route(p, len, &id, &id_len) == ALM_OAI_MODEL
+        && (id_len == 0 || memchr(id, '/', id_len)))
+    {
+        abort();
+    }
+
+    (void) alm_scopes_parse(p, len);
+
+    cut = len / 2;
+    (void) alm_workspace_allowed(p, cut, p + cut, len - cut);
+
+    /* escaping gives valid JSON strings */
+    n = alm_json_escape(NULL, p, len);
+    buf = malloc(n + 3);
+    if (buf == NULL) {
+        abort();
+    }
+
+    buf[0] = '"';
+    if (alm_json_escape(buf + 1, p, len) != n) {
+        abort();
+    }
+    buf[n + 1] = '"';
+    buf[n + 2] = '\0';
+
+    j = must_parse(buf, n + 2);
+    cJSON_Delete(j);
+    free(buf);
+}
+
+
+int
+LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
+{
+    const char  *p;
+
+    if (size < 1) {
+        return 0;
+    }
+
+    p = (const char *) data + 1;
+    size--;
+
+    switch (data[0] % 5) {
+    case 0:
+        fuzz_request(p, size);
+        break;
+    case 1:
+        fuzz_response(p, size);
+        break;
+    case 2:
+        fuzz_error(p, size);
+        break;
+    case 3:
+        fuzz_workspaces(p, size);
+        break;
+    default:
+        fuzz_misc(p, size);
+        break;
+    }
+
+    return 0;
+}

@@ -1,0 +1,268 @@
+/*
+ * Copyright (C) ngx_anythingllm authors
+ *
+ * libFuzzer target for the SSE re-framer.  The first bytes of the
+ * input choose the options and the cuts; the rest is the upstream
+ * stream.  Feeding it whole, cut where the input says, and byte by
+ * byte must give byte-identical output, the same verdict and the same
+ * conversation digest; the output must be well-formed frames ending
+ * with exactly one [DONE].
+ *
+ * Input: flags(1) cap(1) ncuts(1) cuts(2 * ncuts) stream(...)
+ */
+
+
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <cjson/cJSON.h>
+
+#include "alm_core.h"
+
+
+#define MAX_CUTS  32
+
+
+typedef struct {
+    char    *p;
+    size_t   len;
+} sink_t;
+
+
+typedef struct {
+    sink_t           out;
+    int              succeeded;
+    char             digest[ALM_DIGEST_HEX_LEN];
+} result_t;
+
+
+static int
+sink_emit(void *data, const char *p, size_t len)
+{
+    sink_t  *s;
+
+    s = data;
+
+    /* every piece is whole frames */
+    if (len < 8 || memcmp(p, "data: ", 6) != 0
+        || memcmp(p + len - 2, "\n\n", 2) != 0)
+    {
+        abort();
+    }
+
+    s->p = realloc(s->p, s->len + len);
+    if (s->p == NULL) {
+        abort();
+    }
+
+    memcpy(s->p + s->len, p, len);
+    s->len += len;
+
+    return ALM_OK;
+}
+
+
+static void
+run(const char *in, size_t len, const size_t *cuts, size_t ncuts, size_t cap,
+    int include_usage, int broken, result_t *res)
+{
+    size_t                 i, at, next;
+    char                  *buf;
+    alm_sse_t              sse;
+    alm_conv_hash_t        conv;
+    alm_completion_meta_t  meta;
+
+    meta.id = "chatcmpl-fuzz";
+    meta.id_len = 13;
+    meta.model = "ws";
+    meta.model_len = 2;
+    meta.created = 1700000000;
+
+    /* exactly cap bytes, so that ASan sees any write past the bound */
+    buf = malloc(cap);
+    if (buf == NULL) {
+        abort();
+    }
+
+    alm_conv_hash_init(&conv, NULL, "ws", 2);
+    alm_sse_init(&sse, buf, cap, &meta, include_usage, &conv, sink_emit,
+                 &res->out);
+
+    at = 0;
+
+    for (i = 0; i <= ncuts; i++) {
+        next = i < ncuts ? cuts[i] : len;
+
+        if (alm_sse_feed(&sse, in + at, next - at) != ALM_OK) {
+            abort();
+        }
+
+        at = next;
+    }
+
+    if (alm_sse_finish(&sse, broken) != ALM_OK) {
+        abort();
+    }
+
+    /* finishing twice adds nothing */
+    if (alm_sse_finish(&sse, !broken) != ALM_OK) {
+        abort();
+    }
+
+    res->succeeded = alm_sse_succeeded(&sse);
+    alm_conv_hash_hex(&conv, res->digest);
+
+    free(buf);
+}
+
+
+/* "data: <json>\n\n" frames, the last and only the last one [DONE] */
+
+static void
+check_frames(const sink_t *s)
+{
+    size_t       n;
+    const char  *p, *end, *nl;
+    cJSON       *j;
+
+    p = s->p;
+    end = s->p + s->len;
+
+    if (s->len == 0) {
+        abort();
+    }
+
+    while (p < end) {
+
+        if (end - p < 8 || memcmp(p, "data: ", 6) != 0) {
+            abort();
+        }
+
+        p += 6;
+        nl = memchr(p, '\n', end - p);
+
+        if (nl == NULL || nl + 1 == end || nl[1] != '\n') {
+            abort();
+        }
+
+        n = nl - p;
+
+        if (n == 6 && memcmp(p, "[DONE]", 6) == 0) {
+            if (nl + 2 != end) {
+                abort();
+            }
+
+        } else {
+            j = cJSON_ParseWithLength(p, n);
+
+            if (!cJSON_IsObject(j)) {
+                abort();
+            }
+
+            cJSON_Delete(j);
+        }
+
+        p = nl + 2;
+    }
+
+    if (s->len < 14 || memcmp(end - 14, "data: [DONE]\n\n", 14) != 0) {
+        abort();
+    }
+}
+
+
+static void
+compare(const result_t *a, const result_t *b)
+{
+    if (a->out.len != b->out.len
+        || (a->out.len && memcmp(a->out.p, b->out.p, a->out.len) != 0)
+        || a->succeeded != b->succeeded
+        || memcmp(a->digest, b->digest, ALM_DIGEST_HEX_LEN) != 0)
+    {
+        fprintf(stderr, "whole:\n%.*s\nsplit:\n%.*s\n", (int) a->out.len,
+                a->out.p, (int) b->out.len, b->out.p);
+        abort();
+    }
+}
+
+
+static int
+cmp_size(const void *a, const void *b)
+{
+    size_t  x, y;
+
+    x = *(const size_t *) a;
+    y = *(const size_t *) b;
+
+    return x < y ? -1 : x > y;
+}
+
+
+int
+LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
+{
+    int         include_usage, broken;
+    size_t      cap, ncuts, i, len, *bytes;
+    size_t      cuts[MAX_CUTS];
+    const char  *in;
+    result_t    whole, split, each;
+
+    if (size < 3) {
+        return 0;
+    }
+
+    include_usage = data[0] & 1;
+    broken = (data[0] >> 1) & 1;
+    cap = 16 + (size_t) data[1] * 8;
+    ncuts = data[2] % (MAX_CUTS + 1);
+
+    data += 3;
+    size -= 3;
+
+    if (size < ncuts * 2) {
+        return 0;
+    }
+
+    in = (const char *) data + ncuts * 2;
+    len = size - ncuts * 2;
+
+    for (i = 0; i < ncuts; i++) {
+        cuts[i] = len ? ((size_t) data[2 * i] << 8 | data[2 * i + 1]) % len
+                      : 0;
+    }
+
+    qsort(cuts, ncuts, sizeof(size_t), cmp_size);
+
+    memset(&whole, 0, sizeof(result_t));
+    memset(&split, 0, sizeof(result_t));
+    memset(&each, 0, sizeof(result_t));
+
+    run(in, len, NULL, 0, cap, include_usage, broken, &whole);
+    check_frames(&whole.out);
+
+    run(in, len, cuts, ncuts, cap, include_usage, broken, &split);
+    compare(&whole, &split);
+
+    if (len && len <= 2048) {
+        bytes = malloc(len * sizeof(size_t));
+        if (bytes == NULL) {
+            abort();
+        }
+
+        for (i = 1; i < len; i++) {
+            bytes[i - 1] = i;
+        }
+
+        run(in, len, bytes, len - 1, cap, include_usage, broken, &each);
+        compare(&whole, &each);
+        free(bytes);
+    }
+
+    free(whole.out.p);
+    free(split.out.p);
+    free(each.out.p);
+
+    return 0;
+}
