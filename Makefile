@@ -4,6 +4,7 @@
 #   make test       every suite: unit, fuzz smoke, pytest, node, asan
 #   make test-asan  the pytest suite against an ASan/UBSan build
 #   make fuzz       longer fuzzing runs (FUZZ_SECONDS each)
+#   make bench      gateway overhead as ratios against plain nginx
 
 PYTHON      ?= /usr/bin/python3
 PYTEST      ?= $(PYTHON) -m pytest
@@ -14,7 +15,7 @@ ASAN_MODULE := build/asan/ngx_http_anythingllm_module.so
 SOURCES     := config $(wildcard ngx_anythingllm_module/*.[ch])
 
 .PHONY: all deps build build-asan test test-unit test-fuzz test-pytest \
-        test-node test-asan fuzz run clean
+        test-node test-asan fuzz bench run clean
 
 all: build
 
@@ -58,6 +59,9 @@ test-node: build
 test-asan: build-asan
 	ALM_ASAN=1 ALM_MODULE=$(CURDIR)/$(ASAN_MODULE) \
 	    $(PYTEST) -q -p no:cacheprovider t
+
+bench: build
+	$(PYTHON) scripts/bench.py
 
 run: build
 	@$(PYTHON) scripts/run.py
