@@ -1,15 +1,904 @@
 /*
  * Copyright (C) ngx_anythingllm authors
  *
- * Placeholder: access phase key enforcement.
+ * The access phase: the client's key, its scopes, workspaces and rate.
+ *
+ *   1. the path is judged as nginx decoded and normalised it (r->uri),
+ *      and that same path is what goes upstream: the raw request line
+ *      is never passed on;
+ *   2. "Authorization: Bearer <key>": the key is hashed (SHA-256) at
+ *      once; only the digest is used from then on, and only its first
+ *      12 hex digits are ever logged;
+ *   3. the shared cache, else "HGETALL <prefix>key:<digest>" on the
+ *      worker's Redis connection; the request waits without blocking
+ *      the worker;
+ *   4. disabled, expired, scope, workspace;
+ *   5. with rpm > 0: "INCR <prefix>rl:<digest>:<unix minute>" and
+ *      "EXPIRE ... 120", one count per minute for every nginx that
+ *      shares the Redis.
+ *
+ * When Redis cannot be reached, a cached key keeps working (its rate
+ * is then not counted); an uncached one gets 503, or passes with full
+ * rights under anythingllm_auth_fail_open.
  */
 
 
+#include <hiredis/hiredis.h>
+
 #include "ngx_http_anythingllm_module.h"
+
+
+#define NGX_HTTP_ANYTHINGLLM_RL_EXPIRE  "120"
+
+#define ngx_http_anythingllm_auth_passed(res)                                \
+    ((res) == NGX_HTTP_ANYTHINGLLM_AUTH_CACHED                               \
+     || (res) == NGX_HTTP_ANYTHINGLLM_AUTH_REDIS                             \
+     || (res) == NGX_HTTP_ANYTHINGLLM_AUTH_FAIL_OPEN)
+
+
+static ngx_int_t ngx_http_anythingllm_auth_start(ngx_http_request_t *r,
+    ngx_http_anythingllm_ctx_t *ctx, ngx_http_anythingllm_loc_conf_t *alcf);
+static ngx_int_t ngx_http_anythingllm_auth_judge(ngx_http_request_t *r,
+    ngx_http_anythingllm_ctx_t *ctx);
+static ngx_int_t ngx_http_anythingllm_auth_lookup(ngx_http_request_t *r,
+    ngx_http_anythingllm_ctx_t *ctx);
+static void ngx_http_anythingllm_auth_lookup_done(void *data, void *reply);
+static ngx_int_t ngx_http_anythingllm_auth_rate(ngx_http_request_t *r,
+    ngx_http_anythingllm_ctx_t *ctx);
+static void ngx_http_anythingllm_auth_rate_done(void *data, void *reply);
+static void ngx_http_anythingllm_auth_unreachable(ngx_http_request_t *r,
+    ngx_http_anythingllm_ctx_t *ctx);
+static ngx_int_t ngx_http_anythingllm_auth_wait(ngx_http_request_t *r,
+    ngx_http_anythingllm_ctx_t *ctx, ngx_http_anythingllm_redis_req_t *rr);
+static void ngx_http_anythingllm_auth_resume(ngx_http_request_t *r);
+static ngx_int_t ngx_http_anythingllm_auth_set_cleanup(ngx_http_request_t *r,
+    ngx_http_anythingllm_ctx_t *ctx);
+static void ngx_http_anythingllm_auth_cleanup(void *data);
+static ngx_int_t ngx_http_anythingllm_auth_verdict(ngx_http_request_t *r,
+    ngx_http_anythingllm_ctx_t *ctx);
+static ngx_int_t ngx_http_anythingllm_auth_read_key(ngx_http_request_t *r,
+    ngx_str_t *key);
+static ngx_int_t ngx_http_anythingllm_auth_parse(ngx_http_request_t *r,
+    ngx_http_anythingllm_ctx_t *ctx, redisReply *rp);
+static ngx_int_t ngx_http_anythingllm_auth_number(redisReply *v,
+    ngx_int_t *n);
+
+
+/* indexed by the bit of ALM_SCOPE_* */
+
+static const char  *ngx_http_anythingllm_scope_names[] = {
+    "chat", "read", "documents", "admin"
+};
 
 
 ngx_int_t
 ngx_http_anythingllm_access_handler(ngx_http_request_t *r)
 {
-    return NGX_DECLINED;
+    ngx_int_t                         rc;
+    ngx_http_anythingllm_ctx_t       *ctx;
+    ngx_http_anythingllm_loc_conf_t  *alcf;
+
+    alcf = ngx_http_get_module_loc_conf(r, ngx_http_anythingllm_module);
+
+    if (alcf->auth != 1 || r != r->main) {
+        return NGX_DECLINED;
+    }
+
+    ctx = ngx_http_anythingllm_get_ctx(r);
+    if (ctx == NULL) {
+        return NGX_HTTP_INTERNAL_SERVER_ERROR;
+    }
+
+    if (ctx->auth_waiting) {
+        return NGX_AGAIN;
+    }
+
+    if (!ctx->auth_done) {
+        rc = ngx_http_anythingllm_auth_start(r, ctx, alcf);
+
+        if (rc == NGX_AGAIN) {
+            return NGX_AGAIN;
+        }
+
+        if (rc == NGX_ERROR) {
+            return NGX_HTTP_INTERNAL_SERVER_ERROR;
+        }
+    }
+
+    return ngx_http_anythingllm_auth_verdict(r, ctx);
+}
+
+
+/*
+ * NGX_OK: the verdict is in ctx; NGX_AGAIN: Redis was asked;
+ * NGX_ERROR: no memory.
+ */
+
+static ngx_int_t
+ngx_http_anythingllm_auth_start(ngx_http_request_t *r,
+    ngx_http_anythingllm_ctx_t *ctx, ngx_http_anythingllm_loc_conf_t *alcf)
+{
+    ngx_int_t                          rc;
+    ngx_str_t                          key;
+    alm_route_t                        rt;
+    ngx_http_anythingllm_main_conf_t  *amcf;
+
+    ctx->auth_done = 1;
+
+    /* the OpenAI routes: the workspace is the body's "model", judged later */
+
+    if (alcf->openai == 1) {
+        rt.kind = ALM_ROUTE_API;
+        rt.scope = ALM_SCOPE_CHAT;
+        rt.slug = NULL;
+        rt.slug_len = 0;
+
+    } else {
+        alm_route_classify((const char *) r->method_name.data,
+                           r->method_name.len, (const char *) r->uri.data,
+                           r->uri.len, &rt);
+    }
+
+    switch (rt.kind) {
+
+    case ALM_ROUTE_BAD:
+        ctx->auth_result = NGX_HTTP_ANYTHINGLLM_AUTH_DENIED_PATH;
+        return NGX_OK;
+
+    case ALM_ROUTE_NONE:
+        /* outside the API, AnythingLLM is its web interface */
+        ctx->need_scope = ALM_SCOPE_ADMIN;
+        break;
+
+    case ALM_ROUTE_AUTH:
+        ctx->need_scope = 0;
+        break;
+
+    case ALM_ROUTE_OPENAI_PASS:
+        ctx->need_scope = rt.scope ? rt.scope : ALM_SCOPE_CHAT;
+        break;
+
+    default:
+        ctx->need_scope = rt.scope;
+        break;
+    }
+
+    ctx->auth_route = rt.kind;
+
+    /*
+     * The proxy sends r->uri (escaped again) instead of the request
+     * line's path: what was judged is what AnythingLLM routes.
+     */
+
+    r->valid_unparsed_uri = 0;
+
+    if (rt.slug) {
+        ctx->workspace.len = rt.slug_len;
+        ctx->workspace.data = ngx_pnalloc(r->pool, rt.slug_len);
+        if (ctx->workspace.data == NULL) {
+            return NGX_ERROR;
+        }
+
+        ngx_memcpy(ctx->workspace.data, rt.slug, rt.slug_len);
+    }
+
+    if (ngx_http_anythingllm_auth_read_key(r, &key) != NGX_OK) {
+        ctx->auth_result = NGX_HTTP_ANYTHINGLLM_AUTH_DENIED_MISSING;
+        return NGX_OK;
+    }
+
+    alm_key_digest((const char *) key.data, key.len, ctx->key.digest);
+    ctx->key.valid = 1;
+
+    amcf = ngx_http_get_module_main_conf(r, ngx_http_anythingllm_module);
+
+    rc = ngx_http_anythingllm_cache_get(amcf->cache_zone, ctx->key.digest,
+                                        &ctx->key, r->pool);
+
+    switch (rc) {
+
+    case NGX_OK:
+        ctx->auth_result = NGX_HTTP_ANYTHINGLLM_AUTH_CACHED;
+        return ngx_http_anythingllm_auth_judge(r, ctx);
+
+    case NGX_ABORT:
+        ctx->auth_result = NGX_HTTP_ANYTHINGLLM_AUTH_DENIED_UNKNOWN;
+        return NGX_OK;
+
+    case NGX_DECLINED:
+        return ngx_http_anythingllm_auth_lookup(r, ctx);
+
+    default:
+        return NGX_ERROR;
+    }
+}
+
+
+static ngx_int_t
+ngx_http_anythingllm_auth_lookup(ngx_http_request_t *r,
+    ngx_http_anythingllm_ctx_t *ctx)
+{
+    u_char                            *p;
+    size_t                             argvlen[2];
+    const char                        *argv[2];
+    ngx_http_anythingllm_redis_req_t  *rr;
+    ngx_http_anythingllm_main_conf_t  *amcf;
+
+    amcf = ngx_http_get_module_main_conf(r, ngx_http_anythingllm_module);
+
+    if (ngx_http_anythingllm_auth_set_cleanup(r, ctx) != NGX_OK) {
+        return NGX_ERROR;
+    }
+
+    argvlen[1] = amcf->prefix.len + sizeof("key:") - 1 + ALM_DIGEST_HEX_LEN;
+
+    p = ngx_pnalloc(r->pool, argvlen[1]);
+    if (p == NULL) {
+        return NGX_ERROR;
+    }
+
+    argv[0] = "HGETALL";
+    argvlen[0] = sizeof("HGETALL") - 1;
+    argv[1] = (const char *) p;
+
+    p = ngx_cpymem(p, amcf->prefix.data, amcf->prefix.len);
+    p = ngx_cpymem(p, "key:", sizeof("key:") - 1);
+    ngx_memcpy(p, ctx->key.digest, ALM_DIGEST_HEX_LEN);
+
+    ctx->lookup_started = ngx_current_msec;
+
+    rr = ngx_http_anythingllm_redis_command(
+                                       ngx_http_anythingllm_auth_lookup_done,
+                                       r, 2, argv, argvlen);
+    if (rr == NULL) {
+        ngx_http_anythingllm_auth_unreachable(r, ctx);
+        return NGX_OK;
+    }
+
+    return ngx_http_anythingllm_auth_wait(r, ctx, rr);
+}
+
+
+static void
+ngx_http_anythingllm_auth_lookup_done(void *data, void *reply)
+{
+    ngx_http_request_t *r = data;
+
+    ngx_int_t                          rc;
+    redisReply                        *rp;
+    ngx_http_anythingllm_ctx_t        *ctx;
+    ngx_http_anythingllm_main_conf_t  *amcf;
+
+    rp = reply;
+
+    ctx = ngx_http_get_module_ctx(r, ngx_http_anythingllm_module);
+    amcf = ngx_http_get_module_main_conf(r, ngx_http_anythingllm_module);
+
+    ctx->pending = NULL;
+    ctx->auth_waiting = 0;
+
+    if (rp == NULL) {
+        ngx_http_anythingllm_auth_unreachable(r, ctx);
+        goto resume;
+    }
+
+    if (rp->type != REDIS_REPLY_ARRAY) {
+        if (rp->type == REDIS_REPLY_ERROR) {
+            ngx_log_error(NGX_LOG_ERR, r->connection->log, 0,
+                          "anythingllm: key lookup of %*s failed: %*s",
+                          (size_t) ALM_KEY_ID_LEN, ctx->key.digest,
+                          (size_t) rp->len, rp->str);
+
+        } else {
+            ngx_log_error(NGX_LOG_ERR, r->connection->log, 0,
+                          "anythingllm: key lookup of %*s failed: "
+                          "unexpected reply type %d",
+                          (size_t) ALM_KEY_ID_LEN, ctx->key.digest,
+                          rp->type);
+        }
+
+        ngx_http_anythingllm_auth_unreachable(r, ctx);
+        goto resume;
+    }
+
+    if (rp->elements == 0) {
+        ngx_http_anythingllm_cache_put_negative(amcf->cache_zone,
+                                                ctx->key.digest,
+                                                amcf->cache_invalid);
+
+        ctx->auth_result = NGX_HTTP_ANYTHINGLLM_AUTH_DENIED_UNKNOWN;
+        goto resume;
+    }
+
+    if (ngx_http_anythingllm_auth_parse(r, ctx, rp) != NGX_OK) {
+        ctx->auth_status = NGX_HTTP_INTERNAL_SERVER_ERROR;
+        goto resume;
+    }
+
+    ngx_http_anythingllm_cache_put(amcf->cache_zone, &ctx->key,
+                                   amcf->cache_valid, ctx->lookup_started);
+
+    ctx->auth_result = NGX_HTTP_ANYTHINGLLM_AUTH_REDIS;
+
+    rc = ngx_http_anythingllm_auth_judge(r, ctx);
+
+    if (rc == NGX_AGAIN) {
+        /* the rate counter was asked */
+        return;
+    }
+
+    if (rc == NGX_ERROR) {
+        ctx->auth_status = NGX_HTTP_INTERNAL_SERVER_ERROR;
+    }
+
+resume:
+
+    ngx_http_anythingllm_auth_resume(r);
+}
+
+
+/* the key's record is known: NGX_OK with the verdict, or NGX_AGAIN */
+
+static ngx_int_t
+ngx_http_anythingllm_auth_judge(ngx_http_request_t *r,
+    ngx_http_anythingllm_ctx_t *ctx)
+{
+    ngx_http_anythingllm_key_t  *key;
+
+    key = &ctx->key;
+
+    if (key->disabled) {
+        ctx->auth_result = NGX_HTTP_ANYTHINGLLM_AUTH_DENIED_DISABLED;
+        return NGX_OK;
+    }
+
+    if (key->expires && ngx_time() >= key->expires) {
+        ctx->auth_result = NGX_HTTP_ANYTHINGLLM_AUTH_DENIED_EXPIRED;
+        return NGX_OK;
+    }
+
+    if ((key->scopes & ctx->need_scope) != ctx->need_scope) {
+        ctx->auth_result = NGX_HTTP_ANYTHINGLLM_AUTH_DENIED_SCOPE;
+        return NGX_OK;
+    }
+
+    /* AnythingLLM's own OpenAI routes name the workspace in the body */
+
+    if (ctx->auth_route == ALM_ROUTE_OPENAI_PASS
+        && (key->workspaces.len != 1 || key->workspaces.data[0] != '*'))
+    {
+        ctx->auth_result = NGX_HTTP_ANYTHINGLLM_AUTH_DENIED_WORKSPACE;
+        return NGX_OK;
+    }
+
+    if (ctx->workspace.len
+        && !alm_workspace_allowed((const char *) key->workspaces.data,
+                                  key->workspaces.len,
+                                  (const char *) ctx->workspace.data,
+                                  ctx->workspace.len))
+    {
+        ctx->auth_result = NGX_HTTP_ANYTHINGLLM_AUTH_DENIED_WORKSPACE;
+        return NGX_OK;
+    }
+
+    if (key->rpm == 0) {
+        return NGX_OK;
+    }
+
+    return ngx_http_anythingllm_auth_rate(r, ctx);
+}
+
+
+/*
+ * A fixed window per minute of the wall clock, counted in Redis; the
+ * nginx instances sharing a Redis should keep their clocks in step.
+ * When Redis cannot count, the request passes.
+ */
+
+static ngx_int_t
+ngx_http_anythingllm_auth_rate(ngx_http_request_t *r,
+    ngx_http_anythingllm_ctx_t *ctx)
+{
+    u_char                            *p;
+    time_t                             now;
+    size_t                             argvlen[3];
+    const char                        *argv[3];
+    ngx_http_anythingllm_redis_req_t  *rr;
+    ngx_http_anythingllm_main_conf_t  *amcf;
+
+    amcf = ngx_http_get_module_main_conf(r, ngx_http_anythingllm_module);
+
+    if (ngx_http_anythingllm_auth_set_cleanup(r, ctx) != NGX_OK) {
+        return NGX_ERROR;
+    }
+
+    now = ngx_time();
+
+    p = ngx_pnalloc(r->pool, amcf->prefix.len + sizeof("rl::") - 1
+                             + ALM_DIGEST_HEX_LEN + NGX_TIME_T_LEN);
+    if (p == NULL) {
+        return NGX_ERROR;
+    }
+
+    argv[1] = (const char *) p;
+
+    p = ngx_cpymem(p, amcf->prefix.data, amcf->prefix.len);
+    p = ngx_cpymem(p, "rl:", sizeof("rl:") - 1);
+    p = ngx_cpymem(p, ctx->key.digest, ALM_DIGEST_HEX_LEN);
+    p = ngx_sprintf(p, ":%T", now / 60);
+
+    argvlen[1] = p - (u_char *) argv[1];
+
+    argv[0] = "INCR";
+    argvlen[0] = sizeof("INCR") - 1;
+
+    rr = ngx_http_anythingllm_redis_command(
+                                         ngx_http_anythingllm_auth_rate_done,
+                                         r, 2, argv, argvlen);
+    if (rr == NULL) {
+        ngx_log_error(NGX_LOG_INFO, r->connection->log, 0,
+                      "anythingllm: rate of key %*s not counted: "
+                      "redis unreachable",
+                      (size_t) ALM_KEY_ID_LEN, ctx->key.digest);
+        return NGX_OK;
+    }
+
+    argv[0] = "EXPIRE";
+    argvlen[0] = sizeof("EXPIRE") - 1;
+    argv[2] = NGX_HTTP_ANYTHINGLLM_RL_EXPIRE;
+    argvlen[2] = sizeof(NGX_HTTP_ANYTHINGLLM_RL_EXPIRE) - 1;
+
+    (void) ngx_http_anythingllm_redis_command(NULL, NULL, 3, argv, argvlen);
+
+    ctx->retry_after = 60 - now % 60;
+
+    return ngx_http_anythingllm_auth_wait(r, ctx, rr);
+}
+
+
+static void
+ngx_http_anythingllm_auth_rate_done(void *data, void *reply)
+{
+    ngx_http_request_t *r = data;
+
+    redisReply                  *rp;
+    ngx_http_anythingllm_ctx_t  *ctx;
+
+    rp = reply;
+
+    ctx = ngx_http_get_module_ctx(r, ngx_http_anythingllm_module);
+
+    ctx->pending = NULL;
+    ctx->auth_waiting = 0;
+
+    if (rp != NULL && rp->type == REDIS_REPLY_INTEGER) {
+
+        if (rp->integer > (long long) ctx->key.rpm) {
+            ctx->auth_result = NGX_HTTP_ANYTHINGLLM_AUTH_RATE_LIMITED;
+        }
+
+    } else {
+        ngx_log_error(NGX_LOG_INFO, r->connection->log, 0,
+                      "anythingllm: rate of key %*s not counted: %s",
+                      (size_t) ALM_KEY_ID_LEN, ctx->key.digest,
+                      rp ? "unexpected reply" : "redis unreachable");
+    }
+
+    ngx_http_anythingllm_auth_resume(r);
+}
+
+
+static void
+ngx_http_anythingllm_auth_unreachable(ngx_http_request_t *r,
+    ngx_http_anythingllm_ctx_t *ctx)
+{
+    ngx_http_anythingllm_loc_conf_t  *alcf;
+
+    alcf = ngx_http_get_module_loc_conf(r, ngx_http_anythingllm_module);
+
+    if (alcf->auth_fail_open != 1) {
+        ctx->auth_result = NGX_HTTP_ANYTHINGLLM_AUTH_REDIS_ERROR;
+        return;
+    }
+
+    /* the key cannot be judged: it is let through with every right */
+
+    ctx->auth_result = NGX_HTTP_ANYTHINGLLM_AUTH_FAIL_OPEN;
+    ctx->key.scopes = ALM_SCOPE_CHAT | ALM_SCOPE_READ | ALM_SCOPE_DOCUMENTS
+                      | ALM_SCOPE_ADMIN;
+    ngx_str_set(&ctx->key.workspaces, "*");
+    ctx->key.rpm = 0;
+    ctx->key.expires = 0;
+    ctx->key.disabled = 0;
+
+    ngx_log_error(NGX_LOG_WARN, r->connection->log, 0,
+                  "anythingllm: redis unreachable, key %*s let through "
+                  "(anythingllm_auth_fail_open)",
+                  (size_t) ALM_KEY_ID_LEN, ctx->key.digest);
+}
+
+
+static ngx_int_t
+ngx_http_anythingllm_auth_wait(ngx_http_request_t *r,
+    ngx_http_anythingllm_ctx_t *ctx, ngx_http_anythingllm_redis_req_t *rr)
+{
+    ctx->pending = rr;
+    ctx->auth_waiting = 1;
+
+    /* notices a client that goes away; nothing else runs meanwhile */
+
+    r->read_event_handler = ngx_http_test_reading;
+    r->write_event_handler = ngx_http_request_empty_handler;
+
+    return NGX_AGAIN;
+}
+
+
+static void
+ngx_http_anythingllm_auth_resume(ngx_http_request_t *r)
+{
+    ngx_connection_t  *c;
+
+    c = r->connection;
+
+    r->read_event_handler = ngx_http_block_reading;
+    r->write_event_handler = ngx_http_core_run_phases;
+
+    ngx_http_core_run_phases(r);
+
+    ngx_http_run_posted_requests(c);
+}
+
+
+/*
+ * A pending reply must not reach a request that is gone: the pool
+ * cleanup covers every way a request ends, the request cleanup the
+ * time between a termination and the request's end.
+ */
+
+static ngx_int_t
+ngx_http_anythingllm_auth_set_cleanup(ngx_http_request_t *r,
+    ngx_http_anythingllm_ctx_t *ctx)
+{
+    ngx_pool_cleanup_t  *pcln;
+    ngx_http_cleanup_t  *hcln;
+
+    if (ctx->auth_cleanup) {
+        return NGX_OK;
+    }
+
+    pcln = ngx_pool_cleanup_add(r->pool, 0);
+    if (pcln == NULL) {
+        return NGX_ERROR;
+    }
+
+    pcln->handler = ngx_http_anythingllm_auth_cleanup;
+    pcln->data = ctx;
+
+    hcln = ngx_http_cleanup_add(r, 0);
+    if (hcln == NULL) {
+        return NGX_ERROR;
+    }
+
+    hcln->handler = ngx_http_anythingllm_auth_cleanup;
+    hcln->data = ctx;
+
+    ctx->auth_cleanup = 1;
+
+    return NGX_OK;
+}
+
+
+static void
+ngx_http_anythingllm_auth_cleanup(void *data)
+{
+    ngx_http_anythingllm_ctx_t *ctx = data;
+
+    if (ctx->pending) {
+        ngx_http_anythingllm_redis_cancel(ctx->pending);
+        ctx->pending = NULL;
+    }
+}
+
+
+static ngx_int_t
+ngx_http_anythingllm_auth_verdict(ngx_http_request_t *r,
+    ngx_http_anythingllm_ctx_t *ctx)
+{
+    u_char                          *p, *last;
+    ngx_str_t                        v;
+    ngx_uint_t                       i;
+    ngx_http_anythingllm_key_t      *key;
+    u_char                           msg[320];
+
+    if (ctx->auth_status) {
+        return ctx->auth_status;
+    }
+
+    key = &ctx->key;
+    last = msg + sizeof(msg) - 1;
+
+    switch (ctx->auth_result) {
+
+    case NGX_HTTP_ANYTHINGLLM_AUTH_CACHED:
+    case NGX_HTTP_ANYTHINGLLM_AUTH_REDIS:
+    case NGX_HTTP_ANYTHINGLLM_AUTH_FAIL_OPEN:
+
+        /*
+         * The response filter keeps only the key's workspaces in the
+         * list; AnythingLLM must then answer uncompressed.
+         */
+
+        if (ctx->auth_route == ALM_ROUTE_WORKSPACES
+            && (key->workspaces.len != 1 || key->workspaces.data[0] != '*'))
+        {
+            ctx->resp = NGX_HTTP_ANYTHINGLLM_RESP_WORKSPACES;
+
+            if (ngx_http_anythingllm_identity_encoding(r) != NGX_OK) {
+                return NGX_HTTP_INTERNAL_SERVER_ERROR;
+            }
+        }
+
+        return NGX_OK;
+
+    case NGX_HTTP_ANYTHINGLLM_AUTH_DENIED_PATH:
+        return ngx_http_anythingllm_error(r, NGX_HTTP_BAD_REQUEST,
+                   "The request path is not valid: empty, \".\" or \"..\" "
+                   "segments and workspace slugs outside [A-Za-z0-9_.-] "
+                   "are refused.", "invalid_request_error", NULL,
+                   "invalid_path");
+
+    case NGX_HTTP_ANYTHINGLLM_AUTH_DENIED_MISSING:
+        return ngx_http_anythingllm_error(r, NGX_HTTP_UNAUTHORIZED,
+                   "You didn't provide an API key. Send it in the "
+                   "Authorization header: \"Authorization: Bearer <key>\".",
+                   "invalid_request_error", NULL, "invalid_api_key");
+
+    case NGX_HTTP_ANYTHINGLLM_AUTH_DENIED_UNKNOWN:
+        return ngx_http_anythingllm_error(r, NGX_HTTP_UNAUTHORIZED,
+                   "Incorrect API key provided.",
+                   "invalid_request_error", NULL, "invalid_api_key");
+
+    case NGX_HTTP_ANYTHINGLLM_AUTH_DENIED_EXPIRED:
+        return ngx_http_anythingllm_error(r, NGX_HTTP_UNAUTHORIZED,
+                   "The API key has expired.",
+                   "invalid_request_error", NULL, "invalid_api_key");
+
+    case NGX_HTTP_ANYTHINGLLM_AUTH_DENIED_DISABLED:
+        return ngx_http_anythingllm_error(r, NGX_HTTP_UNAUTHORIZED,
+                   "The API key is disabled.",
+                   "invalid_request_error", NULL, "invalid_api_key");
+
+    case NGX_HTTP_ANYTHINGLLM_AUTH_DENIED_SCOPE:
+        p = ngx_slprintf(msg, last, "The API key lacks the scope needed "
+                         "for this request:");
+
+        for (i = 0; i < 4; i++) {
+            if ((ctx->need_scope & (1u << i))
+                && !(key->scopes & (1u << i)))
+            {
+                p = ngx_slprintf(p, last, " \"%s\"",
+                                 ngx_http_anythingllm_scope_names[i]);
+            }
+        }
+
+        p = ngx_slprintf(p, last, ".");
+        *p = '\0';
+
+        return ngx_http_anythingllm_error(r, NGX_HTTP_FORBIDDEN,
+                   (const char *) msg, "invalid_request_error", NULL,
+                   "insufficient_scope");
+
+    case NGX_HTTP_ANYTHINGLLM_AUTH_DENIED_WORKSPACE:
+        if (ctx->auth_route == ALM_ROUTE_OPENAI_PASS) {
+            p = ngx_slprintf(msg, last, "AnythingLLM's /api/v1/openai/ "
+                             "routes need a key allowed every workspace.");
+
+        } else {
+            p = ngx_slprintf(msg, last, "The API key may not use workspace "
+                             "\"%V\".", &ctx->workspace);
+        }
+
+        *p = '\0';
+
+        return ngx_http_anythingllm_error(r, NGX_HTTP_FORBIDDEN,
+                   (const char *) msg, "invalid_request_error", NULL,
+                   "workspace_forbidden");
+
+    case NGX_HTTP_ANYTHINGLLM_AUTH_RATE_LIMITED:
+        v.data = ngx_pnalloc(r->pool, NGX_TIME_T_LEN);
+        if (v.data == NULL) {
+            return NGX_HTTP_INTERNAL_SERVER_ERROR;
+        }
+
+        v.len = ngx_sprintf(v.data, "%T", ctx->retry_after) - v.data;
+
+        if (ngx_http_anythingllm_push_header(r, "Retry-After", &v) == NULL) {
+            return NGX_HTTP_INTERNAL_SERVER_ERROR;
+        }
+
+        p = ngx_slprintf(msg, last, "Rate limit reached: this API key may "
+                         "make %ui requests per minute. Retry after %T "
+                         "seconds.", key->rpm, ctx->retry_after);
+        *p = '\0';
+
+        return ngx_http_anythingllm_error(r, NGX_HTTP_TOO_MANY_REQUESTS,
+                   (const char *) msg, "requests", NULL,
+                   "rate_limit_exceeded");
+
+    default: /* NGX_HTTP_ANYTHINGLLM_AUTH_REDIS_ERROR */
+        ngx_str_set(&v, "1");
+
+        if (ngx_http_anythingllm_push_header(r, "Retry-After", &v) == NULL) {
+            return NGX_HTTP_INTERNAL_SERVER_ERROR;
+        }
+
+        return ngx_http_anythingllm_error(r,
+                   NGX_HTTP_SERVICE_UNAVAILABLE,
+                   "The API key cannot be checked at the moment: the key "
+                   "store is unreachable. Retry shortly.",
+                   "server_error", NULL, NULL);
+    }
+}
+
+
+/* "Authorization: Bearer <key>", the scheme in any case */
+
+static ngx_int_t
+ngx_http_anythingllm_auth_read_key(ngx_http_request_t *r, ngx_str_t *key)
+{
+    u_char           *p, *last;
+    ngx_table_elt_t  *h;
+
+    h = r->headers_in.authorization;
+
+    if (h == NULL) {
+        return NGX_DECLINED;
+    }
+
+    p = h->value.data;
+    last = p + h->value.len;
+
+    if (last - p < 6 || ngx_strncasecmp(p, (u_char *) "Bearer", 6) != 0) {
+        return NGX_DECLINED;
+    }
+
+    p += 6;
+
+    if (p < last && *p != ' ' && *p != '\t') {
+        return NGX_DECLINED;
+    }
+
+    while (p < last && (*p == ' ' || *p == '\t')) {
+        p++;
+    }
+
+    while (last > p && (last[-1] == ' ' || last[-1] == '\t')) {
+        last--;
+    }
+
+    if (p == last) {
+        return NGX_DECLINED;
+    }
+
+    key->data = p;
+    key->len = last - p;
+
+    return NGX_OK;
+}
+
+
+/*
+ * The HGETALL reply: name, scopes, workspaces, rpm, expires, disabled.
+ * A missing field means no scope, no workspace, no limit, never,
+ * enabled.  A number that does not parse disables the key.
+ */
+
+static ngx_int_t
+ngx_http_anythingllm_auth_parse(ngx_http_request_t *r,
+    ngx_http_anythingllm_ctx_t *ctx, redisReply *rp)
+{
+    size_t                       i;
+    ngx_int_t                    n;
+    ngx_str_t                   *s;
+    ngx_uint_t                   malformed;
+    redisReply                  *f, *v;
+    ngx_http_anythingllm_key_t  *key;
+
+    key = &ctx->key;
+    malformed = 0;
+
+    ngx_str_null(&key->name);
+    ngx_str_null(&key->workspaces);
+    key->scopes = 0;
+    key->rpm = 0;
+    key->expires = 0;
+    key->disabled = 0;
+
+    for (i = 0; i + 1 < rp->elements; i += 2) {
+        f = rp->element[i];
+        v = rp->element[i + 1];
+
+        if (f->type != REDIS_REPLY_STRING || v->type != REDIS_REPLY_STRING) {
+            continue;
+        }
+
+        s = NULL;
+
+        if (f->len == 4 && ngx_strncmp(f->str, "name", 4) == 0) {
+            s = &key->name;
+
+        } else if (f->len == 10
+                   && ngx_strncmp(f->str, "workspaces", 10) == 0)
+        {
+            s = &key->workspaces;
+
+        } else if (f->len == 6 && ngx_strncmp(f->str, "scopes", 6) == 0) {
+            key->scopes = alm_scopes_parse(v->str, v->len);
+            continue;
+
+        } else if (f->len == 3 && ngx_strncmp(f->str, "rpm", 3) == 0) {
+            if (ngx_http_anythingllm_auth_number(v, &n) != NGX_OK) {
+                goto malformed;
+            }
+
+            key->rpm = n;
+            continue;
+
+        } else if (f->len == 7 && ngx_strncmp(f->str, "expires", 7) == 0) {
+            if (ngx_http_anythingllm_auth_number(v, &n) != NGX_OK) {
+                goto malformed;
+            }
+
+            key->expires = (time_t) n;
+            continue;
+
+        } else if (f->len == 8 && ngx_strncmp(f->str, "disabled", 8) == 0) {
+            key->disabled = !(v->len == 0
+                              || (v->len == 1 && v->str[0] == '0'));
+            continue;
+
+        } else {
+            continue;
+        }
+
+        s->len = v->len;
+        s->data = ngx_pnalloc(r->pool, v->len ? v->len : 1);
+        if (s->data == NULL) {
+            return NGX_ERROR;
+        }
+
+        ngx_memcpy(s->data, v->str, v->len);
+        continue;
+
+    malformed:
+
+        ngx_log_error(NGX_LOG_WARN, r->connection->log, 0,
+                      "anythingllm: key %*s has a malformed \"%*s\" "
+                      "field: the key is treated as disabled",
+                      (size_t) ALM_KEY_ID_LEN, key->digest,
+                      (size_t) f->len, f->str);
+
+        malformed = 1;
+    }
+
+    if (malformed) {
+        key->disabled = 1;
+    }
+
+    return NGX_OK;
+}
+
+
+static ngx_int_t
+ngx_http_anythingllm_auth_number(redisReply *v, ngx_int_t *n)
+{
+    if (v->len == 0) {
+        *n = 0;
+        return NGX_OK;
+    }
+
+    *n = ngx_atoi((u_char *) v->str, v->len);
+
+    return (*n == NGX_ERROR) ? NGX_ERROR : NGX_OK;
 }

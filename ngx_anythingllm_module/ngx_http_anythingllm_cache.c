@@ -1,32 +1,345 @@
 /*
  * Copyright (C) ngx_anythingllm authors
  *
- * Placeholder: shared-memory key cache.
+ * The shared-memory key cache: what Redis said about a key digest,
+ * shared by all workers.  It holds digests, never keys.
+ *
+ * Entries are kept in a red-black tree keyed by a CRC32 of the digest
+ * (the whole digest is compared) and in an LRU queue; when the zone is
+ * full the least recently used entries make room.  Three kinds:
+ *
+ *   valid     the key's record (name, scopes, workspaces, rpm, expires,
+ *             disabled), kept for "valid" seconds; the key's own
+ *             "expires" is judged on every use;
+ *   unknown   Redis has no such key, kept for "invalid" seconds;
+ *   revoked   a revocation was received: a miss, which for a short
+ *             while also keeps out the answers of lookups that were
+ *             already in flight when the key was revoked (they read
+ *             the record before it was deleted).
+ *
+ * After a flush (the revocations channel was lost for a while), the
+ * answers of lookups started before the flush are not stored either.
+ * Times are nginx's monotonic milliseconds, which all workers share.
  */
 
 
 #include "ngx_http_anythingllm_module.h"
 
 
+#define NGX_HTTP_ANYTHINGLLM_CACHE_VALID     1
+#define NGX_HTTP_ANYTHINGLLM_CACHE_UNKNOWN   2
+#define NGX_HTTP_ANYTHINGLLM_CACHE_REVOKED   3
+
+/* a record larger than this is used but not cached */
+#define NGX_HTTP_ANYTHINGLLM_CACHE_MAX_DATA  65536
+
+
+typedef struct {
+    u_char                      color;
+    u_char                      kind;
+    u_char                      disabled;
+    u_char                      pad;
+    uint32_t                    scopes;
+    uint32_t                    name_len;
+    uint32_t                    workspaces_len;
+    ngx_queue_t                 queue;
+    ngx_msec_t                  until;      /* the entry's own expiry */
+    ngx_msec_t                  stamp;      /* revoked: when */
+    time_t                      expires;    /* the key's, unix time */
+    ngx_uint_t                  rpm;
+    u_char                      digest[ALM_DIGEST_HEX_LEN];
+    u_char                      data[1];    /* name, then workspaces */
+} ngx_http_anythingllm_cache_node_t;
+
+
+typedef struct {
+    ngx_rbtree_t                rbtree;
+    ngx_rbtree_node_t           sentinel;
+    ngx_queue_t                 queue;      /* most recently used first */
+    ngx_msec_t                  flushed;
+} ngx_http_anythingllm_cache_sh_t;
+
+
+static void ngx_http_anythingllm_cache_rbtree_insert(
+    ngx_rbtree_node_t *temp, ngx_rbtree_node_t *node,
+    ngx_rbtree_node_t *sentinel);
+static ngx_http_anythingllm_cache_node_t *ngx_http_anythingllm_cache_lookup(
+    ngx_http_anythingllm_cache_sh_t *sh, const u_char *digest,
+    uint32_t hash);
+static void ngx_http_anythingllm_cache_remove(
+    ngx_http_anythingllm_cache_sh_t *sh, ngx_slab_pool_t *shpool,
+    ngx_http_anythingllm_cache_node_t *cn);
+static void ngx_http_anythingllm_cache_expire(
+    ngx_http_anythingllm_cache_sh_t *sh, ngx_slab_pool_t *shpool,
+    ngx_uint_t force);
+static ngx_http_anythingllm_cache_node_t *ngx_http_anythingllm_cache_alloc(
+    ngx_http_anythingllm_cache_sh_t *sh, ngx_slab_pool_t *shpool,
+    size_t data_len);
+static void ngx_http_anythingllm_cache_insert(
+    ngx_http_anythingllm_cache_sh_t *sh,
+    ngx_http_anythingllm_cache_node_t *cn, const u_char *digest,
+    uint32_t hash);
+
+
 ngx_int_t
 ngx_http_anythingllm_cache_init_zone(ngx_shm_zone_t *shm_zone, void *data)
 {
+    ngx_http_anythingllm_main_conf_t  *oamcf = data;
+
+    size_t                             len;
+    ngx_slab_pool_t                   *shpool;
+    ngx_http_anythingllm_cache_sh_t   *sh;
+    ngx_http_anythingllm_main_conf_t  *amcf;
+
+    amcf = shm_zone->data;
+
+    if (oamcf) {
+        /* a reload: the entries survive */
+        amcf->cache_sh = oamcf->cache_sh;
+        amcf->cache_shpool = oamcf->cache_shpool;
+        return NGX_OK;
+    }
+
+    shpool = (ngx_slab_pool_t *) shm_zone->shm.addr;
+
+    amcf->cache_shpool = shpool;
+
+    if (shm_zone->shm.exists) {
+        amcf->cache_sh = shpool->data;
+        return NGX_OK;
+    }
+
+    sh = ngx_slab_alloc(shpool, sizeof(ngx_http_anythingllm_cache_sh_t));
+    if (sh == NULL) {
+        return NGX_ERROR;
+    }
+
+    shpool->data = sh;
+    amcf->cache_sh = sh;
+
+    ngx_rbtree_init(&sh->rbtree, &sh->sentinel,
+                    ngx_http_anythingllm_cache_rbtree_insert);
+    ngx_queue_init(&sh->queue);
+    sh->flushed = 0;
+
+    len = sizeof(" in anythingllm key cache zone \"\"")
+          + shm_zone->shm.name.len;
+
+    shpool->log_ctx = ngx_slab_alloc(shpool, len);
+    if (shpool->log_ctx == NULL) {
+        return NGX_ERROR;
+    }
+
+    ngx_sprintf(shpool->log_ctx, " in anythingllm key cache zone \"%V\"%Z",
+                &shm_zone->shm.name);
+
+    /* a full zone is the normal case: the oldest entries make room */
+    shpool->log_nomem = 0;
+
     return NGX_OK;
 }
 
+
+/*
+ * The zone used when anythingllm_auth is on and anythingllm_key_cache
+ * is not given: without a cache every request would wait for Redis and
+ * no key would keep working while Redis is away.
+ */
+
+ngx_int_t
+ngx_http_anythingllm_cache_default_zone(ngx_conf_t *cf,
+    ngx_http_anythingllm_main_conf_t *amcf)
+{
+    ngx_str_t  name = ngx_string("anythingllm_keys");
+
+    amcf->cache_zone = ngx_shared_memory_add(cf, &name,
+                                   NGX_HTTP_ANYTHINGLLM_CACHE_DEFAULT_SIZE,
+                                   &ngx_http_anythingllm_module);
+    if (amcf->cache_zone == NULL) {
+        return NGX_ERROR;
+    }
+
+    if (amcf->cache_zone->data) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "shared memory zone \"%V\" is already used",
+                           &name);
+        return NGX_ERROR;
+    }
+
+    amcf->cache_zone->init = ngx_http_anythingllm_cache_init_zone;
+    amcf->cache_zone->data = amcf;
+
+    return NGX_OK;
+}
+
+
+/*
+ * NGX_OK: a valid entry, copied into "key" (strings in "pool");
+ * NGX_ABORT: Redis said the key does not exist; NGX_DECLINED: a miss;
+ * NGX_ERROR: no memory.
+ */
 
 ngx_int_t
 ngx_http_anythingllm_cache_get(ngx_shm_zone_t *zone, const char *digest,
     ngx_http_anythingllm_key_t *key, ngx_pool_t *pool)
 {
-    return NGX_DECLINED;
+    u_char                             *p;
+    uint32_t                            hash;
+    ngx_int_t                           rc;
+    ngx_slab_pool_t                    *shpool;
+    ngx_http_anythingllm_cache_sh_t    *sh;
+    ngx_http_anythingllm_main_conf_t   *amcf;
+    ngx_http_anythingllm_cache_node_t  *cn;
+
+    if (zone == NULL) {
+        return NGX_DECLINED;
+    }
+
+    amcf = zone->data;
+    sh = amcf->cache_sh;
+    shpool = amcf->cache_shpool;
+
+    hash = ngx_crc32_short((u_char *) digest, ALM_DIGEST_HEX_LEN);
+
+    ngx_shmtx_lock(&shpool->mutex);
+
+    cn = ngx_http_anythingllm_cache_lookup(sh, (u_char *) digest, hash);
+
+    if (cn == NULL) {
+        rc = NGX_DECLINED;
+        goto done;
+    }
+
+    if ((ngx_msec_int_t) (cn->until - ngx_current_msec) <= 0) {
+        ngx_http_anythingllm_cache_remove(sh, shpool, cn);
+        rc = NGX_DECLINED;
+        goto done;
+    }
+
+    if (cn->kind == NGX_HTTP_ANYTHINGLLM_CACHE_REVOKED) {
+        rc = NGX_DECLINED;
+        goto done;
+    }
+
+    ngx_queue_remove(&cn->queue);
+    ngx_queue_insert_head(&sh->queue, &cn->queue);
+
+    if (cn->kind == NGX_HTTP_ANYTHINGLLM_CACHE_UNKNOWN) {
+        rc = NGX_ABORT;
+        goto done;
+    }
+
+    p = ngx_pnalloc(pool, cn->name_len + cn->workspaces_len + 1);
+    if (p == NULL) {
+        rc = NGX_ERROR;
+        goto done;
+    }
+
+    ngx_memcpy(p, cn->data, cn->name_len + cn->workspaces_len);
+
+    key->name.data = p;
+    key->name.len = cn->name_len;
+    key->workspaces.data = p + cn->name_len;
+    key->workspaces.len = cn->workspaces_len;
+    key->scopes = cn->scopes;
+    key->rpm = cn->rpm;
+    key->expires = cn->expires;
+    key->disabled = cn->disabled ? 1 : 0;
+
+    rc = NGX_OK;
+
+done:
+
+    ngx_shmtx_unlock(&shpool->mutex);
+
+    return rc;
 }
 
 
+/*
+ * Stores what a lookup started at "since" read from Redis, unless the
+ * key was revoked or the cache flushed after that.
+ */
+
 void
 ngx_http_anythingllm_cache_put(ngx_shm_zone_t *zone,
-    const ngx_http_anythingllm_key_t *key, time_t ttl)
+    const ngx_http_anythingllm_key_t *key, time_t ttl, ngx_msec_t since)
 {
+    u_char                             *p;
+    size_t                              len;
+    uint32_t                            hash;
+    ngx_slab_pool_t                    *shpool;
+    ngx_http_anythingllm_cache_sh_t    *sh;
+    ngx_http_anythingllm_main_conf_t   *amcf;
+    ngx_http_anythingllm_cache_node_t  *cn;
+
+    if (zone == NULL || ttl <= 0) {
+        return;
+    }
+
+    len = key->name.len + key->workspaces.len;
+
+    if (len > NGX_HTTP_ANYTHINGLLM_CACHE_MAX_DATA) {
+        return;
+    }
+
+    amcf = zone->data;
+    sh = amcf->cache_sh;
+    shpool = amcf->cache_shpool;
+
+    hash = ngx_crc32_short((u_char *) key->digest, ALM_DIGEST_HEX_LEN);
+
+    ngx_shmtx_lock(&shpool->mutex);
+
+    if ((ngx_msec_int_t) (sh->flushed - since) >= 0) {
+        goto done;
+    }
+
+    ngx_http_anythingllm_cache_expire(sh, shpool, 0);
+
+    cn = ngx_http_anythingllm_cache_lookup(sh, (u_char *) key->digest, hash);
+
+    if (cn) {
+        if (cn->kind == NGX_HTTP_ANYTHINGLLM_CACHE_REVOKED
+            && (ngx_msec_int_t) (cn->until - ngx_current_msec) > 0
+            && (ngx_msec_int_t) (cn->stamp - since) >= 0)
+        {
+            goto done;
+        }
+
+        ngx_http_anythingllm_cache_remove(sh, shpool, cn);
+    }
+
+    cn = ngx_http_anythingllm_cache_alloc(sh, shpool, len);
+    if (cn == NULL) {
+        goto done;
+    }
+
+    cn->kind = NGX_HTTP_ANYTHINGLLM_CACHE_VALID;
+    cn->disabled = key->disabled;
+    cn->scopes = key->scopes;
+    cn->name_len = key->name.len;
+    cn->workspaces_len = key->workspaces.len;
+    cn->until = ngx_current_msec + (ngx_msec_t) ttl * 1000;
+    cn->stamp = since;
+    cn->expires = key->expires;
+    cn->rpm = key->rpm;
+
+    p = cn->data;
+
+    if (key->name.len) {
+        p = ngx_cpymem(p, key->name.data, key->name.len);
+    }
+
+    if (key->workspaces.len) {
+        ngx_memcpy(p, key->workspaces.data, key->workspaces.len);
+    }
+
+    ngx_http_anythingllm_cache_insert(sh, cn, (u_char *) key->digest, hash);
+
+done:
+
+    ngx_shmtx_unlock(&shpool->mutex);
 }
 
 
@@ -34,10 +347,317 @@ void
 ngx_http_anythingllm_cache_put_negative(ngx_shm_zone_t *zone,
     const char *digest, time_t ttl)
 {
+    uint32_t                            hash;
+    ngx_slab_pool_t                    *shpool;
+    ngx_http_anythingllm_cache_sh_t    *sh;
+    ngx_http_anythingllm_main_conf_t   *amcf;
+    ngx_http_anythingllm_cache_node_t  *cn;
+
+    if (zone == NULL || ttl <= 0) {
+        return;
+    }
+
+    amcf = zone->data;
+    sh = amcf->cache_sh;
+    shpool = amcf->cache_shpool;
+
+    hash = ngx_crc32_short((u_char *) digest, ALM_DIGEST_HEX_LEN);
+
+    ngx_shmtx_lock(&shpool->mutex);
+
+    ngx_http_anythingllm_cache_expire(sh, shpool, 0);
+
+    cn = ngx_http_anythingllm_cache_lookup(sh, (u_char *) digest, hash);
+
+    if (cn) {
+        ngx_http_anythingllm_cache_remove(sh, shpool, cn);
+    }
+
+    cn = ngx_http_anythingllm_cache_alloc(sh, shpool, 0);
+
+    if (cn) {
+        cn->kind = NGX_HTTP_ANYTHINGLLM_CACHE_UNKNOWN;
+        cn->until = ngx_current_msec + (ngx_msec_t) ttl * 1000;
+
+        ngx_http_anythingllm_cache_insert(sh, cn, (u_char *) digest, hash);
+    }
+
+    ngx_shmtx_unlock(&shpool->mutex);
 }
 
 
+/*
+ * A revocation: the entry becomes a "revoked" marker for "hold"
+ * milliseconds, a miss that keeps older lookups from storing it again.
+ */
+
 void
-ngx_http_anythingllm_cache_delete(ngx_shm_zone_t *zone, const char *digest)
+ngx_http_anythingllm_cache_revoke(ngx_shm_zone_t *zone, const char *digest,
+    ngx_msec_t hold)
 {
+    uint32_t                            hash;
+    ngx_slab_pool_t                    *shpool;
+    ngx_http_anythingllm_cache_sh_t    *sh;
+    ngx_http_anythingllm_main_conf_t   *amcf;
+    ngx_http_anythingllm_cache_node_t  *cn;
+
+    if (zone == NULL) {
+        return;
+    }
+
+    amcf = zone->data;
+    sh = amcf->cache_sh;
+    shpool = amcf->cache_shpool;
+
+    hash = ngx_crc32_short((u_char *) digest, ALM_DIGEST_HEX_LEN);
+
+    ngx_shmtx_lock(&shpool->mutex);
+
+    cn = ngx_http_anythingllm_cache_lookup(sh, (u_char *) digest, hash);
+
+    if (cn) {
+        ngx_http_anythingllm_cache_remove(sh, shpool, cn);
+    }
+
+    cn = ngx_http_anythingllm_cache_alloc(sh, shpool, 0);
+
+    if (cn) {
+        cn->kind = NGX_HTTP_ANYTHINGLLM_CACHE_REVOKED;
+        cn->stamp = ngx_current_msec;
+        cn->until = ngx_current_msec + hold;
+
+        ngx_http_anythingllm_cache_insert(sh, cn, (u_char *) digest, hash);
+    }
+
+    ngx_shmtx_unlock(&shpool->mutex);
+}
+
+
+/* drops every valid entry; unknown and revoked ones stay */
+
+void
+ngx_http_anythingllm_cache_flush(ngx_shm_zone_t *zone)
+{
+    ngx_queue_t                        *q, *next;
+    ngx_slab_pool_t                    *shpool;
+    ngx_http_anythingllm_cache_sh_t    *sh;
+    ngx_http_anythingllm_main_conf_t   *amcf;
+    ngx_http_anythingllm_cache_node_t  *cn;
+
+    if (zone == NULL) {
+        return;
+    }
+
+    amcf = zone->data;
+    sh = amcf->cache_sh;
+    shpool = amcf->cache_shpool;
+
+    ngx_shmtx_lock(&shpool->mutex);
+
+    sh->flushed = ngx_current_msec;
+
+    for (q = ngx_queue_head(&sh->queue);
+         q != ngx_queue_sentinel(&sh->queue);
+         q = next)
+    {
+        next = ngx_queue_next(q);
+
+        cn = ngx_queue_data(q, ngx_http_anythingllm_cache_node_t, queue);
+
+        if (cn->kind == NGX_HTTP_ANYTHINGLLM_CACHE_VALID) {
+            ngx_http_anythingllm_cache_remove(sh, shpool, cn);
+        }
+    }
+
+    ngx_shmtx_unlock(&shpool->mutex);
+}
+
+
+static void
+ngx_http_anythingllm_cache_rbtree_insert(ngx_rbtree_node_t *temp,
+    ngx_rbtree_node_t *node, ngx_rbtree_node_t *sentinel)
+{
+    ngx_rbtree_node_t                  **p;
+    ngx_http_anythingllm_cache_node_t   *cn, *cnt;
+
+    for ( ;; ) {
+
+        if (node->key < temp->key) {
+
+            p = &temp->left;
+
+        } else if (node->key > temp->key) {
+
+            p = &temp->right;
+
+        } else { /* node->key == temp->key */
+
+            cn = (ngx_http_anythingllm_cache_node_t *) &node->color;
+            cnt = (ngx_http_anythingllm_cache_node_t *) &temp->color;
+
+            p = (ngx_memcmp(cn->digest, cnt->digest, ALM_DIGEST_HEX_LEN) < 0)
+                ? &temp->left : &temp->right;
+        }
+
+        if (*p == sentinel) {
+            break;
+        }
+
+        temp = *p;
+    }
+
+    *p = node;
+    node->parent = temp;
+    node->left = sentinel;
+    node->right = sentinel;
+    ngx_rbt_red(node);
+}
+
+
+static ngx_http_anythingllm_cache_node_t *
+ngx_http_anythingllm_cache_lookup(ngx_http_anythingllm_cache_sh_t *sh,
+    const u_char *digest, uint32_t hash)
+{
+    ngx_int_t                           rc;
+    ngx_rbtree_node_t                  *node, *sentinel;
+    ngx_http_anythingllm_cache_node_t  *cn;
+
+    node = sh->rbtree.root;
+    sentinel = sh->rbtree.sentinel;
+
+    while (node != sentinel) {
+
+        if (hash < node->key) {
+            node = node->left;
+            continue;
+        }
+
+        if (hash > node->key) {
+            node = node->right;
+            continue;
+        }
+
+        /* hash == node->key */
+
+        cn = (ngx_http_anythingllm_cache_node_t *) &node->color;
+
+        rc = ngx_memcmp(digest, cn->digest, ALM_DIGEST_HEX_LEN);
+
+        if (rc == 0) {
+            return cn;
+        }
+
+        node = (rc < 0) ? node->left : node->right;
+    }
+
+    return NULL;
+}
+
+
+static void
+ngx_http_anythingllm_cache_remove(ngx_http_anythingllm_cache_sh_t *sh,
+    ngx_slab_pool_t *shpool, ngx_http_anythingllm_cache_node_t *cn)
+{
+    ngx_rbtree_node_t  *node;
+
+    node = (ngx_rbtree_node_t *)
+               ((u_char *) cn - offsetof(ngx_rbtree_node_t, color));
+
+    ngx_queue_remove(&cn->queue);
+    ngx_rbtree_delete(&sh->rbtree, node);
+    ngx_slab_free_locked(shpool, node);
+}
+
+
+/*
+ * Removes up to two expired entries from the old end of the queue;
+ * with "force", the oldest entry goes first whatever its age.
+ */
+
+static void
+ngx_http_anythingllm_cache_expire(ngx_http_anythingllm_cache_sh_t *sh,
+    ngx_slab_pool_t *shpool, ngx_uint_t force)
+{
+    ngx_uint_t                          n;
+    ngx_queue_t                        *q;
+    ngx_http_anythingllm_cache_node_t  *cn;
+
+    for (n = 0; n < 3; n++) {
+
+        if (ngx_queue_empty(&sh->queue)) {
+            return;
+        }
+
+        q = ngx_queue_last(&sh->queue);
+        cn = ngx_queue_data(q, ngx_http_anythingllm_cache_node_t, queue);
+
+        if (!(force && n == 0)
+            && (ngx_msec_int_t) (cn->until - ngx_current_msec) > 0)
+        {
+            return;
+        }
+
+        ngx_http_anythingllm_cache_remove(sh, shpool, cn);
+    }
+}
+
+
+static ngx_http_anythingllm_cache_node_t *
+ngx_http_anythingllm_cache_alloc(ngx_http_anythingllm_cache_sh_t *sh,
+    ngx_slab_pool_t *shpool, size_t data_len)
+{
+    size_t                              size;
+    ngx_rbtree_node_t                  *node;
+    ngx_http_anythingllm_cache_node_t  *cn;
+
+    size = offsetof(ngx_rbtree_node_t, color)
+           + offsetof(ngx_http_anythingllm_cache_node_t, data)
+           + data_len;
+
+    for ( ;; ) {
+        node = ngx_slab_alloc_locked(shpool, size);
+
+        if (node) {
+            break;
+        }
+
+        if (ngx_queue_empty(&sh->queue)) {
+            ngx_log_error(NGX_LOG_WARN, ngx_cycle->log, 0,
+                          "anythingllm: key cache entry of %uz bytes "
+                          "does not fit in the zone", size);
+            return NULL;
+        }
+
+        ngx_http_anythingllm_cache_expire(sh, shpool, 1);
+    }
+
+    cn = (ngx_http_anythingllm_cache_node_t *) &node->color;
+
+    cn->disabled = 0;
+    cn->scopes = 0;
+    cn->name_len = 0;
+    cn->workspaces_len = 0;
+    cn->stamp = 0;
+    cn->expires = 0;
+    cn->rpm = 0;
+
+    return cn;
+}
+
+
+static void
+ngx_http_anythingllm_cache_insert(ngx_http_anythingllm_cache_sh_t *sh,
+    ngx_http_anythingllm_cache_node_t *cn, const u_char *digest,
+    uint32_t hash)
+{
+    ngx_rbtree_node_t  *node;
+
+    node = (ngx_rbtree_node_t *)
+               ((u_char *) cn - offsetof(ngx_rbtree_node_t, color));
+
+    node->key = hash;
+    ngx_memcpy(cn->digest, digest, ALM_DIGEST_HEX_LEN);
+
+    ngx_rbtree_insert(&sh->rbtree, node);
+    ngx_queue_insert_head(&sh->queue, &cn->queue);
 }

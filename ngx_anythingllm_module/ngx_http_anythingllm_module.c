@@ -14,8 +14,6 @@ static ngx_int_t ngx_http_anythingllm_preaccess_handler(
     ngx_http_request_t *r);
 static ngx_int_t ngx_http_anythingllm_precontent_handler(
     ngx_http_request_t *r);
-static ngx_int_t ngx_http_anythingllm_set_authorization(
-    ngx_http_request_t *r, ngx_str_t *value);
 static ngx_int_t ngx_http_anythingllm_add_variables(ngx_conf_t *cf);
 static ngx_int_t ngx_http_anythingllm_variable(ngx_http_request_t *r,
     ngx_http_variable_value_t *v, uintptr_t data);
@@ -324,7 +322,7 @@ ngx_http_anythingllm_alm_error(ngx_http_request_t *r, alm_error_t *err)
 }
 
 
-static ngx_table_elt_t *
+ngx_table_elt_t *
 ngx_http_anythingllm_push_header(ngx_http_request_t *r, const char *key,
     ngx_str_t *value)
 {
@@ -354,12 +352,45 @@ ngx_int_t
 ngx_http_anythingllm_add_cors(ngx_http_request_t *r)
 {
     ngx_str_t                         v;
+    ngx_uint_t                        i;
+    ngx_list_part_t                  *part;
+    ngx_table_elt_t                  *h;
     ngx_http_anythingllm_loc_conf_t  *alcf;
 
     alcf = ngx_http_get_module_loc_conf(r, ngx_http_anythingllm_module);
 
     if (alcf->cors.len == 0) {
         return NGX_OK;
+    }
+
+    /*
+     * AnythingLLM sends CORS headers of its own; two
+     * Access-Control-Allow-Origin lines make browsers refuse the
+     * answer.  A header with hash 0 is not sent.
+     */
+
+    part = &r->headers_out.headers.part;
+    h = part->elts;
+
+    for (i = 0; /* void */; i++) {
+
+        if (i >= part->nelts) {
+            if (part->next == NULL) {
+                break;
+            }
+
+            part = part->next;
+            h = part->elts;
+            i = 0;
+        }
+
+        if (h[i].key.len > sizeof("Access-Control-") - 1
+            && ngx_strncasecmp(h[i].key.data, (u_char *) "Access-Control-",
+                               sizeof("Access-Control-") - 1)
+               == 0)
+        {
+            h[i].hash = 0;
+        }
     }
 
     if (ngx_http_anythingllm_push_header(r, "Access-Control-Allow-Origin",
@@ -494,10 +525,10 @@ ngx_http_anythingllm_preaccess_handler(ngx_http_request_t *r)
 
 
 /*
- * The precontent phase: the client's Authorization never goes
- * upstream.  With anythingllm_upstream_key it is replaced by
- * AnythingLLM's own key; with anythingllm_auth on and no upstream key
- * it is removed.  Then the OpenAI routes take over, if enabled.
+ * The precontent phase: with anythingllm_upstream_key the client's
+ * Authorization is replaced by AnythingLLM's own key (a location with
+ * anythingllm_auth on cannot lack one: see the merge).  Then the
+ * OpenAI routes take over, if enabled.
  */
 
 static ngx_int_t
@@ -516,18 +547,15 @@ ngx_http_anythingllm_precontent_handler(ngx_http_request_t *r)
 
     if (ctx == NULL || !ctx->key_replaced) {
 
-        if (alcf->upstream_key.len) {
-            if (ngx_http_anythingllm_set_authorization(r,
-                                                       &alcf->upstream_key)
-                != NGX_OK)
-            {
-                return NGX_HTTP_INTERNAL_SERVER_ERROR;
-            }
-
-        } else if (alcf->auth == 1 || alcf->openai == 1) {
-            if (ngx_http_anythingllm_set_authorization(r, NULL) != NGX_OK) {
-                return NGX_HTTP_INTERNAL_SERVER_ERROR;
-            }
+        if (alcf->upstream_key.len
+            && ngx_http_anythingllm_set_header_in(r,
+                                                  &r->headers_in.authorization,
+                                                  "Authorization",
+                                                  "authorization",
+                                                  &alcf->upstream_key, 1)
+               != NGX_OK)
+        {
+            return NGX_HTTP_INTERNAL_SERVER_ERROR;
         }
 
         ctx = ngx_http_anythingllm_get_ctx(r);
@@ -547,18 +575,25 @@ ngx_http_anythingllm_precontent_handler(ngx_http_request_t *r)
 
 
 /*
- * Sets the request's Authorization header to "value", or removes it
- * when value is NULL.  nginx 1.22 refuses a request with two
- * Authorization lines, so there is at most one to find.
+ * Sets a request header to "value": every line of that name the client
+ * sent, found by name, or a new line when "add" is set; "slot" is the
+ * r->headers_in pointer to update.  Elements are changed in place, never
+ * removed: removing one would move the others that r->headers_in
+ * points to.
  */
 
-static ngx_int_t
-ngx_http_anythingllm_set_authorization(ngx_http_request_t *r,
-    ngx_str_t *value)
+ngx_int_t
+ngx_http_anythingllm_set_header_in(ngx_http_request_t *r,
+    ngx_table_elt_t **slot, const char *name, const char *lowcase,
+    ngx_str_t *value, ngx_uint_t add)
 {
+    size_t            len;
     ngx_uint_t        i;
     ngx_list_part_t  *part;
-    ngx_table_elt_t  *h;
+    ngx_table_elt_t  *h, *first;
+
+    len = ngx_strlen(name);
+    first = NULL;
 
     part = &r->headers_in.headers.part;
     h = part->elts;
@@ -575,47 +610,57 @@ ngx_http_anythingllm_set_authorization(ngx_http_request_t *r,
             i = 0;
         }
 
-        if (h[i].key.len != sizeof("Authorization") - 1
-            || ngx_strncasecmp(h[i].key.data, (u_char *) "Authorization",
-                               h[i].key.len)
-               != 0)
+        if (h[i].key.len != len
+            || ngx_strncasecmp(h[i].key.data, (u_char *) name, len) != 0)
         {
             continue;
         }
 
-        if (value) {
-            h[i].value = *value;
-            r->headers_in.authorization = &h[i];
-            return NGX_OK;
+        h[i].value = *value;
+
+        if (first == NULL) {
+            first = &h[i];
+        }
+    }
+
+    if (first == NULL && add) {
+        first = ngx_list_push(&r->headers_in.headers);
+        if (first == NULL) {
+            return NGX_ERROR;
         }
 
-        /* remove the element: the proxy passes every list element */
-
-        ngx_memmove(&h[i], &h[i + 1],
-                    (part->nelts - i - 1) * sizeof(ngx_table_elt_t));
-        part->nelts--;
-
-        r->headers_in.authorization = NULL;
-        return NGX_OK;
+        first->key.data = (u_char *) name;
+        first->key.len = len;
+        first->lowcase_key = (u_char *) lowcase;
+        first->hash = ngx_hash_key(first->lowcase_key, len);
+        first->value = *value;
     }
 
-    if (value == NULL) {
-        return NGX_OK;
-    }
-
-    h = ngx_list_push(&r->headers_in.headers);
-    if (h == NULL) {
-        return NGX_ERROR;
-    }
-
-    ngx_str_set(&h->key, "Authorization");
-    h->lowcase_key = (u_char *) "authorization";
-    h->hash = ngx_hash_key(h->lowcase_key, h->key.len);
-    h->value = *value;
-
-    r->headers_in.authorization = h;
+    *slot = first;
 
     return NGX_OK;
+}
+
+
+
+
+/* the answer must come uncompressed where a filter reads it */
+
+ngx_int_t
+ngx_http_anythingllm_identity_encoding(ngx_http_request_t *r)
+{
+#if (NGX_HTTP_GZIP || NGX_HTTP_HEADERS)
+    ngx_str_t  v;
+
+    ngx_str_set(&v, "identity");
+
+    return ngx_http_anythingllm_set_header_in(r,
+                                              &r->headers_in.accept_encoding,
+                                              "Accept-Encoding",
+                                              "accept-encoding", &v, 0);
+#else
+    return NGX_OK;
+#endif
 }
 
 
@@ -800,6 +845,22 @@ ngx_http_anythingllm_init_main_conf(ngx_conf_t *cf, void *conf)
         ngx_str_set(&amcf->prefix, "anythingllm:");
     }
 
+    if (amcf->redis_addr.len == 0) {
+        ngx_str_set(&amcf->redis_addr, "127.0.0.1:6379");
+        ngx_str_set(&amcf->redis_host, "127.0.0.1");
+        amcf->redis_port = 6379;
+    }
+
+    amcf->revocations.len = amcf->prefix.len + sizeof("revocations") - 1;
+    amcf->revocations.data = ngx_pnalloc(cf->pool, amcf->revocations.len);
+    if (amcf->revocations.data == NULL) {
+        return NGX_CONF_ERROR;
+    }
+
+    ngx_memcpy(ngx_cpymem(amcf->revocations.data, amcf->prefix.data,
+                          amcf->prefix.len),
+               "revocations", sizeof("revocations") - 1);
+
     return NGX_CONF_OK;
 }
 
@@ -839,6 +900,8 @@ ngx_http_anythingllm_merge_loc_conf(ngx_conf_t *cf, void *parent,
     ngx_http_anythingllm_loc_conf_t  *prev = parent;
     ngx_http_anythingllm_loc_conf_t  *conf = child;
 
+    ngx_http_anythingllm_main_conf_t  *amcf;
+
     ngx_conf_merge_str_value(conf->upstream_key, prev->upstream_key, "");
     ngx_conf_merge_value(conf->auth, prev->auth, 0);
     ngx_conf_merge_value(conf->auth_fail_open, prev->auth_fail_open, 0);
@@ -856,6 +919,34 @@ ngx_http_anythingllm_merge_loc_conf(ngx_conf_t *cf, void *parent,
                            "\"anythingllm_max_frame_size\" must be "
                            "at least 1k");
         return NGX_CONF_ERROR;
+    }
+
+    /*
+     * the key a client showed the gateway must never reach AnythingLLM:
+     * where keys are checked, AnythingLLM's own key replaces it
+     */
+
+    if (conf->auth == 1 && conf->upstream_key.len == 0) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "\"anythingllm_auth\" needs "
+                           "\"anythingllm_upstream_key\" at the same or "
+                           "an outer level, so that client keys never "
+                           "reach AnythingLLM");
+        return NGX_CONF_ERROR;
+    }
+
+    /* workers connect to Redis only when something here needs it */
+
+    if (conf->auth == 1 || conf->openai == 1) {
+        amcf = ngx_http_conf_get_module_main_conf(cf,
+                                                  ngx_http_anythingllm_module);
+        amcf->redis_used = 1;
+
+        if (conf->auth == 1 && amcf->cache_zone == NULL
+            && ngx_http_anythingllm_cache_default_zone(cf, amcf) != NGX_OK)
+        {
+            return NGX_CONF_ERROR;
+        }
     }
 
     return NGX_CONF_OK;

@@ -38,11 +38,15 @@ typedef struct {
     ngx_str_t                   redis_password;
     ngx_msec_t                  redis_timeout;
     ngx_str_t                   prefix;
+    ngx_str_t                   revocations;    /* "<prefix>revocations" */
+    ngx_flag_t                  redis_used;     /* auth or openai is on */
 
     /* anythingllm_key_cache */
     ngx_shm_zone_t             *cache_zone;
     time_t                      cache_valid;
     time_t                      cache_invalid;
+    void                       *cache_sh;       /* in the zone */
+    ngx_slab_pool_t            *cache_shpool;
 
     /* anythingllm_conversation_ttl */
     time_t                      conversation_ttl;
@@ -117,8 +121,12 @@ typedef struct {
     ngx_str_t                   workspace;      /* slug judged, if any */
     ngx_http_anythingllm_redis_req_t  *pending; /* lookup in flight */
     time_t                      retry_after;
+    ngx_msec_t                  lookup_started;
+    unsigned                    need_scope;     /* ALM_SCOPE_* */
+    unsigned                    auth_route:4;   /* alm_route_kind_e */
     unsigned                    auth_done:1;
     unsigned                    auth_waiting:1;
+    unsigned                    auth_cleanup:1; /* cleanups are set */
     unsigned                    key_replaced:1; /* upstream key is set */
 
     /* openai (ngx_http_anythingllm_openai.c) */
@@ -128,9 +136,13 @@ typedef struct {
     ngx_str_t                   completion_id;  /* "chatcmpl-..." */
     time_t                      created;
     ngx_int_t                   openai_status;  /* verdict once known */
+    alm_error_t                *openai_error;   /* verdict: this error */
+    ngx_http_anythingllm_redis_req_t  *conv_pending; /* session lookup */
     unsigned                    openai_done:1;
     unsigned                    openai_waiting:1;
     unsigned                    body_read:1;
+    unsigned                    continuing:1;   /* known session */
+    unsigned                    conv_stored:1;
 
     /* response filter (ngx_http_anythingllm_filter.c) */
     ngx_http_anythingllm_resp_e resp;
@@ -165,6 +177,13 @@ ngx_int_t ngx_http_anythingllm_error(ngx_http_request_t *r,
 ngx_int_t ngx_http_anythingllm_alm_error(ngx_http_request_t *r,
     alm_error_t *err);
 ngx_int_t ngx_http_anythingllm_add_cors(ngx_http_request_t *r);
+/* adds a response header; "key" must outlive the request */
+ngx_table_elt_t *ngx_http_anythingllm_push_header(ngx_http_request_t *r,
+    const char *key, ngx_str_t *value);
+ngx_int_t ngx_http_anythingllm_set_header_in(ngx_http_request_t *r,
+    ngx_table_elt_t **slot, const char *name, const char *lowcase,
+    ngx_str_t *value, ngx_uint_t add);
+ngx_int_t ngx_http_anythingllm_identity_encoding(ngx_http_request_t *r);
 
 
 /* ngx_http_anythingllm_redis.c */
@@ -182,8 +201,11 @@ void ngx_http_anythingllm_redis_exit_process(ngx_cycle_t *cycle);
 ngx_uint_t ngx_http_anythingllm_redis_connected(void);
 
 /*
- * Sends a command (argv style) on the worker's connection.  Returns
- * a handle for _cancel(), or NULL when Redis is not reachable now.
+ * Sends a command (argv style) on the worker's connection (pipelined;
+ * while it is being made, the command waits for it, within the same
+ * timeout).  Returns a handle for _cancel(), or NULL when Redis is not
+ * reachable now.  The handler may be NULL (no answer wanted).  The
+ * reply is freed when the handler returns.
  */
 ngx_http_anythingllm_redis_req_t *ngx_http_anythingllm_redis_command(
     ngx_http_anythingllm_redis_handler_pt handler, void *data,
@@ -194,18 +216,27 @@ void ngx_http_anythingllm_redis_cancel(
 
 /* ngx_http_anythingllm_cache.c */
 
+/* the zone made when anythingllm_auth is on without anythingllm_key_cache */
+#define NGX_HTTP_ANYTHINGLLM_CACHE_DEFAULT_SIZE  (10 * 1024 * 1024)
+
 ngx_int_t ngx_http_anythingllm_cache_init_zone(ngx_shm_zone_t *shm_zone,
     void *data);
-/* NGX_OK: found (key filled, name and list copied into pool), */
-/* NGX_DECLINED: miss, NGX_ABORT: cached negative */
+ngx_int_t ngx_http_anythingllm_cache_default_zone(ngx_conf_t *cf,
+    ngx_http_anythingllm_main_conf_t *amcf);
+/*
+ * NGX_OK: found (key filled, name and list copied into pool),
+ * NGX_DECLINED: miss, NGX_ABORT: cached negative, NGX_ERROR: no memory
+ */
 ngx_int_t ngx_http_anythingllm_cache_get(ngx_shm_zone_t *zone,
     const char *digest, ngx_http_anythingllm_key_t *key, ngx_pool_t *pool);
+/* "since": when the Redis lookup that read the record was sent */
 void ngx_http_anythingllm_cache_put(ngx_shm_zone_t *zone,
-    const ngx_http_anythingllm_key_t *key, time_t ttl);
+    const ngx_http_anythingllm_key_t *key, time_t ttl, ngx_msec_t since);
 void ngx_http_anythingllm_cache_put_negative(ngx_shm_zone_t *zone,
     const char *digest, time_t ttl);
-void ngx_http_anythingllm_cache_delete(ngx_shm_zone_t *zone,
-    const char *digest);
+void ngx_http_anythingllm_cache_revoke(ngx_shm_zone_t *zone,
+    const char *digest, ngx_msec_t hold);
+void ngx_http_anythingllm_cache_flush(ngx_shm_zone_t *zone);
 
 
 /* ngx_http_anythingllm_auth.c */
@@ -216,6 +247,10 @@ ngx_int_t ngx_http_anythingllm_access_handler(ngx_http_request_t *r);
 /* ngx_http_anythingllm_openai.c */
 
 ngx_int_t ngx_http_anythingllm_openai_handler(ngx_http_request_t *r);
+
+/* the answer completed: remember its conversation (fire and forget) */
+void ngx_http_anythingllm_openai_conv_store(ngx_http_request_t *r,
+    ngx_http_anythingllm_ctx_t *ctx);
 
 
 /* ngx_http_anythingllm_filter.c */

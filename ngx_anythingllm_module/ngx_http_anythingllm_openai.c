@@ -1,17 +1,965 @@
 /*
  * Copyright (C) ngx_anythingllm authors
  *
- * Placeholder: OpenAI routes.
+ * The precontent phase of an "anythingllm_openai on" location: the
+ * OpenAI routes, matched by suffix, are turned into AnythingLLM calls
+ * that the location's proxy_pass then makes.
+ *
+ *   .../models             GET /api/v1/workspaces, answer as models
+ *   .../models/{id}        GET /api/v1/workspaces, answer as one model
+ *   .../chat/completions   POST /api/v1/workspace/<slug>/stream-chat
+ *                          (or /chat), with the body rewritten
+ *
+ * The response filter (ngx_http_anythingllm_filter.c) translates the
+ * answers.  A chat request whose earlier messages hash to a stored
+ * conversation continues that conversation's AnythingLLM session; the
+ * lookup is an asynchronous Redis read-and-delete, the store a SET once
+ * the answer is complete.
  */
 
 
+#include <openssl/rand.h>
+#include <hiredis/hiredis.h>
+
 #include "ngx_http_anythingllm_module.h"
+
+
+#define NGX_HTTP_ANYTHINGLLM_SESSION_MAX  64
+
+/* GETDEL for any Redis from 2.6 on */
+#define NGX_HTTP_ANYTHINGLLM_TAKE_SCRIPT                                      \
+    "local v = redis.call('GET', KEYS[1]) "                                   \
+    "if v then redis.call('DEL', KEYS[1]) end return v"
+
+
+static ngx_int_t ngx_http_anythingllm_openai_models(ngx_http_request_t *r,
+    ngx_http_anythingllm_ctx_t *ctx, alm_oai_route_e route, const char *id,
+    size_t id_len);
+static ngx_int_t ngx_http_anythingllm_openai_chat(ngx_http_request_t *r,
+    ngx_http_anythingllm_ctx_t *ctx);
+static void ngx_http_anythingllm_openai_body_handler(ngx_http_request_t *r);
+static ngx_int_t ngx_http_anythingllm_openai_prepare(ngx_http_request_t *r,
+    ngx_http_anythingllm_ctx_t *ctx);
+static ngx_int_t ngx_http_anythingllm_openai_read_body(ngx_http_request_t *r,
+    ngx_str_t *body);
+static void ngx_http_anythingllm_openai_conv_handler(void *data,
+    void *reply);
+static void ngx_http_anythingllm_openai_conv_stored(void *data, void *reply);
+static ngx_int_t ngx_http_anythingllm_openai_upstream(ngx_http_request_t *r,
+    ngx_http_anythingllm_ctx_t *ctx);
+static void ngx_http_anythingllm_openai_resume(ngx_http_request_t *r,
+    ngx_http_anythingllm_ctx_t *ctx, ngx_int_t rc);
+static ngx_int_t ngx_http_anythingllm_openai_fail(ngx_http_request_t *r,
+    ngx_http_anythingllm_ctx_t *ctx, alm_error_t *err);
+static ngx_int_t ngx_http_anythingllm_openai_set_uri(ngx_http_request_t *r,
+    const char *tail, size_t tail_len, ngx_str_t *slug);
+static ngx_uint_t ngx_http_anythingllm_openai_model_ok(ngx_http_request_t *r,
+    ngx_http_anythingllm_ctx_t *ctx, const char *id, size_t len);
+static void ngx_http_anythingllm_openai_random(u_char *buf, size_t len);
+static void ngx_http_anythingllm_openai_cleanup(void *data);
+static void ngx_http_anythingllm_openai_free(void *data);
 
 
 ngx_int_t
 ngx_http_anythingllm_openai_handler(ngx_http_request_t *r)
 {
-    return ngx_http_anythingllm_error(r, NGX_HTTP_NOT_FOUND, "Unknown route.",
-                                      "invalid_request_error", NULL,
-                                      "unknown_url");
+    size_t                       id_len;
+    const char                  *id;
+    alm_error_t                  err, *e;
+    alm_oai_route_e              route;
+    ngx_http_anythingllm_ctx_t  *ctx;
+
+    ctx = ngx_http_anythingllm_get_ctx(r);
+    if (ctx == NULL) {
+        return NGX_HTTP_INTERNAL_SERVER_ERROR;
+    }
+
+    if (ctx->openai_done) {
+        e = ctx->openai_error;
+
+        if (e) {
+            ctx->openai_error = NULL;
+            ctx->openai_status = NGX_DONE;
+
+            return ngx_http_anythingllm_alm_error(r, e);
+        }
+
+        return ctx->openai_status;
+    }
+
+    if (ctx->openai_waiting) {
+        /* the body or the conversation lookup is not there yet */
+        return NGX_DONE;
+    }
+
+    route = alm_oai_route((const char *) r->uri.data, r->uri.len, &id,
+                          &id_len);
+
+    ngx_log_debug2(NGX_LOG_DEBUG_HTTP, r->connection->log, 0,
+                   "anythingllm openai route %d \"%V\"", route, &r->uri);
+
+    switch (route) {
+
+    case ALM_OAI_MODELS:
+    case ALM_OAI_MODEL:
+        return ngx_http_anythingllm_openai_models(r, ctx, route, id, id_len);
+
+    case ALM_OAI_CHAT:
+        return ngx_http_anythingllm_openai_chat(r, ctx);
+
+    default:
+        alm_error_set(&err, NGX_HTTP_NOT_FOUND, "invalid_request_error",
+                      NULL, "unknown_url", "Invalid URL (%.*s %.*s).",
+                      (int) r->method_name.len,
+                      (const char *) r->method_name.data,
+                      (int) ngx_min(r->uri.len, 128),
+                      (const char *) r->uri.data);
+
+        return ngx_http_anythingllm_alm_error(r, &err);
+    }
+}
+
+
+static ngx_int_t
+ngx_http_anythingllm_openai_models(ngx_http_request_t *r,
+    ngx_http_anythingllm_ctx_t *ctx, alm_oai_route_e route, const char *id,
+    size_t id_len)
+{
+    alm_error_t  err;
+    ngx_str_t    slug;
+
+    if (r->method != NGX_HTTP_GET) {
+        return ngx_http_anythingllm_error(r, NGX_HTTP_NOT_ALLOWED,
+                                          "Only GET is allowed here.",
+                                          "invalid_request_error", NULL,
+                                          "method_not_allowed");
+    }
+
+    if (r->headers_in.content_length_n > 0 || r->headers_in.chunked) {
+        return ngx_http_anythingllm_error(r, NGX_HTTP_BAD_REQUEST,
+                                          "A GET request carries no body.",
+                                          "invalid_request_error", NULL,
+                                          NULL);
+    }
+
+    if (route == ALM_OAI_MODEL) {
+
+        if (!ngx_http_anythingllm_openai_model_ok(r, ctx, id, id_len)) {
+            alm_error_set(&err, NGX_HTTP_NOT_FOUND, "invalid_request_error",
+                          NULL, "model_not_found", "The model `%.*s` "
+                          "does not exist or you do not have access to it.",
+                          (int) ngx_min(id_len, 128), id);
+
+            return ngx_http_anythingllm_alm_error(r, &err);
+        }
+
+        ctx->model.data = ngx_pnalloc(r->pool, id_len);
+        if (ctx->model.data == NULL) {
+            return NGX_HTTP_INTERNAL_SERVER_ERROR;
+        }
+
+        ngx_memcpy(ctx->model.data, id, id_len);
+        ctx->model.len = id_len;
+    }
+
+    /* nothing to read: the connection stays usable */
+
+    r->headers_in.content_length_n = -1;
+
+    if (ngx_http_anythingllm_identity_encoding(r) != NGX_OK) {
+        return NGX_HTTP_INTERNAL_SERVER_ERROR;
+    }
+
+    ngx_str_null(&slug);
+
+    if (ngx_http_anythingllm_openai_set_uri(r, NULL, 0, &slug) != NGX_OK) {
+        return NGX_HTTP_INTERNAL_SERVER_ERROR;
+    }
+
+    ctx->resp = (route == ALM_OAI_MODEL) ? NGX_HTTP_ANYTHINGLLM_RESP_MODEL
+                                         : NGX_HTTP_ANYTHINGLLM_RESP_MODELS;
+    ctx->openai_done = 1;
+    ctx->openai_status = NGX_DECLINED;
+
+    return NGX_DECLINED;
+}
+
+
+/*
+ * The body is read first, as ngx_http_mirror_module does in this
+ * phase: the handler resumes the phases once it is there, and this
+ * handler, run again, returns the verdict kept in the context.
+ */
+
+static ngx_int_t
+ngx_http_anythingllm_openai_chat(ngx_http_request_t *r,
+    ngx_http_anythingllm_ctx_t *ctx)
+{
+    ngx_int_t            rc;
+    ngx_pool_cleanup_t  *cln;
+
+    if (r->method != NGX_HTTP_POST) {
+        return ngx_http_anythingllm_error(r, NGX_HTTP_NOT_ALLOWED,
+                                          "Only POST is allowed here.",
+                                          "invalid_request_error", NULL,
+                                          "method_not_allowed");
+    }
+
+    cln = ngx_pool_cleanup_add(r->pool, 0);
+    if (cln == NULL) {
+        return NGX_HTTP_INTERNAL_SERVER_ERROR;
+    }
+
+    cln->handler = ngx_http_anythingllm_openai_cleanup;
+    cln->data = ctx;
+
+    ctx->openai_waiting = 1;
+    ctx->openai_status = NGX_DONE;
+
+    rc = ngx_http_read_client_request_body(r,
+                                      ngx_http_anythingllm_openai_body_handler);
+
+    if (rc >= NGX_HTTP_SPECIAL_RESPONSE) {
+        ctx->openai_waiting = 0;
+        ctx->openai_done = 1;
+
+        /* what is left of the body is not read: no keepalive */
+        r->keepalive = 0;
+
+        switch (rc) {
+
+        case NGX_HTTP_REQUEST_ENTITY_TOO_LARGE:
+            return ngx_http_anythingllm_error(r, rc,
+                                          "The request body is too large.",
+                                          "invalid_request_error", NULL,
+                                          NULL);
+
+        case NGX_HTTP_BAD_REQUEST:
+            return ngx_http_anythingllm_error(r, rc,
+                                          "The request body could not be "
+                                          "read.", "invalid_request_error",
+                                          NULL, NULL);
+
+        default:
+            return rc;
+        }
+    }
+
+    ngx_http_finalize_request(r, NGX_DONE);
+
+    return NGX_DONE;
+}
+
+
+static void
+ngx_http_anythingllm_openai_body_handler(ngx_http_request_t *r)
+{
+    ngx_int_t                    rc;
+    ngx_http_anythingllm_ctx_t  *ctx;
+
+    ctx = ngx_http_get_module_ctx(r, ngx_http_anythingllm_module);
+
+    ctx->body_read = 1;
+
+    rc = ngx_http_anythingllm_openai_prepare(r, ctx);
+
+    if (rc == NGX_AGAIN) {
+
+        /* the conversation lookup is under way */
+
+        r->read_event_handler = ngx_http_test_reading;
+        r->write_event_handler = ngx_http_request_empty_handler;
+        return;
+    }
+
+    ngx_http_anythingllm_openai_resume(r, ctx, rc);
+}
+
+
+/*
+ * Reads the chat request.  Returns NGX_DECLINED when the request goes
+ * upstream, NGX_AGAIN while Redis is asked for the conversation, or
+ * NGX_DONE with ctx->openai_error set.
+ */
+
+static ngx_int_t
+ngx_http_anythingllm_openai_prepare(ngx_http_request_t *r,
+    ngx_http_anythingllm_ctx_t *ctx)
+{
+    u_char                            *p;
+    ngx_str_t                          body;
+    const char                        *argv[4];
+    size_t                             argvlen[4];
+    alm_error_t                        err;
+    alm_chat_req_t                    *chat;
+    ngx_http_anythingllm_main_conf_t  *amcf;
+
+    if (ngx_http_anythingllm_openai_read_body(r, &body) != NGX_OK) {
+        alm_error_set(&err, NGX_HTTP_INTERNAL_SERVER_ERROR, "server_error",
+                      NULL, NULL, "The request body could not be read.");
+        return ngx_http_anythingllm_openai_fail(r, ctx, &err);
+    }
+
+    chat = ngx_pcalloc(r->pool, sizeof(alm_chat_req_t));
+    if (chat == NULL) {
+        alm_error_set(&err, NGX_HTTP_INTERNAL_SERVER_ERROR, "server_error",
+                      NULL, NULL, "The gateway ran out of memory.");
+        return ngx_http_anythingllm_openai_fail(r, ctx, &err);
+    }
+
+    if (alm_chat_req_parse((const char *) body.data, body.len,
+                           ctx->key.valid ? ctx->key.digest : NULL, chat,
+                           &err)
+        != ALM_OK)
+    {
+        ngx_log_error(NGX_LOG_INFO, r->connection->log, 0,
+                      "anythingllm: chat request refused: %s", err.message);
+
+        return ngx_http_anythingllm_openai_fail(r, ctx, &err);
+    }
+
+    /* freed by the cleanup from now on */
+    ctx->chat = chat;
+
+    ctx->model.data = (u_char *) chat->model;
+    ctx->model.len = chat->model_len;
+
+    if (ctx->workspace.len == 0) {
+        ctx->workspace = ctx->model;
+    }
+
+    if (!ngx_http_anythingllm_openai_model_ok(r, ctx, chat->model,
+                                              chat->model_len))
+    {
+        alm_error_set(&err, NGX_HTTP_NOT_FOUND, "invalid_request_error",
+                      NULL, "model_not_found", "The model `%.*s` does "
+                      "not exist or you do not have access to it.",
+                      (int) ngx_min(chat->model_len, 128), chat->model);
+
+        return ngx_http_anythingllm_openai_fail(r, ctx, &err);
+    }
+
+    amcf = ngx_http_get_module_main_conf(r, ngx_http_anythingllm_module);
+
+    if (!chat->has_history || amcf->redis_addr.len == 0) {
+        return ngx_http_anythingllm_openai_upstream(r, ctx);
+    }
+
+    /*
+     * <prefix>conv:<digest of the earlier messages>, read and deleted
+     * at once: a session goes on along one branch only.  Two
+     * conversations that began alike, or a turn sent again, cannot
+     * both continue it; the second starts a new session.
+     */
+
+    argvlen[3] = amcf->prefix.len + sizeof("conv:") - 1 + ALM_DIGEST_HEX_LEN;
+
+    p = ngx_pnalloc(r->pool, argvlen[3]);
+    if (p == NULL) {
+        return ngx_http_anythingllm_openai_upstream(r, ctx);
+    }
+
+    argv[0] = "EVAL";
+    argvlen[0] = sizeof("EVAL") - 1;
+    argv[1] = NGX_HTTP_ANYTHINGLLM_TAKE_SCRIPT;
+    argvlen[1] = sizeof(NGX_HTTP_ANYTHINGLLM_TAKE_SCRIPT) - 1;
+    argv[2] = "1";
+    argvlen[2] = 1;
+    argv[3] = (const char *) p;
+
+    p = ngx_cpymem(p, amcf->prefix.data, amcf->prefix.len);
+    p = ngx_cpymem(p, "conv:", sizeof("conv:") - 1);
+    ngx_memcpy(p, chat->prefix_hex, ALM_DIGEST_HEX_LEN);
+
+    ctx->conv_pending = ngx_http_anythingllm_redis_command(
+                                       ngx_http_anythingllm_openai_conv_handler,
+                                       r, 4, argv, argvlen);
+
+    if (ctx->conv_pending == NULL) {
+        ngx_log_error(NGX_LOG_INFO, r->connection->log, 0,
+                      "anythingllm: conversation lookup not possible, "
+                      "Redis is unreachable: a new session is started");
+
+        return ngx_http_anythingllm_openai_upstream(r, ctx);
+    }
+
+    return NGX_AGAIN;
+}
+
+
+/* the body in one piece: where it lies when it is one memory buffer */
+
+static ngx_int_t
+ngx_http_anythingllm_openai_read_body(ngx_http_request_t *r,
+    ngx_str_t *body)
+{
+    off_t                     len;
+    u_char                   *p;
+    size_t                    size;
+    ssize_t                   n;
+    ngx_buf_t                *b;
+    ngx_chain_t              *cl;
+    ngx_http_request_body_t  *rb;
+
+    ngx_str_null(body);
+
+    rb = r->request_body;
+
+    if (rb == NULL || rb->bufs == NULL) {
+        return NGX_OK;
+    }
+
+    b = rb->bufs->buf;
+
+    if (rb->bufs->next == NULL && ngx_buf_in_memory(b)) {
+        body->data = b->pos;
+        body->len = b->last - b->pos;
+        return NGX_OK;
+    }
+
+    len = 0;
+
+    for (cl = rb->bufs; cl; cl = cl->next) {
+        b = cl->buf;
+        len += ngx_buf_in_memory(b) ? b->last - b->pos
+                                    : b->file_last - b->file_pos;
+    }
+
+    if (len == 0) {
+        return NGX_OK;
+    }
+
+    p = ngx_pnalloc(r->pool, (size_t) len);
+    if (p == NULL) {
+        return NGX_ERROR;
+    }
+
+    body->data = p;
+    body->len = (size_t) len;
+
+    /*
+     * A body larger than client_body_buffer_size was written to a
+     * temporary file; it is read back here in one go.
+     */
+
+    for (cl = rb->bufs; cl; cl = cl->next) {
+        b = cl->buf;
+
+        if (ngx_buf_in_memory(b)) {
+            p = ngx_cpymem(p, b->pos, b->last - b->pos);
+            continue;
+        }
+
+        size = (size_t) (b->file_last - b->file_pos);
+
+        n = ngx_read_file(b->file, p, size, b->file_pos);
+
+        if (n != (ssize_t) size) {
+            ngx_log_error(NGX_LOG_ERR, r->connection->log, 0,
+                          "anythingllm: short read of the request body "
+                          "from \"%V\"", &b->file->name);
+            return NGX_ERROR;
+        }
+
+        p += size;
+    }
+
+    return NGX_OK;
+}
+
+
+/*
+ * The Redis reply to the conversation lookup.  The request is alive:
+ * its cleanup cancels the command before the request goes away.
+ */
+
+static void
+ngx_http_anythingllm_openai_conv_handler(void *data, void *reply)
+{
+    ngx_http_request_t *r = data;
+
+    u_char                       ch;
+    size_t                       i;
+    ngx_int_t                    rc;
+    ngx_connection_t            *c;
+    redisReply                  *rep;
+    ngx_http_anythingllm_ctx_t  *ctx;
+
+    c = r->connection;
+    ctx = ngx_http_get_module_ctx(r, ngx_http_anythingllm_module);
+
+    ctx->conv_pending = NULL;
+
+    rep = reply;
+
+    if (rep && rep->type == REDIS_REPLY_STRING && rep->len > 0
+        && rep->len <= NGX_HTTP_ANYTHINGLLM_SESSION_MAX)
+    {
+        for (i = 0; i < (size_t) rep->len; i++) {
+            ch = (u_char) rep->str[i];
+
+            if (!((ch >= '0' && ch <= '9') || (ch >= 'a' && ch <= 'z')
+                  || (ch >= 'A' && ch <= 'Z') || ch == '-'))
+            {
+                break;
+            }
+        }
+
+        if (i == (size_t) rep->len) {
+            ctx->session_id.data = ngx_pnalloc(r->pool, rep->len);
+
+            if (ctx->session_id.data) {
+                ngx_memcpy(ctx->session_id.data, rep->str, rep->len);
+                ctx->session_id.len = rep->len;
+                ctx->continuing = 1;
+            }
+        }
+
+    } else if (rep == NULL || rep->type == REDIS_REPLY_ERROR) {
+        ngx_log_error(NGX_LOG_INFO, c->log, 0,
+                      "anythingllm: conversation lookup failed: "
+                      "a new session is started");
+    }
+
+    ngx_log_debug1(NGX_LOG_DEBUG_HTTP, c->log, 0,
+                   "anythingllm conversation %s",
+                   ctx->continuing ? "continued" : "not found");
+
+    rc = ngx_http_anythingllm_openai_upstream(r, ctx);
+
+    ngx_http_anythingllm_openai_resume(r, ctx, rc);
+
+    ngx_http_run_posted_requests(c);
+}
+
+
+/*
+ * Turns the request into the workspace chat call: the new body, its
+ * length and type, the method and the path.
+ */
+
+static ngx_int_t
+ngx_http_anythingllm_openai_upstream(ngx_http_request_t *r,
+    ngx_http_anythingllm_ctx_t *ctx)
+{
+    u_char                           *p, rnd[16];
+    char                             *json;
+    size_t                            len;
+    ngx_buf_t                        *b;
+    ngx_str_t                         v, slug;
+    alm_error_t                       err;
+    ngx_chain_t                      *cl;
+    alm_chat_req_t                   *chat;
+    ngx_pool_cleanup_t               *cln;
+    ngx_http_request_body_t          *rb;
+    ngx_http_anythingllm_loc_conf_t  *alcf;
+
+    chat = ctx->chat;
+
+    if (!ctx->continuing) {
+
+        /* a new session: a random UUID, version 4 */
+
+        p = ngx_pnalloc(r->pool, 36);
+        if (p == NULL) {
+            goto nomem;
+        }
+
+        ngx_http_anythingllm_openai_random(rnd, sizeof(rnd));
+
+        rnd[6] = (u_char) ((rnd[6] & 0x0f) | 0x40);
+        rnd[8] = (u_char) ((rnd[8] & 0x3f) | 0x80);
+
+        ctx->session_id.data = p;
+        ctx->session_id.len = 36;
+
+        p = ngx_hex_dump(p, rnd, 4);
+        *p++ = '-';
+        p = ngx_hex_dump(p, rnd + 4, 2);
+        *p++ = '-';
+        p = ngx_hex_dump(p, rnd + 6, 2);
+        *p++ = '-';
+        p = ngx_hex_dump(p, rnd + 8, 2);
+        *p++ = '-';
+        (void) ngx_hex_dump(p, rnd + 10, 6);
+    }
+
+    alcf = ngx_http_get_module_loc_conf(r, ngx_http_anythingllm_module);
+
+    json = alm_chat_req_upstream_body(chat, (alm_mode_e) alcf->chat_mode,
+                                      (const char *) ctx->session_id.data,
+                                      ctx->session_id.len, ctx->continuing,
+                                      &len);
+    if (json == NULL) {
+        goto nomem;
+    }
+
+    cln = ngx_pool_cleanup_add(r->pool, 0);
+    if (cln == NULL) {
+        free(json);
+        goto nomem;
+    }
+
+    cln->handler = ngx_http_anythingllm_openai_free;
+    cln->data = json;
+
+    /* the new body replaces the client's, in memory, as it is */
+
+    b = ngx_calloc_buf(r->pool);
+    if (b == NULL) {
+        goto nomem;
+    }
+
+    b->start = (u_char *) json;
+    b->pos = b->start;
+    b->last = b->start + len;
+    b->end = b->last;
+    b->memory = 1;
+    b->last_buf = 1;
+    b->last_in_chain = 1;
+
+    cl = ngx_alloc_chain_link(r->pool);
+    if (cl == NULL) {
+        goto nomem;
+    }
+
+    cl->buf = b;
+    cl->next = NULL;
+
+    rb = r->request_body;
+    rb->bufs = cl;
+
+    r->headers_in.content_length_n = len;
+    r->headers_in.chunked = 0;
+
+    /* the proxy sends its own Content-Length: this is for the others */
+
+    p = ngx_pnalloc(r->pool, NGX_SIZE_T_LEN);
+    if (p == NULL) {
+        goto nomem;
+    }
+
+    v.data = p;
+    v.len = ngx_sprintf(p, "%uz", len) - p;
+
+    if (ngx_http_anythingllm_set_header_in(r, &r->headers_in.content_length,
+                                           "Content-Length", "content-length",
+                                           &v, 0)
+        != NGX_OK)
+    {
+        goto nomem;
+    }
+
+    ngx_str_set(&v, "application/json");
+
+    if (ngx_http_anythingllm_set_header_in(r, &r->headers_in.content_type,
+                                           "Content-Type", "content-type",
+                                           &v, 1)
+        != NGX_OK)
+    {
+        goto nomem;
+    }
+
+    if (ngx_http_anythingllm_identity_encoding(r) != NGX_OK) {
+        goto nomem;
+    }
+
+    slug = ctx->model;
+
+    if (chat->stream) {
+        if (ngx_http_anythingllm_openai_set_uri(r, "/stream-chat",
+                                                sizeof("/stream-chat") - 1,
+                                                &slug)
+            != NGX_OK)
+        {
+            goto nomem;
+        }
+
+        ctx->resp = NGX_HTTP_ANYTHINGLLM_RESP_STREAM;
+
+    } else {
+        if (ngx_http_anythingllm_openai_set_uri(r, "/chat",
+                                                sizeof("/chat") - 1, &slug)
+            != NGX_OK)
+        {
+            goto nomem;
+        }
+
+        ctx->resp = NGX_HTTP_ANYTHINGLLM_RESP_CHAT;
+    }
+
+    /* "chatcmpl-" and 32 random hex digits */
+
+    p = ngx_pnalloc(r->pool, sizeof("chatcmpl-") - 1 + 2 * sizeof(rnd));
+    if (p == NULL) {
+        goto nomem;
+    }
+
+    ngx_http_anythingllm_openai_random(rnd, sizeof(rnd));
+
+    ctx->completion_id.data = p;
+    p = ngx_cpymem(p, "chatcmpl-", sizeof("chatcmpl-") - 1);
+    p = ngx_hex_dump(p, rnd, sizeof(rnd));
+    ctx->completion_id.len = p - ctx->completion_id.data;
+
+    ctx->created = ngx_time();
+
+    ngx_log_debug3(NGX_LOG_DEBUG_HTTP, r->connection->log, 0,
+                   "anythingllm chat \"%V\" session \"%V\" continuing:%d",
+                   &r->uri, &ctx->session_id, ctx->continuing);
+
+    return NGX_DECLINED;
+
+nomem:
+
+    alm_error_set(&err, NGX_HTTP_INTERNAL_SERVER_ERROR, "server_error", NULL,
+                  NULL, "The gateway ran out of memory.");
+
+    return ngx_http_anythingllm_openai_fail(r, ctx, &err);
+}
+
+
+static void
+ngx_http_anythingllm_openai_resume(ngx_http_request_t *r,
+    ngx_http_anythingllm_ctx_t *ctx, ngx_int_t rc)
+{
+    ctx->openai_waiting = 0;
+    ctx->openai_done = 1;
+    ctx->openai_status = rc;
+
+    r->read_event_handler = ngx_http_block_reading;
+    r->write_event_handler = ngx_http_core_run_phases;
+
+    ngx_http_core_run_phases(r);
+}
+
+
+/* keeps an error as the verdict: the handler sends it when run again */
+
+static ngx_int_t
+ngx_http_anythingllm_openai_fail(ngx_http_request_t *r,
+    ngx_http_anythingllm_ctx_t *ctx, alm_error_t *err)
+{
+    alm_error_t  *e;
+
+    e = ngx_palloc(r->pool, sizeof(alm_error_t));
+    if (e == NULL) {
+        return NGX_HTTP_INTERNAL_SERVER_ERROR;
+    }
+
+    *e = *err;
+
+    if (err->message == err->buf) {
+        e->message = e->buf;
+    }
+
+    ctx->resp = NGX_HTTP_ANYTHINGLLM_RESP_NONE;
+    ctx->openai_error = e;
+
+    return NGX_DONE;
+}
+
+
+/*
+ * r->uri becomes /api/v1/workspaces, or /api/v1/workspace/<slug><tail>:
+ * the proxy, whose proxy_pass has no URI part, sends it as it is.
+ */
+
+static ngx_int_t
+ngx_http_anythingllm_openai_set_uri(ngx_http_request_t *r, const char *tail,
+    size_t tail_len, ngx_str_t *slug)
+{
+    u_char  *p;
+    size_t   len;
+
+    static const char  workspaces[] = "/api/v1/workspaces";
+    static const char  workspace[] = "/api/v1/workspace/";
+
+    if (slug->len == 0) {
+        r->uri.data = (u_char *) workspaces;
+        r->uri.len = sizeof(workspaces) - 1;
+
+    } else {
+        len = sizeof(workspace) - 1 + slug->len + tail_len;
+
+        p = ngx_pnalloc(r->pool, len);
+        if (p == NULL) {
+            return NGX_ERROR;
+        }
+
+        r->uri.data = p;
+        r->uri.len = len;
+
+        p = ngx_cpymem(p, workspace, sizeof(workspace) - 1);
+        p = ngx_cpymem(p, slug->data, slug->len);
+        ngx_memcpy(p, tail, tail_len);
+    }
+
+    r->valid_unparsed_uri = 0;
+    r->quoted_uri = 0;
+    r->args_start = NULL;
+    ngx_str_null(&r->args);
+
+    return NGX_OK;
+}
+
+
+
+
+/*
+ * A model is a workspace slug the key may use.  A slug of dots alone
+ * would be a path segment "." or "..": never a workspace.
+ */
+
+static ngx_uint_t
+ngx_http_anythingllm_openai_model_ok(ngx_http_request_t *r,
+    ngx_http_anythingllm_ctx_t *ctx, const char *id, size_t len)
+{
+    size_t  i;
+
+    if (!alm_slug_valid(id, len)) {
+        return 0;
+    }
+
+    for (i = 0; i < len; i++) {
+        if (id[i] != '.') {
+            break;
+        }
+    }
+
+    if (i == len) {
+        return 0;
+    }
+
+    if (ctx->key.valid
+        && !alm_workspace_allowed((const char *) ctx->key.workspaces.data,
+                                  ctx->key.workspaces.len, id, len))
+    {
+        return 0;
+    }
+
+    return 1;
+}
+
+
+/*
+ * Stores "<prefix>conv:<digest of every message and the answer>" ->
+ * session id, so that the next turn of this conversation continues
+ * the session.  Nothing waits for the reply.
+ */
+
+void
+ngx_http_anythingllm_openai_conv_store(ngx_http_request_t *r,
+    ngx_http_anythingllm_ctx_t *ctx)
+{
+    u_char                            *p, ttl[NGX_TIME_T_LEN];
+    const char                        *argv[5];
+    size_t                             argvlen[5];
+    ngx_http_anythingllm_main_conf_t  *amcf;
+
+    if (ctx->chat == NULL || ctx->session_id.len == 0 || ctx->conv_stored) {
+        return;
+    }
+
+    ctx->conv_stored = 1;
+
+    amcf = ngx_http_get_module_main_conf(r, ngx_http_anythingllm_module);
+
+    if (amcf->conversation_ttl <= 0 || amcf->redis_addr.len == 0) {
+        return;
+    }
+
+    argvlen[1] = amcf->prefix.len + sizeof("conv:") - 1 + ALM_DIGEST_HEX_LEN;
+
+    p = ngx_pnalloc(r->pool, argvlen[1]);
+    if (p == NULL) {
+        return;
+    }
+
+    argv[0] = "SET";
+    argvlen[0] = sizeof("SET") - 1;
+
+    argv[1] = (const char *) p;
+    p = ngx_cpymem(p, amcf->prefix.data, amcf->prefix.len);
+    p = ngx_cpymem(p, "conv:", sizeof("conv:") - 1);
+    alm_conv_hash_hex(&ctx->chat->full, (char *) p);
+
+    argv[2] = (const char *) ctx->session_id.data;
+    argvlen[2] = ctx->session_id.len;
+
+    argv[3] = "EX";
+    argvlen[3] = sizeof("EX") - 1;
+
+    argv[4] = (const char *) ttl;
+    argvlen[4] = ngx_sprintf(ttl, "%T", amcf->conversation_ttl) - ttl;
+
+    if (ngx_http_anythingllm_redis_command(
+                                    ngx_http_anythingllm_openai_conv_stored,
+                                    NULL, 5, argv, argvlen)
+        == NULL)
+    {
+        ngx_log_error(NGX_LOG_INFO, r->connection->log, 0,
+                      "anythingllm: conversation not stored, "
+                      "Redis is unreachable");
+        return;
+    }
+
+    ngx_log_debug2(NGX_LOG_DEBUG_HTTP, r->connection->log, 0,
+                   "anythingllm conversation stored: \"%*s\"",
+                   argvlen[1], argv[1]);
+}
+
+
+static void
+ngx_http_anythingllm_openai_conv_stored(void *data, void *reply)
+{
+    redisReply  *rep;
+
+    rep = reply;
+
+    if (rep == NULL || rep->type == REDIS_REPLY_ERROR) {
+        ngx_log_error(NGX_LOG_INFO, ngx_cycle->log, 0,
+                      "anythingllm: conversation could not be stored");
+    }
+}
+
+
+static void
+ngx_http_anythingllm_openai_random(u_char *buf, size_t len)
+{
+    size_t    i;
+    uint32_t  v;
+
+    if (RAND_bytes(buf, (int) len) == 1) {
+        return;
+    }
+
+    for (i = 0; i < len; i++) {
+        v = (uint32_t) ngx_random();
+        buf[i] = (u_char) (v >> 8);
+    }
+}
+
+
+static void
+ngx_http_anythingllm_openai_cleanup(void *data)
+{
+    ngx_http_anythingllm_ctx_t *ctx = data;
+
+    if (ctx->conv_pending) {
+        ngx_http_anythingllm_redis_cancel(ctx->conv_pending);
+        ctx->conv_pending = NULL;
+    }
+
+    if (ctx->chat) {
+        alm_chat_req_free(ctx->chat);
+        ctx->chat = NULL;
+    }
+}
+
+
+static void
+ngx_http_anythingllm_openai_free(void *data)
+{
+    free(data);
 }

@@ -156,3 +156,43 @@ def test_stream_reaches_client_frame_by_frame(nginx, backend):
     s.read_all()
     assert s.done
     s.close()
+
+
+def test_auth_without_upstream_key_is_refused(nginx):
+    # the client's key would otherwise travel on to AnythingLLM
+    n = nginx(http_extra="anythingllm_redis 127.0.0.1:9;",
+              locations="""
+        location /api/v1/ {
+            anythingllm_auth on;
+            proxy_pass http://anythingllm;
+        }
+    """, start=False)
+    n.allow(r"\[emerg\]")
+    ok, out = n.test_config()
+    assert not ok
+    assert "needs \"anythingllm_upstream_key\"" in out
+
+
+def test_cors_headers_are_not_doubled(nginx, backend):
+    # the backend sends Access-Control-Allow-Origin of its own on streams
+    n = nginx(locations="""
+        location /api/v1/ {
+            anythingllm_upstream_key @UPSTREAM_KEY@;
+            anythingllm_cors https://app.example;
+            proxy_pass http://anythingllm;
+            proxy_buffering off;
+        }
+    """)
+    backend.script([chunk("hi", close=True)],
+                   headers={"Access-Control-Allow-Origin": "*"})
+    s = n.stream("POST", "/api/v1/workspace/sales/stream-chat",
+                 json={"message": "x"})
+    origins = [v for k, v in s.raw_headers
+               if k.lower() == "access-control-allow-origin"]
+    assert origins == ["https://app.example"]
+    s.read_all()
+    s.close()
+
+    r = n.get("/api/v1/workspaces")
+    assert r.header_values("access-control-allow-origin") == [
+        "https://app.example"]
