@@ -166,6 +166,17 @@ ngx_http_anythingllm_auth_start(ngx_http_request_t *r,
     ctx->auth_route = rt.kind;
 
     /*
+     * A route that names no workspace acts on the whole instance: the
+     * documents every workspace shares, uploads whose form fields say
+     * which workspaces to embed into, settings, users.  Only a key
+     * allowed every workspace may use those.
+     */
+
+    ctx->auth_global = (alcf->openai != 1 && rt.slug == NULL
+                        && (rt.kind == ALM_ROUTE_API
+                            || rt.kind == ALM_ROUTE_NONE));
+
+    /*
      * The proxy sends r->uri (escaped again) instead of the request
      * line's path: what was judged is what AnythingLLM routes.
      */
@@ -362,9 +373,12 @@ ngx_http_anythingllm_auth_judge(ngx_http_request_t *r,
         return NGX_OK;
     }
 
-    /* AnythingLLM's own OpenAI routes name the workspace in the body */
+    /*
+     * AnythingLLM's own OpenAI routes name the workspace in the body,
+     * and instance-wide routes none at all
+     */
 
-    if (ctx->auth_route == ALM_ROUTE_OPENAI_PASS
+    if ((ctx->auth_route == ALM_ROUTE_OPENAI_PASS || ctx->auth_global)
         && (key->workspaces.len != 1 || key->workspaces.data[0] != '*'))
     {
         ctx->auth_result = NGX_HTTP_ANYTHINGLLM_AUTH_DENIED_WORKSPACE;
@@ -693,6 +707,11 @@ ngx_http_anythingllm_auth_verdict(ngx_http_request_t *r,
         if (ctx->auth_route == ALM_ROUTE_OPENAI_PASS) {
             p = ngx_slprintf(msg, last, "AnythingLLM's /api/v1/openai/ "
                              "routes need a key allowed every workspace.");
+
+        } else if (ctx->auth_global) {
+            p = ngx_slprintf(msg, last, "This route acts on every "
+                             "workspace: it needs a key allowed every "
+                             "workspace.");
 
         } else {
             p = ngx_slprintf(msg, last, "The API key may not use workspace "

@@ -222,13 +222,17 @@ def test_auth_slug_must_be_in_workspaces(nginx, redis_server, backend):
         assert slug in err["message"]
     assert backend.requests() == []
 
-    # a key without any workspace reaches none; routes without a slug work
+    # a key without any workspace reaches none, and no instance-wide
+    # route either; its workspace list is empty
     redis_server.add_key("k-none", scopes="chat,read", workspaces="")
     r = n.post("/api/v1/workspace/sales/chat", json={"message": "hi"},
                headers=bearer("k-none"))
     assert_refused(r, 403, "workspace_forbidden")
     r = n.get("/api/v1/documents", headers=bearer("k-none"))
+    assert_refused(r, 403, "workspace_forbidden")
+    r = n.get("/api/v1/workspaces", headers=bearer("k-none"))
     assert r.status == 200, r.text
+    assert r.json()["workspaces"] == []
 
 
 def test_auth_workspace_list_filtered(nginx, redis_server, backend):
@@ -653,3 +657,45 @@ def test_auth_openai_locations_need_chat(nginx, redis_server, backend):
     assert r.status == 200, r.text
     r = n.get("/v1/models")
     assert_refused(r, 401, "invalid_api_key")
+
+
+def test_auth_instance_wide_routes_need_every_workspace(nginx, redis_server,
+                                                        backend):
+    # an upload names its workspaces in form fields and documents are
+    # shared by every workspace: a key held to some workspaces may not
+    # act on the whole instance
+    redis_server.add_key("k-docs-sales", scopes="documents,read,admin",
+                         workspaces="sales")
+    redis_server.add_key("k-docs-all", scopes="documents,read,admin",
+                         workspaces="*")
+    n = auth_nginx(nginx, redis_server)
+    form = ("--b\r\nContent-Disposition: form-data; name=\"addToWorkspaces\""
+            "\r\n\r\nsupport\r\n--b\r\nContent-Disposition: form-data; "
+            "name=\"file\"; filename=\"a.txt\"\r\nContent-Type: text/plain"
+            "\r\n\r\nhello\r\n--b--\r\n")
+    ctype = {"Content-Type": "multipart/form-data; boundary=b"}
+
+    cases = [
+        ("POST", "/api/v1/document/upload", form, ctype),
+        ("GET", "/api/v1/documents", None, {}),
+        ("DELETE", "/api/v1/system/remove-documents",
+         '{"names":["x"]}', {"Content-Type": "application/json"}),
+        ("POST", "/api/v1/workspace/new", '{"name":"x"}',
+         {"Content-Type": "application/json"}),
+    ]
+    for method, path, body, hdrs in cases:
+        backend.clear()
+        r = n.request(method, path, body=body,
+                      headers=dict(hdrs, **bearer("k-docs-sales")))
+        assert r.status == 403, (path, r.status, r.text)
+        assert error_of(r)["code"] == "workspace_forbidden"
+        assert backend.requests() == [], path
+
+        r = n.request(method, path, body=body,
+                      headers=dict(hdrs, **bearer("k-docs-all")))
+        assert r.status == 200, (path, r.status, r.text)
+        assert len(backend.requests()) == 1, path
+
+    # the key's own workspace stays open to it
+    r = n.get("/api/v1/workspace/sales", headers=bearer("k-docs-sales"))
+    assert r.status == 200
