@@ -814,7 +814,6 @@ ngx_http_anythingllm_create_main_conf(ngx_conf_t *cf)
      * set by ngx_pcalloc():
      *
      *     amcf->redis_addr = { 0, NULL };
-     *     amcf->redis_sockaddr = NULL;
      *     amcf->redis_password = { 0, NULL };
      *     amcf->prefix = { 0, NULL };
      *     amcf->cache_zone = NULL;

@@ -12,6 +12,7 @@ Environment:
   ANYTHINGLLM_API_KEY   AnythingLLM's own API key (the upstream key)
   GATEWAY_LISTEN        default 127.0.0.1:8080
   REDIS_PORT            default: 6379 when free, else a free port
+  ALM_RUN_DIR           where logs and state go (default build/run)
 """
 
 import os
@@ -26,7 +27,7 @@ import time
 import urllib.parse
 
 TOP = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RUN = os.path.join(TOP, "build", "run")
+RUN = os.environ.get("ALM_RUN_DIR") or os.path.join(TOP, "build", "run")
 MODULE = os.path.join(TOP, "build", "module",
                       "ngx_http_anythingllm_module.so")
 KEYS_TOOL = os.path.join(TOP, "scripts", "anythingllm-keys")
