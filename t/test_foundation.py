@@ -9,7 +9,7 @@ import subprocess
 
 import pytest
 
-from conftest import MODULE, NGINX_BIN, REPO, UPSTREAM_KEY
+from conftest import ASAN, MODULE, NGINX_BIN, REPO, UPSTREAM_KEY
 
 
 def frame(obj):
@@ -34,11 +34,19 @@ def test_each_conf_file_passes_nginx_t(name, tmp_path):
     shutil.copy(MODULE, prefix / "build" / "module")
     shutil.copy(os.path.join(REPO, "conf", name), prefix / "conf" / name)
 
+    env = dict(os.environ)
+    if ASAN:
+        env["LD_PRELOAD"] = subprocess.run(
+            ["gcc", "-print-file-name=libasan.so"], capture_output=True,
+            text=True).stdout.strip()
+        env["ASAN_OPTIONS"] = "detect_leaks=0"
+
     out = subprocess.run([NGINX_BIN, "-t", "-p", str(prefix), "-c",
                           "conf/" + name, "-e", str(tmp_path / "err.log")],
-                         capture_output=True, text=True)
+                         capture_output=True, text=True, env=env)
     assert out.returncode == 0, out.stderr
     assert "test is successful" in out.stderr
+    assert "Sanitizer" not in out.stderr
 
 
 def test_conf_files_exist():
