@@ -315,7 +315,8 @@ ngx_http_anythingllm_auth_lookup_done(void *data, void *reply)
     if (rp->elements == 0) {
         ngx_http_anythingllm_cache_put_negative(amcf->cache_zone,
                                                 ctx->key.digest,
-                                                amcf->cache_invalid);
+                                                amcf->cache_invalid,
+                                                ctx->lookup_started);
 
         ctx->auth_result = NGX_HTTP_ANYTHINGLLM_AUTH_DENIED_UNKNOWN;
         goto resume;

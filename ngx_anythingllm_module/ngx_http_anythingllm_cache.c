@@ -44,7 +44,7 @@ typedef struct {
     uint32_t                    workspaces_len;
     ngx_queue_t                 queue;
     ngx_msec_t                  until;      /* the entry's own expiry */
-    ngx_msec_t                  stamp;      /* revoked: when */
+    ngx_msec_t                  stamp;      /* when its news was read */
     time_t                      expires;    /* the key's, unix time */
     ngx_uint_t                  rpm;
     u_char                      digest[ALM_DIGEST_HEX_LEN];
@@ -75,6 +75,8 @@ static void ngx_http_anythingllm_cache_expire(
 static ngx_http_anythingllm_cache_node_t *ngx_http_anythingllm_cache_alloc(
     ngx_http_anythingllm_cache_sh_t *sh, ngx_slab_pool_t *shpool,
     size_t data_len);
+static ngx_uint_t ngx_http_anythingllm_cache_newer(
+    ngx_http_anythingllm_cache_node_t *cn, ngx_msec_t since);
 static void ngx_http_anythingllm_cache_insert(
     ngx_http_anythingllm_cache_sh_t *sh,
     ngx_http_anythingllm_cache_node_t *cn, const u_char *digest,
@@ -257,8 +259,31 @@ done:
 
 
 /*
+ * Whether a live entry holds newer news of the key than a lookup sent
+ * at "since": lookups of one key from several workers can answer out
+ * of order, and the one that read Redis before a revocation must not
+ * bring the key back after it.  A revocation wins a tie.
+ */
+
+static ngx_uint_t
+ngx_http_anythingllm_cache_newer(ngx_http_anythingllm_cache_node_t *cn,
+    ngx_msec_t since)
+{
+    ngx_msec_int_t  d;
+
+    if ((ngx_msec_int_t) (cn->until - ngx_current_msec) <= 0) {
+        return 0;
+    }
+
+    d = (ngx_msec_int_t) (cn->stamp - since);
+
+    return d > 0 || (d == 0 && cn->kind == NGX_HTTP_ANYTHINGLLM_CACHE_REVOKED);
+}
+
+
+/*
  * Stores what a lookup started at "since" read from Redis, unless the
- * key was revoked or the cache flushed after that.
+ * key was revoked, changed or the cache flushed after that.
  */
 
 void
@@ -300,10 +325,7 @@ ngx_http_anythingllm_cache_put(ngx_shm_zone_t *zone,
     cn = ngx_http_anythingllm_cache_lookup(sh, (u_char *) key->digest, hash);
 
     if (cn) {
-        if (cn->kind == NGX_HTTP_ANYTHINGLLM_CACHE_REVOKED
-            && (ngx_msec_int_t) (cn->until - ngx_current_msec) > 0
-            && (ngx_msec_int_t) (cn->stamp - since) >= 0)
-        {
+        if (ngx_http_anythingllm_cache_newer(cn, since)) {
             goto done;
         }
 
@@ -345,7 +367,7 @@ done:
 
 void
 ngx_http_anythingllm_cache_put_negative(ngx_shm_zone_t *zone,
-    const char *digest, time_t ttl)
+    const char *digest, time_t ttl, ngx_msec_t since)
 {
     uint32_t                            hash;
     ngx_slab_pool_t                    *shpool;
@@ -370,6 +392,10 @@ ngx_http_anythingllm_cache_put_negative(ngx_shm_zone_t *zone,
     cn = ngx_http_anythingllm_cache_lookup(sh, (u_char *) digest, hash);
 
     if (cn) {
+        if (ngx_http_anythingllm_cache_newer(cn, since)) {
+            goto done;
+        }
+
         ngx_http_anythingllm_cache_remove(sh, shpool, cn);
     }
 
@@ -378,9 +404,12 @@ ngx_http_anythingllm_cache_put_negative(ngx_shm_zone_t *zone,
     if (cn) {
         cn->kind = NGX_HTTP_ANYTHINGLLM_CACHE_UNKNOWN;
         cn->until = ngx_current_msec + (ngx_msec_t) ttl * 1000;
+        cn->stamp = since;
 
         ngx_http_anythingllm_cache_insert(sh, cn, (u_char *) digest, hash);
     }
+
+done:
 
     ngx_shmtx_unlock(&shpool->mutex);
 }

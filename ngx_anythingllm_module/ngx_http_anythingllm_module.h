@@ -230,11 +230,14 @@ ngx_int_t ngx_http_anythingllm_cache_default_zone(ngx_conf_t *cf,
  */
 ngx_int_t ngx_http_anythingllm_cache_get(ngx_shm_zone_t *zone,
     const char *digest, ngx_http_anythingllm_key_t *key, ngx_pool_t *pool);
-/* "since": when the Redis lookup that read the record was sent */
+/*
+ * "since": when the Redis lookup that read the record was sent; an
+ * answer never replaces an entry made of newer information
+ */
 void ngx_http_anythingllm_cache_put(ngx_shm_zone_t *zone,
     const ngx_http_anythingllm_key_t *key, time_t ttl, ngx_msec_t since);
 void ngx_http_anythingllm_cache_put_negative(ngx_shm_zone_t *zone,
-    const char *digest, time_t ttl);
+    const char *digest, time_t ttl, ngx_msec_t since);
 void ngx_http_anythingllm_cache_revoke(ngx_shm_zone_t *zone,
     const char *digest, ngx_msec_t hold);
 void ngx_http_anythingllm_cache_flush(ngx_shm_zone_t *zone);

@@ -893,16 +893,20 @@ ngx_http_anythingllm_redis_cleanup(void *privdata)
 
         /* hiredis gave the connection up by itself */
 
-        if (conn->state == NGX_HTTP_ANYTHINGLLM_REDIS_UP) {
-            ngx_log_error(ngx_http_anythingllm_redis_level(conn),
-                          ngx_cycle->log, 0,
-                          "anythingllm: redis %s connection to \"%V\" "
-                          "lost: %s, reconnecting", conn->name,
-                          &ngx_http_anythingllm_redis_conf->redis_addr,
-                          conn->ac->errstr[0] ? conn->ac->errstr
-                                              : "closed");
-            conn->quiet = 1;
-        }
+        /*
+         * also before the connection counted as up: a refused AUTH,
+         * SELECT or SUBSCRIBE ends here, and only errstr tells why
+         */
+
+        ngx_log_error(ngx_http_anythingllm_redis_level(conn),
+                      ngx_cycle->log, 0,
+                      "anythingllm: redis %s connection to \"%V\" "
+                      "%s: %s, reconnecting", conn->name,
+                      &ngx_http_anythingllm_redis_conf->redis_addr,
+                      conn->state == NGX_HTTP_ANYTHINGLLM_REDIS_UP
+                          ? "lost" : "failed",
+                      conn->ac->errstr[0] ? conn->ac->errstr : "closed");
+        conn->quiet = 1;
 
         conn->ac = NULL;
         conn->state = NGX_HTTP_ANYTHINGLLM_REDIS_DOWN;
@@ -963,10 +967,13 @@ static void
 ngx_http_anythingllm_redis_sub_message(redisAsyncContext *ac, void *reply,
     void *privdata)
 {
+    u_char                              ch;
+    ngx_uint_t                          i;
     redisReply                         *rp, *type, *msg;
     ngx_msec_t                          hold;
     ngx_shm_zone_t                     *zone;
     ngx_http_anythingllm_redis_conn_t  *conn;
+    char                                digest[ALM_DIGEST_HEX_LEN];
 
     rp = reply;
     conn = privdata;
@@ -1032,19 +1039,40 @@ ngx_http_anythingllm_redis_sub_message(redisAsyncContext *ac, void *reply,
     }
 
     if (msg->len != ALM_DIGEST_HEX_LEN) {
-        ngx_log_error(NGX_LOG_WARN, ngx_cycle->log, 0,
-                      "anythingllm: ignored revocation message of %uz "
-                      "bytes: a 64-digit hex digest expected",
-                      (size_t) msg->len);
-        return;
+        goto invalid;
+    }
+
+    /* the cache holds lowercase digests; some tools print uppercase */
+
+    for (i = 0; i < ALM_DIGEST_HEX_LEN; i++) {
+        ch = (u_char) msg->str[i];
+
+        if (ch >= 'A' && ch <= 'F') {
+            digest[i] = (char) (ch | 0x20);
+
+        } else if ((ch >= '0' && ch <= '9') || (ch >= 'a' && ch <= 'f')) {
+            digest[i] = (char) ch;
+
+        } else {
+            goto invalid;
+        }
     }
 
     ngx_log_debug2(NGX_LOG_DEBUG_HTTP, ngx_cycle->log, 0,
                    "anythingllm: revoked key %*s",
-                   (size_t) ALM_KEY_ID_LEN, msg->str);
+                   (size_t) ALM_KEY_ID_LEN, digest);
 
     hold = ngx_http_anythingllm_redis_conf->redis_timeout
            + NGX_HTTP_ANYTHINGLLM_REDIS_REVOKE_HOLD;
 
-    ngx_http_anythingllm_cache_revoke(zone, msg->str, hold);
+    ngx_http_anythingllm_cache_revoke(zone, digest, hold);
+
+    return;
+
+invalid:
+
+    ngx_log_error(NGX_LOG_WARN, ngx_cycle->log, 0,
+                  "anythingllm: ignored revocation message of %uz bytes: "
+                  "a 64-digit hex digest or \"*\" expected",
+                  (size_t) msg->len);
 }

@@ -76,6 +76,32 @@ def test_revocation_of_every_key(nginx, redis_server, backend):
         for k in ("k-a", "k-b")), timeout=1, interval=0.01)
 
 
+def test_revocation_digest_in_uppercase(nginx, redis_server, backend):
+    """Some tools print hex digests in capitals: the same key."""
+    redis_server.add_key("k-up", scopes="read")
+    n = auth_nginx(nginx, redis_server, valid="600s")
+    for _ in range(4):
+        assert n.get("/api/v1/auth", headers=bearer("k-up")).status == 200
+    redis_server.cmd("DEL", redis_server.key_name("k-up"))
+    redis_server.cmd("PUBLISH", "anythingllm:revocations",
+                     key_digest("k-up").upper())
+    helpers.wait_until(
+        lambda: all(n.get("/api/v1/auth", headers=bearer("k-up")).status
+                    == 401 for _ in range(4)), timeout=1, interval=0.01)
+
+
+def test_subscription_refused_is_logged(nginx, redis_server, backend):
+    """A Redis that refuses the revocation channel says so in the log."""
+    redis_server.cmd("ACL", "SETUSER", "default", "resetchannels")
+    redis_server.add_key("k-a", scopes="read")
+    n = auth_nginx(nginx, redis_server)
+    assert n.get("/api/v1/auth", headers=bearer("k-a")).status == 200
+    helpers.wait_until(
+        lambda: "subscriber connection" in n.error_log()
+        and "NOPERM" in n.error_log(), timeout=3,
+        message="the refused SUBSCRIBE left no trace in the error log")
+
+
 def test_revocation_garbage_is_ignored(nginx, redis_server, backend):
     redis_server.add_key("k-a", scopes="read")
     n = auth_nginx(nginx, redis_server, valid="600s")
