@@ -34,6 +34,7 @@ typedef struct {
     ngx_chain_t                *free;
     ngx_chain_t                *busy;
     ngx_chain_t                *held;       /* input not yet released */
+    ngx_buf_t                  *flush;      /* an empty flush, reused */
 
     /* whole answer */
     u_char                     *body;
@@ -145,7 +146,9 @@ ngx_http_anythingllm_header_filter(ngx_http_request_t *r)
                    "anythingllm header filter: resp:%d status:%ui own:%ui",
                    resp, status, own);
 
-    if (r->header_only) {
+    /* no body to translate: nginx sets header_only for HEAD only later */
+
+    if (r->header_only || r->method == NGX_HTTP_HEAD) {
         ngx_http_clear_content_length(r);
         ngx_str_set(&r->headers_out.content_type, "application/json");
         r->headers_out.content_type_len = r->headers_out.content_type.len;
@@ -297,18 +300,23 @@ ngx_http_anythingllm_stream_body(ngx_http_request_t *r,
     off_t                 off;
     size_t                size;
     ssize_t               n;
-    ngx_int_t             last;
+    ngx_uint_t            last, flush;
     ngx_buf_t            *b;
     ngx_chain_t          *cl, *hl;
     ngx_http_upstream_t  *u;
 
     last = 0;
+    flush = 0;
 
     for (cl = in; cl; cl = cl->next) {
         b = cl->buf;
 
         if (b->last_buf) {
             last = 1;
+        }
+
+        if (b->flush) {
+            flush = 1;
         }
 
         if (fctx->done) {
@@ -408,6 +416,32 @@ ngx_http_anythingllm_stream_body(ngx_http_request_t *r,
     if (fctx->out) {
         for (cl = fctx->out; cl->next; cl = cl->next) { /* void */ }
         cl->buf->flush = 1;
+
+    } else if (flush && !fctx->done) {
+
+        /*
+         * Nothing to say yet (a partial frame, agent progress), but the
+         * flush must go on: the first one pushes out the response
+         * header, which clients wait for while AnythingLLM works.
+         */
+
+        if (fctx->flush == NULL) {
+            fctx->flush = ngx_calloc_buf(r->pool);
+            if (fctx->flush == NULL) {
+                return NGX_ERROR;
+            }
+
+            fctx->flush->flush = 1;
+        }
+
+        cl = ngx_alloc_chain_link(r->pool);
+        if (cl == NULL) {
+            return NGX_ERROR;
+        }
+
+        cl->buf = fctx->flush;
+        cl->next = NULL;
+        fctx->out = cl;
     }
 
     rc = ngx_http_next_body_filter(r, fctx->out);
@@ -498,6 +532,17 @@ ngx_http_anythingllm_stream_ended(ngx_http_request_t *r,
 
     if (alm_sse_succeeded(&fctx->sse)) {
         ngx_http_anythingllm_openai_conv_store(r, fctx->ctx);
+
+    } else if (r->upstream && !r->upstream->buffering) {
+
+        /*
+         * The answer failed (an oversized frame, say) while AnythingLLM
+         * may still be generating: as if its response were complete,
+         * nginx's upstream module ends it once our output is out and
+         * closes the connection, and AnythingLLM stops.
+         */
+
+        r->upstream->length = 0;
     }
 
     if (fctx->out) {

@@ -920,6 +920,13 @@ ngx_http_anythingllm_merge_loc_conf(ngx_conf_t *cf, void *parent,
         return NGX_CONF_ERROR;
     }
 
+    if (conf->max_response < 1024) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "\"anythingllm_max_response_size\" must be "
+                           "at least 1k");
+        return NGX_CONF_ERROR;
+    }
+
     /*
      * the key a client showed the gateway must never reach AnythingLLM:
      * where keys are checked, AnythingLLM's own key replaces it

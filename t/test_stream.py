@@ -531,3 +531,47 @@ def test_with_proxy_buffering_on(nginx, backend):
         {"frame": chunk("Hel")}, {"frame": chunk("lo")}, {"sleep": 0.05},
         {"close": True}])
     assert_failed(read_all(open_stream(n)), "Hello", "broke")
+
+
+def test_headers_go_out_before_the_first_content(nginx, backend):
+    # AnythingLLM answers 200 at once, then works (retrieval, an agent
+    # reporting progress): the client must see the response start
+    n = start(nginx)
+    backend.script(endpoint="stream-chat", events=[
+        {"frame": {"uuid": "u1", "type": "statusResponse",
+                   "textResponse": "searching", "close": False}},
+        {"wait": "thinking"},
+        {"frame": chunk("hi", close=True)}, {"frame": finalize()}])
+    t0 = time.monotonic()
+    s = open_stream(n, timeout=3)
+    assert s.status == 200
+    assert s.headers["content-type"].startswith("text/event-stream")
+    assert time.monotonic() - t0 < 2
+    backend.wait_waiting("thinking")
+    backend.release("thinking")
+    assert_success(read_all(s), "hi")
+
+
+def test_failed_stream_closes_the_upstream(nginx, backend):
+    # once the answer has failed, AnythingLLM is not left generating
+    n = start(nginx, extra="anythingllm_max_frame_size 1k;")
+    backend.script(endpoint="stream-chat", events=[
+        {"frame": chunk("ok ")}, {"frame": chunk("x" * 3000)},
+        {"wait": "never"}, {"frame": finalize()}])
+    s = open_stream(n)
+    frames = s.json_frames(3)
+    assert s.done and not s.truncated
+    assert_failed(frames, "ok ", "larger")
+    # the client keeps its connection open: it is nginx that lets go
+    backend.wait_connections(streams=0, timeout=1)
+    assert backend.connections()["aborted_streams"] >= 1
+    s.close()
+
+
+def test_head_on_the_filtered_workspace_list(nginx, backend, redis_server):
+    n = nginx(gateway=True)
+    redis_server.add_key("sk-sales-read", scopes="read", workspaces="sales")
+    r = n.request("HEAD", "/api/v1/workspaces",
+                  headers={"Authorization": "Bearer sk-sales-read"})
+    assert r.status == 200
+    assert r.body == b""
