@@ -376,6 +376,8 @@ typedef struct {
     alm_completion_meta_t meta;
     int                 include_usage;
     alm_conv_hash_t    *conv;           /* answer text fed here, or NULL */
+    char               *out;            /* output buffer, malloc, reused */
+    size_t              out_cap;
 
     /* state */
     unsigned            sent_role:1;
@@ -427,6 +429,9 @@ int alm_sse_finish(alm_sse_t *s, int broken);
  * answer as an assistant message, ready to be stored.
  */
 int alm_sse_succeeded(const alm_sse_t *s);
+
+/* releases the output buffer the re-framer keeps between calls */
+void alm_sse_free(alm_sse_t *s);
 
 
 #endif /* _ALM_CORE_H_INCLUDED_ */

@@ -440,7 +440,10 @@ alm_sse_flush(alm_sse_t *s, alm_out_t *o)
         rc = s->emit(s->data, o->p, o->len);
     }
 
-    free(o->p);
+    /* kept for the next call: one allocation per stream, not per read */
+
+    s->out = o->p;
+    s->out_cap = o->cap;
 
     if (rc != ALM_OK) {
         /* the sink is gone or memory ran out: nothing more is sent */
@@ -489,6 +492,8 @@ alm_sse_feed(alm_sse_t *s, const char *p, size_t len)
     }
 
     memset(&o, 0, sizeof(alm_out_t));
+    o.p = s->out;
+    o.cap = s->out_cap;
     end = p + len;
 
     if (s->skip_line) {
@@ -592,6 +597,8 @@ alm_sse_finish(alm_sse_t *s, int broken)
     }
 
     memset(&o, 0, sizeof(alm_out_t));
+    o.p = s->out;
+    o.cap = s->out_cap;
 
     s->len = 0;
     s->skip_line = 0;
@@ -604,6 +611,16 @@ alm_sse_finish(alm_sse_t *s, int broken)
     }
 
     return alm_sse_flush(s, &o);
+}
+
+
+void
+alm_sse_free(alm_sse_t *s)
+{
+    free(s->out);
+
+    s->out = NULL;
+    s->out_cap = 0;
 }
 
 

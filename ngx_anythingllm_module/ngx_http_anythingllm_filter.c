@@ -76,6 +76,7 @@ static ngx_int_t ngx_http_anythingllm_set_out_header(ngx_http_request_t *r,
 static void ngx_http_anythingllm_workspace_list(
     ngx_http_anythingllm_ctx_t *ctx, ngx_str_t *list);
 static void ngx_http_anythingllm_filter_free(void *data);
+static void ngx_http_anythingllm_stream_free(void *data);
 
 
 static ngx_http_output_header_filter_pt  ngx_http_next_header_filter;
@@ -232,6 +233,7 @@ ngx_http_anythingllm_stream_header(ngx_http_request_t *r,
     ngx_http_anythingllm_ctx_t *ctx, ngx_http_anythingllm_filter_ctx_t *fctx)
 {
     char                             *buf;
+    ngx_pool_cleanup_t               *cln;
     alm_completion_meta_t             meta;
     ngx_http_anythingllm_loc_conf_t  *alcf;
 
@@ -241,6 +243,14 @@ ngx_http_anythingllm_stream_header(ngx_http_request_t *r,
     if (buf == NULL) {
         return NGX_ERROR;
     }
+
+    cln = ngx_pool_cleanup_add(r->pool, 0);
+    if (cln == NULL) {
+        return NGX_ERROR;
+    }
+
+    cln->handler = ngx_http_anythingllm_stream_free;
+    cln->data = &fctx->sse;
 
     meta.id = (const char *) ctx->completion_id.data;
     meta.id_len = ctx->completion_id.len;
@@ -1036,6 +1046,13 @@ static void
 ngx_http_anythingllm_filter_free(void *data)
 {
     free(data);
+}
+
+
+static void
+ngx_http_anythingllm_stream_free(void *data)
+{
+    alm_sse_free(data);
 }
 
 

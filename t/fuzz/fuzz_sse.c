@@ -114,6 +114,7 @@ run(const char *in, size_t len, const size_t *cuts, size_t ncuts, size_t cap,
     res->succeeded = alm_sse_succeeded(&sse);
     alm_conv_hash_hex(&conv, res->digest);
 
+    alm_sse_free(&sse);
     free(buf);
 }
 

@@ -129,6 +129,7 @@ run_init(run_t *r, size_t cap, int include_usage, int conv)
 static void
 run_free(run_t *r)
 {
+    alm_sse_free(&r->sse);
     free(r->buf);
     free(r->out.p);
 }
