@@ -9,7 +9,9 @@ Fixtures that run the real processes: Redis, the AnythingLLM stand-in
 Environment:
     ALM_MODULE     the module .so
                    (default build/module/ngx_http_anythingllm_module.so)
-    ALM_ASAN=1     run nginx with libasan preloaded and scan its reports
+    ALM_ASAN=1     run nginx with libasan preloaded and scan its reports,
+                   leaks included (ALM_LEAKS=0 turns leak checks off;
+                   t/lsan.supp lists nginx's own)
     ALM_NGINX      the nginx binary (default /usr/sbin/nginx)
     ALM_REDIS      the redis-server binary (default /usr/bin/redis-server)
 """
@@ -677,8 +679,11 @@ class Nginx:
                                  capture_output=True, text=True).stdout.strip()
             env["LD_PRELOAD"] = lib
             env["ASAN_OPTIONS"] = (
-                "detect_leaks=0:abort_on_error=0:log_path=%s"
-                % os.path.join(self.prefix, "logs", "asan"))
+                "detect_leaks=%s:abort_on_error=0:log_path=%s"
+                % (os.environ.get("ALM_LEAKS", "1"),
+                   os.path.join(self.prefix, "logs", "asan")))
+            env["LSAN_OPTIONS"] = "suppressions=%s" % os.path.join(
+                HERE, "lsan.supp")
             env["UBSAN_OPTIONS"] = "print_stacktrace=1"
         return env
 
