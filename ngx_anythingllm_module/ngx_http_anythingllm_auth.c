@@ -308,7 +308,13 @@ ngx_http_anythingllm_auth_lookup_done(void *data, void *reply)
                           rp->type);
         }
 
-        ngx_http_anythingllm_auth_unreachable(r, ctx);
+        /*
+         * Redis answered, so fail-open does not apply: an error (a
+         * record of the wrong type, a refused command) is no reason to
+         * let an unjudged key through
+         */
+
+        ctx->auth_result = NGX_HTTP_ANYTHINGLLM_AUTH_REDIS_ERROR;
         goto resume;
     }
 

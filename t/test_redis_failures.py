@@ -11,7 +11,7 @@ import threading
 import time
 
 import helpers
-from conftest import free_port
+from conftest import free_port, key_digest
 from test_auth import (AUTH_LOCATIONS, AUTH_SERVER, access_field,
                        assert_refused, auth_nginx, bearer, logged,
                        wait_access_lines)
@@ -83,6 +83,19 @@ def test_redis_fail_open(nginx, redis_server, backend):
     # a missing key is still refused
     r = n.get("/api/v1/auth")
     assert_refused(r, 401, "invalid_api_key")
+
+
+def test_redis_error_reply_never_fails_open(nginx, redis_server, backend):
+    # Redis answers, with an error: no reason to let the key through
+    redis_server.cmd("SET", "anythingllm:key:" + key_digest("k-odd"), "x")
+    n = auth_nginx(nginx, redis_server,
+                   server_extra="anythingllm_auth_fail_open on;")
+    backend.clear()
+    r, line = logged(n, "GET", "/api/v1/auth", headers=bearer("k-odd"))
+    assert_refused(r, 503, None, type_="server_error")
+    assert access_field(line, "auth") == "redis_error"
+    assert backend.requests() == []
+    assert "WRONGTYPE" in n.error_log()
 
 
 
