@@ -204,3 +204,18 @@ def test_cors_headers_are_not_doubled(nginx, backend):
     r = n.get("/api/v1/workspaces")
     assert r.header_values("access-control-allow-origin") == [
         "https://app.example"]
+
+
+def test_readme_lists_every_directive_and_variable():
+    import re
+    with open(os.path.join(REPO, "ngx_anythingllm_module",
+                           "ngx_http_anythingllm_module.c")) as f:
+        src = f.read()
+    with open(os.path.join(REPO, "README.md")) as f:
+        readme = f.read()
+    names = set(re.findall(r'ngx_string\("(anythingllm_\w+)"\)', src))
+    directives = {n for n in names if "`" + n + " " in readme}
+    variables = {n for n in names if "`$" + n + "`" in readme}
+    assert len(names) >= 17, names
+    # each is documented, as a directive (with its syntax) or a variable
+    assert names - directives - variables == set()
