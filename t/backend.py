@@ -2,7 +2,8 @@
 """
 A stand-in for the AnythingLLM server, used by the tests of ngx_anythingllm.
 
-It follows the upstream contract (AnythingLLM server v1.16 line): the developer API under /api/v1
+It follows the upstream contract (AnythingLLM server v1.16 line): the
+developer API under /api/v1
 with the upstream key check, workspaces, chats (plain and streamed), threads,
 documents and AnythingLLM's own OpenAI-like endpoints, all in memory.  The
 answers are deterministic so that tests can prove what reached the model:
