@@ -62,6 +62,11 @@ static ngx_int_t ngx_http_anythingllm_auth_parse(ngx_http_request_t *r,
     ngx_http_anythingllm_ctx_t *ctx, redisReply *rp);
 static ngx_int_t ngx_http_anythingllm_auth_number(redisReply *v,
     ngx_int_t *n);
+static ngx_int_t ngx_http_anythingllm_auth_keep(ngx_http_request_t *r,
+    ngx_http_anythingllm_key_t *key);
+static ngx_http_anythingllm_key_t *ngx_http_anythingllm_auth_kept(
+    ngx_http_request_t *r);
+static void ngx_http_anythingllm_auth_kept_cleanup(void *data);
 
 
 /* indexed by the bit of ALM_SCOPE_* */
@@ -121,6 +126,7 @@ ngx_http_anythingllm_auth_start(ngx_http_request_t *r,
     ngx_int_t                          rc;
     ngx_str_t                          key;
     alm_route_t                        rt;
+    ngx_http_anythingllm_key_t        *kept;
     ngx_http_anythingllm_main_conf_t  *amcf;
 
     ctx->auth_done = 1;
@@ -191,6 +197,22 @@ ngx_http_anythingllm_auth_start(ngx_http_request_t *r,
         }
 
         ngx_memcpy(ctx->workspace.data, rt.slug, rt.slug_len);
+    }
+
+    /*
+     * After an internal redirect (error_page, try_files) the request is
+     * judged again for its new location, but Authorization holds
+     * AnythingLLM's own key by then: the key judged first stands in,
+     * without a second rate-limit count.
+     */
+
+    kept = r->internal ? ngx_http_anythingllm_auth_kept(r) : NULL;
+
+    if (kept) {
+        ctx->key = *kept;
+        ctx->key.rpm = 0;
+        ctx->auth_result = NGX_HTTP_ANYTHINGLLM_AUTH_CACHED;
+        return ngx_http_anythingllm_auth_judge(r, ctx);
     }
 
     if (ngx_http_anythingllm_auth_read_key(r, &key) != NGX_OK) {
@@ -643,6 +665,12 @@ ngx_http_anythingllm_auth_verdict(ngx_http_request_t *r,
 
     case NGX_HTTP_ANYTHINGLLM_AUTH_CACHED:
     case NGX_HTTP_ANYTHINGLLM_AUTH_REDIS:
+        if (ngx_http_anythingllm_auth_keep(r, key) != NGX_OK) {
+            return NGX_HTTP_INTERNAL_SERVER_ERROR;
+        }
+
+        /* fall through */
+
     case NGX_HTTP_ANYTHINGLLM_AUTH_FAIL_OPEN:
 
         /*
@@ -927,4 +955,57 @@ ngx_http_anythingllm_auth_number(redisReply *v, ngx_int_t *n)
     *n = ngx_atoi((u_char *) v->str, v->len);
 
     return (*n == NGX_ERROR) ? NGX_ERROR : NGX_OK;
+}
+
+
+/*
+ * The judged key is kept where an internal redirect, which clears the
+ * module's request ctx, does not reach: a cleanup of the request pool,
+ * found again by its handler.  Its strings live in the same pool.
+ */
+
+static ngx_int_t
+ngx_http_anythingllm_auth_keep(ngx_http_request_t *r,
+    ngx_http_anythingllm_key_t *key)
+{
+    ngx_pool_cleanup_t          *cln;
+    ngx_http_anythingllm_key_t  *kept;
+
+    if (ngx_http_anythingllm_auth_kept(r)) {
+        return NGX_OK;
+    }
+
+    cln = ngx_pool_cleanup_add(r->pool, sizeof(ngx_http_anythingllm_key_t));
+    if (cln == NULL) {
+        return NGX_ERROR;
+    }
+
+    kept = cln->data;
+    *kept = *key;
+
+    cln->handler = ngx_http_anythingllm_auth_kept_cleanup;
+
+    return NGX_OK;
+}
+
+
+static ngx_http_anythingllm_key_t *
+ngx_http_anythingllm_auth_kept(ngx_http_request_t *r)
+{
+    ngx_pool_cleanup_t  *cln;
+
+    for (cln = r->pool->cleanup; cln; cln = cln->next) {
+        if (cln->handler == ngx_http_anythingllm_auth_kept_cleanup) {
+            return cln->data;
+        }
+    }
+
+    return NULL;
+}
+
+
+static void
+ngx_http_anythingllm_auth_kept_cleanup(void *data)
+{
+    /* nothing to release: the mark that finds the kept key */
 }

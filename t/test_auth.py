@@ -699,3 +699,42 @@ def test_auth_instance_wide_routes_need_every_workspace(nginx, redis_server,
     # the key's own workspace stays open to it
     r = n.get("/api/v1/workspace/sales", headers=bearer("k-docs-sales"))
     assert r.status == 200
+
+
+def test_auth_survives_an_internal_redirect(nginx, redis_server, backend):
+    # error_page sends the request to another URI after the upstream key
+    # replaced the client's: it is judged again with the client's key,
+    # for its new route, and counted once against the rate limit
+    redis_server.add_key("k-read", scopes="read", workspaces="*", rpm=3)
+    n = auth_nginx(nginx, redis_server, locations="""
+        location / {
+            proxy_pass              http://anythingllm;
+            proxy_intercept_errors  on;
+            error_page 404 = /api/v1/workspaces;
+        }
+        location /api/v1/sub/ {
+            proxy_pass              http://anythingllm;
+            proxy_intercept_errors  on;
+            error_page 404 = /api/v1/admin/users;
+        }
+    """)
+    r = n.get("/api/v1/no-such-route", headers=bearer("k-read"))
+    assert r.status == 200, r.text
+    assert [w["slug"] for w in r.json()["workspaces"]]
+    seen = [q["path"] for q in backend.requests()]
+    assert seen == ["/api/v1/no-such-route", "/api/v1/workspaces"]
+    for q in backend.requests():
+        assert "k-read" not in repr(q)
+
+    # the new route needs "admin", which this key lacks
+    backend.clear()
+    r = n.get("/api/v1/sub/missing", headers=bearer("k-read"))
+    assert_refused(r, 403, "insufficient_scope")
+    assert [q["path"] for q in backend.requests()] == ["/api/v1/sub/missing"]
+
+    # one count per client request: 3 allowed in the minute, then 429
+    # (two of the three are spent above)
+    assert n.get("/api/v1/no-such-route",
+                 headers=bearer("k-read")).status == 200
+    r = n.get("/api/v1/no-such-route", headers=bearer("k-read"))
+    assert_refused(r, 429, "rate_limit_exceeded", type_="requests")
