@@ -959,31 +959,28 @@ ngx_http_anythingllm_auth_number(redisReply *v, ngx_int_t *n)
 
 
 /*
- * The judged key is kept where an internal redirect, which clears the
- * module's request ctx, does not reach: a cleanup of the request pool,
- * found again by its handler.  Its strings live in the same pool.
+ * An internal redirect clears the module's ctx pointer but not the
+ * ctx itself, which lives in the request pool: a pool cleanup, found
+ * again by its handler, keeps the judged key reachable.
  */
 
 static ngx_int_t
 ngx_http_anythingllm_auth_keep(ngx_http_request_t *r,
     ngx_http_anythingllm_key_t *key)
 {
-    ngx_pool_cleanup_t          *cln;
-    ngx_http_anythingllm_key_t  *kept;
+    ngx_pool_cleanup_t  *cln;
 
     if (ngx_http_anythingllm_auth_kept(r)) {
         return NGX_OK;
     }
 
-    cln = ngx_pool_cleanup_add(r->pool, sizeof(ngx_http_anythingllm_key_t));
+    cln = ngx_pool_cleanup_add(r->pool, 0);
     if (cln == NULL) {
         return NGX_ERROR;
     }
 
-    kept = cln->data;
-    *kept = *key;
-
     cln->handler = ngx_http_anythingllm_auth_kept_cleanup;
+    cln->data = key;
 
     return NGX_OK;
 }

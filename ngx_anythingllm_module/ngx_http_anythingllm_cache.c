@@ -77,6 +77,8 @@ static ngx_http_anythingllm_cache_node_t *ngx_http_anythingllm_cache_alloc(
     size_t data_len);
 static ngx_uint_t ngx_http_anythingllm_cache_newer(
     ngx_http_anythingllm_cache_node_t *cn, ngx_msec_t since);
+static void ngx_http_anythingllm_cache_mark(ngx_shm_zone_t *zone,
+    const char *digest, ngx_uint_t kind, ngx_msec_t stamp, ngx_msec_t until);
 static void ngx_http_anythingllm_cache_insert(
     ngx_http_anythingllm_cache_sh_t *sh,
     ngx_http_anythingllm_cache_node_t *cn, const u_char *digest,
@@ -369,49 +371,13 @@ void
 ngx_http_anythingllm_cache_put_negative(ngx_shm_zone_t *zone,
     const char *digest, time_t ttl, ngx_msec_t since)
 {
-    uint32_t                            hash;
-    ngx_slab_pool_t                    *shpool;
-    ngx_http_anythingllm_cache_sh_t    *sh;
-    ngx_http_anythingllm_main_conf_t   *amcf;
-    ngx_http_anythingllm_cache_node_t  *cn;
-
-    if (zone == NULL || ttl <= 0) {
-        return;
+    if (ttl > 0) {
+        ngx_http_anythingllm_cache_mark(zone, digest,
+                                        NGX_HTTP_ANYTHINGLLM_CACHE_UNKNOWN,
+                                        since,
+                                        ngx_current_msec
+                                        + (ngx_msec_t) ttl * 1000);
     }
-
-    amcf = zone->data;
-    sh = amcf->cache_sh;
-    shpool = amcf->cache_shpool;
-
-    hash = ngx_crc32_short((u_char *) digest, ALM_DIGEST_HEX_LEN);
-
-    ngx_shmtx_lock(&shpool->mutex);
-
-    ngx_http_anythingllm_cache_expire(sh, shpool, 0);
-
-    cn = ngx_http_anythingllm_cache_lookup(sh, (u_char *) digest, hash);
-
-    if (cn) {
-        if (ngx_http_anythingllm_cache_newer(cn, since)) {
-            goto done;
-        }
-
-        ngx_http_anythingllm_cache_remove(sh, shpool, cn);
-    }
-
-    cn = ngx_http_anythingllm_cache_alloc(sh, shpool, 0);
-
-    if (cn) {
-        cn->kind = NGX_HTTP_ANYTHINGLLM_CACHE_UNKNOWN;
-        cn->until = ngx_current_msec + (ngx_msec_t) ttl * 1000;
-        cn->stamp = since;
-
-        ngx_http_anythingllm_cache_insert(sh, cn, (u_char *) digest, hash);
-    }
-
-done:
-
-    ngx_shmtx_unlock(&shpool->mutex);
 }
 
 
@@ -423,6 +389,22 @@ done:
 void
 ngx_http_anythingllm_cache_revoke(ngx_shm_zone_t *zone, const char *digest,
     ngx_msec_t hold)
+{
+    ngx_http_anythingllm_cache_mark(zone, digest,
+                                    NGX_HTTP_ANYTHINGLLM_CACHE_REVOKED,
+                                    ngx_current_msec,
+                                    ngx_current_msec + hold);
+}
+
+
+/*
+ * Puts a marker, an entry without a record ("unknown" or "revoked"),
+ * in the place of the digest's entry, unless that holds newer news.
+ */
+
+static void
+ngx_http_anythingllm_cache_mark(ngx_shm_zone_t *zone, const char *digest,
+    ngx_uint_t kind, ngx_msec_t stamp, ngx_msec_t until)
 {
     uint32_t                            hash;
     ngx_slab_pool_t                    *shpool;
@@ -442,21 +424,29 @@ ngx_http_anythingllm_cache_revoke(ngx_shm_zone_t *zone, const char *digest,
 
     ngx_shmtx_lock(&shpool->mutex);
 
+    ngx_http_anythingllm_cache_expire(sh, shpool, 0);
+
     cn = ngx_http_anythingllm_cache_lookup(sh, (u_char *) digest, hash);
 
     if (cn) {
+        if (ngx_http_anythingllm_cache_newer(cn, stamp)) {
+            goto done;
+        }
+
         ngx_http_anythingllm_cache_remove(sh, shpool, cn);
     }
 
     cn = ngx_http_anythingllm_cache_alloc(sh, shpool, 0);
 
     if (cn) {
-        cn->kind = NGX_HTTP_ANYTHINGLLM_CACHE_REVOKED;
-        cn->stamp = ngx_current_msec;
-        cn->until = ngx_current_msec + hold;
+        cn->kind = (u_char) kind;
+        cn->stamp = stamp;
+        cn->until = until;
 
         ngx_http_anythingllm_cache_insert(sh, cn, (u_char *) digest, hash);
     }
+
+done:
 
     ngx_shmtx_unlock(&shpool->mutex);
 }

@@ -973,6 +973,7 @@ static ngx_int_t
 ngx_http_anythingllm_set_out_header(ngx_http_request_t *r, const char *name,
     size_t len, const char *value)
 {
+    ngx_str_t         v;
     ngx_uint_t        i;
     ngx_list_part_t  *part;
     ngx_table_elt_t  *h, *found;
@@ -1008,20 +1009,15 @@ ngx_http_anythingllm_set_out_header(ngx_http_request_t *r, const char *name,
         found = &h[i];
     }
 
-    if (found == NULL) {
-        found = ngx_list_push(&r->headers_out.headers);
-        if (found == NULL) {
-            return NGX_ERROR;
-        }
+    v.data = (u_char *) value;
+    v.len = ngx_strlen(value);
 
-        found->hash = 1;
-        found->key.data = (u_char *) name;
-        found->key.len = len;
-        found->lowcase_key = NULL;
+    if (found == NULL) {
+        return ngx_http_anythingllm_push_header(r, name, &v) ? NGX_OK
+                                                             : NGX_ERROR;
     }
 
-    found->value.data = (u_char *) value;
-    found->value.len = ngx_strlen(value);
+    found->value = v;
 
     return NGX_OK;
 }
