@@ -3,8 +3,10 @@
 import hashlib
 import json
 import os
+import pty
 import random
 import re
+import select
 import socket
 import subprocess
 import threading
@@ -746,3 +748,42 @@ def test_many_changes_racing_revokes(redis_server):
         slow.close()
         gate.close()
     assert redis_server.cmd("DBSIZE") == 0
+
+
+def test_key_from_a_terminal_is_not_echoed(redis_server):
+    info = create(redis_server, "--name", "typed")
+    master, slave = pty.openpty()
+    tty = os.ttyname(slave)
+
+    def own_terminal():
+        # a session of its own whose controlling terminal is the pty
+        os.setsid()
+        os.close(os.open(tty, os.O_RDWR))
+
+    e = {k: v for k, v in os.environ.items()
+         if not k.startswith("ANYTHINGLLM_") and k != "REDISCLI_AUTH"}
+    p = subprocess.Popen([TOOL, "--redis", redis_server.addr, "disable",
+                          "-"], stdin=slave, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, env=e,
+                         preexec_fn=own_terminal)
+    os.close(slave)
+    seen = b""
+    try:
+        deadline = time.monotonic() + 30
+        while b"key: " not in seen:
+            assert time.monotonic() < deadline, seen
+            if select.select([master], [], [], 0.5)[0]:
+                seen += os.read(master, 4096)
+        os.write(master, info["key"].encode() + b"\n")
+        out, err = p.communicate(timeout=30)
+        while select.select([master], [], [], 0.2)[0]:
+            try:
+                seen += os.read(master, 4096)
+            except OSError:
+                break
+    finally:
+        os.close(master)
+    assert p.returncode == 0, err
+    assert stored(redis_server, info["digest"])["disabled"] == "1"
+    assert info["key"].encode() not in seen
+    assert info["key"] not in out + err
