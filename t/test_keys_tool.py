@@ -184,6 +184,8 @@ def test_allow_weak_key_only_with_a_given_key():
     (["--expires", "soon"], "--expires"),
     (["--expires", "5y"], "--expires"),
     (["--expires", "1000"], "past"),
+    (["--expires", "99999999999999"], "9999"),
+    (["--expires", "99999999999d"], "9999"),
     (["--workspaces", "sales,../x"], "slug"),
     (["--workspaces", "a b"], "slug"),
     (["--workspaces", "*,sales"], "'*'"),
