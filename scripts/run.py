@@ -81,9 +81,22 @@ def render_conf(listen, upstream, upstream_key, redis_port):
         text = "user root;\n" + text
 
     path = os.path.join(RUN, "nginx.conf")
-    with open(path, "w") as f:
-        f.write(text)
+    write_private(path, text)
     return path
+
+
+def write_private(path, text):
+    """Writes a file that holds a secret (the upstream key): created
+    0600, so that no other user can read it at any moment, whatever the
+    umask; O_EXCL and O_NOFOLLOW refuse a file or link put there first."""
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW,
+                 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
 
 
 def main():
@@ -102,7 +115,8 @@ def main():
 
     if os.path.isdir(RUN):
         shutil.rmtree(RUN)
-    os.makedirs(RUN)
+    # logs and state of this run: for its user only
+    os.makedirs(RUN, mode=0o700)
 
     procs = []
 

@@ -3,8 +3,13 @@
 import hashlib
 import json
 import os
+import pty
+import random
 import re
+import select
+import socket
 import subprocess
+import threading
 import time
 
 import pytest
@@ -16,7 +21,7 @@ TOOL = os.path.join(REPO, "scripts", "anythingllm-keys")
 
 def run(redis, *args, stdin=None, env=None, addr=None):
     e = {k: v for k, v in os.environ.items()
-         if not k.startswith("ANYTHINGLLM_")}
+         if not k.startswith("ANYTHINGLLM_") and k != "REDISCLI_AUTH"}
     if env:
         e.update(env)
     cmd = [TOOL]
@@ -92,16 +97,85 @@ def test_create_options(redis_server):
     assert i["expires"] == 0
 
 
+OWN_KEY = "my-own-key-0123456789-abcdefghijkl"   # 34 characters
+
+
 def test_create_with_given_key(redis_server):
     p = run(redis_server, "create", "--name", "imported",
-            "--key-from-stdin", "--json", stdin="my-own-key-123\n")
+            "--key-from-stdin", "--json", stdin=OWN_KEY + "\n")
     assert p.returncode == 0, p.stderr
-    digest = hashlib.sha256(b"my-own-key-123").hexdigest()
+    digest = hashlib.sha256(OWN_KEY.encode()).hexdigest()
     assert json.loads(p.stdout)["digest"] == digest
     assert stored(redis_server, digest)["name"] == "imported"
     p = run(redis_server, "create", "--name", "again", "--key-from-stdin",
-            stdin="my-own-key-123\n")
+            stdin=OWN_KEY + "\n")
     assert p.returncode == 1 and "already" in p.stderr
+
+
+def test_given_key_of_32_characters_is_enough(redis_server):
+    key = "k" * 31 + "Z"
+    p = run(redis_server, "create", "--name", "n", "--key-from-stdin",
+            "--json", stdin=key)
+    assert p.returncode == 0, p.stderr
+    assert json.loads(p.stdout)["digest"] == \
+        hashlib.sha256(key.encode()).hexdigest()
+
+
+@pytest.mark.parametrize("key", ["my-own-key-123", "x" * 31])
+def test_short_given_key_is_refused(redis_server, key):
+    p = run(redis_server, "create", "--name", "weak", "--key-from-stdin",
+            stdin=key + "\n")
+    assert p.returncode == 2, (p.stdout, p.stderr)
+    assert "%d characters" % len(key) in p.stderr
+    assert "32" in p.stderr and "--allow-weak-key" in p.stderr
+    assert p.stdout == ""
+    assert redis_server.cmd("DBSIZE") == 0
+    # on purpose: stored, and the digest is what the gateway computes
+    p = run(redis_server, "create", "--name", "weak", "--key-from-stdin",
+            "--allow-weak-key", "--json", stdin=key + "\n")
+    assert p.returncode == 0, p.stderr
+    digest = hashlib.sha256(key.encode()).hexdigest()
+    assert json.loads(p.stdout)["digest"] == digest
+    assert stored(redis_server, digest)["name"] == "weak"
+
+
+@pytest.mark.parametrize("key", [
+    "", "\n",
+    OWN_KEY[:10] + " " + OWN_KEY[10:],
+    OWN_KEY[:10] + "\t" + OWN_KEY[10:],
+    OWN_KEY + "\r\r",
+    OWN_KEY[:10] + "\x00" + OWN_KEY[10:],
+    OWN_KEY[:10] + "\x1b[2J" + OWN_KEY[10:],
+    OWN_KEY[:10] + "\x7f" + OWN_KEY[10:],
+    OWN_KEY[:10] + "\u00a0" + OWN_KEY[10:],     # no-break space
+    OWN_KEY[:10] + "\u200b" + OWN_KEY[10:],     # zero width space
+    OWN_KEY[:10] + "\u202e" + OWN_KEY[10:],     # right-to-left override
+    OWN_KEY[:10] + "\u00e9" + OWN_KEY[10:],     # not ASCII
+])
+def test_given_key_with_invisible_characters_is_refused(redis_server, key):
+    for extra in ([], ["--allow-weak-key"]):
+        p = run(redis_server, "create", "--name", "n", "--key-from-stdin",
+                *extra, stdin=key + "\n")
+        assert p.returncode == 2, (repr(key), p.stdout, p.stderr)
+        assert "stdin" in p.stderr
+        assert p.stdout == ""
+    assert redis_server.cmd("DBSIZE") == 0
+
+
+def test_given_key_that_is_not_utf8_is_refused(redis_server):
+    p = subprocess.run(
+        [TOOL, "--redis", redis_server.addr, "create", "--name", "n",
+         "--key-from-stdin"], input=OWN_KEY.encode() + b"\xff\xfe\n",
+        capture_output=True, timeout=30)
+    assert p.returncode == 2, p.stderr
+    assert b"Traceback" not in p.stderr and b"stdin" in p.stderr
+    assert redis_server.cmd("DBSIZE") == 0
+
+
+def test_allow_weak_key_only_with_a_given_key():
+    p = run(None, "create", "--name", "n", "--allow-weak-key",
+            addr="127.0.0.1:1")
+    assert p.returncode == 2 and "--key-from-stdin" in p.stderr
 
 
 @pytest.mark.parametrize("args, words", [
@@ -110,6 +184,8 @@ def test_create_with_given_key(redis_server):
     (["--expires", "soon"], "--expires"),
     (["--expires", "5y"], "--expires"),
     (["--expires", "1000"], "past"),
+    (["--expires", "99999999999999"], "9999"),
+    (["--expires", "99999999999d"], "9999"),
     (["--workspaces", "sales,../x"], "slug"),
     (["--workspaces", "a b"], "slug"),
     (["--workspaces", "*,sales"], "'*'"),
@@ -287,3 +363,429 @@ def test_unix_socket_and_password(redis_server):
         assert p.returncode == 0
     finally:
         redis_server.cmd("CONFIG", "SET", "requirepass", "")
+
+
+# ---------------------------------------------------------------------------
+# names: what logs and lists show must be what it looks like
+
+
+@pytest.mark.parametrize("name", [
+    "admin\u202e",                    # right-to-left override (bidi)
+    "team \u2067a\u2069",             # right-to-left isolate ... pop
+    "ev\u200bil",                     # zero width space
+    "a\u200db",                       # zero width joiner
+    "\ufeffbom",                      # byte order mark
+    "x\u00ady",                       # soft hyphen
+    "tag\U000e0041",                  # tag character
+    "line\u2028two",                  # line separator
+    "para\u2029two",                  # paragraph separator
+    "bell\x07",                       # C0 control
+    "csi\x9b31m",                     # C1 control
+    "del\x7f",
+    "tab\tname",
+    "new\nline",
+])
+def test_name_with_invisible_characters_is_refused(redis_server, name):
+    p = run(redis_server, "create", "--name", name)
+    assert p.returncode == 2, (repr(name), p.stdout, p.stderr)
+    assert "--name" in p.stderr and "U+" in p.stderr
+    assert redis_server.cmd("DBSIZE") == 0
+    info = create(redis_server, "--name", "plain")
+    p = run(redis_server, "set", info["id"], "--name", name)
+    assert p.returncode == 2, (repr(name), p.stdout, p.stderr)
+    assert stored(redis_server, info["digest"])["name"] == "plain"
+    redis_server.cmd("FLUSHALL")
+
+
+def test_name_not_utf8_is_refused(redis_server):
+    p = subprocess.run([TOOL.encode(), b"--redis", redis_server.addr.encode(),
+                        b"create", b"--name", b"caf\xe9"],
+                       capture_output=True, timeout=30)
+    assert p.returncode == 2, p.stderr
+    assert b"Traceback" not in p.stderr and b"--name" in p.stderr
+    assert redis_server.cmd("DBSIZE") == 0
+
+
+def test_visible_unicode_names_are_kept(redis_server):
+    for name in ("équipe café", "営業 チーム", "team 🚀", "שיווק"):
+        info = create(redis_server, "--name", name)
+        assert stored(redis_server, info["digest"])["name"] == name
+
+
+def test_stored_invisible_characters_are_shown_escaped(redis_server):
+    # a record written by something else than this tool
+    digest = redis_server.add_key("k", name="nice\u202eevil\x1b[2J")
+    for args in (["list"], ["show", digest]):
+        p = run(redis_server, *args)
+        assert p.returncode == 0, p.stderr
+        assert "\u202e" not in p.stdout and "\x1b" not in p.stdout
+        assert "nice\\u202eevil\\x1b[2J" in p.stdout
+    p = run(redis_server, "show", "--json", digest)
+    assert json.loads(p.stdout)["name"] == "nice\u202eevil\x1b[2J"
+    assert "\u202e" not in p.stdout
+
+
+@pytest.mark.parametrize("args", [["--rpm", "\u00b2"], ["--rpm", "\u0663"],
+                                  ["--expires", "\u00b2"],
+                                  ["--expires", "\u0663d"]])
+def test_non_ascii_digits_are_refused(redis_server, args):
+    p = run(redis_server, "create", "--name", "n", *args)
+    assert p.returncode == 2, (p.stdout, p.stderr)
+    assert args[0] in p.stderr
+    assert redis_server.cmd("DBSIZE") == 0
+
+
+# ---------------------------------------------------------------------------
+# no secret on the command line: keys on stdin, the password in the
+# environment (other users see a process's arguments in ps)
+
+
+def test_key_reference_from_stdin(redis_server):
+    info = create(redis_server, "--name", "piped", "--scopes", "read")
+    for args in (["show", "-"], ["show", "--key-from-stdin"]):
+        p = run(redis_server, *args, stdin=info["key"] + "\n")
+        assert p.returncode == 0, (args, p.stderr)
+        assert "name:       piped" in p.stdout
+        assert info["key"] not in p.stdout
+    p = run(redis_server, "set", "-", "--rpm", "9", stdin=info["key"])
+    assert p.returncode == 0, p.stderr
+    assert stored(redis_server, info["digest"])["rpm"] == "9"
+    p = run(redis_server, "disable", "--key-from-stdin",
+            stdin=info["key"] + "\r\n")
+    assert p.returncode == 0, p.stderr
+    assert stored(redis_server, info["digest"])["disabled"] == "1"
+    p = run(redis_server, "enable", "-", stdin=info["key"] + "\n")
+    assert p.returncode == 0, p.stderr
+    assert stored(redis_server, info["digest"])["disabled"] == "0"
+    p = run(redis_server, "revoke", "-", stdin=info["key"] + "\n")
+    assert p.returncode == 0, p.stderr
+    assert info["id"] in p.stdout
+    assert redis_server.cmd("DBSIZE") == 0
+    p = run(redis_server, "revoke", "-", stdin=info["key"] + "\n")
+    assert p.returncode == 1 and "no key matches" in p.stderr
+    assert info["key"] not in p.stderr
+
+
+def test_key_reference_from_stdin_bad_use(redis_server):
+    info = create(redis_server, "--name", "x")
+    p = run(redis_server, "show", "--key-from-stdin", info["id"],
+            stdin=info["key"] + "\n")
+    assert p.returncode == 2 and "not both" in p.stderr
+    p = run(redis_server, "show", "-", stdin="")
+    assert p.returncode == 2 and "stdin" in p.stderr
+    p = run(redis_server, "revoke", "-", stdin="\n" + info["key"] + "\n")
+    assert p.returncode == 2 and "stdin" in p.stderr
+    p = run(redis_server, "show")
+    assert p.returncode == 2
+    assert redis_server.cmd("EXISTS", "anythingllm:key:" + info["digest"])
+
+
+def test_password_from_rediscli_auth(redis_server):
+    create(redis_server, "--name", "behind a password")
+    redis_server.cmd("CONFIG", "SET", "requirepass", "s3cret")
+    try:
+        p = run(redis_server, "list", env={"REDISCLI_AUTH": "s3cret"})
+        assert p.returncode == 0, p.stderr
+        assert "behind a password" in p.stdout
+        p = run(redis_server, "create", "--name", "new", "--json",
+                env={"REDISCLI_AUTH": "s3cret"})
+        assert p.returncode == 0, p.stderr
+        p = run(redis_server, "list", env={"REDISCLI_AUTH": "wrong"})
+        assert p.returncode == 1 and "refused" in p.stderr
+        assert "wrong" not in p.stderr
+        # the command line wins, as with redis-cli
+        p = run(redis_server, "--password", "s3cret", "list",
+                env={"REDISCLI_AUTH": "wrong"})
+        assert p.returncode == 0, p.stderr
+        # so does the tool's own variable
+        p = run(redis_server, "list",
+                env={"REDISCLI_AUTH": "wrong",
+                     "ANYTHINGLLM_REDIS_PASSWORD": "s3cret"})
+        assert p.returncode == 0, p.stderr
+    finally:
+        redis_server.cmd("CONFIG", "SET", "requirepass", "")
+
+
+def test_password_and_user_from_the_environment_with_acl(redis_server):
+    redis_server.cmd("ACL", "SETUSER", "keys", "on", ">k3ys-pw", "~*",
+                     "&*", "+@all")
+    p = run(redis_server, "--user", "keys", "create", "--name", "acl",
+            "--json", env={"REDISCLI_AUTH": "k3ys-pw"})
+    assert p.returncode == 0, p.stderr
+    p = run(redis_server, "list", env={"REDISCLI_AUTH": "k3ys-pw",
+                                       "ANYTHINGLLM_REDIS_USER": "keys"})
+    assert p.returncode == 0 and "acl" in p.stdout
+    p = run(redis_server, "--user", "keys", "list",
+            env={"REDISCLI_AUTH": "nope"})
+    assert p.returncode == 1 and "refused" in p.stderr
+
+
+# ---------------------------------------------------------------------------
+# changes racing a revoke: a revoked key stays revoked, whole or not at all
+
+
+WRITES = {b"HSET", b"HMSET", b"HSETNX", b"DEL", b"UNLINK", b"EVAL",
+          b"EVALSHA", b"EXEC"}
+
+
+def resp_command(buf):
+    """(length, upper-case name) of the first whole RESP command in buf,
+    or (None, None) while it is incomplete."""
+    end = buf.find(b"\r\n")
+    if end < 0:
+        return None, None
+    assert buf[:1] == b"*", buf[:40]
+    count, pos, name = int(buf[1:end]), end + 2, None
+    for _ in range(count):
+        end = buf.find(b"\r\n", pos)
+        if end < 0:
+            return None, None
+        n = int(buf[pos + 1:end])
+        if len(buf) < end + 2 + n + 2:
+            return None, None
+        if name is None:
+            name = buf[end + 2:end + 2 + n].upper()
+        pos = end + 2 + n + 2
+    return pos, name
+
+
+class RedisProxy:
+    """A TCP proxy in front of Redis that reads the tool's commands one by
+    one.  hold(): the next write command (in WRITES) waits until
+    release(), so that something else can run in between; delay: seconds
+    every command waits, which widens the gaps between them; count: the
+    commands passed on so far."""
+
+    def __init__(self, redis, delay=0.0):
+        self.target = (redis.host, redis.port)
+        self.delay = delay
+        self.holding = False
+        self.count = 0
+        self.held = threading.Event()
+        self.go = threading.Event()
+        self.lock = threading.Lock()
+        self.listener = socket.socket()
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(64)
+        self.addr = "127.0.0.1:%d" % self.listener.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def hold(self):
+        self.held.clear()
+        self.go.clear()
+        self.holding = True
+
+    def release(self):
+        self.go.set()
+
+    def close(self):
+        self.go.set()
+        self.listener.close()
+
+    def _accept(self):
+        while True:
+            try:
+                c, _ = self.listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(c,),
+                             daemon=True).start()
+
+    @staticmethod
+    def _pump(src, dst):
+        try:
+            while True:
+                d = src.recv(65536)
+                if not d:
+                    break
+                dst.sendall(d)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def _serve(self, c):
+        s = socket.create_connection(self.target)
+        threading.Thread(target=self._pump, args=(s, c), daemon=True).start()
+        buf = b""
+        try:
+            while True:
+                d = c.recv(65536)
+                if not d:
+                    break
+                buf += d
+                while True:
+                    n, name = resp_command(buf)
+                    if n is None:
+                        break
+                    with self.lock:
+                        hold = self.holding and name in WRITES
+                        if hold:
+                            self.holding = False
+                    if hold:
+                        self.held.set()
+                        self.go.wait(30)
+                    if self.delay:
+                        time.sleep(self.delay)
+                    s.sendall(buf[:n])
+                    buf = buf[n:]
+                    with self.lock:
+                        self.count += 1
+        except OSError:
+            pass
+        finally:
+            for x in (s, c):
+                try:
+                    x.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+
+@pytest.fixture
+def proxy(redis_server):
+    p = RedisProxy(redis_server)
+    yield p
+    p.close()
+
+
+def popen_tool(addr, *args, stdin=None):
+    e = {k: v for k, v in os.environ.items()
+         if not k.startswith("ANYTHINGLLM_") and k != "REDISCLI_AUTH"}
+    p = subprocess.Popen([TOOL, "--redis", addr] + list(args),
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, env=e)
+    if stdin is not None:
+        p.stdin.write(stdin)
+    p.stdin.close()
+    p.stdin = None      # for communicate()
+    return p
+
+
+def finish(p):
+    out, err = p.communicate(timeout=60)
+    assert "Traceback" not in err, err
+    return p.returncode, out, err
+
+
+@pytest.mark.parametrize("change", [["disable"], ["enable"],
+                                    ["set", "--rpm", "5"],
+                                    ["set", "--name", "renamed"]])
+def test_change_that_loses_to_a_revoke_recreates_nothing(
+        redis_server, proxy, change):
+    info = create(redis_server, "--name", "doomed")
+    name = "anythingllm:key:" + info["digest"]
+    # the change has found the key and is about to write ...
+    proxy.hold()
+    p = popen_tool(proxy.addr, change[0], info["id"], *change[1:])
+    assert proxy.held.wait(30), finish(p)
+    # ... when the key is revoked
+    r = run(redis_server, "revoke", info["id"])
+    assert r.returncode == 0, r.stderr
+    proxy.release()
+    rc, out, err = finish(p)
+    assert redis_server.cmd("EXISTS", name) == 0, \
+        "revoked key came back: %r" % redis_server.hgetall(name)
+    assert rc == 1 and "no key matches" in err, (rc, out, err)
+
+
+def test_create_that_loses_to_another_create_overwrites_nothing(
+        redis_server, proxy):
+    proxy.hold()
+    p = popen_tool(proxy.addr, "create", "--name", "first",
+                   "--key-from-stdin", stdin=OWN_KEY + "\n")
+    assert proxy.held.wait(30), finish(p)
+    q = run(redis_server, "create", "--name", "second", "--key-from-stdin",
+            stdin=OWN_KEY + "\n")
+    assert q.returncode == 0, q.stderr
+    proxy.release()
+    rc, out, err = finish(p)
+    digest = hashlib.sha256(OWN_KEY.encode()).hexdigest()
+    assert stored(redis_server, digest)["name"] == "second"
+    assert rc == 1 and "already" in err, (rc, out, err)
+    assert OWN_KEY not in out
+
+
+def test_many_changes_racing_revokes(redis_server):
+    # Four changers at once, their every command slowed down; a revoke,
+    # held just before its delete, is let go after a random number of the
+    # changers' commands: it lands anywhere between their lookups and
+    # their writes.
+    slow = RedisProxy(redis_server, delay=0.02)
+    gate = RedisProxy(redis_server)
+    rng = random.Random(7)
+    try:
+        for round in range(8):
+            info = create(redis_server, "--name", "round %d" % round)
+            name = "anythingllm:key:" + info["digest"]
+            gate.hold()
+            revoker = popen_tool(gate.addr, "revoke", info["id"])
+            assert gate.held.wait(30), finish(revoker)
+            start = slow.count
+            changers = [
+                popen_tool(slow.addr, "disable", info["id"]),
+                popen_tool(slow.addr, "set", info["id"], "--rpm", "3"),
+                popen_tool(slow.addr, "enable", "-", stdin=info["key"]),
+                popen_tool(slow.addr, "set", info["id"], "--scopes", "chat",
+                           "--workspaces", "sales"),
+            ]
+            k = rng.randint(1, 12)
+            deadline = time.monotonic() + 60
+            while slow.count < start + k and \
+                    any(p.poll() is None for p in changers):
+                assert time.monotonic() < deadline
+                time.sleep(0.002)
+            gate.release()
+            rc, out, err = finish(revoker)
+            assert rc == 0, err
+            codes = [finish(p)[0] for p in changers]
+            assert set(codes) <= {0, 1}, codes
+            assert redis_server.cmd("EXISTS", name) == 0, \
+                "round %d: revoked key came back: %r (changers: %r)" % (
+                    round, redis_server.hgetall(name), codes)
+    finally:
+        slow.close()
+        gate.close()
+    assert redis_server.cmd("DBSIZE") == 0
+
+
+def test_key_from_a_terminal_is_not_echoed(redis_server):
+    info = create(redis_server, "--name", "typed")
+    master, slave = pty.openpty()
+    tty = os.ttyname(slave)
+
+    def own_terminal():
+        # a session of its own whose controlling terminal is the pty
+        os.setsid()
+        os.close(os.open(tty, os.O_RDWR))
+
+    e = {k: v for k, v in os.environ.items()
+         if not k.startswith("ANYTHINGLLM_") and k != "REDISCLI_AUTH"}
+    p = subprocess.Popen([TOOL, "--redis", redis_server.addr, "disable",
+                          "-"], stdin=slave, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, env=e,
+                         preexec_fn=own_terminal)
+    os.close(slave)
+    seen = b""
+    try:
+        deadline = time.monotonic() + 30
+        while b"key: " not in seen:
+            assert time.monotonic() < deadline, seen
+            if select.select([master], [], [], 0.5)[0]:
+                seen += os.read(master, 4096)
+        os.write(master, info["key"].encode() + b"\n")
+        out, err = p.communicate(timeout=30)
+        while select.select([master], [], [], 0.2)[0]:
+            try:
+                seen += os.read(master, 4096)
+            except OSError:
+                break
+    finally:
+        os.close(master)
+    assert p.returncode == 0, err
+    assert stored(redis_server, info["digest"])["disabled"] == "1"
+    assert info["key"].encode() not in seen
+    assert info["key"] not in out + err

@@ -1,8 +1,10 @@
 """`make run`: a newcomer's first round trip, through scripts/run.py."""
 
+import contextlib
 import os
 import re
 import signal
+import stat
 import subprocess
 import time
 
@@ -10,15 +12,20 @@ import helpers
 from conftest import PYTHON, REPO, free_port, port_open
 
 
-def test_make_run_gives_a_working_gateway(tmp_path):
+@contextlib.contextmanager
+def make_run(tmp_path, **popen):
+    """scripts/run.py on free ports; yields (its output so far, gateway
+    port, backend port, run directory)."""
     gw, be, rd = free_port(), free_port(), free_port()
+    run_dir = str(tmp_path / "run")
     env = dict(os.environ, GATEWAY_LISTEN="127.0.0.1:%d" % gw,
                ANYTHINGLLM_URL="http://127.0.0.1:%d" % be,
-               REDIS_PORT=str(rd), ALM_RUN_DIR=str(tmp_path / "run"))
+               REDIS_PORT=str(rd), ALM_RUN_DIR=run_dir)
     env.pop("ANYTHINGLLM_API_KEY", None)
     out = open(tmp_path / "out.txt", "w+")
     p = subprocess.Popen([PYTHON, os.path.join(REPO, "scripts", "run.py")],
-                         stdout=out, stderr=subprocess.STDOUT, env=env)
+                         stdout=out, stderr=subprocess.STDOUT, env=env,
+                         **popen)
     try:
         text = ""
         deadline = time.time() + 30
@@ -28,7 +35,20 @@ def test_make_run_gives_a_working_gateway(tmp_path):
             time.sleep(0.1)
             out.seek(0)
             text = out.read()
+        yield text, gw, be, run_dir
+    finally:
+        p.send_signal(signal.SIGINT)
+        p.wait(20)
 
+    out.seek(0)
+    assert "run: stopped" in out.read()
+    # everything it started is gone
+    for port in (gw, be, rd):
+        assert not port_open(port)
+
+
+def test_make_run_gives_a_working_gateway(tmp_path):
+    with make_run(tmp_path) as (text, gw, be, _):
         assert "stand-in backend" in text
         key = re.search(r"^    (sk-alm-\S+)$", text, re.M).group(1)
         assert "curl -H \"Authorization: Bearer %s\"" % key in text
@@ -50,12 +70,38 @@ def test_make_run_gives_a_working_gateway(tmp_path):
         r = helpers.request("GET", base + "/api/v1/workspaces",
                             headers={"Authorization": "Bearer wrong"})
         assert r.status == 401
-    finally:
-        p.send_signal(signal.SIGINT)
-        p.wait(20)
 
-    out.seek(0)
-    assert "run: stopped" in out.read()
-    # everything it started is gone
-    for port in (gw, be, rd):
-        assert not port_open(port)
+
+def test_make_run_keeps_the_upstream_key_private(tmp_path):
+    # umask 0: whatever mode a file gets is the mode it was created with
+    with make_run(tmp_path, umask=0) as (text, gw, be, run_dir):
+        key = re.search(r"^    (sk-alm-\S+)$", text, re.M).group(1)
+        r = helpers.request("GET", "http://127.0.0.1:%d/v1/models" % gw,
+                            headers={"Authorization": "Bearer " + key})
+        assert r.status == 200, r.text
+        seen = helpers.request("GET", "http://127.0.0.1:%d/__test/requests"
+                               % be).json()
+        upstream_key = seen[-1]["headers"]["authorization"].split()[1]
+        assert upstream_key.startswith("DEMO-")
+
+        conf = os.path.join(run_dir, "nginx.conf")
+        with open(conf) as f:
+            assert upstream_key in f.read()
+        assert stat.S_IMODE(os.stat(conf).st_mode) == 0o600
+        assert stat.S_IMODE(os.stat(run_dir).st_mode) == 0o700
+
+        # no file that holds a secret is readable by others
+        holders = []
+        for top, dirs, files in os.walk(run_dir):
+            for name in files:
+                path = os.path.join(top, name)
+                st = os.lstat(path)
+                if not stat.S_ISREG(st.st_mode):
+                    continue
+                with open(path, "rb") as f:
+                    data = f.read()
+                if upstream_key.encode() in data or key.encode() in data:
+                    holders.append(path)
+                    assert stat.S_IMODE(st.st_mode) & 0o077 == 0, \
+                        "%s is mode %o" % (path, stat.S_IMODE(st.st_mode))
+        assert holders == [conf]
