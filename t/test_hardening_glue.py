@@ -6,14 +6,15 @@ Real nginx (2 workers) with the module, real redis-server, the stand-in
 AnythingLLM (which answers conditional GETs as Express does).
 """
 
+import json
 import os
 import re
-import time
+import subprocess
 
 import pytest
 
 import helpers
-from conftest import UPSTREAM_KEY
+from conftest import UPSTREAM_KEY, free_port
 
 
 ORIGIN = "https://app.example"
@@ -184,7 +185,7 @@ REWRITE_SERVER = """
 """
 
 
-def rewrite_nginx(nginx, redis_server, buffering="off"):
+def rewrite_nginx(nginx, redis_server, buffering="off", server_extra=""):
     locations = """
         location /v1/ {
             anythingllm_openai  on;
@@ -199,7 +200,8 @@ def rewrite_nginx(nginx, redis_server, buffering="off"):
     """ % {"b": buffering}
     redis_server.add_key("k-sales", scopes="read,chat", workspaces="sales")
     redis_server.add_key("k-all", scopes="read,chat", workspaces="*")
-    return nginx(http_extra=REWRITE_HTTP, server_extra=REWRITE_SERVER,
+    return nginx(http_extra=REWRITE_HTTP,
+                 server_extra=REWRITE_SERVER + server_extra,
                  locations=locations, redis=redis_server)
 
 
@@ -436,6 +438,39 @@ def test_conditionals_dropped_anywhere_in_a_long_header_list(
     assert names.count("authorization") == 1
     assert seen["headers"]["authorization"] == "Bearer " + UPSTREAM_KEY
     assert seen["headers"]["x-fill-49"] == "v49"
+
+
+def test_conditionals_dropped_over_http2(nginx, redis_server, backend):
+    """HTTP/2 builds the same header list its own way (cookies are joined
+    into one line at its end)."""
+    h2 = free_port()
+    n = rewrite_nginx(nginx, redis_server,
+                      server_extra="listen 127.0.0.1:%d http2;" % h2)
+    _, etag = upstream_list(backend)
+
+    cmd = ["curl", "-sS", "--http2-prior-knowledge", "-D", "-",
+           "-H", "Authorization: Bearer k-sales",
+           "-H", "Cookie: a=1", "-H", "Cookie: b=2"]
+    for name, value in every_conditional(etag).items():
+        cmd += ["-H", "%s: %s" % (name, value)]
+    for i in range(30):
+        cmd += ["-H", "X-Fill-%02d: v%d" % (i, i)]
+    cmd.append("http://127.0.0.1:%d/api/v1/workspaces" % h2)
+    out = subprocess.run(cmd, capture_output=True, timeout=20)
+    assert out.returncode == 0, out.stderr
+    head, _, body = out.stdout.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/2 200"), head
+    assert b"etag" not in head.lower()
+    assert [w["slug"] for w in json.loads(body)["workspaces"]] == ["sales"]
+
+    seen = backend.last_request("/api/v1/workspaces")
+    names = [k.lower() for k, _ in seen["raw_headers"]]
+    for h in CONDITIONALS:
+        assert h not in names, (h, names)
+    assert [k for k in names if k.startswith("x-fill-")] == \
+        ["x-fill-%02d" % i for i in range(30)]
+    assert seen["headers"]["cookie"] == "a=1; b=2"
+    assert seen["headers"]["authorization"] == "Bearer " + UPSTREAM_KEY
 
 
 # ---------------------------------------------------------------------------
