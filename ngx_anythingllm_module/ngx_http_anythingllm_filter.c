@@ -15,8 +15,10 @@
  *                        rewritten: a 502 in OpenAI's shape, never the
  *                        answer itself
  *
- * Rewritten answers carry no validator (ETag, Last-Modified) and no
- * Accept-Ranges: those belonged to AnythingLLM's answer.
+ * Rewritten answers carry no validator (ETag, Last-Modified), no
+ * Accept-Ranges and no Content-Range: those belonged to AnythingLLM's
+ * answer.  The request went upstream without conditions or ranges (see
+ * the precontent handler).
  *
  * The filters sit at the top of the chain, before chunked and gzip.
  */
