@@ -11,6 +11,14 @@
  *   any of them, >= 400  replaced by an OpenAI error; so are nginx's own
  *                        error pages (502, 504, 413, ...) in a location
  *                        with anythingllm_openai
+ *   any of them, other   (304, 206, ...) an answer that cannot be
+ *                        rewritten: a 502 in OpenAI's shape, never the
+ *                        answer itself
+ *
+ * Rewritten answers carry no validator (ETag, Last-Modified), no
+ * Accept-Ranges and no Content-Range: those belonged to AnythingLLM's
+ * answer.  The request went upstream without conditions or ranges (see
+ * the precontent handler).
  *
  * The filters sit at the top of the chain, before chunked and gzip.
  */
@@ -46,6 +54,7 @@ typedef struct {
     unsigned                    stream:1;
     unsigned                    error:1;    /* answer is an error */
     unsigned                    own:1;      /* nginx's own error page */
+    unsigned                    refused:1;  /* cannot be rewritten */
     unsigned                    too_big:1;
     unsigned                    done:1;     /* last_buf passed on */
 } ngx_http_anythingllm_filter_ctx_t;
@@ -73,6 +82,7 @@ static void ngx_http_anythingllm_own_error(ngx_uint_t status,
     alm_error_t *err);
 static ngx_int_t ngx_http_anythingllm_set_out_header(ngx_http_request_t *r,
     const char *name, size_t len, const char *value);
+static void ngx_http_anythingllm_clear_validators(ngx_http_request_t *r);
 static void ngx_http_anythingllm_workspace_list(
     ngx_http_anythingllm_ctx_t *ctx, ngx_str_t *list);
 static void ngx_http_anythingllm_filter_free(void *data);
@@ -86,13 +96,15 @@ static ngx_http_output_body_filter_pt    ngx_http_next_body_filter;
 static ngx_int_t
 ngx_http_anythingllm_header_filter(ngx_http_request_t *r)
 {
-    ngx_uint_t                          status, own;
+    ngx_uint_t                          status, own, refused;
     ngx_http_anythingllm_resp_e         resp;
     ngx_http_anythingllm_ctx_t         *ctx;
     ngx_http_anythingllm_loc_conf_t    *alcf;
     ngx_http_anythingllm_filter_ctx_t  *fctx;
 
-    if (r != r->main) {
+    alcf = ngx_http_get_module_loc_conf(r, ngx_http_anythingllm_module);
+
+    if (r != r->main || !alcf->enabled) {
         return ngx_http_next_header_filter(r);
     }
 
@@ -105,6 +117,7 @@ ngx_http_anythingllm_header_filter(ngx_http_request_t *r)
     resp = ctx ? ctx->resp : NGX_HTTP_ANYTHINGLLM_RESP_NONE;
     status = r->headers_out.status;
     own = (r->err_status != 0);
+    refused = 0;
 
     if (ctx && ctx->filter) {
         fctx = ctx->filter;
@@ -119,7 +132,6 @@ ngx_http_anythingllm_header_filter(ngx_http_request_t *r)
     }
 
     if (resp == NGX_HTTP_ANYTHINGLLM_RESP_NONE) {
-        alcf = ngx_http_get_module_loc_conf(r, ngx_http_anythingllm_module);
 
         /* nginx's own error pages speak OpenAI too in such a location */
 
@@ -136,6 +148,17 @@ ngx_http_anythingllm_header_filter(ngx_http_request_t *r)
         /* not the answer that was asked for */
         return ngx_http_next_header_filter(r);
 
+    } else if (!own && status != NGX_HTTP_OK
+               && status < NGX_HTTP_BAD_REQUEST)
+    {
+        /*
+         * A 304 or a 206 (should AnythingLLM answer a condition or a
+         * range after all), or any other answer that is not the one to
+         * rewrite: it must not reach the client as it is.
+         */
+
+        refused = 1;
+
     } else if (resp == NGX_HTTP_ANYTHINGLLM_RESP_WORKSPACES
                && status != NGX_HTTP_OK)
     {
@@ -143,17 +166,24 @@ ngx_http_anythingllm_header_filter(ngx_http_request_t *r)
         return ngx_http_next_header_filter(r);
     }
 
-    ngx_log_debug3(NGX_LOG_DEBUG_HTTP, r->connection->log, 0,
-                   "anythingllm header filter: resp:%d status:%ui own:%ui",
-                   resp, status, own);
+    ngx_log_debug4(NGX_LOG_DEBUG_HTTP, r->connection->log, 0,
+                   "anythingllm header filter: resp:%d status:%ui own:%ui "
+                   "refused:%ui", resp, status, own, refused);
 
-    /* no body to translate: nginx sets header_only for HEAD only later */
+    /*
+     * No body to translate: nginx sets header_only for HEAD only later.
+     * The headers are those of the rewritten answer, whose length is
+     * not known without its body.
+     */
 
-    if (r->header_only || r->method == NGX_HTTP_HEAD) {
+    if (!refused && (r->header_only || r->method == NGX_HTTP_HEAD)) {
         ngx_http_clear_content_length(r);
+        ngx_http_anythingllm_clear_validators(r);
+
         ngx_str_set(&r->headers_out.content_type, "application/json");
         r->headers_out.content_type_len = r->headers_out.content_type.len;
         r->headers_out.content_type_lowcase = NULL;
+        ngx_str_null(&r->headers_out.charset);
 
         return ngx_http_next_header_filter(r);
     }
@@ -178,13 +208,16 @@ ngx_http_anythingllm_header_filter(ngx_http_request_t *r)
 
     /* the answer is read whole; the header waits for the translation */
 
-    if (status != NGX_HTTP_OK || own) {
+    if (refused) {
+        /* its body is passed over, unread */
+        fctx->refused = 1;
+
+    } else if (status != NGX_HTTP_OK || own) {
         fctx->error = 1;
         fctx->own = own;
         fctx->max = NGX_HTTP_ANYTHINGLLM_ERROR_BODY_MAX;
 
     } else {
-        alcf = ngx_http_get_module_loc_conf(r, ngx_http_anythingllm_module);
         fctx->max = alcf->max_response;
     }
 
@@ -273,9 +306,7 @@ ngx_http_anythingllm_stream_header(ngx_http_request_t *r,
     /* the chunked filter frames it */
 
     ngx_http_clear_content_length(r);
-    ngx_http_clear_accept_ranges(r);
-    ngx_http_clear_last_modified(r);
-    ngx_http_clear_etag(r);
+    ngx_http_anythingllm_clear_validators(r);
 
     if (ngx_http_anythingllm_set_out_header(r, "Cache-Control",
                                             sizeof("Cache-Control") - 1,
@@ -646,7 +677,7 @@ ngx_http_anythingllm_whole_add(ngx_http_request_t *r,
     size = ngx_buf_in_memory(b) ? (size_t) (b->last - b->pos)
                                 : (size_t) (b->file_last - b->file_pos);
 
-    if (size == 0 || fctx->own) {
+    if (size == 0 || fctx->own || fctx->refused) {
         goto consumed;
     }
 
@@ -730,6 +761,18 @@ ngx_http_anythingllm_whole_answer(ngx_http_request_t *r,
     fctx->done = 1;
     json = NULL;
     len = 0;
+
+    if (fctx->refused) {
+        ngx_log_error(NGX_LOG_ERR, r->connection->log, 0,
+                      "anythingllm: AnythingLLM answered %ui to a request "
+                      "whose answer the gateway rewrites: refused",
+                      fctx->status);
+
+        alm_error_set(&err, NGX_HTTP_BAD_GATEWAY, "server_error", NULL, NULL,
+                      "AnythingLLM sent an answer the gateway cannot "
+                      "rewrite (HTTP %d).", (int) fctx->status);
+        goto error;
+    }
 
     if (fctx->own) {
         ngx_http_anythingllm_own_error(fctx->status, &err);
@@ -868,9 +911,7 @@ send:
     ngx_http_clear_content_length(r);
     r->headers_out.content_length_n = len;
 
-    ngx_http_clear_accept_ranges(r);
-    ngx_http_clear_last_modified(r);
-    ngx_http_clear_etag(r);
+    ngx_http_anythingllm_clear_validators(r);
 
     rc = ngx_http_next_header_filter(r);
 
@@ -1020,6 +1061,25 @@ ngx_http_anythingllm_set_out_header(ngx_http_request_t *r, const char *name,
     found->value = v;
 
     return NGX_OK;
+}
+
+
+/*
+ * What described AnythingLLM's answer does not describe its rewrite:
+ * validators, ranges.
+ */
+
+static void
+ngx_http_anythingllm_clear_validators(ngx_http_request_t *r)
+{
+    ngx_http_clear_accept_ranges(r);
+    ngx_http_clear_last_modified(r);
+    ngx_http_clear_etag(r);
+
+    if (r->headers_out.content_range) {
+        r->headers_out.content_range->hash = 0;
+        r->headers_out.content_range = NULL;
+    }
 }
 
 

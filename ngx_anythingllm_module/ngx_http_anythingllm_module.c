@@ -10,9 +10,12 @@
 #include "ngx_http_anythingllm_module.h"
 
 
-static ngx_int_t ngx_http_anythingllm_preaccess_handler(
+static void ngx_http_anythingllm_hide_cors(ngx_http_request_t *r);
+static ngx_int_t ngx_http_anythingllm_preflight_handler(
     ngx_http_request_t *r);
 static ngx_int_t ngx_http_anythingllm_precontent_handler(
+    ngx_http_request_t *r);
+static ngx_int_t ngx_http_anythingllm_drop_conditionals(
     ngx_http_request_t *r);
 static ngx_int_t ngx_http_anythingllm_add_variables(ngx_conf_t *cf);
 static ngx_int_t ngx_http_anythingllm_variable(ngx_http_request_t *r,
@@ -233,6 +236,10 @@ ngx_http_anythingllm_get_ctx(ngx_http_request_t *r)
 
     ngx_http_set_ctx(r, ctx, ngx_http_anythingllm_module);
 
+    ngx_log_debug1(NGX_LOG_DEBUG_HTTP, r->connection->log, 0,
+                   "anythingllm request context created for \"%V\"",
+                   &r->uri);
+
     return ctx;
 }
 
@@ -344,30 +351,17 @@ ngx_http_anythingllm_push_header(ngx_http_request_t *r, const char *key,
 
 
 /*
- * Adds the CORS response headers.  Called by the header filter for
- * every answer of a location with anythingllm_cors, streams included.
+ * AnythingLLM sends CORS headers of its own; two
+ * Access-Control-Allow-Origin lines make browsers refuse the answer.
+ * A header with hash 0 is not sent.
  */
 
-ngx_int_t
-ngx_http_anythingllm_add_cors(ngx_http_request_t *r)
+static void
+ngx_http_anythingllm_hide_cors(ngx_http_request_t *r)
 {
-    ngx_str_t                         v;
-    ngx_uint_t                        i;
-    ngx_list_part_t                  *part;
-    ngx_table_elt_t                  *h;
-    ngx_http_anythingllm_loc_conf_t  *alcf;
-
-    alcf = ngx_http_get_module_loc_conf(r, ngx_http_anythingllm_module);
-
-    if (alcf->cors.len == 0) {
-        return NGX_OK;
-    }
-
-    /*
-     * AnythingLLM sends CORS headers of its own; two
-     * Access-Control-Allow-Origin lines make browsers refuse the
-     * answer.  A header with hash 0 is not sent.
-     */
+    ngx_uint_t        i;
+    ngx_list_part_t  *part;
+    ngx_table_elt_t  *h;
 
     part = &r->headers_out.headers.part;
     h = part->elts;
@@ -391,6 +385,31 @@ ngx_http_anythingllm_add_cors(ngx_http_request_t *r)
         {
             h[i].hash = 0;
         }
+    }
+}
+
+
+/*
+ * Adds the CORS response headers.  Called by the header filter for
+ * every answer of a location with anythingllm_cors, streams included.
+ */
+
+ngx_int_t
+ngx_http_anythingllm_add_cors(ngx_http_request_t *r)
+{
+    ngx_str_t                         v;
+    ngx_http_anythingllm_loc_conf_t  *alcf;
+
+    alcf = ngx_http_get_module_loc_conf(r, ngx_http_anythingllm_module);
+
+    if (alcf->cors.len == 0) {
+        return NGX_OK;
+    }
+
+    /* without an upstream, the headers are the gateway's own */
+
+    if (r->upstream) {
+        ngx_http_anythingllm_hide_cors(r);
     }
 
     if (ngx_http_anythingllm_push_header(r, "Access-Control-Allow-Origin",
@@ -422,12 +441,14 @@ ngx_http_anythingllm_add_cors(ngx_http_request_t *r)
 
 
 /*
- * A CORS preflight carries no key: it is answered here, before the
- * access phase, for any location with anythingllm_cors.
+ * A CORS preflight carries no key: it is answered here, first in the
+ * access phase, for any location with anythingllm_cors.  The preaccess
+ * phase, where limit_req and limit_conn count, has run by then: a
+ * preflight is limited like any other request.
  */
 
 static ngx_int_t
-ngx_http_anythingllm_preaccess_handler(ngx_http_request_t *r)
+ngx_http_anythingllm_preflight_handler(ngx_http_request_t *r)
 {
     ngx_int_t                         rc;
     ngx_str_t                         v;
@@ -528,18 +549,24 @@ ngx_http_anythingllm_preaccess_handler(ngx_http_request_t *r)
  * The precontent phase: with anythingllm_upstream_key the client's
  * Authorization is replaced by AnythingLLM's own key (a location with
  * anythingllm_auth on cannot lack one: see the merge).  Then the
- * OpenAI routes take over, if enabled.
+ * OpenAI routes take over, if enabled.  An answer the filters will
+ * rewrite is asked for unconditionally and whole.
  */
 
 static ngx_int_t
 ngx_http_anythingllm_precontent_handler(ngx_http_request_t *r)
 {
+    ngx_int_t                         rc;
     ngx_http_anythingllm_ctx_t       *ctx;
     ngx_http_anythingllm_loc_conf_t  *alcf;
 
     alcf = ngx_http_get_module_loc_conf(r, ngx_http_anythingllm_module);
 
-    if (r != r->main) {
+    /* nothing to do here, and no context to make, elsewhere */
+
+    if (r != r->main
+        || (alcf->upstream_key.len == 0 && alcf->openai != 1))
+    {
         return NGX_DECLINED;
     }
 
@@ -566,11 +593,153 @@ ngx_http_anythingllm_precontent_handler(ngx_http_request_t *r)
         ctx->key_replaced = 1;
     }
 
-    if (alcf->openai == 1) {
-        return ngx_http_anythingllm_openai_handler(r);
+    rc = (alcf->openai == 1) ? ngx_http_anythingllm_openai_handler(r)
+                             : NGX_DECLINED;
+
+    if (rc == NGX_DECLINED && ctx->resp != NGX_HTTP_ANYTHINGLLM_RESP_NONE
+        && ngx_http_anythingllm_drop_conditionals(r) != NGX_OK)
+    {
+        return NGX_HTTP_INTERNAL_SERVER_ERROR;
     }
 
-    return NGX_DECLINED;
+    return rc;
+}
+
+
+/*
+ * A validator or a range AnythingLLM answers to belongs to its own
+ * answer, not to the one the filters make of it: 304 or 206 would
+ * bypass the rewrite.  Those request headers are removed, not blanked,
+ * and nginx forgets them too, so that it judges none of them against
+ * the rewritten answer (which carries no validator).
+ */
+
+static ngx_str_t  ngx_http_anythingllm_conditionals[] = {
+    ngx_string("If-None-Match"),
+    ngx_string("If-Modified-Since"),
+    ngx_string("If-Match"),
+    ngx_string("If-Unmodified-Since"),
+    ngx_string("If-Range"),
+    ngx_string("Range"),
+    ngx_null_string
+};
+
+
+static ngx_int_t
+ngx_http_anythingllm_drop_conditionals(ngx_http_request_t *r)
+{
+    ngx_str_t        *name;
+    ngx_uint_t        i, dropped;
+    ngx_list_t       *list;
+    ngx_list_part_t  *part, *prev, *rest;
+    ngx_table_elt_t  *h;
+
+    list = &r->headers_in.headers;
+    part = &list->part;
+    prev = NULL;
+    dropped = 0;
+    i = 0;
+
+    for ( ;; ) {
+
+        if (i >= part->nelts) {
+            if (part->next == NULL) {
+                break;
+            }
+
+            prev = part;
+            part = part->next;
+            i = 0;
+            continue;
+        }
+
+        h = part->elts;
+
+        for (name = ngx_http_anythingllm_conditionals; name->len; name++) {
+            if (h[i].key.len == name->len
+                && ngx_strncasecmp(h[i].key.data, name->data, name->len)
+                   == 0)
+            {
+                break;
+            }
+        }
+
+        if (name->len == 0) {
+            i++;
+            continue;
+        }
+
+        ngx_log_debug2(NGX_LOG_DEBUG_HTTP, r->connection->log, 0,
+                       "anythingllm drops \"%V: %V\"",
+                       &h[i].key, &h[i].value);
+
+        /*
+         * Elements never move: r->headers_in points into them.  The
+         * part is cut around the element instead; the elements after
+         * it go on in a part of their own.
+         */
+
+        if (i + 1 < part->nelts) {
+            rest = ngx_palloc(r->pool, sizeof(ngx_list_part_t));
+            if (rest == NULL) {
+                return NGX_ERROR;
+            }
+
+            rest->elts = &h[i + 1];
+            rest->nelts = part->nelts - i - 1;
+            rest->next = part->next;
+
+            part->next = rest;
+
+            if (list->last == part) {
+                list->last = rest;
+            }
+        }
+
+        part->nelts = i;
+        dropped = 1;
+
+        /*
+         * Only the first part may be empty: the usual loops over a
+         * list read the first element of every part after it.
+         */
+
+        if (i == 0 && prev) {
+            prev->next = part->next;
+
+            if (list->last == part) {
+                list->last = prev;
+            }
+
+            part = prev;
+            i = part->nelts;
+        }
+
+        /* i >= part->nelts now: the loop goes on with the next part */
+    }
+
+    if (!dropped) {
+        return NGX_OK;
+    }
+
+    /*
+     * ngx_list_push() appends to the last part until it holds nalloc
+     * elements, but a part cut from the middle of an array has less
+     * room: the last part counts as full, the next push makes a new one.
+     */
+
+    if (list->last->nelts) {
+        list->nalloc = list->last->nelts;
+    }
+
+    r->headers_in.if_modified_since = NULL;
+    r->headers_in.if_unmodified_since = NULL;
+    r->headers_in.if_match = NULL;
+    r->headers_in.if_none_match = NULL;
+    r->headers_in.if_range = NULL;
+    r->headers_in.range = NULL;
+
+    return NGX_OK;
 }
 
 
@@ -775,19 +944,24 @@ ngx_http_anythingllm_init(ngx_conf_t *cf)
 
     cmcf = ngx_http_conf_get_module_main_conf(cf, ngx_http_core_module);
 
-    h = ngx_array_push(&cmcf->phases[NGX_HTTP_PREACCESS_PHASE].handlers);
-    if (h == NULL) {
-        return NGX_ERROR;
-    }
-
-    *h = ngx_http_anythingllm_preaccess_handler;
-
     h = ngx_array_push(&cmcf->phases[NGX_HTTP_ACCESS_PHASE].handlers);
     if (h == NULL) {
         return NGX_ERROR;
     }
 
     *h = ngx_http_anythingllm_access_handler;
+
+    /*
+     * The handlers of a phase run in the reverse order of their
+     * registration: the preflight is answered before any key check.
+     */
+
+    h = ngx_array_push(&cmcf->phases[NGX_HTTP_ACCESS_PHASE].handlers);
+    if (h == NULL) {
+        return NGX_ERROR;
+    }
+
+    *h = ngx_http_anythingllm_preflight_handler;
 
     h = ngx_array_push(&cmcf->phases[NGX_HTTP_PRECONTENT_PHASE].handlers);
     if (h == NULL) {
@@ -879,6 +1053,7 @@ ngx_http_anythingllm_create_loc_conf(ngx_conf_t *cf)
      *
      *     conf->upstream_key = { 0, NULL };
      *     conf->cors = { 0, NULL };
+     *     conf->enabled = 0;
      */
 
     conf->auth = NGX_CONF_UNSET;
@@ -926,6 +1101,11 @@ ngx_http_anythingllm_merge_loc_conf(ngx_conf_t *cf, void *parent,
                            "at least 1k");
         return NGX_CONF_ERROR;
     }
+
+    /* elsewhere every handler and filter of the module steps aside */
+
+    conf->enabled = (conf->upstream_key.len || conf->auth == 1
+                     || conf->cors.len || conf->openai == 1);
 
     /*
      * the key a client showed the gateway must never reach AnythingLLM:

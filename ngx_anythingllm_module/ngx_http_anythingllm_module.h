@@ -62,6 +62,7 @@ typedef struct {
     ngx_uint_t                  chat_mode;      /* alm_mode_e */
     size_t                      max_frame;      /* SSE frame bound */
     size_t                      max_response;   /* buffered JSON bound */
+    ngx_flag_t                  enabled;        /* any of the above acts */
 } ngx_http_anythingllm_loc_conf_t;
 
 

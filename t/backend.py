@@ -17,6 +17,8 @@ Behaviour worth knowing, copied from the real server (Express):
   * route parameters are percent-decoded, the path is matched undecoded;
   * an unknown route gives 404 "Not Found" (text/plain) without a key check;
   * OPTIONS on any path is a CORS preflight answered with 204;
+  * JSON and text answers carry a weak ETag, and a GET or HEAD whose
+    If-None-Match names it (or "*") gets 304 without a body;
   * responses to a request with an Origin header reflect that origin;
   * idle keep-alive connections are closed after 5 s (Node's default).
 
@@ -71,6 +73,7 @@ import base64
 import datetime
 import email.parser
 import email.policy
+import email.utils
 import hashlib
 import json
 import re
@@ -459,11 +462,56 @@ def _express_headers(request, extra=None):
     return h
 
 
+def _fresh(request, status, headers):
+    """Express's req.fresh (the "fresh" package): the client's copy,
+    named by If-None-Match or If-Modified-Since, is still current."""
+    if request.method not in ("GET", "HEAD"):
+        return False
+    if not (200 <= status < 300 or status == 304):
+        return False
+    none_match = request.headers.get("If-None-Match")
+    since = request.headers.get("If-Modified-Since")
+    if not none_match and not since:
+        return False
+    if re.search(r"(?:^|,)\s*?no-cache\s*?(?:,|$)",
+                 request.headers.get("Cache-Control", "")):
+        return False
+    if none_match and none_match != "*":
+        etag = headers.get("ETag")
+        if not etag:
+            return False
+        tags = [t.strip() for t in none_match.split(",")]
+        if not any(t == etag or "W/" + t == etag or t == "W/" + etag
+                   for t in tags):
+            return False
+    if since:
+        last = headers.get("Last-Modified")
+        try:
+            stale = not last or not (
+                email.utils.parsedate_to_datetime(last)
+                <= email.utils.parsedate_to_datetime(since))
+        except (TypeError, ValueError):
+            stale = True
+        if stale:
+            return False
+    return True
+
+
+def _express_send(request, status, body, headers):
+    """res.send(): a weak ETag, and 304 without a body when the client's
+    copy is fresh (GET and HEAD only, as Express does)."""
+    headers["ETag"] = etag_for(body)
+    if _fresh(request, status, headers):
+        for k in ("Content-Type", "Content-Length", "Transfer-Encoding"):
+            headers.pop(k, None)
+        return web.Response(status=304, headers=headers)
+    return web.Response(status=status, body=body, headers=headers)
+
+
 def send_json(request, obj, status=200):
     body = json.dumps(obj, separators=(",", ":")).encode()
-    return web.Response(status=status, body=body, headers=_express_headers(
-        request, {"Content-Type": "application/json; charset=utf-8",
-                  "ETag": etag_for(body)}))
+    return _express_send(request, status, body, _express_headers(
+        request, {"Content-Type": "application/json; charset=utf-8"}))
 
 
 def send_status(request, status):
@@ -471,9 +519,8 @@ def send_status(request, status):
             403: "Forbidden", 404: "Not Found",
             500: "Internal Server Error"}.get(status, str(status))
     body = text.encode()
-    return web.Response(status=status, body=body, headers=_express_headers(
-        request, {"Content-Type": "text/plain; charset=utf-8",
-                  "ETag": etag_for(body)}))
+    return _express_send(request, status, body, _express_headers(
+        request, {"Content-Type": "text/plain; charset=utf-8"}))
 
 
 def send_empty(request, status):
