@@ -37,14 +37,16 @@
  * expires after anythingllm_conversation_ttl; the sorted set
  * "<prefix>convs" holds every stored <hex>, scored by the time it was
  * stored.  The set bounds the records to anythingllm_conversation_max:
- * each store first drops the entries older than the TTL, then the
- * oldest records beyond the cap, then adds its own.  Everything runs
- * in one script, so no other client ever sees the count above the cap.
+ * each store drops the entries older than the TTL, then the oldest
+ * records beyond the cap, and adds its own.  It all runs in one
+ * script, so no client ever sees the count above the cap.
  *
- * Trimming comes first for Redis under maxmemory with "noeviction": a
- * script that has freed memory may go on writing, one that has not
- * gets the OOM error at its SET and changes nothing.  Other keys (key
- * records, rate-limit counters) are never touched.
+ * The SET is the script's first write on purpose: under maxmemory with
+ * "noeviction", Redis refuses a script's first write that needs memory
+ * (OOM, and the script changes nothing), but lets a script that has
+ * already written go on.  A full Redis thus gets no record, rather
+ * than one more.  Other keys (key records, rate-limit counters) are
+ * never touched.
  *
  * KEYS: record, index.  ARGV: session id, ttl, cap, now, <hex>, the
  * records' key prefix "<prefix>conv:".
@@ -52,15 +54,17 @@
 
 #define NGX_HTTP_ANYTHINGLLM_STORE_SCRIPT                                     \
     "local idx, now, ttl = KEYS[2], tonumber(ARGV[4]), tonumber(ARGV[2]) "   \
+    "redis.call('SET', KEYS[1], ARGV[1], 'EX', ttl) "                        \
     "redis.call('ZREMRANGEBYSCORE', idx, '-inf', now - ttl) "                \
     "local over = redis.call('ZCARD', idx) - tonumber(ARGV[3]) "             \
     "if not redis.call('ZSCORE', idx, ARGV[5]) then over = over + 1 end "    \
     "if over > 0 then "                                                      \
     "local old = redis.call('ZRANGE', idx, 0, over - 1) "                    \
-    "for i = 1, #old do redis.call('DEL', ARGV[6] .. old[i]) end "           \
+    "for i = 1, #old do "                                                    \
+    "if old[i] ~= ARGV[5] then redis.call('DEL', ARGV[6] .. old[i]) end "    \
+    "end "                                                                   \
     "redis.call('ZREMRANGEBYRANK', idx, 0, over - 1) "                       \
     "end "                                                                   \
-    "redis.call('SET', KEYS[1], ARGV[1], 'EX', ttl) "                        \
     "redis.call('ZADD', idx, now, ARGV[5]) "                                 \
     "redis.call('EXPIRE', idx, ttl) "                                        \
     "return over"
