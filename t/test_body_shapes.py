@@ -17,7 +17,6 @@ log has no alert and no signal line.
 """
 
 import json
-import os
 import re
 import socket
 import subprocess
@@ -46,7 +45,8 @@ UUID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}"
                      r"-[0-9a-f]{12}$")
 
 # multi-byte UTF-8 text, so that chunk boundaries fall inside characters
-TEXT = "h\u00e9llo w\u00f6rld \u2713 caf\u00e9 \u00fc\u00f1\u00ee\u00e7\u00f8d\u00e9"
+TEXT = ("h\u00e9llo w\u00f6rld \u2713 caf\u00e9 "
+        "\u00fc\u00f1\u00ee\u00e7\u00f8d\u00e9")
 
 
 def locations(extra=""):

@@ -13,6 +13,7 @@ import re
 import time
 
 import conftest
+import helpers
 
 
 CAP = 200
@@ -90,6 +91,23 @@ def flood(n, count, key, threads=6):
         return [s for ss in pool.map(one, range(count)) for s in ss]
 
 
+def stored_after(redis, backend, call):
+    """Runs call(), then waits until its conversation is stored (the
+    answer does not wait for the store): a record among the newest
+    holds the session AnythingLLM was sent.  Returns what call()
+    returned."""
+    out = call()
+    session = last_session(backend)["sessionId"].encode()
+
+    def stored():
+        for h in redis.cmd("ZRANGE", PREFIX + "convs", -20, -1):
+            if redis.cmd("GET", PREFIX.encode() + b"conv:" + h) == session:
+                return True
+        return False
+    helpers.wait_until(stored, 5, message="conversation not stored")
+    return out
+
+
 def minute_start():
     """Waits until a rate-limit minute has most of itself left."""
     if time.time() % 60 > 45:
@@ -111,8 +129,9 @@ def test_flood_stays_within_the_cap(nginx, backend, redis_server):
 
     # an early conversation, soon pushed out by the flood
     early = [user("early bird")]
-    early += [assistant(answer_of(chat(n, early, keys[0]))),
-              user("early again")]
+    a = answer_of(stored_after(redis, backend,
+                               lambda: chat(n, early, keys[0])))
+    early += [assistant(a), user("early again")]
 
     # little room: the capped conversations fit, 2000 records would not
     redis.cmd("CONFIG", "SET", "maxmemory-policy", "noeviction")
@@ -147,7 +166,8 @@ def test_flood_stays_within_the_cap(nginx, backend, redis_server):
     # a recent conversation continues; the early one was dropped and
     # goes on from its transcript
     recent = [user("recent")]
-    a = answer_of(chat(n, recent, keys[2]))
+    a = answer_of(stored_after(redis, backend,
+                               lambda: chat(n, recent, keys[2])))
     r = chat(n, recent + [assistant(a), user("more")], keys[2])
     assert answer_of(r).endswith("| first: recent | turns: 1")
     r = chat(n, early, keys[0])
@@ -165,7 +185,8 @@ def test_full_redis_answers_in_transcript_mode(nginx, backend,
     n = nginx(gateway=True, http_extra=HTTP)
 
     first = [user("before full")]
-    stored = answer_of(chat(n, first, key))
+    stored = answer_of(stored_after(redis, backend,
+                                    lambda: chat(n, first, key)))
 
     # Redis full: every write that needs memory is refused
     redis.cmd("CONFIG", "SET", "maxmemory-policy", "noeviction")
