@@ -426,3 +426,19 @@ def test_http2_without_content_length(nginx, backend, extra):
     assert 'http2 header: ":method: POST"' in log
     assert 'http2 header: "content-length' not in log
     check_workers(n)
+
+
+def test_models_refuse_a_body_in_any_framing(nginx, backend):
+    """The models routes read no body: one sent anyway, chunked or
+    not, is refused, and the worker lives."""
+    n = start(nginx)
+    for base in BASES:
+        for path in (base + "/models", base + "/models/sales"):
+            for extra, body in (
+                    ([("Transfer-Encoding", "chunked")],
+                     b"5;x=y\r\nhello\r\n0\r\nX-T: 1\r\n\r\n"),
+                    ([("Content-Length", "5")], b"hello")):
+                data = head(path, extra).replace(b"POST ", b"GET ", 1)
+                status, headers, out = raw_exchange(n.port, [data, body])
+                check_error(status, headers, out, 400)
+    check_workers(n)
