@@ -110,6 +110,13 @@ static ngx_command_t  ngx_http_anythingllm_commands[] = {
       offsetof(ngx_http_anythingllm_main_conf_t, conversation_ttl),
       NULL },
 
+    { ngx_string("anythingllm_conversation_max"),
+      NGX_HTTP_MAIN_CONF|NGX_CONF_TAKE1,
+      ngx_conf_set_num_slot,
+      NGX_HTTP_MAIN_CONF_OFFSET,
+      offsetof(ngx_http_anythingllm_main_conf_t, conversation_max),
+      NULL },
+
     { ngx_string("anythingllm_max_frame_size"),
       NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_TAKE1,
       ngx_conf_set_size_slot,
@@ -998,6 +1005,7 @@ ngx_http_anythingllm_create_main_conf(ngx_conf_t *cf)
     amcf->cache_valid = NGX_CONF_UNSET;
     amcf->cache_invalid = NGX_CONF_UNSET;
     amcf->conversation_ttl = NGX_CONF_UNSET;
+    amcf->conversation_max = NGX_CONF_UNSET;
 
     return amcf;
 }
@@ -1013,6 +1021,8 @@ ngx_http_anythingllm_init_main_conf(ngx_conf_t *cf, void *conf)
     ngx_conf_init_value(amcf->cache_valid, 30);
     ngx_conf_init_value(amcf->cache_invalid, 5);
     ngx_conf_init_value(amcf->conversation_ttl, 86400);
+    ngx_conf_init_value(amcf->conversation_max,
+                        NGX_HTTP_ANYTHINGLLM_CONVERSATION_MAX);
 
     if (amcf->prefix.data == NULL) {
         ngx_str_set(&amcf->prefix, "anythingllm:");

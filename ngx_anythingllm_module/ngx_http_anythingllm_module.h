@@ -28,6 +28,9 @@
 /* ------------------------------------------------------------------ */
 /* configuration                                                      */
 
+/* anythingllm_conversation_max: about 5 MB of Redis at this count */
+#define NGX_HTTP_ANYTHINGLLM_CONVERSATION_MAX  10000
+
 typedef struct {
     /* anythingllm_redis */
     ngx_str_t                   redis_addr;     /* as written; empty: none */
@@ -48,8 +51,9 @@ typedef struct {
     void                       *cache_sh;       /* in the zone */
     ngx_slab_pool_t            *cache_shpool;
 
-    /* anythingllm_conversation_ttl */
+    /* anythingllm_conversation_ttl, anythingllm_conversation_max */
     time_t                      conversation_ttl;
+    ngx_int_t                   conversation_max;
 } ngx_http_anythingllm_main_conf_t;
 
 

@@ -26,10 +26,61 @@
 
 #define NGX_HTTP_ANYTHINGLLM_SESSION_MAX  64
 
-/* GETDEL for any Redis from 2.6 on */
+/*
+ * The most a chat request body may hold when client_max_body_size is 0
+ * (no limit): the body is read into memory and parsed whole.
+ */
+#define NGX_HTTP_ANYTHINGLLM_BODY_MAX     (64 * 1024 * 1024)
+
+/*
+ * Conversations in Redis: "<prefix>conv:<hex>" holds a session id and
+ * expires after anythingllm_conversation_ttl; the sorted set
+ * "<prefix>convs" holds every stored <hex>, scored by the time it was
+ * stored.  The set bounds the records to anythingllm_conversation_max:
+ * each store drops the entries older than the TTL, then the oldest
+ * records beyond the cap, and adds its own.  It all runs in one
+ * script, so no client ever sees the count above the cap.
+ *
+ * The SET is the script's first write on purpose: under maxmemory with
+ * "noeviction", Redis refuses a script's first write that needs memory
+ * (OOM, and the script changes nothing), but lets a script that has
+ * already written go on.  A full Redis thus gets no record, rather
+ * than one more.  Other keys (key records, rate-limit counters) are
+ * never touched.
+ *
+ * KEYS: record, index.  ARGV: session id, ttl, cap, now, <hex>, the
+ * records' key prefix "<prefix>conv:".
+ */
+
+#define NGX_HTTP_ANYTHINGLLM_STORE_SCRIPT                                     \
+    "local idx, now, ttl = KEYS[2], tonumber(ARGV[4]), tonumber(ARGV[2]) "   \
+    "redis.call('SET', KEYS[1], ARGV[1], 'EX', ttl) "                        \
+    "redis.call('ZREMRANGEBYSCORE', idx, '-inf', now - ttl) "                \
+    "local over = redis.call('ZCARD', idx) - tonumber(ARGV[3]) "             \
+    "if not redis.call('ZSCORE', idx, ARGV[5]) then over = over + 1 end "    \
+    "if over > 0 then "                                                      \
+    "local old = redis.call('ZRANGE', idx, 0, over - 1) "                    \
+    "for i = 1, #old do "                                                    \
+    "if old[i] ~= ARGV[5] then redis.call('DEL', ARGV[6] .. old[i]) end "    \
+    "end "                                                                   \
+    "redis.call('ZREMRANGEBYRANK', idx, 0, over - 1) "                       \
+    "end "                                                                   \
+    "redis.call('ZADD', idx, now, ARGV[5]) "                                 \
+    "redis.call('EXPIRE', idx, ttl) "                                        \
+    "return over"
+
+/*
+ * GETDEL for any Redis from 2.6 on, the index entry removed with the
+ * record.  KEYS: record, index.  ARGV: <hex>.
+ */
+
 #define NGX_HTTP_ANYTHINGLLM_TAKE_SCRIPT                                      \
     "local v = redis.call('GET', KEYS[1]) "                                   \
-    "if v then redis.call('DEL', KEYS[1]) end return v"
+    "if v then redis.call('DEL', KEYS[1]) "                                   \
+    "redis.call('ZREM', KEYS[2], ARGV[1]) end return v"
+
+/* a failed store is logged at most this often (seconds) per worker */
+#define NGX_HTTP_ANYTHINGLLM_STORE_LOG_EVERY  60
 
 
 static ngx_int_t ngx_http_anythingllm_openai_models(ngx_http_request_t *r,
@@ -40,10 +91,13 @@ static ngx_int_t ngx_http_anythingllm_openai_chat(ngx_http_request_t *r,
 static void ngx_http_anythingllm_openai_body_handler(ngx_http_request_t *r);
 static ngx_int_t ngx_http_anythingllm_openai_prepare(ngx_http_request_t *r,
     ngx_http_anythingllm_ctx_t *ctx);
+static off_t ngx_http_anythingllm_openai_body_max(ngx_http_request_t *r);
 static ngx_int_t ngx_http_anythingllm_openai_read_body(ngx_http_request_t *r,
-    ngx_str_t *body);
+    ngx_str_t *body, off_t max);
 static void ngx_http_anythingllm_openai_conv_handler(void *data,
     void *reply);
+static ngx_int_t ngx_http_anythingllm_openai_conv_keys(ngx_http_request_t *r,
+    const char *hex, ngx_str_t *record, ngx_str_t *index);
 static void ngx_http_anythingllm_openai_conv_stored(void *data, void *reply);
 static ngx_int_t ngx_http_anythingllm_openai_upstream(ngx_http_request_t *r,
     ngx_http_anythingllm_ctx_t *ctx);
@@ -205,6 +259,20 @@ ngx_http_anythingllm_openai_chat(ngx_http_request_t *r,
                                           "method_not_allowed");
     }
 
+    if (r->headers_in.content_length_n
+        > ngx_http_anythingllm_openai_body_max(r))
+    {
+        /* as nginx does for client_max_body_size */
+        r->expect_tested = 1;
+        (void) ngx_http_discard_request_body(r);
+
+        return ngx_http_anythingllm_error(r,
+                                          NGX_HTTP_REQUEST_ENTITY_TOO_LARGE,
+                                          "The request body is too large.",
+                                          "invalid_request_error", NULL,
+                                          NULL);
+    }
+
     cln = ngx_pool_cleanup_add(r->pool, 0);
     if (cln == NULL) {
         return NGX_HTTP_INTERNAL_SERVER_ERROR;
@@ -286,17 +354,40 @@ static ngx_int_t
 ngx_http_anythingllm_openai_prepare(ngx_http_request_t *r,
     ngx_http_anythingllm_ctx_t *ctx)
 {
-    u_char                            *p;
-    ngx_str_t                          body;
-    const char                        *argv[4];
-    size_t                             argvlen[4];
+    off_t                              max;
+    ngx_int_t                          rc;
+    ngx_str_t                          body, record, index;
+    const char                        *argv[6];
+    size_t                             argvlen[6];
     alm_error_t                        err;
     alm_chat_req_t                    *chat;
     ngx_http_anythingllm_main_conf_t  *amcf;
 
-    if (ngx_http_anythingllm_openai_read_body(r, &body) != NGX_OK) {
+    max = ngx_http_anythingllm_openai_body_max(r);
+
+    rc = ngx_http_anythingllm_openai_read_body(r, &body, max);
+
+    switch (rc) {
+
+    case NGX_OK:
+        break;
+
+    case NGX_DECLINED:
+        alm_error_set(&err, NGX_HTTP_REQUEST_ENTITY_TOO_LARGE,
+                      "invalid_request_error", NULL, NULL,
+                      "The request body is too large.");
+        return ngx_http_anythingllm_openai_fail(r, ctx, &err);
+
+    default:
         alm_error_set(&err, NGX_HTTP_INTERNAL_SERVER_ERROR, "server_error",
                       NULL, NULL, "The request body could not be read.");
+        return ngx_http_anythingllm_openai_fail(r, ctx, &err);
+    }
+
+    if (body.len == 0) {
+        alm_error_set(&err, NGX_HTTP_BAD_REQUEST, "invalid_request_error",
+                      NULL, NULL, "The request body is empty: a chat "
+                      "completion request is a JSON object.");
         return ngx_http_anythingllm_openai_fail(r, ctx, &err);
     }
 
@@ -341,7 +432,9 @@ ngx_http_anythingllm_openai_prepare(ngx_http_request_t *r,
 
     amcf = ngx_http_get_module_main_conf(r, ngx_http_anythingllm_module);
 
-    if (!chat->has_history || amcf->redis_addr.len == 0) {
+    if (!chat->has_history || amcf->redis_addr.len == 0
+        || amcf->conversation_ttl <= 0 || amcf->conversation_max == 0)
+    {
         return ngx_http_anythingllm_openai_upstream(r, ctx);
     }
 
@@ -352,10 +445,10 @@ ngx_http_anythingllm_openai_prepare(ngx_http_request_t *r,
      * both continue it; the second starts a new session.
      */
 
-    argvlen[3] = amcf->prefix.len + sizeof("conv:") - 1 + ALM_DIGEST_HEX_LEN;
-
-    p = ngx_pnalloc(r->pool, argvlen[3]);
-    if (p == NULL) {
+    if (ngx_http_anythingllm_openai_conv_keys(r, chat->prefix_hex, &record,
+                                              &index)
+        != NGX_OK)
+    {
         return ngx_http_anythingllm_openai_upstream(r, ctx);
     }
 
@@ -363,17 +456,18 @@ ngx_http_anythingllm_openai_prepare(ngx_http_request_t *r,
     argvlen[0] = sizeof("EVAL") - 1;
     argv[1] = NGX_HTTP_ANYTHINGLLM_TAKE_SCRIPT;
     argvlen[1] = sizeof(NGX_HTTP_ANYTHINGLLM_TAKE_SCRIPT) - 1;
-    argv[2] = "1";
+    argv[2] = "2";
     argvlen[2] = 1;
-    argv[3] = (const char *) p;
-
-    p = ngx_cpymem(p, amcf->prefix.data, amcf->prefix.len);
-    p = ngx_cpymem(p, "conv:", sizeof("conv:") - 1);
-    ngx_memcpy(p, chat->prefix_hex, ALM_DIGEST_HEX_LEN);
+    argv[3] = (const char *) record.data;
+    argvlen[3] = record.len;
+    argv[4] = (const char *) index.data;
+    argvlen[4] = index.len;
+    argv[5] = chat->prefix_hex;
+    argvlen[5] = ALM_DIGEST_HEX_LEN;
 
     ctx->conv_pending = ngx_http_anythingllm_redis_command(
                                        ngx_http_anythingllm_openai_conv_handler,
-                                       r, 4, argv, argvlen);
+                                       r, 6, argv, argvlen);
 
     if (ctx->conv_pending == NULL) {
         ngx_log_error(NGX_LOG_INFO, r->connection->log, 0,
@@ -387,17 +481,39 @@ ngx_http_anythingllm_openai_prepare(ngx_http_request_t *r,
 }
 
 
-/* the body in one piece: where it lies when it is one memory buffer */
+static off_t
+ngx_http_anythingllm_openai_body_max(ngx_http_request_t *r)
+{
+    ngx_http_core_loc_conf_t  *clcf;
+
+    clcf = ngx_http_get_module_loc_conf(r, ngx_http_core_module);
+
+    if (clcf->client_max_body_size == 0) {
+        return NGX_HTTP_ANYTHINGLLM_BODY_MAX;
+    }
+
+    return clcf->client_max_body_size;
+}
+
+
+/*
+ * The body in one piece, whatever shape nginx left it in: one or more
+ * memory buffers (a chunked or HTTP/2 body comes in several, some of
+ * them empty), a temporary file (client_body_buffer_size exceeded, or
+ * client_body_in_file_only), or a mix of both.  The buffer that ends a
+ * chunked or HTTP/2 body has last_buf set and holds neither memory nor
+ * a file: it carries no data.  Returns NGX_OK, NGX_DECLINED when the
+ * body is larger than "max" (nothing is read then), or NGX_ERROR.
+ */
 
 static ngx_int_t
 ngx_http_anythingllm_openai_read_body(ngx_http_request_t *r,
-    ngx_str_t *body)
+    ngx_str_t *body, off_t max)
 {
-    off_t                     len;
+    off_t                     len, size, pos;
     u_char                   *p;
-    size_t                    size;
     ssize_t                   n;
-    ngx_buf_t                *b;
+    ngx_buf_t                *b, *one;
     ngx_chain_t              *cl;
     ngx_http_request_body_t  *rb;
 
@@ -405,27 +521,47 @@ ngx_http_anythingllm_openai_read_body(ngx_http_request_t *r,
 
     rb = r->request_body;
 
-    if (rb == NULL || rb->bufs == NULL) {
-        return NGX_OK;
-    }
-
-    b = rb->bufs->buf;
-
-    if (rb->bufs->next == NULL && ngx_buf_in_memory(b)) {
-        body->data = b->pos;
-        body->len = b->last - b->pos;
+    if (rb == NULL) {
         return NGX_OK;
     }
 
     len = 0;
+    one = NULL;
 
     for (cl = rb->bufs; cl; cl = cl->next) {
         b = cl->buf;
-        len += ngx_buf_in_memory(b) ? b->last - b->pos
-                                    : b->file_last - b->file_pos;
+
+        if (ngx_buf_in_memory(b)) {
+            size = b->last - b->pos;
+
+        } else if (b->in_file && b->file) {
+            size = b->file_last - b->file_pos;
+
+        } else {
+            continue;
+        }
+
+        if (size <= 0) {
+            continue;
+        }
+
+        /* the only buffer with data, if it stays so and is in memory */
+        one = (len == 0 && ngx_buf_in_memory(b)) ? b : NULL;
+
+        len += size;
+
+        if (len > max) {
+            return NGX_DECLINED;
+        }
     }
 
     if (len == 0) {
+        return NGX_OK;
+    }
+
+    if (one) {
+        body->data = one->pos;
+        body->len = (size_t) len;
         return NGX_OK;
     }
 
@@ -437,11 +573,6 @@ ngx_http_anythingllm_openai_read_body(ngx_http_request_t *r,
     body->data = p;
     body->len = (size_t) len;
 
-    /*
-     * A body larger than client_body_buffer_size was written to a
-     * temporary file; it is read back here in one go.
-     */
-
     for (cl = rb->bufs; cl; cl = cl->next) {
         b = cl->buf;
 
@@ -450,18 +581,33 @@ ngx_http_anythingllm_openai_read_body(ngx_http_request_t *r,
             continue;
         }
 
-        size = (size_t) (b->file_last - b->file_pos);
-
-        n = ngx_read_file(b->file, p, size, b->file_pos);
-
-        if (n != (ssize_t) size) {
-            ngx_log_error(NGX_LOG_ERR, r->connection->log, 0,
-                          "anythingllm: short read of the request body "
-                          "from \"%V\"", &b->file->name);
-            return NGX_ERROR;
+        if (!b->in_file || b->file == NULL) {
+            continue;
         }
 
-        p += size;
+        /*
+         * A local temporary file just written, at most "max" bytes:
+         * the read comes from the page cache.
+         */
+
+        for (pos = b->file_pos; pos < b->file_last; pos += n) {
+            size = b->file_last - pos;
+
+            n = ngx_read_file(b->file, p, (size_t) size, pos);
+
+            if (n == NGX_ERROR) {
+                return NGX_ERROR;
+            }
+
+            if (n == 0) {
+                ngx_log_error(NGX_LOG_ERR, r->connection->log, 0,
+                              "anythingllm: the request body file \"%V\" "
+                              "ended %O bytes early", &b->file->name, size);
+                return NGX_ERROR;
+            }
+
+            p += n;
+        }
     }
 
     return NGX_OK;
@@ -843,18 +989,59 @@ ngx_http_anythingllm_openai_model_ok(ngx_http_request_t *r,
 
 
 /*
+ * "<prefix>conv:<hex>" and "<prefix>convs" for a conversation digest.
+ * record->data ends with the hex digits: record->data + record->len
+ * - ALM_DIGEST_HEX_LEN is the member of the index.
+ */
+
+static ngx_int_t
+ngx_http_anythingllm_openai_conv_keys(ngx_http_request_t *r,
+    const char *hex, ngx_str_t *record, ngx_str_t *index)
+{
+    u_char                            *p;
+    ngx_http_anythingllm_main_conf_t  *amcf;
+
+    amcf = ngx_http_get_module_main_conf(r, ngx_http_anythingllm_module);
+
+    record->len = amcf->prefix.len + sizeof("conv:") - 1
+                  + ALM_DIGEST_HEX_LEN;
+    index->len = amcf->prefix.len + sizeof("convs") - 1;
+
+    p = ngx_pnalloc(r->pool, record->len + index->len);
+    if (p == NULL) {
+        return NGX_ERROR;
+    }
+
+    record->data = p;
+    p = ngx_cpymem(p, amcf->prefix.data, amcf->prefix.len);
+    p = ngx_cpymem(p, "conv:", sizeof("conv:") - 1);
+    p = ngx_cpymem(p, hex, ALM_DIGEST_HEX_LEN);
+
+    index->data = p;
+    p = ngx_cpymem(p, amcf->prefix.data, amcf->prefix.len);
+    ngx_memcpy(p, "convs", sizeof("convs") - 1);
+
+    return NGX_OK;
+}
+
+
+/*
  * Stores "<prefix>conv:<digest of every message and the answer>" ->
  * session id, so that the next turn of this conversation continues
- * the session.  Nothing waits for the reply.
+ * the session, within the cap of anythingllm_conversation_max (see
+ * NGX_HTTP_ANYTHINGLLM_STORE_SCRIPT).  Nothing waits for the reply: a
+ * store that fails leaves the next turn to the transcript.
  */
 
 void
 ngx_http_anythingllm_openai_conv_store(ngx_http_request_t *r,
     ngx_http_anythingllm_ctx_t *ctx)
 {
-    u_char                            *p, ttl[NGX_TIME_T_LEN];
-    const char                        *argv[5];
-    size_t                             argvlen[5];
+    u_char                            *p, hex[ALM_DIGEST_HEX_LEN];
+    u_char                             num[3 * NGX_TIME_T_LEN + 3];
+    ngx_str_t                          record, index;
+    const char                        *argv[11];
+    size_t                             argvlen[11];
     ngx_http_anythingllm_main_conf_t  *amcf;
 
     if (ctx->chat == NULL || ctx->session_id.len == 0 || ctx->conv_stored) {
@@ -865,37 +1052,58 @@ ngx_http_anythingllm_openai_conv_store(ngx_http_request_t *r,
 
     amcf = ngx_http_get_module_main_conf(r, ngx_http_anythingllm_module);
 
-    if (amcf->conversation_ttl <= 0 || amcf->redis_addr.len == 0) {
+    if (amcf->conversation_ttl <= 0 || amcf->conversation_max == 0
+        || amcf->redis_addr.len == 0
+        || ctx->session_id.len > NGX_HTTP_ANYTHINGLLM_SESSION_MAX)
+    {
         return;
     }
 
-    argvlen[1] = amcf->prefix.len + sizeof("conv:") - 1 + ALM_DIGEST_HEX_LEN;
+    alm_conv_hash_hex(&ctx->chat->full, (char *) hex);
 
-    p = ngx_pnalloc(r->pool, argvlen[1]);
-    if (p == NULL) {
+    if (ngx_http_anythingllm_openai_conv_keys(r, (const char *) hex,
+                                              &record, &index)
+        != NGX_OK)
+    {
         return;
     }
 
-    argv[0] = "SET";
-    argvlen[0] = sizeof("SET") - 1;
+    argv[0] = "EVAL";
+    argvlen[0] = sizeof("EVAL") - 1;
+    argv[1] = NGX_HTTP_ANYTHINGLLM_STORE_SCRIPT;
+    argvlen[1] = sizeof(NGX_HTTP_ANYTHINGLLM_STORE_SCRIPT) - 1;
+    argv[2] = "2";
+    argvlen[2] = 1;
+    argv[3] = (const char *) record.data;
+    argvlen[3] = record.len;
+    argv[4] = (const char *) index.data;
+    argvlen[4] = index.len;
+    argv[5] = (const char *) ctx->session_id.data;
+    argvlen[5] = ctx->session_id.len;
 
-    argv[1] = (const char *) p;
-    p = ngx_cpymem(p, amcf->prefix.data, amcf->prefix.len);
-    p = ngx_cpymem(p, "conv:", sizeof("conv:") - 1);
-    alm_conv_hash_hex(&ctx->chat->full, (char *) p);
+    /* ttl, cap and now, one after the other in num */
 
-    argv[2] = (const char *) ctx->session_id.data;
-    argvlen[2] = ctx->session_id.len;
+    p = num;
+    argv[6] = (const char *) p;
+    p = ngx_sprintf(p, "%T", amcf->conversation_ttl);
+    argvlen[6] = p - (u_char *) argv[6];
 
-    argv[3] = "EX";
-    argvlen[3] = sizeof("EX") - 1;
+    argv[7] = (const char *) p;
+    p = ngx_sprintf(p, "%i", amcf->conversation_max);
+    argvlen[7] = p - (u_char *) argv[7];
 
-    argv[4] = (const char *) ttl;
-    argvlen[4] = ngx_sprintf(ttl, "%T", amcf->conversation_ttl) - ttl;
+    argv[8] = (const char *) p;
+    p = ngx_sprintf(p, "%T", ngx_time());
+    argvlen[8] = p - (u_char *) argv[8];
+
+    argv[9] = (const char *) hex;
+    argvlen[9] = ALM_DIGEST_HEX_LEN;
+    argv[10] = (const char *) record.data;
+    argvlen[10] = record.len - ALM_DIGEST_HEX_LEN;
 
     if (ngx_http_anythingllm_redis_command(
                                     ngx_http_anythingllm_openai_conv_stored,
-                                    NULL, 5, argv, argvlen)
+                                    NULL, 11, argv, argvlen)
         == NULL)
     {
         ngx_log_error(NGX_LOG_INFO, r->connection->log, 0,
@@ -904,23 +1112,55 @@ ngx_http_anythingllm_openai_conv_store(ngx_http_request_t *r,
         return;
     }
 
-    ngx_log_debug2(NGX_LOG_DEBUG_HTTP, r->connection->log, 0,
-                   "anythingllm conversation stored: \"%*s\"",
-                   argvlen[1], argv[1]);
+    ngx_log_debug1(NGX_LOG_DEBUG_HTTP, r->connection->log, 0,
+                   "anythingllm conversation stored: \"%V\"", &record);
 }
 
+
+/*
+ * A store that Redis refused (an OOM error under maxmemory, a script
+ * error) or did not answer in time.  The client never learns of it;
+ * the operator does, once a minute per worker at most, since under a
+ * full Redis every completion fails alike.
+ */
 
 static void
 ngx_http_anythingllm_openai_conv_stored(void *data, void *reply)
 {
+    size_t       len;
+    time_t       now;
+    const char  *why;
     redisReply  *rep;
+
+    static time_t  logged;
 
     rep = reply;
 
-    if (rep == NULL || rep->type == REDIS_REPLY_ERROR) {
-        ngx_log_error(NGX_LOG_INFO, ngx_cycle->log, 0,
-                      "anythingllm: conversation could not be stored");
+    if (rep != NULL && rep->type != REDIS_REPLY_ERROR) {
+        return;
     }
+
+    now = ngx_time();
+
+    if (logged && now - logged < NGX_HTTP_ANYTHINGLLM_STORE_LOG_EVERY) {
+        return;
+    }
+
+    logged = now;
+
+    if (rep) {
+        why = rep->str;
+        len = ngx_min((size_t) rep->len, 200);
+
+    } else {
+        why = "no answer in time, or the connection was lost";
+        len = ngx_strlen(why);
+    }
+
+    ngx_log_error(NGX_LOG_WARN, ngx_cycle->log, 0,
+                  "anythingllm: conversations could not be stored "
+                  "(Redis: %*s); clients go on in transcript mode",
+                  len, why);
 }
 
 
