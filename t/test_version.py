@@ -72,3 +72,18 @@ def test_debian_changelog_follows_version():
     m = re.match(r"libnginx-mod-http-anythingllm \(([^)]+)\) ", first)
     assert m, first
     assert m.group(1) == version()
+
+
+def test_readme_names_this_version():
+    with open(os.path.join(REPO, "README.md")) as f:
+        readme = f.read()
+    v = re.escape(version())
+    assert re.search(r"^This is version %s\." % v, readme, re.M)
+    assert re.search(r"libnginx-mod-http-anythingllm_%s_amd64\.deb" % v,
+                     readme)
+    assert re.search(r"ngx_http_anythingllm_module %s$" % v, readme, re.M)
+    # and no other version of the package or the module
+    assert set(re.findall(r"libnginx-mod-http-anythingllm_([^_]+)_",
+                          readme)) == {version()}
+    assert set(re.findall(r"ngx_http_anythingllm_module (\d\S*)",
+                          readme)) == {version()}
