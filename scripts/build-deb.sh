@@ -53,7 +53,9 @@ deb=${pkg}_${version}_${arch}.deb
 
 mkdir -p "$out" "$work"
 
-exec 9>"$work/.lock"
+# one package build at a time on the machine: they all configure inside
+# nginx-dev's source tree (below)
+exec 9</usr/share/nginx/src
 flock 9
 
 src=$work/$pkg-$version
