@@ -5,6 +5,7 @@
 #   make test-asan  the pytest suite against an ASan/UBSan build
 #   make fuzz       longer fuzzing runs (FUZZ_SECONDS each)
 #   make bench      gateway overhead as ratios against plain nginx
+#   make deb        the Debian package libnginx-mod-http-anythingllm
 
 PYTHON      ?= /usr/bin/python3
 PYTEST      ?= $(PYTHON) -m pytest
@@ -13,6 +14,7 @@ FUZZ_SECONDS ?= 300
 MODULE      := build/module/ngx_http_anythingllm_module.so
 ASAN_MODULE := build/asan/ngx_http_anythingllm_module.so
 SOURCES     := config $(wildcard ngx_anythingllm_module/*.[ch])
+SOURCES     += VERSION
 
 .PHONY: all deps build build-asan test test-unit test-fuzz test-pytest \
         test-node test-asan fuzz bench run clean
@@ -59,6 +61,16 @@ test-node: build
 test-asan: build-asan
 	ALM_ASAN=1 ALM_MODULE=$(CURDIR)/$(ASAN_MODULE) \
 	    $(PYTEST) -q -p no:cacheprovider t
+
+# the Debian package, into build/deb (README, "Debian package"); test-deb
+# installs it into the machine's nginx and purges it again: root only
+.PHONY: deb test-deb
+
+deb:
+	scripts/build-deb.sh
+
+test-deb: deb
+	$(PYTEST) -q -p no:cacheprovider t/deb
 
 bench: build
 	$(PYTHON) scripts/bench.py

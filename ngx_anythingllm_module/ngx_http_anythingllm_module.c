@@ -1426,9 +1426,51 @@ invalid:
 }
 
 
+/*
+ * config defines the version from the VERSION file; a build that bypasses
+ * config would log a wrong one, so it must not compile.
+ */
+
+#ifndef NGX_HTTP_ANYTHINGLLM_VERSION
+#error "NGX_HTTP_ANYTHINGLLM_VERSION comes from config: build through it"
+#endif
+
+
+/*
+ * Once per worker, and only where the configuration uses the module: an
+ * nginx that merely loads it logs nothing.  Cache manager and loader
+ * processes also pass through init_process and stay silent.
+ */
+
+static void
+ngx_http_anythingllm_log_version(ngx_cycle_t *cycle)
+{
+    ngx_http_anythingllm_main_conf_t  *amcf;
+
+    if (ngx_process != NGX_PROCESS_WORKER
+        && ngx_process != NGX_PROCESS_SINGLE)
+    {
+        return;
+    }
+
+    amcf = ngx_http_cycle_get_module_main_conf(cycle,
+                                               ngx_http_anythingllm_module);
+
+    if (amcf == NULL || !amcf->redis_used) {
+        return;
+    }
+
+    ngx_log_error(NGX_LOG_NOTICE, cycle->log, 0,
+                  "ngx_http_anythingllm_module "
+                  NGX_HTTP_ANYTHINGLLM_VERSION);
+}
+
+
 static ngx_int_t
 ngx_http_anythingllm_init_process(ngx_cycle_t *cycle)
 {
+    ngx_http_anythingllm_log_version(cycle);
+
     return ngx_http_anythingllm_redis_init_process(cycle);
 }
 

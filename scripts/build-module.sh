@@ -39,8 +39,9 @@ exec 9>"$out/.lock"
 flock 9
 
 # configure writes into its source tree: work on a private copy, and
-# configure again only when the addon file or the flags change
-stamp="$(cat "$top/config"; echo "$cc_opt $ld_opt")"
+# configure again only when the addon file, the version it reads or the
+# flags change
+stamp="$(cat "$top/config" "$top/VERSION"; echo "$cc_opt $ld_opt")"
 if [ ! -f "$out/objs/Makefile" ] || [ "$(cat "$out/.stamp" 2>/dev/null)" != "$stamp" ]
 then
     rm -rf "$out/nginx-src" "$out/objs"
