@@ -1014,9 +1014,13 @@ ngx_http_anythingllm_auth_parse(ngx_http_request_t *r,
     key->workspaces.len = rec.workspaces.len;
     ngx_memcpy(p, rec.workspaces.data, rec.workspaces.len);
 
+    /* the core reads up to INT64_MAX: clamped where the types are smaller */
+
     key->scopes = rec.scopes;
-    key->rpm = (ngx_uint_t) rec.rpm;
-    key->expires = (time_t) rec.expires;
+    key->rpm = (rec.rpm > (int64_t) NGX_MAX_INT_T_VALUE)
+               ? (ngx_uint_t) NGX_MAX_INT_T_VALUE : (ngx_uint_t) rec.rpm;
+    key->expires = (rec.expires > (int64_t) NGX_MAX_TIME_T_VALUE)
+                   ? (time_t) NGX_MAX_TIME_T_VALUE : (time_t) rec.expires;
     key->disabled = rec.disabled ? 1 : 0;
 
     return NGX_OK;
