@@ -236,8 +236,10 @@ def test_unknown_key_flood_keeps_valid_keys_cached(nginx, redis_server,
     redis_server.add_key("k-valid", scopes="read")
     # a small zone that 100k unknown keys overflow many times over, and
     # unknown keys remembered long enough to fill it
+    # (a generous Redis timeout: a deep queue of lookups on a loaded
+    # machine must not turn the flood into 503s)
     n = auth_nginx(nginx, redis_server, valid="600s", invalid="600s",
-                   log_level="warn",
+                   timeout="10s", log_level="warn",
                    server_extra="keepalive_requests 1000000;")
 
     assert n.get("/api/v1/auth", headers=bearer("k-valid")).status == 200
