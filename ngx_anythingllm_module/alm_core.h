@@ -133,13 +133,79 @@ int alm_slug_valid(const char *s, size_t len);
 unsigned alm_scopes_parse(const char *s, size_t len);
 
 /*
- * 1 when "slug" is allowed by a workspace list: "*" or a comma list
- * of slugs (spaces around items ignored, a "*" item allows all).
- * Slugs compare exactly.  An empty list, or an empty slug, allows
- * none.
+ * The one reading of a key's "workspaces" value, for every check.
+ * Blanks (space, tab, CR, LF) around the value and around items do not
+ * count.
+ *
+ *   ALM_WS_ALL      exactly "*": every workspace, instance-wide
+ *                   routes included;
+ *   ALM_WS_LIST     a comma list of valid slugs (alm_slug_valid(), not
+ *                   "." or ".."), without empty items;
+ *   ALM_WS_NONE     empty or blank: no workspace;
+ *   ALM_WS_INVALID  anything else: "*" mixed with slugs, an empty item,
+ *                   a slug that is not valid.  A key with such a value
+ *                   is disabled; it allows nothing.
+ */
+
+typedef enum {
+    ALM_WS_NONE = 0,
+    ALM_WS_LIST,
+    ALM_WS_ALL,
+    ALM_WS_INVALID
+} alm_ws_kind_e;
+
+alm_ws_kind_e alm_workspaces_kind(const char *list, size_t list_len);
+
+/*
+ * 1 when "slug" is allowed by a workspace list: an ALM_WS_ALL list, or
+ * an ALM_WS_LIST one that holds the slug (compared exactly).  An
+ * empty or invalid list, or an empty slug, allows none.
  */
 int alm_workspace_allowed(const char *list, size_t list_len,
     const char *slug, size_t slug_len);
+
+
+/* a string that need not be NUL-terminated; data NULL: not a string */
+
+typedef struct {
+    const char   *data;
+    size_t        len;
+} alm_str_t;
+
+
+/* fields of a key record that did not parse (alm_key_record_t.malformed) */
+
+#define ALM_KEYREC_RPM         0x01
+#define ALM_KEYREC_EXPIRES     0x02
+#define ALM_KEYREC_WORKSPACES  0x04
+
+
+typedef struct {
+    alm_str_t     name;           /* point into the pairs; "" when absent */
+    alm_str_t     workspaces;
+    unsigned      scopes;         /* ALM_SCOPE_* */
+    int64_t       rpm;            /* 0: no limit */
+    int64_t       expires;        /* unix seconds, 0: never */
+    int           disabled;
+    unsigned      malformed;      /* ALM_KEYREC_* */
+} alm_key_record_t;
+
+
+/*
+ * Reads a key record, "n" strings alternating field and value as
+ * HGETALL answers them (a last field without a value is ignored; a
+ * pair with a NULL data is skipped).  Known fields: name, scopes
+ * (alm_scopes_parse()), workspaces (alm_workspaces_kind()), rpm and
+ * expires (decimal digits up to INT64_MAX, empty meaning 0), disabled
+ * (empty or "0" is enabled, anything else disabled); others are
+ * ignored, a repeated field counts last.  A missing field means no
+ * name, no scope, no workspace, no limit, never, enabled.
+ *
+ * Returns ALM_OK, or ALM_ERROR when a field did not parse: "malformed"
+ * then names the fields and the record is disabled.
+ */
+int alm_key_record_parse(const alm_str_t *pairs, size_t n,
+    alm_key_record_t *rec);
 
 /* SHA-256 of the key as 64 lowercase hex digits (no NUL written) */
 void alm_key_digest(const char *key, size_t len,

@@ -2,7 +2,7 @@
  * Copyright (C) ngx_anythingllm authors
  *
  * Small pieces shared by the core: slugs, scopes, workspace lists,
- * key digests, JSON string escaping, OpenAI error bodies and the
+ * key records, key digests, JSON string escaping, OpenAI error bodies and the
  * incremental conversation digest.
  */
 
@@ -170,6 +170,102 @@ alm_scopes_parse(const char *s, size_t len)
 }
 
 
+static int
+alm_blank(char c)
+{
+    return c == ' ' || c == '\t' || c == '\r' || c == '\n';
+}
+
+
+/*
+ * The next comma-separated item of a workspace list, blanks around it
+ * trimmed; empty items are returned too (with length 0).  Returns 0
+ * once the list is used up (*pos is then NULL).
+ */
+
+static int
+alm_ws_next(const char **pos, const char *end, const char **item,
+    size_t *item_len)
+{
+    const char  *p, *start, *last;
+
+    p = *pos;
+
+    if (p == NULL) {
+        return 0;
+    }
+
+    while (p < end && alm_blank(*p)) {
+        p++;
+    }
+
+    start = p;
+
+    while (p < end && *p != ',') {
+        p++;
+    }
+
+    last = p;
+
+    while (last > start && alm_blank(last[-1])) {
+        last--;
+    }
+
+    *item = start;
+    *item_len = last - start;
+
+    *pos = (p < end) ? p + 1 : NULL;
+
+    return 1;
+}
+
+
+alm_ws_kind_e
+alm_workspaces_kind(const char *list, size_t list_len)
+{
+    size_t       n;
+    const char  *pos, *end, *item;
+
+    if (list == NULL) {
+        return ALM_WS_NONE;
+    }
+
+    end = list + list_len;
+
+    while (list < end && alm_blank(*list)) {
+        list++;
+    }
+
+    while (end > list && alm_blank(end[-1])) {
+        end--;
+    }
+
+    if (list == end) {
+        return ALM_WS_NONE;
+    }
+
+    if (end - list == 1 && list[0] == '*') {
+        return ALM_WS_ALL;
+    }
+
+    pos = list;
+
+    while (alm_ws_next(&pos, end, &item, &n)) {
+
+        /* "*" among slugs, "a,,b", "a,": no reading is safe */
+
+        if (!alm_slug_valid(item, n)
+            || (n == 1 && item[0] == '.')
+            || (n == 2 && item[0] == '.' && item[1] == '.'))
+        {
+            return ALM_WS_INVALID;
+        }
+    }
+
+    return ALM_WS_LIST;
+}
+
+
 int
 alm_workspace_allowed(const char *list, size_t list_len, const char *slug,
     size_t slug_len)
@@ -177,18 +273,26 @@ alm_workspace_allowed(const char *list, size_t list_len, const char *slug,
     size_t       n;
     const char  *pos, *end, *item;
 
-    if (list == NULL || slug == NULL || slug_len == 0) {
+    if (slug == NULL || slug_len == 0) {
+        return 0;
+    }
+
+    switch (alm_workspaces_kind(list, list_len)) {
+
+    case ALM_WS_ALL:
+        return 1;
+
+    case ALM_WS_LIST:
+        break;
+
+    default:
         return 0;
     }
 
     pos = list;
     end = list + list_len;
 
-    while (alm_list_next(&pos, end, &item, &n, 0)) {
-
-        if (n == 1 && item[0] == '*') {
-            return 1;
-        }
+    while (alm_ws_next(&pos, end, &item, &n)) {
 
         /* slugs are compared exactly: AnythingLLM's lookup is exact */
 
@@ -198,6 +302,116 @@ alm_workspace_allowed(const char *list, size_t list_len, const char *slug,
     }
 
     return 0;
+}
+
+
+/* decimal digits only, up to INT64_MAX; empty is 0 */
+
+static int
+alm_int64_parse(const char *s, size_t len, int64_t *out)
+{
+    size_t   i;
+    int64_t  n, d;
+
+    n = 0;
+
+    for (i = 0; i < len; i++) {
+        if (s[i] < '0' || s[i] > '9') {
+            return ALM_ERROR;
+        }
+
+        d = s[i] - '0';
+
+        if (n > (INT64_MAX - d) / 10) {
+            return ALM_ERROR;
+        }
+
+        n = n * 10 + d;
+    }
+
+    *out = n;
+
+    return ALM_OK;
+}
+
+
+static int
+alm_field_is(const alm_str_t *f, const char *name)
+{
+    size_t  len;
+
+    len = strlen(name);
+
+    return f->len == len && memcmp(f->data, name, len) == 0;
+}
+
+
+int
+alm_key_record_parse(const alm_str_t *pairs, size_t n, alm_key_record_t *rec)
+{
+    size_t            i;
+    int64_t           v64;
+    const alm_str_t  *f, *v;
+
+    memset(rec, 0, sizeof(alm_key_record_t));
+    rec->name.data = "";
+    rec->workspaces.data = "";
+
+    for (i = 0; i + 1 < n; i += 2) {
+        f = &pairs[i];
+        v = &pairs[i + 1];
+
+        if (f->data == NULL || v->data == NULL) {
+            continue;
+        }
+
+        if (alm_field_is(f, "name")) {
+            rec->name = *v;
+
+        } else if (alm_field_is(f, "scopes")) {
+            rec->scopes = alm_scopes_parse(v->data, v->len);
+
+        } else if (alm_field_is(f, "workspaces")) {
+            rec->workspaces = *v;
+
+        } else if (alm_field_is(f, "rpm")) {
+            if (alm_int64_parse(v->data, v->len, &v64) == ALM_OK) {
+                rec->rpm = v64;
+                rec->malformed &= ~ALM_KEYREC_RPM;
+
+            } else {
+                rec->malformed |= ALM_KEYREC_RPM;
+            }
+
+        } else if (alm_field_is(f, "expires")) {
+            if (alm_int64_parse(v->data, v->len, &v64) == ALM_OK) {
+                rec->expires = v64;
+                rec->malformed &= ~ALM_KEYREC_EXPIRES;
+
+            } else {
+                rec->malformed |= ALM_KEYREC_EXPIRES;
+            }
+
+        } else if (alm_field_is(f, "disabled")) {
+            rec->disabled = !(v->len == 0
+                              || (v->len == 1 && v->data[0] == '0'));
+        }
+    }
+
+    /* judged once the last "workspaces" is known */
+
+    if (alm_workspaces_kind(rec->workspaces.data, rec->workspaces.len)
+        == ALM_WS_INVALID)
+    {
+        rec->malformed |= ALM_KEYREC_WORKSPACES;
+    }
+
+    if (rec->malformed) {
+        rec->disabled = 1;
+        return ALM_ERROR;
+    }
+
+    return ALM_OK;
 }
 
 

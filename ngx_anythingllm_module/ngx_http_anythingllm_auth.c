@@ -19,7 +19,10 @@
  *
  * When Redis cannot be reached, a cached key keeps working (its rate
  * is then not counted); an uncached one gets 503, or passes with full
- * rights under anythingllm_auth_fail_open.
+ * rights under anythingllm_auth_fail_open.  When Redis answers the
+ * rate counter with an error (OOM, MISCONF, READONLY, NOAUTH...), the
+ * request of a rate-limited key gets 503, or passes under
+ * anythingllm_auth_fail_open: a limit is never lifted silently.
  */
 
 
@@ -46,6 +49,9 @@ static void ngx_http_anythingllm_auth_lookup_done(void *data, void *reply);
 static ngx_int_t ngx_http_anythingllm_auth_rate(ngx_http_request_t *r,
     ngx_http_anythingllm_ctx_t *ctx);
 static void ngx_http_anythingllm_auth_rate_done(void *data, void *reply);
+static void ngx_http_anythingllm_auth_rate_refused(ngx_http_request_t *r,
+    ngx_http_anythingllm_ctx_t *ctx, redisReply *rp);
+static ngx_uint_t ngx_http_anythingllm_auth_log_due(ngx_uint_t *missed);
 static void ngx_http_anythingllm_auth_unreachable(ngx_http_request_t *r,
     ngx_http_anythingllm_ctx_t *ctx);
 static ngx_int_t ngx_http_anythingllm_auth_wait(ngx_http_request_t *r,
@@ -60,13 +66,35 @@ static ngx_int_t ngx_http_anythingllm_auth_read_key(ngx_http_request_t *r,
     ngx_str_t *key);
 static ngx_int_t ngx_http_anythingllm_auth_parse(ngx_http_request_t *r,
     ngx_http_anythingllm_ctx_t *ctx, redisReply *rp);
-static ngx_int_t ngx_http_anythingllm_auth_number(redisReply *v,
-    ngx_int_t *n);
+static ngx_uint_t ngx_http_anythingllm_auth_all_workspaces(
+    ngx_http_anythingllm_key_t *key);
 static ngx_int_t ngx_http_anythingllm_auth_keep(ngx_http_request_t *r,
     ngx_http_anythingllm_key_t *key);
 static ngx_http_anythingllm_key_t *ngx_http_anythingllm_auth_kept(
     ngx_http_request_t *r);
 static void ngx_http_anythingllm_auth_kept_cleanup(void *data);
+
+
+/*
+ * Errors answered by Redis come with every request while they last:
+ * each worker logs them at most once a second, with the count of the
+ * ones it left out.
+ */
+
+static time_t      ngx_http_anythingllm_auth_logged;
+static ngx_uint_t  ngx_http_anythingllm_auth_missed;
+
+
+static const struct {
+    unsigned     bit;
+    const char  *name;
+    const char  *why;
+} ngx_http_anythingllm_keyrec_fields[] = {
+    { ALM_KEYREC_RPM, "rpm", "" },
+    { ALM_KEYREC_EXPIRES, "expires", "" },
+    { ALM_KEYREC_WORKSPACES, "workspaces",
+      " (\"*\" mixed with slugs, or not a comma list of valid slugs)" }
+};
 
 
 /* indexed by the bit of ALM_SCOPE_* */
@@ -298,6 +326,7 @@ ngx_http_anythingllm_auth_lookup_done(void *data, void *reply)
     ngx_http_request_t *r = data;
 
     ngx_int_t                          rc;
+    ngx_uint_t                         missed;
     redisReply                        *rp;
     ngx_http_anythingllm_ctx_t        *ctx;
     ngx_http_anythingllm_main_conf_t  *amcf;
@@ -316,18 +345,17 @@ ngx_http_anythingllm_auth_lookup_done(void *data, void *reply)
     }
 
     if (rp->type != REDIS_REPLY_ARRAY) {
-        if (rp->type == REDIS_REPLY_ERROR) {
+        if (ngx_http_anythingllm_auth_log_due(&missed)) {
             ngx_log_error(NGX_LOG_ERR, r->connection->log, 0,
-                          "anythingllm: key lookup of %*s failed: %*s",
+                          "anythingllm: key lookup of %*s failed: %*s "
+                          "(%ui more redis errors in the last second)",
                           (size_t) ALM_KEY_ID_LEN, ctx->key.digest,
-                          (size_t) rp->len, rp->str);
-
-        } else {
-            ngx_log_error(NGX_LOG_ERR, r->connection->log, 0,
-                          "anythingllm: key lookup of %*s failed: "
-                          "unexpected reply type %d",
-                          (size_t) ALM_KEY_ID_LEN, ctx->key.digest,
-                          rp->type);
+                          (size_t) (rp->type == REDIS_REPLY_ERROR
+                                    ? rp->len : sizeof("unexpected reply")
+                                                - 1),
+                          rp->type == REDIS_REPLY_ERROR
+                          ? rp->str : "unexpected reply",
+                          missed);
         }
 
         /*
@@ -408,7 +436,7 @@ ngx_http_anythingllm_auth_judge(ngx_http_request_t *r,
      */
 
     if ((ctx->auth_route == ALM_ROUTE_OPENAI_PASS || ctx->auth_global)
-        && (key->workspaces.len != 1 || key->workspaces.data[0] != '*'))
+        && !ngx_http_anythingllm_auth_all_workspaces(key))
     {
         ctx->auth_result = NGX_HTTP_ANYTHINGLLM_AUTH_DENIED_WORKSPACE;
         return NGX_OK;
@@ -435,7 +463,8 @@ ngx_http_anythingllm_auth_judge(ngx_http_request_t *r,
 /*
  * A fixed window per minute of the wall clock, counted in Redis; the
  * nginx instances sharing a Redis should keep their clocks in step.
- * When Redis cannot count, the request passes.
+ * When Redis cannot be reached, the request passes uncounted, as a
+ * cached key does; when Redis answers with an error, see rate_refused.
  */
 
 static ngx_int_t
@@ -514,20 +543,91 @@ ngx_http_anythingllm_auth_rate_done(void *data, void *reply)
     ctx->pending = NULL;
     ctx->auth_waiting = 0;
 
-    if (rp != NULL && rp->type == REDIS_REPLY_INTEGER) {
-
-        if (rp->integer > (long long) ctx->key.rpm) {
-            ctx->auth_result = NGX_HTTP_ANYTHINGLLM_AUTH_RATE_LIMITED;
-        }
-
-    } else {
+    if (rp == NULL) {
         ngx_log_error(NGX_LOG_INFO, r->connection->log, 0,
-                      "anythingllm: rate of key %*s not counted: %s",
-                      (size_t) ALM_KEY_ID_LEN, ctx->key.digest,
-                      rp ? "unexpected reply" : "redis unreachable");
+                      "anythingllm: rate of key %*s not counted: "
+                      "redis unreachable",
+                      (size_t) ALM_KEY_ID_LEN, ctx->key.digest);
+
+    } else if (rp->type != REDIS_REPLY_INTEGER) {
+        ngx_http_anythingllm_auth_rate_refused(r, ctx, rp);
+
+    } else if (rp->integer > (long long) ctx->key.rpm) {
+        ctx->auth_result = NGX_HTTP_ANYTHINGLLM_AUTH_RATE_LIMITED;
     }
 
     ngx_http_anythingllm_auth_resume(r);
+}
+
+
+/*
+ * Redis is there but will not count (out of memory under noeviction,
+ * a failed save with stop-writes-on-bgsave-error, a read-only replica,
+ * a password set since the connection was made): passing would lift
+ * every limit for as long as that lasts, so the request is treated as
+ * with an unreachable Redis for an uncached key.
+ */
+
+static void
+ngx_http_anythingllm_auth_rate_refused(ngx_http_request_t *r,
+    ngx_http_anythingllm_ctx_t *ctx, redisReply *rp)
+{
+    size_t                            len;
+    ngx_uint_t                        missed;
+    const char                       *text;
+    ngx_http_anythingllm_loc_conf_t  *alcf;
+
+    alcf = ngx_http_get_module_loc_conf(r, ngx_http_anythingllm_module);
+
+    if (rp->type == REDIS_REPLY_ERROR && rp->str != NULL) {
+        text = rp->str;
+        len = rp->len;
+
+    } else {
+        text = "unexpected reply";
+        len = sizeof("unexpected reply") - 1;
+    }
+
+    if (ngx_http_anythingllm_auth_log_due(&missed)) {
+        ngx_log_error(NGX_LOG_ERR, r->connection->log, 0,
+                      "anythingllm: rate of key %*s cannot be counted: "
+                      "%*s; %s (%ui more redis errors in the last second)",
+                      (size_t) ALM_KEY_ID_LEN, ctx->key.digest, len, text,
+                      alcf->auth_fail_open == 1
+                      ? "let through (anythingllm_auth_fail_open)"
+                      : "refused with 503",
+                      missed);
+    }
+
+    if (alcf->auth_fail_open == 1) {
+        return;
+    }
+
+    ctx->auth_result = NGX_HTTP_ANYTHINGLLM_AUTH_REDIS_ERROR;
+    ctx->rate_refused = 1;
+}
+
+
+/* 1 when this worker may log a Redis error now; *missed: left out since */
+
+static ngx_uint_t
+ngx_http_anythingllm_auth_log_due(ngx_uint_t *missed)
+{
+    time_t  now;
+
+    now = ngx_time();
+
+    if (now == ngx_http_anythingllm_auth_logged) {
+        ngx_http_anythingllm_auth_missed++;
+        return 0;
+    }
+
+    *missed = ngx_http_anythingllm_auth_missed;
+
+    ngx_http_anythingllm_auth_logged = now;
+    ngx_http_anythingllm_auth_missed = 0;
+
+    return 1;
 }
 
 
@@ -679,7 +779,7 @@ ngx_http_anythingllm_auth_verdict(ngx_http_request_t *r,
          */
 
         if (ctx->auth_route == ALM_ROUTE_WORKSPACES
-            && (key->workspaces.len != 1 || key->workspaces.data[0] != '*'))
+            && !ngx_http_anythingllm_auth_all_workspaces(key))
         {
             ctx->resp = NGX_HTTP_ANYTHINGLLM_RESP_WORKSPACES;
 
@@ -789,8 +889,12 @@ ngx_http_anythingllm_auth_verdict(ngx_http_request_t *r,
 
         return ngx_http_anythingllm_error(r,
                    NGX_HTTP_SERVICE_UNAVAILABLE,
-                   "The API key cannot be checked at the moment: the key "
-                   "store is unreachable. Retry shortly.",
+                   ctx->rate_refused
+                   ? "The request cannot be counted against the API key's "
+                     "rate limit at the moment: the key store refuses "
+                     "writes. Retry shortly."
+                   : "The API key cannot be checked at the moment: the key "
+                     "store is unreachable. Retry shortly.",
                    "server_error", NULL, NULL);
     }
 }
@@ -843,118 +947,94 @@ ngx_http_anythingllm_auth_read_key(ngx_http_request_t *r, ngx_str_t *key)
 
 
 /*
- * The HGETALL reply: name, scopes, workspaces, rpm, expires, disabled.
- * A missing field means no scope, no workspace, no limit, never,
- * enabled.  A number that does not parse disables the key.
+ * The HGETALL reply, read by alm_key_record_parse(): only its strings
+ * are handed over, and the name and workspaces are copied to the pool.
+ * A field that does not parse disables the key.
  */
 
 static ngx_int_t
 ngx_http_anythingllm_auth_parse(ngx_http_request_t *r,
     ngx_http_anythingllm_ctx_t *ctx, redisReply *rp)
 {
+    u_char                      *p;
     size_t                       i;
-    ngx_int_t                    n;
-    ngx_str_t                   *s;
-    ngx_uint_t                   malformed;
-    redisReply                  *f, *v;
+    alm_str_t                   *kv;
+    redisReply                  *e;
+    alm_key_record_t             rec;
     ngx_http_anythingllm_key_t  *key;
 
     key = &ctx->key;
-    malformed = 0;
 
-    ngx_str_null(&key->name);
-    ngx_str_null(&key->workspaces);
-    key->scopes = 0;
-    key->rpm = 0;
-    key->expires = 0;
-    key->disabled = 0;
+    kv = ngx_palloc(r->pool, (rp->elements ? rp->elements : 1)
+                             * sizeof(alm_str_t));
+    if (kv == NULL) {
+        return NGX_ERROR;
+    }
 
-    for (i = 0; i + 1 < rp->elements; i += 2) {
-        f = rp->element[i];
-        v = rp->element[i + 1];
+    for (i = 0; i < rp->elements; i++) {
+        e = rp->element[i];
 
-        if (f->type != REDIS_REPLY_STRING || v->type != REDIS_REPLY_STRING) {
-            continue;
-        }
-
-        s = NULL;
-
-        if (f->len == 4 && ngx_strncmp(f->str, "name", 4) == 0) {
-            s = &key->name;
-
-        } else if (f->len == 10
-                   && ngx_strncmp(f->str, "workspaces", 10) == 0)
-        {
-            s = &key->workspaces;
-
-        } else if (f->len == 6 && ngx_strncmp(f->str, "scopes", 6) == 0) {
-            key->scopes = alm_scopes_parse(v->str, v->len);
-            continue;
-
-        } else if (f->len == 3 && ngx_strncmp(f->str, "rpm", 3) == 0) {
-            if (ngx_http_anythingllm_auth_number(v, &n) != NGX_OK) {
-                goto malformed;
-            }
-
-            key->rpm = n;
-            continue;
-
-        } else if (f->len == 7 && ngx_strncmp(f->str, "expires", 7) == 0) {
-            if (ngx_http_anythingllm_auth_number(v, &n) != NGX_OK) {
-                goto malformed;
-            }
-
-            key->expires = (time_t) n;
-            continue;
-
-        } else if (f->len == 8 && ngx_strncmp(f->str, "disabled", 8) == 0) {
-            key->disabled = !(v->len == 0
-                              || (v->len == 1 && v->str[0] == '0'));
-            continue;
+        if (e != NULL && e->type == REDIS_REPLY_STRING && e->str != NULL) {
+            kv[i].data = e->str;
+            kv[i].len = e->len;
 
         } else {
-            continue;
+            kv[i].data = NULL;
+            kv[i].len = 0;
         }
-
-        s->len = v->len;
-        s->data = ngx_pnalloc(r->pool, v->len ? v->len : 1);
-        if (s->data == NULL) {
-            return NGX_ERROR;
-        }
-
-        ngx_memcpy(s->data, v->str, v->len);
-        continue;
-
-    malformed:
-
-        ngx_log_error(NGX_LOG_WARN, r->connection->log, 0,
-                      "anythingllm: key %*s has a malformed \"%*s\" "
-                      "field: the key is treated as disabled",
-                      (size_t) ALM_KEY_ID_LEN, key->digest,
-                      (size_t) f->len, f->str);
-
-        malformed = 1;
     }
 
-    if (malformed) {
-        key->disabled = 1;
+    if (alm_key_record_parse(kv, rp->elements, &rec) != ALM_OK) {
+
+        for (i = 0; i < 3; i++) {
+            if (!(rec.malformed & ngx_http_anythingllm_keyrec_fields[i].bit))
+            {
+                continue;
+            }
+
+            ngx_log_error(NGX_LOG_WARN, r->connection->log, 0,
+                          "anythingllm: key %*s has a malformed \"%s\" "
+                          "field%s: the key is treated as disabled",
+                          (size_t) ALM_KEY_ID_LEN, key->digest,
+                          ngx_http_anythingllm_keyrec_fields[i].name,
+                          ngx_http_anythingllm_keyrec_fields[i].why);
+        }
     }
+
+    p = ngx_pnalloc(r->pool, rec.name.len + rec.workspaces.len + 1);
+    if (p == NULL) {
+        return NGX_ERROR;
+    }
+
+    key->name.data = p;
+    key->name.len = rec.name.len;
+    p = ngx_cpymem(p, rec.name.data, rec.name.len);
+
+    key->workspaces.data = p;
+    key->workspaces.len = rec.workspaces.len;
+    ngx_memcpy(p, rec.workspaces.data, rec.workspaces.len);
+
+    /* the core reads up to INT64_MAX: clamped where the types are smaller */
+
+    key->scopes = rec.scopes;
+    key->rpm = (rec.rpm > (int64_t) NGX_MAX_INT_T_VALUE)
+               ? (ngx_uint_t) NGX_MAX_INT_T_VALUE : (ngx_uint_t) rec.rpm;
+    key->expires = (rec.expires > (int64_t) NGX_MAX_TIME_T_VALUE)
+                   ? (time_t) NGX_MAX_TIME_T_VALUE : (time_t) rec.expires;
+    key->disabled = rec.disabled ? 1 : 0;
 
     return NGX_OK;
 }
 
 
-static ngx_int_t
-ngx_http_anythingllm_auth_number(redisReply *v, ngx_int_t *n)
+/* the one test of "every workspace", for the routes that need it */
+
+static ngx_uint_t
+ngx_http_anythingllm_auth_all_workspaces(ngx_http_anythingllm_key_t *key)
 {
-    if (v->len == 0) {
-        *n = 0;
-        return NGX_OK;
-    }
-
-    *n = ngx_atoi((u_char *) v->str, v->len);
-
-    return (*n == NGX_ERROR) ? NGX_ERROR : NGX_OK;
+    return alm_workspaces_kind((const char *) key->workspaces.data,
+                               key->workspaces.len)
+           == ALM_WS_ALL;
 }
 
 

@@ -5,8 +5,8 @@
  * shared by all workers.  It holds digests, never keys.
  *
  * Entries are kept in a red-black tree keyed by a CRC32 of the digest
- * (the whole digest is compared) and in an LRU queue; when the zone is
- * full the least recently used entries make room.  Three kinds:
+ * (the whole digest is compared) and in one of two LRU queues.  Three
+ * kinds:
  *
  *   valid     the key's record (name, scopes, workspaces, rpm, expires,
  *             disabled), kept for "valid" seconds; the key's own
@@ -16,6 +16,13 @@
  *             while also keeps out the answers of lookups that were
  *             already in flight when the key was revoked (they read
  *             the record before it was deleted).
+ *
+ * Unknown entries cost a client nothing to make (any string will do),
+ * so they have their own queue and at most a quarter of the zone: when
+ * they reach their share, or the zone is full, the oldest unknown entry
+ * goes.  They never displace a valid or revoked entry; those make room
+ * among themselves, least recently used first, once no unknown entry
+ * is left to drop.
  *
  * After a flush (the revocations channel was lost for a while), the
  * answers of lookups started before the flush are not stored either.
@@ -55,9 +62,18 @@ typedef struct {
 typedef struct {
     ngx_rbtree_t                rbtree;
     ngx_rbtree_node_t           sentinel;
-    ngx_queue_t                 queue;      /* most recently used first */
+    ngx_queue_t                 queue;      /* valid and revoked, most
+                                               recently used first */
+    ngx_queue_t                 unknown;    /* unknown, likewise */
+    ngx_uint_t                  unknown_n;
+    ngx_uint_t                  unknown_max;
     ngx_msec_t                  flushed;
 } ngx_http_anythingllm_cache_sh_t;
+
+
+#define ngx_http_anythingllm_cache_queue(sh, cn)                             \
+    ((cn)->kind == NGX_HTTP_ANYTHINGLLM_CACHE_UNKNOWN                        \
+     ? &(sh)->unknown : &(sh)->queue)
 
 
 static void ngx_http_anythingllm_cache_rbtree_insert(
@@ -69,12 +85,12 @@ static ngx_http_anythingllm_cache_node_t *ngx_http_anythingllm_cache_lookup(
 static void ngx_http_anythingllm_cache_remove(
     ngx_http_anythingllm_cache_sh_t *sh, ngx_slab_pool_t *shpool,
     ngx_http_anythingllm_cache_node_t *cn);
-static void ngx_http_anythingllm_cache_expire(
+static ngx_uint_t ngx_http_anythingllm_cache_expire(
     ngx_http_anythingllm_cache_sh_t *sh, ngx_slab_pool_t *shpool,
-    ngx_uint_t force);
+    ngx_queue_t *queue, ngx_uint_t force);
 static ngx_http_anythingllm_cache_node_t *ngx_http_anythingllm_cache_alloc(
     ngx_http_anythingllm_cache_sh_t *sh, ngx_slab_pool_t *shpool,
-    size_t data_len);
+    size_t data_len, ngx_uint_t unknown);
 static ngx_uint_t ngx_http_anythingllm_cache_newer(
     ngx_http_anythingllm_cache_node_t *cn, ngx_msec_t since);
 static void ngx_http_anythingllm_cache_mark(ngx_shm_zone_t *zone,
@@ -90,7 +106,7 @@ ngx_http_anythingllm_cache_init_zone(ngx_shm_zone_t *shm_zone, void *data)
 {
     ngx_http_anythingllm_main_conf_t  *oamcf = data;
 
-    size_t                             len;
+    size_t                             len, size;
     ngx_slab_pool_t                   *shpool;
     ngx_http_anythingllm_cache_sh_t   *sh;
     ngx_http_anythingllm_main_conf_t  *amcf;
@@ -124,7 +140,22 @@ ngx_http_anythingllm_cache_init_zone(ngx_shm_zone_t *shm_zone, void *data)
     ngx_rbtree_init(&sh->rbtree, &sh->sentinel,
                     ngx_http_anythingllm_cache_rbtree_insert);
     ngx_queue_init(&sh->queue);
+    ngx_queue_init(&sh->unknown);
     sh->flushed = 0;
+
+    /* a quarter of the zone, counted in slab slots of an unknown entry */
+
+    len = offsetof(ngx_rbtree_node_t, color)
+          + offsetof(ngx_http_anythingllm_cache_node_t, data);
+
+    for (size = 8; size < len; size <<= 1) { /* void */ }
+
+    sh->unknown_n = 0;
+    sh->unknown_max = shm_zone->shm.size / 4 / size;
+
+    if (sh->unknown_max == 0) {
+        sh->unknown_max = 1;
+    }
 
     len = sizeof(" in anythingllm key cache zone \"\"")
           + shm_zone->shm.name.len;
@@ -226,7 +257,8 @@ ngx_http_anythingllm_cache_get(ngx_shm_zone_t *zone, const char *digest,
     }
 
     ngx_queue_remove(&cn->queue);
-    ngx_queue_insert_head(&sh->queue, &cn->queue);
+    ngx_queue_insert_head(ngx_http_anythingllm_cache_queue(sh, cn),
+                          &cn->queue);
 
     if (cn->kind == NGX_HTTP_ANYTHINGLLM_CACHE_UNKNOWN) {
         rc = NGX_ABORT;
@@ -322,7 +354,8 @@ ngx_http_anythingllm_cache_put(ngx_shm_zone_t *zone,
         goto done;
     }
 
-    ngx_http_anythingllm_cache_expire(sh, shpool, 0);
+    ngx_http_anythingllm_cache_expire(sh, shpool, &sh->unknown, 0);
+    ngx_http_anythingllm_cache_expire(sh, shpool, &sh->queue, 0);
 
     cn = ngx_http_anythingllm_cache_lookup(sh, (u_char *) key->digest, hash);
 
@@ -334,7 +367,7 @@ ngx_http_anythingllm_cache_put(ngx_shm_zone_t *zone,
         ngx_http_anythingllm_cache_remove(sh, shpool, cn);
     }
 
-    cn = ngx_http_anythingllm_cache_alloc(sh, shpool, len);
+    cn = ngx_http_anythingllm_cache_alloc(sh, shpool, len, 0);
     if (cn == NULL) {
         goto done;
     }
@@ -424,7 +457,8 @@ ngx_http_anythingllm_cache_mark(ngx_shm_zone_t *zone, const char *digest,
 
     ngx_shmtx_lock(&shpool->mutex);
 
-    ngx_http_anythingllm_cache_expire(sh, shpool, 0);
+    ngx_http_anythingllm_cache_expire(sh, shpool, &sh->unknown, 0);
+    ngx_http_anythingllm_cache_expire(sh, shpool, &sh->queue, 0);
 
     cn = ngx_http_anythingllm_cache_lookup(sh, (u_char *) digest, hash);
 
@@ -436,7 +470,8 @@ ngx_http_anythingllm_cache_mark(ngx_shm_zone_t *zone, const char *digest,
         ngx_http_anythingllm_cache_remove(sh, shpool, cn);
     }
 
-    cn = ngx_http_anythingllm_cache_alloc(sh, shpool, 0);
+    cn = ngx_http_anythingllm_cache_alloc(sh, shpool, 0,
+                              kind == NGX_HTTP_ANYTHINGLLM_CACHE_UNKNOWN);
 
     if (cn) {
         cn->kind = (u_char) kind;
@@ -582,6 +617,10 @@ ngx_http_anythingllm_cache_remove(ngx_http_anythingllm_cache_sh_t *sh,
     node = (ngx_rbtree_node_t *)
                ((u_char *) cn - offsetof(ngx_rbtree_node_t, color));
 
+    if (cn->kind == NGX_HTTP_ANYTHINGLLM_CACHE_UNKNOWN) {
+        sh->unknown_n--;
+    }
+
     ngx_queue_remove(&cn->queue);
     ngx_rbtree_delete(&sh->rbtree, node);
     ngx_slab_free_locked(shpool, node);
@@ -589,13 +628,14 @@ ngx_http_anythingllm_cache_remove(ngx_http_anythingllm_cache_sh_t *sh,
 
 
 /*
- * Removes up to two expired entries from the old end of the queue;
- * with "force", the oldest entry goes first whatever its age.
+ * Removes up to three expired entries from the old end of a queue;
+ * with "force", the oldest entry goes first whatever its age.  Returns
+ * how many went.
  */
 
-static void
+static ngx_uint_t
 ngx_http_anythingllm_cache_expire(ngx_http_anythingllm_cache_sh_t *sh,
-    ngx_slab_pool_t *shpool, ngx_uint_t force)
+    ngx_slab_pool_t *shpool, ngx_queue_t *queue, ngx_uint_t force)
 {
     ngx_uint_t                          n;
     ngx_queue_t                        *q;
@@ -603,27 +643,34 @@ ngx_http_anythingllm_cache_expire(ngx_http_anythingllm_cache_sh_t *sh,
 
     for (n = 0; n < 3; n++) {
 
-        if (ngx_queue_empty(&sh->queue)) {
-            return;
+        if (ngx_queue_empty(queue)) {
+            break;
         }
 
-        q = ngx_queue_last(&sh->queue);
+        q = ngx_queue_last(queue);
         cn = ngx_queue_data(q, ngx_http_anythingllm_cache_node_t, queue);
 
         if (!(force && n == 0)
             && (ngx_msec_int_t) (cn->until - ngx_current_msec) > 0)
         {
-            return;
+            break;
         }
 
         ngx_http_anythingllm_cache_remove(sh, shpool, cn);
     }
+
+    return n;
 }
 
 
+/*
+ * Room is made from unknown entries first; an unknown entry is never
+ * given room at the expense of another kind.
+ */
+
 static ngx_http_anythingllm_cache_node_t *
 ngx_http_anythingllm_cache_alloc(ngx_http_anythingllm_cache_sh_t *sh,
-    ngx_slab_pool_t *shpool, size_t data_len)
+    ngx_slab_pool_t *shpool, size_t data_len, ngx_uint_t unknown)
 {
     size_t                              size;
     ngx_rbtree_node_t                  *node;
@@ -633,6 +680,13 @@ ngx_http_anythingllm_cache_alloc(ngx_http_anythingllm_cache_sh_t *sh,
            + offsetof(ngx_http_anythingllm_cache_node_t, data)
            + data_len;
 
+    if (unknown) {
+        while (sh->unknown_n >= sh->unknown_max
+               && ngx_http_anythingllm_cache_expire(sh, shpool,
+                                                    &sh->unknown, 1))
+        { /* void */ }
+    }
+
     for ( ;; ) {
         node = ngx_slab_alloc_locked(shpool, size);
 
@@ -640,14 +694,22 @@ ngx_http_anythingllm_cache_alloc(ngx_http_anythingllm_cache_sh_t *sh,
             break;
         }
 
-        if (ngx_queue_empty(&sh->queue)) {
-            ngx_log_error(NGX_LOG_WARN, ngx_cycle->log, 0,
-                          "anythingllm: key cache entry of %uz bytes "
-                          "does not fit in the zone", size);
+        if (ngx_http_anythingllm_cache_expire(sh, shpool, &sh->unknown, 1)) {
+            continue;
+        }
+
+        if (unknown) {
             return NULL;
         }
 
-        ngx_http_anythingllm_cache_expire(sh, shpool, 1);
+        if (ngx_http_anythingllm_cache_expire(sh, shpool, &sh->queue, 1)) {
+            continue;
+        }
+
+        ngx_log_error(NGX_LOG_WARN, ngx_cycle->log, 0,
+                      "anythingllm: key cache entry of %uz bytes "
+                      "does not fit in the zone", size);
+        return NULL;
     }
 
     cn = (ngx_http_anythingllm_cache_node_t *) &node->color;
@@ -677,6 +739,11 @@ ngx_http_anythingllm_cache_insert(ngx_http_anythingllm_cache_sh_t *sh,
     node->key = hash;
     ngx_memcpy(cn->digest, digest, ALM_DIGEST_HEX_LEN);
 
+    if (cn->kind == NGX_HTTP_ANYTHINGLLM_CACHE_UNKNOWN) {
+        sh->unknown_n++;
+    }
+
     ngx_rbtree_insert(&sh->rbtree, node);
-    ngx_queue_insert_head(&sh->queue, &cn->queue);
+    ngx_queue_insert_head(ngx_http_anythingllm_cache_queue(sh, cn),
+                          &cn->queue);
 }

@@ -133,6 +133,7 @@ typedef struct {
     unsigned                    auth_done:1;
     unsigned                    auth_waiting:1;
     unsigned                    auth_cleanup:1; /* cleanups are set */
+    unsigned                    rate_refused:1; /* Redis refused INCR */
     unsigned                    key_replaced:1; /* upstream key is set */
 
     /* openai (ngx_http_anythingllm_openai.c) */

@@ -56,13 +56,62 @@ test_scopes(void **state)
 
 
 static void
+test_workspaces_kind(void **state)
+{
+    char  big[ALM_SLUG_MAX + 3];
+
+    (void) state;
+
+    assert_int_equal(alm_workspaces_kind(S("*")), ALM_WS_ALL);
+    assert_int_equal(alm_workspaces_kind(S(" * ")), ALM_WS_ALL);
+    assert_int_equal(alm_workspaces_kind(S("\t*\r\n")), ALM_WS_ALL);
+    assert_int_equal(alm_workspaces_kind(S("a")), ALM_WS_LIST);
+    assert_int_equal(alm_workspaces_kind(S("a,b,c")), ALM_WS_LIST);
+    assert_int_equal(alm_workspaces_kind(S(" a , b ")), ALM_WS_LIST);
+    assert_int_equal(alm_workspaces_kind(S("A_b.c-9,...")), ALM_WS_LIST);
+    assert_int_equal(alm_workspaces_kind(S("")), ALM_WS_NONE);
+    assert_int_equal(alm_workspaces_kind(S("  ")), ALM_WS_NONE);
+    assert_int_equal(alm_workspaces_kind(NULL, 0), ALM_WS_NONE);
+
+    /* "*" mixed with slugs: neither every workspace nor a list */
+    assert_int_equal(alm_workspaces_kind(S("alpha,*")), ALM_WS_INVALID);
+    assert_int_equal(alm_workspaces_kind(S("*,alpha")), ALM_WS_INVALID);
+    assert_int_equal(alm_workspaces_kind(S("*,*")), ALM_WS_INVALID);
+    assert_int_equal(alm_workspaces_kind(S("**")), ALM_WS_INVALID);
+    assert_int_equal(alm_workspaces_kind(S("a*")), ALM_WS_INVALID);
+
+    /* values that do not parse */
+    assert_int_equal(alm_workspaces_kind(S(",")), ALM_WS_INVALID);
+    assert_int_equal(alm_workspaces_kind(S(" , ")), ALM_WS_INVALID);
+    assert_int_equal(alm_workspaces_kind(S("a,")), ALM_WS_INVALID);
+    assert_int_equal(alm_workspaces_kind(S(",a")), ALM_WS_INVALID);
+    assert_int_equal(alm_workspaces_kind(S("a,,b")), ALM_WS_INVALID);
+    assert_int_equal(alm_workspaces_kind(S("a b")), ALM_WS_INVALID);
+    assert_int_equal(alm_workspaces_kind(S("a;b")), ALM_WS_INVALID);
+    assert_int_equal(alm_workspaces_kind(S("a/b")), ALM_WS_INVALID);
+    assert_int_equal(alm_workspaces_kind(S(".")), ALM_WS_INVALID);
+    assert_int_equal(alm_workspaces_kind(S("a,..")), ALM_WS_INVALID);
+    assert_int_equal(alm_workspaces_kind(S("caf\xc3\xa9")), ALM_WS_INVALID);
+    assert_int_equal(alm_workspaces_kind("a\0b", 3), ALM_WS_INVALID);
+
+    memset(big, 'a', sizeof(big));
+    assert_int_equal(alm_workspaces_kind(big, ALM_SLUG_MAX), ALM_WS_LIST);
+    assert_int_equal(alm_workspaces_kind(big, ALM_SLUG_MAX + 1),
+                     ALM_WS_INVALID);
+
+    /* the length bounds the value */
+    assert_int_equal(alm_workspaces_kind("*,a", 1), ALM_WS_ALL);
+    assert_int_equal(alm_workspaces_kind("a,*", 1), ALM_WS_LIST);
+}
+
+
+static void
 test_workspace_allowed(void **state)
 {
     (void) state;
 
     assert_true(alm_workspace_allowed(S("*"), S("anything")));
     assert_true(alm_workspace_allowed(S(" * "), S("anything")));
-    assert_true(alm_workspace_allowed(S("a,*"), S("zzz")));
     assert_true(alm_workspace_allowed(S("a,b,c"), S("b")));
     assert_true(alm_workspace_allowed(S(" a , b "), S("b")));
     assert_true(alm_workspace_allowed(S("a,b"), S("a")));
@@ -75,6 +124,151 @@ test_workspace_allowed(void **state)
     assert_false(alm_workspace_allowed(S("*"), S("")));
     assert_false(alm_workspace_allowed(S("**"), S("a")));
     assert_false(alm_workspace_allowed(NULL, 0, S("a")));
+
+    /* an invalid list allows nothing, not even its own slugs */
+    assert_false(alm_workspace_allowed(S("a,*"), S("zzz")));
+    assert_false(alm_workspace_allowed(S("a,*"), S("a")));
+    assert_false(alm_workspace_allowed(S("*,a"), S("a")));
+    assert_false(alm_workspace_allowed(S("a,,b"), S("a")));
+    assert_false(alm_workspace_allowed(S("a,b/c"), S("a")));
+}
+
+
+#define P(lit)  { lit, sizeof(lit) - 1 }
+
+
+static void
+test_key_record(void **state)
+{
+    alm_key_record_t  rec;
+
+    (void) state;
+
+    /* a whole record */
+    {
+        const alm_str_t  kv[] = {
+            P("name"), P("ci bot"), P("scopes"), P("chat,read"),
+            P("workspaces"), P("sales, support"), P("rpm"), P("60"),
+            P("expires"), P("1893456000"), P("disabled"), P("0"),
+            P("created"), P("1700000000")
+        };
+
+        assert_int_equal(alm_key_record_parse(kv, 14, &rec), ALM_OK);
+        assert_int_equal(rec.name.len, 6);
+        assert_memory_equal(rec.name.data, "ci bot", 6);
+        assert_int_equal(rec.workspaces.len, 14);
+        assert_memory_equal(rec.workspaces.data, "sales, support", 14);
+        assert_int_equal(rec.scopes, ALM_SCOPE_CHAT | ALM_SCOPE_READ);
+        assert_int_equal(rec.rpm, 60);
+        assert_int_equal(rec.expires, 1893456000);
+        assert_int_equal(rec.disabled, 0);
+        assert_int_equal(rec.malformed, 0);
+    }
+
+    /* nothing: no name, no scope, no workspace, no limit, never, enabled */
+    assert_int_equal(alm_key_record_parse(NULL, 0, &rec), ALM_OK);
+    assert_non_null(rec.name.data);
+    assert_int_equal(rec.name.len, 0);
+    assert_int_equal(rec.workspaces.len, 0);
+    assert_int_equal(rec.scopes, 0);
+    assert_int_equal(rec.rpm, 0);
+    assert_int_equal(rec.expires, 0);
+    assert_int_equal(rec.disabled, 0);
+
+    /* disabled: empty or "0" is enabled */
+    {
+        const alm_str_t  on[] = { P("disabled"), P("1") };
+        const alm_str_t  yes[] = { P("disabled"), P("yes") };
+        const alm_str_t  off[] = { P("disabled"), P("") };
+        const alm_str_t  zero2[] = { P("disabled"), P("00") };
+
+        assert_int_equal(alm_key_record_parse(on, 2, &rec), ALM_OK);
+        assert_int_equal(rec.disabled, 1);
+        assert_int_equal(alm_key_record_parse(yes, 2, &rec), ALM_OK);
+        assert_int_equal(rec.disabled, 1);
+        assert_int_equal(alm_key_record_parse(off, 2, &rec), ALM_OK);
+        assert_int_equal(rec.disabled, 0);
+        assert_int_equal(alm_key_record_parse(zero2, 2, &rec), ALM_OK);
+        assert_int_equal(rec.disabled, 1);
+    }
+
+    /* numbers: digits only, empty is 0, up to INT64_MAX */
+    {
+        const alm_str_t  empty[] = { P("rpm"), P(""), P("expires"), P("") };
+        const alm_str_t  max[] = { P("rpm"), P("9223372036854775807") };
+        const alm_str_t  over[] = { P("rpm"), P("9223372036854775808") };
+        const alm_str_t  neg[] = { P("rpm"), P("-1") };
+        const alm_str_t  plus[] = { P("expires"), P("+5") };
+        const alm_str_t  blank[] = { P("rpm"), P(" 5") };
+        const alm_str_t  word[] = { P("expires"), P("never") };
+
+        assert_int_equal(alm_key_record_parse(empty, 4, &rec), ALM_OK);
+        assert_int_equal(rec.rpm, 0);
+        assert_int_equal(rec.expires, 0);
+
+        assert_int_equal(alm_key_record_parse(max, 2, &rec), ALM_OK);
+        assert_true(rec.rpm == INT64_MAX);
+
+        assert_int_equal(alm_key_record_parse(over, 2, &rec), ALM_ERROR);
+        assert_int_equal(rec.malformed, ALM_KEYREC_RPM);
+        assert_int_equal(rec.disabled, 1);
+
+        assert_int_equal(alm_key_record_parse(neg, 2, &rec), ALM_ERROR);
+        assert_int_equal(rec.malformed, ALM_KEYREC_RPM);
+        assert_int_equal(alm_key_record_parse(blank, 2, &rec), ALM_ERROR);
+        assert_int_equal(alm_key_record_parse(plus, 2, &rec), ALM_ERROR);
+        assert_int_equal(rec.malformed, ALM_KEYREC_EXPIRES);
+        assert_int_equal(alm_key_record_parse(word, 2, &rec), ALM_ERROR);
+        assert_int_equal(rec.disabled, 1);
+    }
+
+    /* workspaces judged by alm_workspaces_kind() */
+    {
+        const alm_str_t  mixed[] = { P("workspaces"), P("alpha,*") };
+        const alm_str_t  star[] = { P("workspaces"), P(" * ") };
+        const alm_str_t  bad[] = { P("workspaces"), P("a,,b"), P("rpm"),
+                                   P("x") };
+
+        assert_int_equal(alm_key_record_parse(mixed, 2, &rec), ALM_ERROR);
+        assert_int_equal(rec.malformed, ALM_KEYREC_WORKSPACES);
+        assert_int_equal(rec.disabled, 1);
+
+        assert_int_equal(alm_key_record_parse(star, 2, &rec), ALM_OK);
+        assert_int_equal(alm_workspaces_kind(rec.workspaces.data,
+                                             rec.workspaces.len),
+                         ALM_WS_ALL);
+
+        assert_int_equal(alm_key_record_parse(bad, 4, &rec), ALM_ERROR);
+        assert_int_equal(rec.malformed,
+                         ALM_KEYREC_WORKSPACES | ALM_KEYREC_RPM);
+    }
+
+    /* non-string entries, an odd count, a repeated field, case matters */
+    {
+        const alm_str_t  kv[] = {
+            { NULL, 0 }, P("ignored"), P("scopes"), { NULL, 0 },
+            P("rpm"), P("bad"), P("rpm"), P("7"),
+            P("Scopes"), P("admin"), P("name"), P("a"), P("name"), P("b"),
+            P("scopes")
+        };
+
+        assert_int_equal(alm_key_record_parse(kv, 15, &rec), ALM_OK);
+        assert_int_equal(rec.scopes, 0);
+        assert_int_equal(rec.rpm, 7);
+        assert_int_equal(rec.name.len, 1);
+        assert_memory_equal(rec.name.data, "b", 1);
+    }
+
+    /* the lengths bound every string */
+    {
+        const alm_str_t  kv[] = {
+            { "rpmx", 3 }, { "12x", 2 }, { "workspacesX", 10 }, { "*,a", 1 }
+        };
+
+        assert_int_equal(alm_key_record_parse(kv, 4, &rec), ALM_OK);
+        assert_int_equal(rec.rpm, 12);
+        assert_int_equal(rec.workspaces.len, 1);
+    }
 }
 
 
@@ -281,7 +475,9 @@ main(void)
     const struct CMUnitTest  tests[] = {
         cmocka_unit_test(test_slug_valid),
         cmocka_unit_test(test_scopes),
+        cmocka_unit_test(test_workspaces_kind),
         cmocka_unit_test(test_workspace_allowed),
+        cmocka_unit_test(test_key_record),
         cmocka_unit_test(test_digest),
         cmocka_unit_test(test_json_escape),
         cmocka_unit_test(test_error_json),
