@@ -55,6 +55,7 @@ typedef enum {
 typedef struct {
     alm_route_kind_e   kind;
     unsigned           scope;      /* ALM_SCOPE_* needed, 0 for none */
+    unsigned           global;     /* needs a key allowed every workspace */
     const char        *slug;       /* workspace slug in the path, or NULL */
     size_t             slug_len;
 } alm_route_t;
@@ -79,7 +80,8 @@ typedef struct {
  *   POST workspace/:slug/thread/new            API  CHAT
  *   POST workspace/:slug/thread/:t/update|chat|stream-chat  API CHAT
  *   DEL  workspace/:slug/thread/:t             API  CHAT
- *   POST workspace/:slug/update-embeddings|update-pin       API DOCUMENTS
+ *   POST workspace/:slug/update-embeddings     API  DOCUMENTS, global
+ *   POST workspace/:slug/update-pin            API  DOCUMENTS
  *   POST document/upload[/:folder], upload-link, raw-text,
  *        create-folder, move-files             API  DOCUMENTS
  *   DEL  document/...                          API  DOCUMENTS
@@ -93,6 +95,17 @@ typedef struct {
  *
  * The slug is set for every workspace/:slug[/...] path (update and
  * delete too), except POST workspace/new, which names no workspace.
+ *
+ * "global" is set for the routes that only a key allowed every
+ * workspace ("*") may use: every API route that names no workspace
+ * (it acts on the whole instance: the documents all workspaces share,
+ * settings, users), openai[/...] (the workspace is in the body), and
+ * POST workspace/:slug/update-embeddings, whose "adds" may name any
+ * document of the instance's shared store: attaching one to a
+ * workspace the key may use would read a document the key cannot
+ * see.  update-pin stays with the slug: AnythingLLM pins only a
+ * document already in that workspace.  AUTH, WORKSPACES, NONE and
+ * BAD are never global.
  */
 void alm_route_classify(const char *method, size_t method_len,
     const char *path, size_t path_len, alm_route_t *rt);
