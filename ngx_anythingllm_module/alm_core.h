@@ -274,8 +274,20 @@ typedef struct {
  * Ignored once their type is checked: temperature, top_p, max_tokens,
  * max_completion_tokens, presence_penalty, frequency_penalty, stop,
  * seed, user, logit_bias, metadata, store, parallel_tool_calls,
- * reasoning_effort, service_tier, top_logprobs.  Unknown fields are
- * ignored.  null counts as absent everywhere.
+ * reasoning_effort, service_tier, top_logprobs.  Values OpenAI
+ * refuses are refused all the same, with OpenAI's message and code
+ * (decimal_above_max_value, integer_below_min_value, ...): max_tokens
+ * or max_completion_tokens below 1, temperature outside 0..2, top_p
+ * outside 0..1, presence_penalty or frequency_penalty outside -2..2,
+ * a stop array of more than 4 items (array_above_max_length) or with
+ * an item that is not a string.  Unknown fields are ignored.  null
+ * counts as absent everywhere.
+ *
+ * The body must be strict UTF-8 (no overlong forms, no surrogates,
+ * nothing above U+10FFFF), and its strings may hold neither a \u0000
+ * escape, nor a \u without 4 hex digits, nor a lone UTF-16 surrogate
+ * escape: 400 with param null, as for a body that is not a JSON
+ * object.
  *
  * message is the last message's text parts joined with "\n" (a lone
  * image gives " ": AnythingLLM refuses an empty message); attachments

@@ -1,8 +1,12 @@
-"""Hardening of the route table.
+"""Hardening of the route table and of the OpenAI request body.
 
 - update-embeddings attaches documents of the store every workspace
   shares: only a key allowed every workspace may call it; update-pin
   stays with the workspace in the path.
+- A chat completions body that is not strict UTF-8, or whose strings
+  hold a lone surrogate or U+0000 escape, is refused as OpenAI refuses
+  a body it cannot parse; values out of OpenAI's ranges are refused
+  naming the parameter, with OpenAI's code.
 
 The full gateway of conf/anythingllm.conf (auth on, both OpenAI base
 paths), a real redis-server, and the stand-in AnythingLLM, which records
@@ -15,6 +19,11 @@ import uuid
 import pytest
 
 import helpers
+
+
+BASES = ("/v1", "/api/v1/openai")
+
+BAD_JSON = "We could not parse the JSON body of your request"
 
 
 def bearer(key):
@@ -167,3 +176,149 @@ def test_update_pin_stays_with_the_workspace(gateway, redis_server, backend):
     assert err["code"] == "workspace_forbidden"
     assert '"engineering"' in err["message"], err
     assert backend.requests() == []
+
+
+# ---------------------------------------------------------------------------
+# the chat completions body: text
+
+
+def raw_chat(n, base, raw, key="k-chat"):
+    return n.post(base + "/chat/completions", body=raw, headers=dict(
+        bearer(key), **{"Content-Type": "application/json"}))
+
+
+def chat_body(content_json, **extra):
+    """A request body whose last user message content is the given JSON
+    text (bytes, pasted as they are)."""
+    head = json.dumps(dict({"model": "sales"}, **extra))[:-1].encode()
+    return (head + b', "messages": [{"role": "user", "content": '
+            + content_json + b'}]}')
+
+
+BAD_TEXT = [
+    # (body, what the message says)
+    (chat_body(b'"caf\xe9"'), "not valid UTF-8"),             # Latin-1
+    (chat_body(b'"a\xff"'), "not valid UTF-8"),
+    (chat_body(b'"a\x80b"'), "not valid UTF-8"),
+    (chat_body(b'"\xc0\xaf"'), "not valid UTF-8"),            # overlong
+    (chat_body(b'"\xe0\x80\xaf"'), "not valid UTF-8"),        # overlong
+    (chat_body(b'"\xf0\x80\x80\xaf"'), "not valid UTF-8"),    # overlong
+    (chat_body(b'"\xed\xa0\x80"'), "not valid UTF-8"),        # U+D800
+    (chat_body(b'"\xed\xa0\xbd\xed\xb8\x80"'), "not valid UTF-8"),
+    (chat_body(b'"\xf4\x90\x80\x80"'), "not valid UTF-8"),    # > U+10FFFF
+    (chat_body(b'"a\xe2\x82"'), "not valid UTF-8"),           # cut short
+    (chat_body(b'"hi"', user="x").replace(b'"x"', b'"\xfe"'),
+     "not valid UTF-8"),
+    (chat_body(b'"hi"').replace(b'"model"', b'"mod\xe9l"'),
+     "not valid UTF-8"),
+    (chat_body(b'"a\\ud800b"'), "lone UTF-16 surrogate"),
+    (chat_body(b'"a\\uDC00"'), "lone UTF-16 surrogate"),
+    (chat_body(b'"\\ud83d\\u0041"'), "lone UTF-16 surrogate"),
+    (chat_body(b'"a\\u0000b"'), "\\u0000"),
+    (chat_body(b'"a\\uZZZZ"'), "4 hex digits"),
+]
+
+
+@pytest.mark.parametrize("raw,what", BAD_TEXT,
+                         ids=[str(i) for i in range(len(BAD_TEXT))])
+def test_chat_body_text_refused(gateway, redis_server, backend, raw, what):
+    redis_server.add_key("k-chat", scopes="chat", workspaces="sales")
+    backend.clear()
+    for base in BASES:
+        for stream in (False, True):
+            body = raw.replace(b'{"model"', b'{"stream": %s, "model"'
+                               % (b"true" if stream else b"false"), 1)
+            r = raw_chat(gateway, base, body)
+            err = error_of(r, 400)
+            assert err["message"].startswith(BAD_JSON), err
+            assert what in err["message"], err
+            assert err["param"] is None and err["code"] is None, err
+    assert backend.requests() == []
+
+
+def test_chat_body_text_accepted_intact(gateway, redis_server, backend):
+    """Valid UTF-8 and escape pairs reach AnythingLLM unchanged."""
+    redis_server.add_key("k-chat", scopes="chat", workspaces="sales")
+    text = "caf\u00e9 \u20ac \U0001f600 \U0010ffff \ud7ff\ue000 \\ud800"
+    for base in BASES:
+        for raw in (json.dumps(text, ensure_ascii=False).encode(),
+                    json.dumps(text, ensure_ascii=True).encode()):
+            backend.clear()
+            r = raw_chat(gateway, base, chat_body(raw))
+            assert r.status == 200, r.text
+            sent = [q for q in backend.requests()
+                    if q["path"] == "/api/v1/workspace/sales/chat"]
+            assert len(sent) == 1
+            assert json.loads(sent[0]["body"])["message"] == text
+
+
+# ---------------------------------------------------------------------------
+# the chat completions body: ranges
+
+
+OUT_OF_RANGE = [
+    # (parameter, value, OpenAI's code, message)
+    ("temperature", 2.5, "decimal_above_max_value",
+     "Invalid 'temperature': decimal above maximum value. Expected a value "
+     "<= 2, but got 2.5 instead."),
+    ("temperature", -0.1, "decimal_below_min_value",
+     "Invalid 'temperature': decimal below minimum value. Expected a value "
+     ">= 0, but got -0.1 instead."),
+    ("top_p", 1.5, "decimal_above_max_value", None),
+    ("top_p", -1, "decimal_below_min_value", None),
+    ("presence_penalty", -2.5, "decimal_below_min_value", None),
+    ("presence_penalty", 2.01, "decimal_above_max_value", None),
+    ("frequency_penalty", 3, "decimal_above_max_value", None),
+    ("frequency_penalty", -7, "decimal_below_min_value", None),
+    ("max_tokens", 0, "integer_below_min_value",
+     "Invalid 'max_tokens': integer below minimum value. Expected a value "
+     ">= 1, but got 0 instead."),
+    ("max_tokens", -100, "integer_below_min_value", None),
+    ("max_completion_tokens", 0, "integer_below_min_value", None),
+    ("stop", ["a", "b", "c", "d", "e"], "array_above_max_length",
+     "Invalid 'stop': array too long. Expected an array with maximum "
+     "length 4, but got an array with length 5 instead."),
+    ("stop", ["a", 5], None, None),
+]
+
+
+@pytest.mark.parametrize("param,value,code,message", OUT_OF_RANGE,
+                         ids=["%s=%s" % (p, json.dumps(v))
+                              for p, v, _, _ in OUT_OF_RANGE])
+def test_chat_values_out_of_range(gateway, redis_server, backend, param,
+                                  value, code, message):
+    redis_server.add_key("k-chat", scopes="chat", workspaces="sales")
+    backend.clear()
+    for base in BASES:
+        for stream in (False, True):
+            body = {"model": "sales", "stream": stream,
+                    "messages": [{"role": "user", "content": "hi"}],
+                    param: value}
+            r = raw_chat(gateway, base, json.dumps(body))
+            err = error_of(r, 400)
+            assert err["param"] == param, err
+            assert err["code"] == code, err
+            if message is not None:
+                assert err["message"] == message, err
+    assert backend.requests() == []
+
+
+def test_chat_values_at_the_bounds_pass(gateway, redis_server, backend):
+    redis_server.add_key("k-chat", scopes="chat", workspaces="sales")
+    for base in BASES:
+        for extra in ({"temperature": 2, "top_p": 1, "presence_penalty": 2,
+                       "frequency_penalty": 2, "max_tokens": 1,
+                       "stop": ["a", "b", "c", "d"]},
+                      {"temperature": 0, "top_p": 0, "presence_penalty": -2,
+                       "frequency_penalty": -2, "max_completion_tokens": 1,
+                       "stop": "x"},
+                      {"temperature": None, "max_tokens": None,
+                       "stop": None}):
+            backend.clear()
+            body = dict({"model": "sales",
+                         "messages": [{"role": "user", "content": "hi"}]},
+                        **extra)
+            r = raw_chat(gateway, base, json.dumps(body))
+            assert r.status == 200, (extra, r.text)
+            assert [q["path"] for q in backend.requests()] == \
+                ["/api/v1/workspace/sales/chat"]
