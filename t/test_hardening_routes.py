@@ -65,9 +65,17 @@ def ws_docpaths(backend, slug):
     return [d["docpath"] for d in r.json()["workspace"][0]["documents"]]
 
 
+# the gateway's Redis settings, with a timeout that a loaded machine
+# cannot exceed: a slow key lookup must not turn a verdict into a 503
+GATEWAY_HTTP = """
+    anythingllm_redis      @REDIS@ timeout=3s prefix=anythingllm:;
+    anythingllm_key_cache  zone=anythingllm_keys:10m valid=30s invalid=5s;
+"""
+
+
 @pytest.fixture
 def gateway(nginx, redis_server, backend):
-    return nginx(gateway=True, redis=redis_server)
+    return nginx(gateway=True, http_extra=GATEWAY_HTTP, redis=redis_server)
 
 
 # ---------------------------------------------------------------------------
