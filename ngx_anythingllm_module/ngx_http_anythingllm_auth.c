@@ -746,9 +746,10 @@ ngx_http_anythingllm_auth_verdict(ngx_http_request_t *r,
                              "routes need a key allowed every workspace.");
 
         } else if (ctx->auth_global && ctx->workspace.len) {
-            p = ngx_slprintf(msg, last, "This route reaches the documents "
-                             "every workspace shares: it needs a key "
-                             "allowed every workspace.");
+            p = ngx_slprintf(msg, last, "This route (workspace \"%V\") "
+                             "reaches the documents every workspace "
+                             "shares: it needs a key allowed every "
+                             "workspace.", &ctx->workspace);
 
         } else if (ctx->auth_global) {
             p = ngx_slprintf(msg, last, "This route acts on every "

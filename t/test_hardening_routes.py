@@ -114,6 +114,7 @@ def test_update_embeddings_refused_to_a_limited_key(gateway, redis_server,
         err = error_of(r, 403)
         assert err["code"] == "workspace_forbidden", err
         assert "every workspace" in err["message"], err
+        assert '"%s"' % path.split("/")[4] in err["message"], err
         assert err["param"] is None
 
     assert backend.requests() == []
