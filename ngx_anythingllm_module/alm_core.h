@@ -55,6 +55,7 @@ typedef enum {
 typedef struct {
     alm_route_kind_e   kind;
     unsigned           scope;      /* ALM_SCOPE_* needed, 0 for none */
+    unsigned           global;     /* needs a key allowed every workspace */
     const char        *slug;       /* workspace slug in the path, or NULL */
     size_t             slug_len;
 } alm_route_t;
@@ -79,7 +80,8 @@ typedef struct {
  *   POST workspace/:slug/thread/new            API  CHAT
  *   POST workspace/:slug/thread/:t/update|chat|stream-chat  API CHAT
  *   DEL  workspace/:slug/thread/:t             API  CHAT
- *   POST workspace/:slug/update-embeddings|update-pin       API DOCUMENTS
+ *   POST workspace/:slug/update-embeddings     API  DOCUMENTS, global
+ *   POST workspace/:slug/update-pin            API  DOCUMENTS
  *   POST document/upload[/:folder], upload-link, raw-text,
  *        create-folder, move-files             API  DOCUMENTS
  *   DEL  document/...                          API  DOCUMENTS
@@ -93,6 +95,17 @@ typedef struct {
  *
  * The slug is set for every workspace/:slug[/...] path (update and
  * delete too), except POST workspace/new, which names no workspace.
+ *
+ * "global" is set for the routes that only a key allowed every
+ * workspace ("*") may use: every API route that names no workspace
+ * (it acts on the whole instance: the documents all workspaces share,
+ * settings, users), openai[/...] (the workspace is in the body), and
+ * POST workspace/:slug/update-embeddings, whose "adds" may name any
+ * document of the instance's shared store: attaching one to a
+ * workspace the key may use would read a document the key cannot
+ * see.  update-pin stays with the slug: AnythingLLM pins only a
+ * document already in that workspace.  AUTH, WORKSPACES, NONE and
+ * BAD are never global.
  */
 void alm_route_classify(const char *method, size_t method_len,
     const char *path, size_t path_len, alm_route_t *rt);
@@ -327,8 +340,20 @@ typedef struct {
  * Ignored once their type is checked: temperature, top_p, max_tokens,
  * max_completion_tokens, presence_penalty, frequency_penalty, stop,
  * seed, user, logit_bias, metadata, store, parallel_tool_calls,
- * reasoning_effort, service_tier, top_logprobs.  Unknown fields are
- * ignored.  null counts as absent everywhere.
+ * reasoning_effort, service_tier, top_logprobs.  Values OpenAI
+ * refuses are refused all the same, with OpenAI's message and code
+ * (decimal_above_max_value, integer_below_min_value, ...): max_tokens
+ * or max_completion_tokens below 1, temperature outside 0..2, top_p
+ * outside 0..1, presence_penalty or frequency_penalty outside -2..2,
+ * a stop array of more than 4 items (array_above_max_length) or with
+ * an item that is not a string.  Unknown fields are ignored.  null
+ * counts as absent everywhere.
+ *
+ * The body must be strict UTF-8 (no overlong forms, no surrogates,
+ * nothing above U+10FFFF), and its strings may hold neither a \u0000
+ * escape, nor a \u without 4 hex digits, nor a lone UTF-16 surrogate
+ * escape: 400 with param null, as for a body that is not a JSON
+ * object.
  *
  * message is the last message's text parts joined with "\n" (a lone
  * image gives " ": AnythingLLM refuses an empty message); attachments

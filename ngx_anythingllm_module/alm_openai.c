@@ -8,6 +8,7 @@
 
 
 #include <limits.h>
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -21,6 +22,10 @@
     "We could not parse the JSON body of your request. (HINT: This likely " \
     "means you aren't using your HTTP library correctly. The API expects a " \
     "JSON object as the body.)"
+
+#define ALM_BAD_TEXT                                                         \
+    "We could not parse the JSON body of your request: %s (at byte %zu). "   \
+    "The API expects a JSON object encoded in UTF-8."
 
 #define ALM_TRANSCRIPT_HEAD    "Conversation so far:\n"
 #define ALM_TRANSCRIPT_USER    "user: "
@@ -78,6 +83,34 @@ static const alm_param_t  alm_ignored_params[] = {
 };
 
 
+/*
+ * The ranges OpenAI enforces on some of them: a value outside is a
+ * 400 naming the parameter, with OpenAI's own wording and code, even
+ * though the value would be dropped.
+ */
+
+typedef struct {
+    const char  *name;
+    double       min;
+    double       max;
+    int          integer;       /* OpenAI says "integer", not "decimal" */
+} alm_range_t;
+
+
+static const alm_range_t  alm_ranges[] = {
+    { "temperature",            0.0,  2.0,      0 },
+    { "top_p",                  0.0,  1.0,      0 },
+    { "presence_penalty",      -2.0,  2.0,      0 },
+    { "frequency_penalty",     -2.0,  2.0,      0 },
+    { "max_tokens",             1.0,  INFINITY, 1 },
+    { "max_completion_tokens",  1.0,  INFINITY, 1 },
+    { NULL, 0.0, 0.0, 0 }
+};
+
+
+#define ALM_STOP_MAX  4
+
+
 static void
 alm_w_raw(alm_w_t *w, const char *s, size_t n)
 {
@@ -120,6 +153,210 @@ alm_strndup(const char *s, size_t n)
     p[n] = '\0';
 
     return p;
+}
+
+
+/*
+ * The length of the UTF-8 sequence at p, or 0 when it is not one:
+ * strict, as RFC 3629 has it: no overlong forms, no surrogates
+ * (U+D800..U+DFFF), nothing above U+10FFFF.
+ */
+
+static size_t
+alm_utf8_seq(const unsigned char *p, size_t avail)
+{
+    size_t         n, i;
+    unsigned char  lo, hi;
+
+    if (p[0] < 0x80) {
+        return 1;
+    }
+
+    lo = 0x80;
+    hi = 0xbf;
+
+    if (p[0] >= 0xc2 && p[0] <= 0xdf) {
+        n = 2;
+
+    } else if (p[0] >= 0xe0 && p[0] <= 0xef) {
+        n = 3;
+
+        if (p[0] == 0xe0) {
+            lo = 0xa0;                  /* overlong below U+0800 */
+
+        } else if (p[0] == 0xed) {
+            hi = 0x9f;                  /* surrogates */
+        }
+
+    } else if (p[0] >= 0xf0 && p[0] <= 0xf4) {
+        n = 4;
+
+        if (p[0] == 0xf0) {
+            lo = 0x90;                  /* overlong below U+10000 */
+
+        } else if (p[0] == 0xf4) {
+            hi = 0x8f;                  /* above U+10FFFF */
+        }
+
+    } else {
+        return 0;                       /* 0x80..0xc1, 0xf5..0xff */
+    }
+
+    if (avail < n || p[1] < lo || p[1] > hi) {
+        return 0;
+    }
+
+    for (i = 2; i < n; i++) {
+        if (p[i] < 0x80 || p[i] > 0xbf) {
+            return 0;
+        }
+    }
+
+    return n;
+}
+
+
+static int
+alm_hex4(const unsigned char *p, const unsigned char *end, unsigned *v)
+{
+    int            i;
+    unsigned char  c;
+
+    if (end - p < 4) {
+        return 0;
+    }
+
+    *v = 0;
+
+    for (i = 0; i < 4; i++) {
+        c = p[i];
+
+        if (c >= '0' && c <= '9') {
+            *v = (*v << 4) | (unsigned) (c - '0');
+
+        } else if ((c | 0x20) >= 'a' && (c | 0x20) <= 'f') {
+            *v = (*v << 4) | (unsigned) ((c | 0x20) - 'a' + 10);
+
+        } else {
+            return 0;
+        }
+    }
+
+    return 1;
+}
+
+
+/*
+ * What cJSON would let through silently, checked on the raw body
+ * before it is parsed: bytes that are not strict UTF-8 (cJSON copies
+ * them into strings as they are, and they would reach AnythingLLM as
+ * U+FFFD), a \u0000 escape (it would cut a string short: cJSON's
+ * strings end at the first NUL), a \u escape without 4 hex digits
+ * (cJSON reads it as \u0000) and a lone UTF-16 surrogate escape (no
+ * character; cJSON refuses it as well, but the rule is ours).
+ * Anything else that is not JSON is left to the parser.
+ *
+ * Strings are followed only to tell an escape's backslash from a
+ * quote; a UTF-8 sequence never holds a byte below 0x80, so looking
+ * at one byte at a time cannot be fooled.
+ */
+
+static int
+alm_json_text_check(const char *body, size_t len, alm_error_t *err)
+{
+    int                   in_string;
+    size_t                n;
+    unsigned              u, lo;
+    const char           *what;
+    const unsigned char  *p, *start, *end;
+
+    if (len == 0) {
+        return ALM_OK;
+    }
+
+    start = (const unsigned char *) body;
+    end = start + len;
+    p = start;
+    in_string = 0;
+
+    while (p < end) {
+
+        if (*p >= 0x80) {
+            n = alm_utf8_seq(p, end - p);
+
+            if (n == 0) {
+                what = "it is not valid UTF-8";
+                goto bad;
+            }
+
+            p += n;
+            continue;
+        }
+
+        if (*p == '"') {
+            in_string = !in_string;
+            p++;
+            continue;
+        }
+
+        if (!in_string || *p != '\\') {
+            p++;
+            continue;
+        }
+
+        /* an escape inside a string */
+
+        if (end - p < 2 || p[1] != 'u') {
+            /*
+             * another escape, or a broken one the parser refuses; a
+             * byte past the backslash that is not ASCII is still
+             * checked as UTF-8
+             */
+            p += (end - p >= 2 && p[1] < 0x80) ? 2 : 1;
+            continue;
+        }
+
+        if (!alm_hex4(p + 2, end, &u)) {
+            /* cJSON would read "\uZZZZ" as U+0000 */
+            what = "a string holds a \\u escape without 4 hex digits";
+            goto bad;
+        }
+
+        if (u == 0) {
+            what = "a string holds \\u0000, which is refused";
+            goto bad;
+        }
+
+        if (u >= 0xdc00 && u <= 0xdfff) {
+            what = "a string holds a lone UTF-16 surrogate escape";
+            goto bad;
+        }
+
+        if (u >= 0xd800 && u <= 0xdbff) {
+
+            /* a high surrogate must be followed by a low one */
+
+            if (end - p < 12 || p[6] != '\\' || p[7] != 'u'
+                || !alm_hex4(p + 8, end, &lo) || lo < 0xdc00 || lo > 0xdfff)
+            {
+                what = "a string holds a lone UTF-16 surrogate escape";
+                goto bad;
+            }
+
+            p += 12;
+            continue;
+        }
+
+        p += 6;
+    }
+
+    return ALM_OK;
+
+bad:
+
+    alm_error_set(err, 400, "invalid_request_error", NULL, NULL,
+                  ALM_BAD_TEXT, what, (size_t) (p - start));
+    return ALM_ERROR;
 }
 
 
@@ -694,6 +931,100 @@ modalities:
 }
 
 
+/* a number as short as it can be written and read back the same */
+
+static void
+alm_number_text(char *buf, size_t size, double v)
+{
+    int  prec;
+
+    for (prec = 1; prec < 17; prec++) {
+        snprintf(buf, size, "%.*g", prec, v);
+
+        if (strtod(buf, NULL) == v) {
+            return;
+        }
+    }
+
+    snprintf(buf, size, "%.17g", v);
+}
+
+
+/* the ranges and lengths OpenAI refuses to go beyond */
+
+static int
+alm_check_ranges(const cJSON *root, alm_error_t *err)
+{
+    int                 n;
+    char                num[32];
+    double              v;
+    const cJSON        *item, *s;
+    const alm_range_t  *rg;
+
+    for (rg = alm_ranges; rg->name; rg++) {
+        item = cJSON_GetObjectItemCaseSensitive(root, rg->name);
+
+        if (!cJSON_IsNumber(item)) {
+            continue;
+        }
+
+        v = item->valuedouble;
+        alm_number_text(num, sizeof(num), v);
+
+        if (v < rg->min) {
+            alm_error_set(err, 400, "invalid_request_error", rg->name,
+                          rg->integer ? "integer_below_min_value"
+                                      : "decimal_below_min_value",
+                          "Invalid '%s': %s below minimum value. Expected "
+                          "a value >= %g, but got %s instead.", rg->name,
+                          rg->integer ? "integer" : "decimal", rg->min, num);
+            return ALM_ERROR;
+        }
+
+        if (v > rg->max) {
+            alm_error_set(err, 400, "invalid_request_error", rg->name,
+                          rg->integer ? "integer_above_max_value"
+                                      : "decimal_above_max_value",
+                          "Invalid '%s': %s above maximum value. Expected "
+                          "a value <= %g, but got %s instead.", rg->name,
+                          rg->integer ? "integer" : "decimal", rg->max, num);
+            return ALM_ERROR;
+        }
+    }
+
+    item = cJSON_GetObjectItemCaseSensitive(root, "stop");
+
+    if (!cJSON_IsArray(item)) {
+        return ALM_OK;
+    }
+
+    n = 0;
+
+    cJSON_ArrayForEach(s, item) {
+
+        if (!cJSON_IsString(s)) {
+            alm_error_set(err, 400, "invalid_request_error", "stop", NULL,
+                          "Invalid type for 'stop[%d]': expected a string.",
+                          n);
+            return ALM_ERROR;
+        }
+
+        n++;
+    }
+
+    if (n > ALM_STOP_MAX) {
+        alm_error_set(err, 400, "invalid_request_error", "stop",
+                      "array_above_max_length",
+                      "Invalid 'stop': array too long. Expected an array "
+                      "with maximum length %d, but got an array with length "
+                      "%d instead.", ALM_STOP_MAX, n);
+        return ALM_ERROR;
+    }
+
+    return ALM_OK;
+}
+
+
 static int
 alm_check_options(const cJSON *root, alm_chat_req_t *req, alm_error_t *err)
 {
@@ -741,7 +1072,7 @@ alm_check_options(const cJSON *root, alm_chat_req_t *req, alm_error_t *err)
         }
     }
 
-    return ALM_OK;
+    return alm_check_ranges(root, err);
 }
 
 
@@ -986,6 +1317,10 @@ alm_chat_req_parse(const char *body, size_t len, const char *key_digest_hex,
     cJSON  *root;
 
     memset(req, 0, sizeof(alm_chat_req_t));
+
+    if (alm_json_text_check(body, len, err) != ALM_OK) {
+        return ALM_ERROR;
+    }
 
     root = alm_json_parse(body, len);
 

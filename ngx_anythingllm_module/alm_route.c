@@ -89,6 +89,7 @@ alm_route_set(alm_route_t *rt, alm_route_kind_e kind, unsigned scope)
     rt->scope = scope;
 
     if (kind == ALM_ROUTE_BAD) {
+        rt->global = 0;
         rt->slug = NULL;
         rt->slug_len = 0;
     }
@@ -134,9 +135,19 @@ alm_route_workspace(alm_route_t *rt, alm_method_e m, alm_seg_t *seg,
             return;
         }
 
-        if (alm_seg_is(&seg[2], "update-embeddings")
-            || alm_seg_is(&seg[2], "update-pin"))
-        {
+        if (alm_seg_is(&seg[2], "update-embeddings")) {
+            /*
+             * "adds" names documents of the store every workspace
+             * shares, by path: a key held to this workspace could
+             * attach, and so read, any document of the instance
+             */
+            alm_route_set(rt, ALM_ROUTE_API, ALM_SCOPE_DOCUMENTS);
+            rt->global = 1;
+            return;
+        }
+
+        if (alm_seg_is(&seg[2], "update-pin")) {
+            /* pins only a document already in this workspace */
             alm_route_set(rt, ALM_ROUTE_API, ALM_SCOPE_DOCUMENTS);
             return;
         }
@@ -226,6 +237,60 @@ alm_route_system(alm_route_t *rt, alm_method_e m, alm_seg_t *seg,
 
 
 /*
+ * The route table proper: n segments, of which seg holds the first
+ * ALM_ROUTE_SEGS; no rule looks past the fifth.
+ */
+
+static void
+alm_route_table(alm_route_t *rt, alm_method_e m, alm_seg_t *seg, size_t n)
+{
+    if (alm_seg_is(&seg[0], "openai")) {
+        alm_route_set(rt, ALM_ROUTE_OPENAI_PASS, ALM_SCOPE_CHAT);
+        return;
+    }
+
+    if (n == 1 && m == ALM_M_GET && alm_seg_is(&seg[0], "auth")) {
+        alm_route_set(rt, ALM_ROUTE_AUTH, 0);
+        return;
+    }
+
+    if (n == 1 && m == ALM_M_GET && alm_seg_is(&seg[0], "workspaces")) {
+        alm_route_set(rt, ALM_ROUTE_WORKSPACES, ALM_SCOPE_READ);
+        return;
+    }
+
+    if (n >= 2 && alm_seg_is(&seg[0], "workspace")) {
+        alm_route_workspace(rt, m, seg, n);
+        return;
+    }
+
+    if (alm_seg_is(&seg[0], "document")) {
+        alm_route_document(rt, m, seg, n);
+        return;
+    }
+
+    if (alm_seg_is(&seg[0], "system")) {
+        alm_route_system(rt, m, seg, n);
+        return;
+    }
+
+    if (alm_seg_is(&seg[0], "admin") || alm_seg_is(&seg[0], "users")
+        || alm_seg_is(&seg[0], "embed"))
+    {
+        /*
+         * users, invitations, embed chats of every workspace, and
+         * GET /users/:id/issue-auth-token which mints a login token:
+         * admin whatever the method
+         */
+        alm_route_set(rt, ALM_ROUTE_API, ALM_SCOPE_ADMIN);
+        return;
+    }
+
+    alm_route_default(rt, m);
+}
+
+
+/*
  * AnythingLLM serves these routes with an Express router that ignores
  * letter case and accepts one trailing slash, so the fixed words are
  * compared without case, and one trailing slash is dropped before the
@@ -241,12 +306,12 @@ alm_route_classify(const char *method, size_t method_len, const char *path,
     size_t          n, len, i;
     alm_seg_t       seg[ALM_ROUTE_SEGS];
     const char     *p, *end, *start;
-    alm_method_e    m;
     alm_seg_t       prefix;
     unsigned char   c;
 
     rt->kind = ALM_ROUTE_NONE;
     rt->scope = 0;
+    rt->global = 0;
     rt->slug = NULL;
     rt->slug_len = 0;
 
@@ -322,51 +387,18 @@ alm_route_classify(const char *method, size_t method_len, const char *path,
         p++;
     }
 
-    m = alm_route_method(method, method_len);
+    alm_route_table(rt, alm_route_method(method, method_len), seg, n);
 
-    if (alm_seg_is(&seg[0], "openai")) {
-        alm_route_set(rt, ALM_ROUTE_OPENAI_PASS, ALM_SCOPE_CHAT);
-        return;
-    }
+    /*
+     * A route that names no workspace acts on the whole instance, and
+     * AnythingLLM's own OpenAI routes take the workspace from the body
+     */
 
-    if (n == 1 && m == ALM_M_GET && alm_seg_is(&seg[0], "auth")) {
-        alm_route_set(rt, ALM_ROUTE_AUTH, 0);
-        return;
-    }
-
-    if (n == 1 && m == ALM_M_GET && alm_seg_is(&seg[0], "workspaces")) {
-        alm_route_set(rt, ALM_ROUTE_WORKSPACES, ALM_SCOPE_READ);
-        return;
-    }
-
-    if (n >= 2 && alm_seg_is(&seg[0], "workspace")) {
-        alm_route_workspace(rt, m, seg, n);
-        return;
-    }
-
-    if (alm_seg_is(&seg[0], "document")) {
-        alm_route_document(rt, m, seg, n);
-        return;
-    }
-
-    if (alm_seg_is(&seg[0], "system")) {
-        alm_route_system(rt, m, seg, n);
-        return;
-    }
-
-    if (alm_seg_is(&seg[0], "admin") || alm_seg_is(&seg[0], "users")
-        || alm_seg_is(&seg[0], "embed"))
+    if ((rt->kind == ALM_ROUTE_API && rt->slug == NULL)
+        || rt->kind == ALM_ROUTE_OPENAI_PASS)
     {
-        /*
-         * users, invitations, embed chats of every workspace, and
-         * GET /users/:id/issue-auth-token which mints a login token:
-         * admin whatever the method
-         */
-        alm_route_set(rt, ALM_ROUTE_API, ALM_SCOPE_ADMIN);
-        return;
+        rt->global = 1;
     }
-
-    alm_route_default(rt, m);
 }
 
 

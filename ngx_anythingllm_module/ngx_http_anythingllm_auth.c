@@ -164,6 +164,7 @@ ngx_http_anythingllm_auth_start(ngx_http_request_t *r,
     if (alcf->openai == 1) {
         rt.kind = ALM_ROUTE_API;
         rt.scope = ALM_SCOPE_CHAT;
+        rt.global = 0;
         rt.slug = NULL;
         rt.slug_len = 0;
 
@@ -200,15 +201,16 @@ ngx_http_anythingllm_auth_start(ngx_http_request_t *r,
     ctx->auth_route = rt.kind;
 
     /*
-     * A route that names no workspace acts on the whole instance: the
-     * documents every workspace shares, uploads whose form fields say
-     * which workspaces to embed into, settings, users.  Only a key
-     * allowed every workspace may use those.
+     * Routes that reach the whole instance: those that name no
+     * workspace (the documents every workspace shares, uploads whose
+     * form fields say which workspaces to embed into, settings,
+     * users), update-embeddings (its "adds" name any shared document;
+     * the route table marks all of these global) and paths outside
+     * the API.  Only a key allowed every workspace may use those.
      */
 
-    ctx->auth_global = (alcf->openai != 1 && rt.slug == NULL
-                        && (rt.kind == ALM_ROUTE_API
-                            || rt.kind == ALM_ROUTE_NONE));
+    ctx->auth_global = (alcf->openai != 1
+                        && (rt.global || rt.kind == ALM_ROUTE_NONE));
 
     /*
      * The proxy sends r->uri (escaped again) instead of the request
@@ -842,6 +844,12 @@ ngx_http_anythingllm_auth_verdict(ngx_http_request_t *r,
         if (ctx->auth_route == ALM_ROUTE_OPENAI_PASS) {
             p = ngx_slprintf(msg, last, "AnythingLLM's /api/v1/openai/ "
                              "routes need a key allowed every workspace.");
+
+        } else if (ctx->auth_global && ctx->workspace.len) {
+            p = ngx_slprintf(msg, last, "This route (workspace \"%V\") "
+                             "reaches the documents every workspace "
+                             "shares: it needs a key allowed every "
+                             "workspace.", &ctx->workspace);
 
         } else if (ctx->auth_global) {
             p = ngx_slprintf(msg, last, "This route acts on every "

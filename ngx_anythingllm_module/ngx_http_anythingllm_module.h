@@ -129,7 +129,7 @@ typedef struct {
     ngx_msec_t                  lookup_started;
     unsigned                    need_scope;     /* ALM_SCOPE_* */
     unsigned                    auth_route:4;   /* alm_route_kind_e */
-    unsigned                    auth_global:1;  /* names no workspace */
+    unsigned                    auth_global:1;  /* needs workspaces * */
     unsigned                    auth_done:1;
     unsigned                    auth_waiting:1;
     unsigned                    auth_cleanup:1; /* cleanups are set */

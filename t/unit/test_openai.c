@@ -353,6 +353,319 @@ test_req_accepted_params(void **state)
 }
 
 
+/* a refusal with OpenAI's code and, when given, its exact message */
+
+static void
+parse_err_code(const char *body, const char *param, const char *code,
+    const char *message)
+{
+    alm_error_t     err;
+    alm_chat_req_t  req;
+
+    memset(&err, 0, sizeof(err));
+
+    if (alm_chat_req_parse(body, strlen(body), KEY, &req, &err)
+        != ALM_ERROR)
+    {
+        print_error("accepted: %s\n", body);
+        alm_chat_req_free(&req);
+        fail();
+    }
+
+    if (err.param == NULL || strcmp(err.param, param) != 0
+        || (code == NULL && err.code != NULL)
+        || (code != NULL
+            && (err.code == NULL || strcmp(err.code, code) != 0))
+        || (message && strcmp(err.message, message) != 0))
+    {
+        print_error("got param %s code %s: %s\nbody: %s\n",
+                    err.param ? err.param : "null",
+                    err.code ? err.code : "null", err.message, body);
+        fail();
+    }
+
+    assert_int_equal(err.status, 400);
+    assert_string_equal(err.type, "invalid_request_error");
+    assert_null(req.model);
+}
+
+
+static void
+test_req_ranges(void **state)
+{
+    alm_chat_req_t  req;
+
+    (void) state;
+
+    /* the exact words and codes of OpenAI */
+    parse_err_code(W M ",\"temperature\":3}", "temperature",
+                   "decimal_above_max_value",
+                   "Invalid 'temperature': decimal above maximum value. "
+                   "Expected a value <= 2, but got 3 instead.");
+    parse_err_code(W M ",\"temperature\":-0.5}", "temperature",
+                   "decimal_below_min_value",
+                   "Invalid 'temperature': decimal below minimum value. "
+                   "Expected a value >= 0, but got -0.5 instead.");
+    parse_err_code(W M ",\"max_tokens\":0}", "max_tokens",
+                   "integer_below_min_value",
+                   "Invalid 'max_tokens': integer below minimum value. "
+                   "Expected a value >= 1, but got 0 instead.");
+    parse_err_code(W M ",\"stop\":[\"a\",\"b\",\"c\",\"d\",\"e\"]}", "stop",
+                   "array_above_max_length",
+                   "Invalid 'stop': array too long. Expected an array with "
+                   "maximum length 4, but got an array with length 5 "
+                   "instead.");
+
+    /* the value is shown as sent, not rounded to the bound */
+    parse_err_code(W M ",\"temperature\":2.0000001}", "temperature",
+                   "decimal_above_max_value",
+                   "Invalid 'temperature': decimal above maximum value. "
+                   "Expected a value <= 2, but got 2.0000001 instead.");
+
+    /* each bound, each side */
+    parse_err_code(W M ",\"temperature\":-1e-9}", "temperature",
+                   "decimal_below_min_value", NULL);
+    parse_err_code(W M ",\"temperature\":1e400}", "temperature",
+                   "decimal_above_max_value", NULL);
+    parse_err_code(W M ",\"top_p\":-0.1}", "top_p",
+                   "decimal_below_min_value", NULL);
+    parse_err_code(W M ",\"top_p\":1.01}", "top_p",
+                   "decimal_above_max_value", NULL);
+    parse_err_code(W M ",\"presence_penalty\":-2.5}", "presence_penalty",
+                   "decimal_below_min_value", NULL);
+    parse_err_code(W M ",\"presence_penalty\":2.01}", "presence_penalty",
+                   "decimal_above_max_value", NULL);
+    parse_err_code(W M ",\"frequency_penalty\":-3}", "frequency_penalty",
+                   "decimal_below_min_value", NULL);
+    parse_err_code(W M ",\"frequency_penalty\":7}", "frequency_penalty",
+                   "decimal_above_max_value", NULL);
+    parse_err_code(W M ",\"max_tokens\":-5}", "max_tokens",
+                   "integer_below_min_value", NULL);
+    parse_err_code(W M ",\"max_tokens\":0.5}", "max_tokens",
+                   "integer_below_min_value", NULL);
+    parse_err_code(W M ",\"max_completion_tokens\":0}",
+                   "max_completion_tokens", "integer_below_min_value",
+                   "Invalid 'max_completion_tokens': integer below minimum "
+                   "value. Expected a value >= 1, but got 0 instead.");
+    parse_err_code(W M ",\"stop\":[\"a\",\"b\",\"c\",\"d\",\"e\",\"f\","
+                   "\"g\"]}", "stop", "array_above_max_length", NULL);
+    parse_err_code(W M ",\"stop\":[\"a\",1]}", "stop", NULL,
+                   "Invalid type for 'stop[1]': expected a string.");
+    parse_err_code(W M ",\"stop\":[null]}", "stop", NULL, NULL);
+
+    /* the first parameter out of range is the one named */
+    parse_err_code(W M ",\"top_p\":5,\"temperature\":9}", "temperature",
+                   "decimal_above_max_value", NULL);
+
+    /* the bounds themselves, and null, pass */
+    parse_ok(W M ",\"temperature\":0,\"top_p\":0,\"presence_penalty\":-2,"
+             "\"frequency_penalty\":-2,\"max_tokens\":1,"
+             "\"max_completion_tokens\":1,\"stop\":[]}", &req);
+    alm_chat_req_free(&req);
+
+    parse_ok(W M ",\"temperature\":2,\"top_p\":1,\"presence_penalty\":2,"
+             "\"frequency_penalty\":2.0,\"max_tokens\":1e9,"
+             "\"max_completion_tokens\":4096,"
+             "\"stop\":[\"a\",\"b\",\"c\",\"d\"]}", &req);
+    alm_chat_req_free(&req);
+
+    parse_ok(W M ",\"temperature\":null,\"top_p\":null,"
+             "\"presence_penalty\":null,\"frequency_penalty\":null,"
+             "\"max_tokens\":null,\"max_completion_tokens\":null,"
+             "\"stop\":null}", &req);
+    alm_chat_req_free(&req);
+}
+
+
+/* a body refused before it is parsed: 400, param and code null */
+
+static void
+text_err(const char *body, const char *what)
+{
+    alm_error_t     err;
+    alm_chat_req_t  req;
+
+    memset(&err, 0, sizeof(err));
+
+    if (alm_chat_req_parse(body, strlen(body), KEY, &req, &err)
+        != ALM_ERROR)
+    {
+        print_error("accepted: %s\n", body);
+        alm_chat_req_free(&req);
+        fail();
+    }
+
+    assert_int_equal(err.status, 400);
+    assert_string_equal(err.type, "invalid_request_error");
+    assert_null(err.param);
+    assert_null(err.code);
+
+    if (strncmp(err.message, "We could not parse the JSON body", 32) != 0
+        || strstr(err.message, what) == NULL)
+    {
+        print_error("message: %s\nexpected it to say: %s\n", err.message,
+                    what);
+        fail();
+    }
+
+    assert_null(req.model);
+}
+
+
+#define U8(bytes)                                                            \
+    "{\"model\":\"w\",\"messages\":[{\"role\":\"user\",\"content\":\"a"      \
+    bytes "b\"}]}"
+
+
+static void
+test_req_utf8(void **state)
+{
+    size_t           i;
+    alm_error_t      err;
+    alm_chat_req_t   req;
+
+    static const char  *bad[] = {
+        "\x80",                         /* a lone continuation byte */
+        "\xbf",
+        "\xc3",                         /* a sequence cut short */
+        "\xe2\x82",
+        "\xf0\x9f\x98",
+        "\xc3\xc3\xa9",
+        "\xc0\xaf",                     /* overlong "/" */
+        "\xc1\xbf",
+        "\xe0\x80\xaf",
+        "\xe0\x9f\xbf",                 /* overlong U+07FF */
+        "\xf0\x80\x80\xaf",
+        "\xf0\x8f\xbf\xbf",             /* overlong U+FFFF */
+        "\xed\xa0\x80",                 /* U+D800 */
+        "\xed\xbf\xbf",                 /* U+DFFF */
+        "\xed\xa0\xbd\xed\xb8\x80",     /* a CESU-8 surrogate pair */
+        "\xf4\x90\x80\x80",             /* U+110000 */
+        "\xf5\x80\x80\x80",
+        "\xf7\xbf\xbf\xbf",
+        "\xf8\x88\x80\x80\x80",
+        "\xfc\x84\x80\x80\x80\x80",
+        "\xfe",
+        "\xff",
+        "\xe2\x28\xa1",
+        "\xe2\x82\x28",
+    };
+
+    static const char  *good[] = {
+        "\xc2\x80",                     /* U+0080 */
+        "\xc3\xa9",
+        "\xdf\xbf",                     /* U+07FF */
+        "\xe0\xa0\x80",                 /* U+0800 */
+        "\xe2\x82\xac",
+        "\xed\x9f\xbf",                 /* U+D7FF */
+        "\xee\x80\x80",                 /* U+E000 */
+        "\xef\xbf\xbd",                 /* U+FFFD */
+        "\xef\xbf\xbf",                 /* U+FFFF */
+        "\xf0\x90\x80\x80",             /* U+10000 */
+        "\xf0\x9f\x98\x80",
+        "\xf4\x8f\xbf\xbf",             /* U+10FFFF */
+    };
+
+    char  body[128], expect[32];
+
+    (void) state;
+
+    for (i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
+        snprintf(body, sizeof(body), U8("%s"), bad[i]);
+        text_err(body, "not valid UTF-8");
+    }
+
+    /* the byte is named: '{"model":"w",...,"content":"a' is 52 bytes */
+    memset(&err, 0, sizeof(err));
+    assert_int_equal(alm_chat_req_parse(S(U8("\xff")), KEY, &req, &err),
+                     ALM_ERROR);
+    assert_non_null(strstr(err.message, "(at byte 52)"));
+
+    /* anywhere: in a name, in the model, in a system message */
+    text_err("{\"mod\xe9l\":\"w\"" M "}", "not valid UTF-8");
+    text_err("{\"model\":\"w\xc0\"" M "}", "not valid UTF-8");
+    text_err(W ",\"messages\":[{\"role\":\"system\",\"content\":\"\xed\xa0"
+             "\x80\"},{\"role\":\"user\",\"content\":\"x\"}]}",
+             "not valid UTF-8");
+    text_err(W M ",\"user\":\"\xf4\x90\x80\x80\"}", "not valid UTF-8");
+
+    /* a body that is no JSON at all, and not UTF-8 either */
+    text_err("\xff\xfe{}", "not valid UTF-8");
+
+    for (i = 0; i < sizeof(good) / sizeof(good[0]); i++) {
+        snprintf(body, sizeof(body), U8("%s"), good[i]);
+        parse_ok(body, &req);
+
+        /* the text reaches AnythingLLM byte for byte */
+        snprintf(expect, sizeof(expect), "a%sb", good[i]);
+        assert_string_equal(req.message, expect);
+        alm_chat_req_free(&req);
+    }
+}
+
+
+static void
+test_req_escapes(void **state)
+{
+    alm_chat_req_t  req;
+
+    (void) state;
+
+    /* lone surrogates, high or low, wherever they are */
+    text_err(U8("\\ud800"), "lone UTF-16 surrogate");
+    text_err(U8("\\uDBFF"), "lone UTF-16 surrogate");
+    text_err(U8("\\udc00"), "lone UTF-16 surrogate");
+    text_err(U8("\\uDFFF"), "lone UTF-16 surrogate");
+    text_err(U8("\\ud800\\u0041"), "lone UTF-16 surrogate");
+    text_err(U8("\\ud800\\ud800"), "lone UTF-16 surrogate");
+    text_err(U8("\\udc00\\ud800"), "lone UTF-16 surrogate");
+    text_err(U8("\\ud83d\\ude00\\ude00"), "lone UTF-16 surrogate");
+    text_err(U8("\\ud800\\n"), "lone UTF-16 surrogate");
+    text_err("{\"model\":\"w\",\"x\\ud800\":1" M "}",
+             "lone UTF-16 surrogate");
+    text_err(W M ",\"user\":\"\\ud800\"}", "lone UTF-16 surrogate");
+
+    /* U+0000 would cut the string short */
+    text_err(U8("\\u0000"), "\\u0000");
+    text_err("{\"model\":\"w\\u0000x\"" M "}", "\\u0000");
+    text_err("{\"model\\u0000\":\"x\",\"model\":\"w\"" M "}", "\\u0000");
+
+    /* a pair is one character, in either case of hex digits */
+    parse_ok(U8("\\ud83d\\ude00"), &req);
+    assert_string_equal(req.message, "a\xf0\x9f\x98\x80" "b");
+    alm_chat_req_free(&req);
+
+    parse_ok(U8("\\uD83D\\uDE00\\udbff\\udfff"), &req);
+    assert_string_equal(req.message, "a\xf0\x9f\x98\x80\xf4\x8f\xbf\xbf" "b");
+    alm_chat_req_free(&req);
+
+    /* escapes next to them, and an escaped backslash, are no escape */
+    parse_ok(U8("\\u0001\\ud7ff\\ue000\\\\ud800\\\\u0000\\\"\\\\"), &req);
+    assert_string_equal(req.message,
+                        "a\x01\xed\x9f\xbf\xee\x80\x80\\ud800\\u0000\"\\b");
+    alm_chat_req_free(&req);
+
+    /* outside strings they are no escapes either; the parser refuses */
+    parse_err("{\"model\":\"w\"" M ",\\ud800}", NULL);
+
+    /* cJSON reads a \u without 4 hex digits as U+0000 */
+    text_err(U8("\\uZZZZ"), "without 4 hex digits");
+    text_err(U8("\\u00G0"), "without 4 hex digits");
+    text_err(U8("\\u12"), "without 4 hex digits");
+    text_err("{\"model\":\"w\\u", "without 4 hex digits");
+    text_err(U8("\\ud800\\uZZZZ"), "lone UTF-16 surrogate");
+
+    /* the byte after a backslash is checked too; a bad escape is JSON's */
+    text_err(U8("\\\xff"), "not valid UTF-8");
+    parse_err(U8("\\\xc3\xa9"), NULL);
+    parse_err(U8("\\x41"), NULL);
+
+    /* a body cut short is left to the parser */
+    parse_err("{\"model\":\"w\\", NULL);
+    text_err("{\"model\":\"w\\ud800", "lone UTF-16 surrogate");
+}
+
+
 static void
 test_req_content_forms(void **state)
 {
@@ -1066,6 +1379,9 @@ main(void)
         cmocka_unit_test(test_req_stream),
         cmocka_unit_test(test_req_errors),
         cmocka_unit_test(test_req_accepted_params),
+        cmocka_unit_test(test_req_ranges),
+        cmocka_unit_test(test_req_utf8),
+        cmocka_unit_test(test_req_escapes),
         cmocka_unit_test(test_req_content_forms),
         cmocka_unit_test(test_req_attachments),
         cmocka_unit_test(test_req_history),
