@@ -31,6 +31,7 @@
 typedef struct {
     char    *p;
     size_t   len;
+    size_t   cap;
 } sink_t;
 
 
@@ -55,9 +56,17 @@ sink_emit(void *data, const char *p, size_t len)
         abort();
     }
 
-    s->p = realloc(s->p, s->len + len);
-    if (s->p == NULL) {
-        abort();
+    if (s->len + len > s->cap) {
+        s->cap = s->cap ? s->cap : 1024;
+
+        while (s->cap < s->len + len) {
+            s->cap *= 2;
+        }
+
+        s->p = realloc(s->p, s->cap);
+        if (s->p == NULL) {
+            abort();
+        }
     }
 
     memcpy(s->p + s->len, p, len);
