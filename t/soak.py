@@ -34,7 +34,9 @@ The run fails unless:
   - every answer is one the README documents for that request: the
     status, and for errors the OpenAI shape with the documented type
     and code (and Retry-After on 429 and 503); 503 only while Redis is
-    down or reconnecting;
+    down or reconnecting, or within seconds of a Redis command that a
+    worker logged as slower than the timeout (the README's "Redis
+    unreachable or slower than timeout");
   - nginx's error log (and stderr) holds no [alert], [emerg], [crit]
     or sanitizer line;
   - the workers' RSS at the end is within 10% of the baseline;
@@ -74,8 +76,24 @@ THREADS = int(os.environ.get("SOAK_THREADS", "8"))
 RSS_GROWTH = 0.10
 
 # a 503 is right while Redis is away and until the workers have
-# reconnected (backoff at most 2 s) and a command has timed out
+# reconnected (backoff at most 2 s) and a command has timed out, and
+# around a Redis command that took longer than the timeout (100 ms), which
+# a worker logs ("command timed out ... reconnecting")
 REDIS_GRACE = 5.0
+REDIS_SLOW_LOG = re.compile(
+    r"^(\d{4}/\d\d/\d\d \d\d:\d\d:\d\d) \[error\] .*anythingllm: redis "
+    r".*(timed out|lost|failed|refused)")
+
+
+def redis_trouble_times(error_log):
+    """Wall-clock seconds at which a worker logged Redis trouble."""
+    out = []
+    for line in error_log.splitlines():
+        m = REDIS_SLOW_LOG.match(line)
+        if m:
+            out.append(time.mktime(time.strptime(m.group(1),
+                                                  "%Y/%m/%d %H:%M:%S")))
+    return out
 
 WORKSPACES = ("sales", "support", "engineering")
 BASES = ("/v1", "/api/v1/openai")
@@ -137,6 +155,7 @@ class Run:
         self.counts = {}                # (kind, status) -> n
         self.problems = []
         self.redis_down = []            # [start, end] while Redis is away
+        self.slow_503 = []              # (start, end, kind), wall clock
         self.stop = threading.Event()
         self.go = threading.Event()     # cleared: clients pause
         self.go.set()
@@ -187,14 +206,12 @@ class Run:
             if r.headers.get("retry-after") != "1":
                 raise Undocumented("503 without Retry-After: 1")
             if not self.redis_was_down(started, time.monotonic()):
-                raise Undocumented("503 while Redis was up (sent at "
-                                   "%.1f s, Redis away %s): %r" % (
-                                       started - self.t0, [
-                                           "%.1f-%.1f" % (a - self.t0,
-                                                          b - self.t0)
-                                           for a, b in self.redis_down
-                                           if b is not None],
-                                       e["message"]))
+                # slower than the Redis timeout: judged against the
+                # error log once the run is over
+                with self.lock:
+                    self.slow_503.append(
+                        (time.time() - (time.monotonic() - started),
+                         time.time(), kind))
 
     # requests
 
@@ -618,6 +635,20 @@ def main():
               % (growth * 100, RSS_GROWTH * 100, base["fds"], end["fds"]))
 
         # -- verdict
+        trouble = redis_trouble_times(ngx.error_log())
+        explained = 0
+        for start, stop, kind in run.slow_503:
+            # log times are whole seconds
+            if any(start - 1 <= t <= stop + REDIS_GRACE for t in trouble):
+                explained += 1
+            else:
+                run.problems.append(
+                    "%s: 503 at %.1f s with Redis up and no Redis trouble "
+                    "logged" % (kind, start - (time.time()
+                                               - (time.monotonic() - t0))))
+        print("  503 answers: %d while Redis restarted, %d after a Redis "
+              "command timed out (logged)"
+              % (statuses.get(503, 0) - len(run.slow_503), explained))
         if run.problems:
             failures.append("%d undocumented answers, first ones:\n    %s"
                             % (len(run.problems),
