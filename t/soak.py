@@ -638,8 +638,11 @@ def main():
         trouble = redis_trouble_times(ngx.error_log())
         explained = 0
         for start, stop, kind in run.slow_503:
-            # log times are whole seconds
-            if any(start - 1 <= t <= stop + REDIS_GRACE for t in trouble):
+            # the logged timeout comes with the 503 or before it (the
+            # worker then reconnects, refusing at once meanwhile); log
+            # times are whole seconds
+            if any(start - REDIS_GRACE - 1 <= t <= stop + 1
+                   for t in trouble):
                 explained += 1
             else:
                 run.problems.append(
