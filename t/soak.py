@@ -674,8 +674,13 @@ def main():
         levels = {}
         for m in re.finditer(r"\[(\w+)\]", ngx.error_log()):
             levels[m.group(1)] = levels.get(m.group(1), 0) + 1
-        print("  error log lines by level: %s" % ", ".join(
-            "%s %d" % kv for kv in sorted(levels.items())))
+        other = [l for l in ngx.error_log().splitlines()
+                 if "[error]" in l and "anythingllm: redis" not in l]
+        print("  error log lines by level: %s; [error] not about Redis: %d"
+              % (", ".join("%s %d" % kv for kv in sorted(levels.items())),
+                 len(other)))
+        for l in other[:5]:
+            print("    " + l[:160])
 
     except Exception:
         failures.append(traceback.format_exc())
