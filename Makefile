@@ -3,13 +3,17 @@
 #   make run        a local gateway on 127.0.0.1:8080 (see README)
 #   make test       every suite: unit, fuzz smoke, pytest, node, asan
 #   make test-asan  the pytest suite against an ASan/UBSan build
-#   make fuzz       longer fuzzing runs (FUZZ_SECONDS each)
+#   make fuzz       long fuzzing: FUZZ_RUNS (10 million) executions per
+#                   target; FUZZ_TARGETS="fuzz_route ..." picks some
+#   make soak       10 minutes (SOAK_SECONDS) of mixed traffic, reloads
+#                   and Redis restarts; checks logs, RSS and fds
 #   make bench      gateway overhead as ratios against plain nginx
 #   make deb        the Debian package libnginx-mod-http-anythingllm
 
 PYTHON      ?= /usr/bin/python3
 PYTEST      ?= $(PYTHON) -m pytest
-FUZZ_SECONDS ?= 300
+FUZZ_RUNS   ?= 10000000
+SOAK_SECONDS ?= 600
 
 MODULE      := build/module/ngx_http_anythingllm_module.so
 ASAN_MODULE := build/asan/ngx_http_anythingllm_module.so
@@ -17,7 +21,7 @@ SOURCES     := config $(wildcard ngx_anythingllm_module/*.[ch])
 SOURCES     += VERSION
 
 .PHONY: all deps build build-asan test test-unit test-fuzz test-pytest \
-        test-node test-asan fuzz bench run clean
+        test-node test-asan fuzz soak bench run clean
 
 all: build
 
@@ -46,10 +50,13 @@ test-unit: deps
 	$(MAKE) -C t/unit
 
 test-fuzz: deps
-	$(MAKE) -C t/fuzz run FUZZ_SECONDS=15
+	$(MAKE) -C t/fuzz run FUZZ_SECONDS=15 FUZZ_RUNS=
 
 fuzz: deps
-	$(MAKE) -C t/fuzz run FUZZ_SECONDS=$(FUZZ_SECONDS)
+	$(MAKE) -C t/fuzz run FUZZ_RUNS=$(FUZZ_RUNS)
+
+soak: build
+	SOAK_SECONDS=$(SOAK_SECONDS) $(PYTHON) t/soak.py
 
 test-pytest: build
 	$(PYTEST) -q -p no:cacheprovider t
