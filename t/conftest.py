@@ -360,7 +360,8 @@ class Backend:
         self.proc = subprocess.Popen(cmd, stdout=log, stderr=log,
                                      stdin=subprocess.DEVNULL)
         log.close()
-        deadline = time.monotonic() + 15
+        # python and aiohttp start slowly on a loaded machine
+        deadline = time.monotonic() + 60
         while True:
             m = re.search(r"listening on [\d.]+:(\d+)", self.log())
             if m:
