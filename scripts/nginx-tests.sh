@@ -87,7 +87,7 @@ failures() {
         /^Test Summary Report/ { on = 1; next }
         !on { next }
         /^Files=/ { exit }
-        /^[^ ].*\.t \(Wstat: / { file = $1; next }
+        /^[^ ].*\.t +\(Wstat: / { file = $1; next }
         /^  Failed tests?: / {
             sub(/^  Failed tests?: +/, "")
             n = split($0, parts, /, */)
