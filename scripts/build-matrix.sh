@@ -36,6 +36,10 @@ common_flags="--with-debug --with-threads --with-http_ssl_module
               --with-http_sub_module --with-http_gunzip_module
               --with-http_stub_status_module"
 cc_opt="-O2 -Wall -Wextra -Werror"
+# clang honours warning flags in order: -Wextra after nginx's own
+# -Wno-unused-parameter would turn it back on for nginx's handlers,
+# which ignore parameters by design
+clang_opt="-O2 -Wall -Wextra -Wno-unused-parameter -Werror"
 
 fail() {
     echo "build-matrix: $*" >&2
@@ -68,13 +72,18 @@ unpack() {
 
 # one from-source build: <version> <dynamic|static> <cc>
 build_upstream() {
-    local name=$1 v=$2 link=$3 cc=$4 src dir objs flags stamp target
+    local name=$1 v=$2 link=$3 cc=$4 src dir objs flags stamp target opt
 
     unpack "$v"
     src=$top/build/nginx/nginx-$v
     dir=$top/build/matrix/$name
     objs=$dir/objs
     mkdir -p "$dir"
+
+    opt=$cc_opt
+    if [ "$cc" = clang ]; then
+        opt=$clang_opt
+    fi
 
     if [ "$link" = dynamic ]; then
         flags="--with-compat --add-dynamic-module=$top"
@@ -85,7 +94,7 @@ build_upstream() {
     fi
 
     # shellcheck disable=SC2086
-    stamp="$(cat "$top/config"; echo $common_flags $flags $cc_opt;
+    stamp="$(cat "$top/config"; echo $common_flags $flags $opt;
              $cc --version | head -n 1)"
     if [ ! -f "$objs/Makefile" ] \
        || [ "$(cat "$dir/.stamp" 2>/dev/null)" != "$stamp" ]
@@ -93,7 +102,7 @@ build_upstream() {
         rm -rf "$objs"
         # shellcheck disable=SC2086
         (cd "$src" && auto/configure --with-cc="$cc" \
-            --with-cc-opt="$cc_opt" --builddir="$objs" \
+            --with-cc-opt="$opt" --builddir="$objs" \
             $common_flags $flags) > "$dir/configure.log" 2>&1 || {
             tail -n 30 "$dir/configure.log" >&2
             fail "$name: configure failed (see $dir/configure.log)"
