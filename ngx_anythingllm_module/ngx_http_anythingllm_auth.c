@@ -26,6 +26,10 @@
  */
 
 
+#include <ngx_config.h>
+#include <ngx_core.h>
+#include <ngx_http.h>
+
 #include <hiredis/hiredis.h>
 
 #include "ngx_http_anythingllm_module.h"

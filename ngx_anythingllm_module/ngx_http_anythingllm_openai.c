@@ -18,6 +18,10 @@
  */
 
 
+#include <ngx_config.h>
+#include <ngx_core.h>
+#include <ngx_http.h>
+
 #include <openssl/rand.h>
 #include <hiredis/hiredis.h>
 

@@ -34,6 +34,9 @@ if [ ! -f $src/conf_flags ]; then
 fi
 mkdir -p "$out"
 
+# conf/*.conf keep their logs and temp files there (nginx -t -p "$PWD")
+mkdir -p "$top/build/run"
+
 # several builds may run at once (tests, editors): one at a time
 exec 9>"$out/.lock"
 flock 9

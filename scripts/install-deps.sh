@@ -1,12 +1,42 @@
 #!/bin/bash
-# Installs the Debian packages the project needs, when missing.
-# Idempotent; needs root (or sudo) only when something is missing.
+# Installs the Debian packages one task of the project needs, when
+# missing.  Idempotent; needs root (or sudo) only when something is
+# missing.  It never stops, disables or reconfigures a service.
+#
+#   scripts/install-deps.sh build   building the module (make build)
+#   scripts/install-deps.sh bench   build + wrk and redis (make bench)
+#   scripts/install-deps.sh test    everything the test suites need:
+#                                   build + bench + test tools, the
+#                                   sources' build deps for the nginx
+#                                   build matrix, Perl for nginx-tests
 
 set -eu
 
-pkgs="nginx-core nginx-dev libhiredis-dev libcjson-dev libssl-dev
-      redis-server redis-tools python3-pytest python3-aiohttp
-      libcmocka-dev clang libclang-rt-14-dev gcc make curl nodejs npm"
+mode=${1:-build}
+
+build_pkgs="nginx-core nginx-dev libhiredis-dev libcjson-dev libssl-dev"
+
+bench_pkgs="$build_pkgs wrk redis-server"
+
+test_pkgs="$bench_pkgs redis-tools python3-pytest python3-aiohttp
+           libcmocka-dev clang libclang-rt-14-dev gcc make curl
+           nodejs npm libpcre2-dev zlib1g-dev perl
+           libnginx-mod-http-perl"
+
+case $mode in
+    build)  pkgs=$build_pkgs ;;
+    bench)  pkgs=$bench_pkgs ;;
+    test)   pkgs=$test_pkgs ;;
+    *)
+        echo "usage: $0 build|bench|test" >&2
+        exit 2
+        ;;
+esac
+
+# building needs a C compiler; a machine may have one of its own
+if [ "$mode" != test ] && ! command -v cc >/dev/null 2>&1; then
+    pkgs="$pkgs gcc"
+fi
 
 missing=""
 for p in $pkgs; do
@@ -25,7 +55,7 @@ fi
 missing=$(echo $missing)
 [ -z "$missing" ] && exit 0
 
-echo "installing: $missing"
+echo "installing ($mode): $missing"
 
 sudo=""
 if [ "$(id -u)" != 0 ]; then
@@ -36,12 +66,3 @@ export DEBIAN_FRONTEND=noninteractive
 $sudo apt-get update -qq
 # shellcheck disable=SC2086
 $sudo apt-get install -y -qq --no-install-recommends $missing >/dev/null
-
-# the packaged nginx and redis services are not ours to run
-for s in nginx redis-server; do
-    if command -v systemctl >/dev/null 2>&1; then
-        $sudo systemctl stop $s >/dev/null 2>&1 || true
-        $sudo systemctl disable $s >/dev/null 2>&1 || true
-    fi
-    $sudo service $s stop >/dev/null 2>&1 || true
-done

@@ -8,11 +8,15 @@ Fixtures that run the real processes: Redis, the AnythingLLM stand-in
 
 Environment:
     ALM_MODULE     the module .so
-                   (default build/module/ngx_http_anythingllm_module.so)
+                   (default build/module/ngx_http_anythingllm_module.so);
+                   empty when ALM_NGINX has the module compiled in: no
+                   load_module line then
     ALM_ASAN=1     run nginx with libasan preloaded and scan its reports,
                    leaks included (ALM_LEAKS=0 turns leak checks off;
                    t/lsan.supp lists nginx's own)
-    ALM_NGINX      the nginx binary (default /usr/sbin/nginx)
+    ALM_NGINX      the nginx binary (default /usr/sbin/nginx); one built
+                   from source runs the same way: every path it needs
+                   is set in the rendered config or under its -p prefix
     ALM_REDIS      the redis-server binary (default /usr/bin/redis-server)
 """
 
@@ -45,6 +49,8 @@ REDIS_BIN = os.environ.get("ALM_REDIS", "/usr/bin/redis-server")
 MODULE = os.environ.get(
     "ALM_MODULE",
     os.path.join(REPO, "build", "module", "ngx_http_anythingllm_module.so"))
+# the module is part of the nginx binary (--add-module)
+COMPILED_IN = MODULE == ""
 ASAN = os.environ.get("ALM_ASAN") == "1"
 
 BAD_LOG = re.compile(r"\[(alert|emerg|crit)\]|Sanitizer|runtime error:"
@@ -74,7 +80,12 @@ def key_digest(key):
 
 
 def module_available():
-    return os.path.exists(MODULE)
+    return COMPILED_IN or os.path.exists(MODULE)
+
+
+def load_module_line():
+    """The main-context line that brings the module in, if any."""
+    return "" if COMPILED_IN else "load_module %s;" % MODULE
 
 
 # ---------------------------------------------------------------------------
@@ -349,7 +360,8 @@ class Backend:
         self.proc = subprocess.Popen(cmd, stdout=log, stderr=log,
                                      stdin=subprocess.DEVNULL)
         log.close()
-        deadline = time.monotonic() + 15
+        # python and aiohttp start slowly on a loaded machine
+        deadline = time.monotonic() + 60
         while True:
             m = re.search(r"listening on [\d.]+:(\d+)", self.log())
             if m:
@@ -655,8 +667,7 @@ class Nginx:
         conf = TEMPLATE
         for k, v in (
                 ("@USER@", user),
-                ("@LOAD_MODULE@", "load_module %s;" % MODULE if module
-                 else ""),
+                ("@LOAD_MODULE@", load_module_line() if module else ""),
                 ("@WORKERS@", str(p.get("workers", 2))),
                 ("@LOG_LEVEL@", p.get("log_level", "debug")),
                 ("@MAIN_EXTRA@", p.get("main_extra", "")),

@@ -1,0 +1,192 @@
+"""The module behaves the same whichever nginx carries it: loaded into
+Debian's nginx, or compiled into one built from source (ALM_NGINX with
+ALM_MODULE empty).  Compiled in, a module of the wrong type loses its
+header and body filters: these tests look at what only the filters do
+(CORS headers, the filtered workspace list, OpenAI-shaped errors from
+upstream failures) and at the filters' place before gzip and chunked."""
+
+import gzip
+import json
+import os
+import subprocess
+
+from conftest import COMPILED_IN, MODULE, NGINX_BIN, REPO
+
+import helpers
+
+
+ORIGIN = "https://app.example"
+
+
+def bearer(key):
+    return {"Authorization": "Bearer %s" % key}
+
+
+def nginx_v():
+    out = subprocess.run([NGINX_BIN, "-V"], capture_output=True, text=True)
+    return out.stdout + out.stderr
+
+
+def test_the_nginx_under_test_carries_the_module(nginx):
+    if COMPILED_IN:
+        # this pass must not quietly fall back to a loaded module
+        assert "--add-module=%s" % REPO in nginx_v() or \
+            "--add-module=%s/" % REPO in nginx_v()
+    else:
+        assert os.path.isfile(MODULE)
+    n = nginx(gateway=True)
+    # a directive of the module is known: the config was accepted
+    assert "anythingllm_auth" in open(n.conf_path).read()
+    r = n.get("/api/v1/auth")
+    assert r.status == 401
+    assert r.json()["error"]["code"] == "invalid_api_key"
+
+
+def test_gateway_filters_run(nginx, redis_server, backend):
+    """CORS header, filtered workspace list and OpenAI errors: all three
+    come from the module's filters."""
+    redis_server.add_key("k-sales", scopes="chat,read", workspaces="sales")
+    n = nginx(gateway=True, redis=redis_server)
+    hdrs = dict(bearer("k-sales"), Origin=ORIGIN)
+
+    r = n.get("/api/v1/workspaces", headers=hdrs)
+    assert r.status == 200, r.text
+    assert r.headers["access-control-allow-origin"] == "*"
+    assert [w["slug"] for w in r.json()["workspaces"]] == ["sales"]
+
+    r = n.get("/v1/models", headers=hdrs)
+    assert r.status == 200, r.text
+    assert r.headers["access-control-allow-origin"] == "*"
+    assert [m["id"] for m in r.json()["data"]] == ["sales"]
+
+    # a refusal by the module itself carries CORS as well
+    r = n.get("/api/v1/workspaces", headers={"Origin": ORIGIN})
+    assert r.status == 401
+    assert r.headers["access-control-allow-origin"] == "*"
+
+    # AnythingLLM gone: nginx's own 502 page becomes an OpenAI error
+    backend.kill()
+    n.allow(r"\[error\]")
+    r = n.post("/v1/chat/completions", headers=hdrs, json={
+        "model": "sales", "messages": [{"role": "user", "content": "hi"}]})
+    assert r.status == 502
+    assert r.headers["content-type"].startswith("application/json")
+    assert r.json()["error"]["type"] == "server_error"
+    assert r.headers["access-control-allow-origin"] == "*"
+
+
+GZIP_HTTP = """
+    gzip             on;
+    gzip_min_length  1;
+    gzip_types       application/json;
+"""
+
+GATEWAY_HTTP_REDIS = """
+    anythingllm_redis      @REDIS@ timeout=100ms prefix=anythingllm:;
+    anythingllm_key_cache  zone=anythingllm_keys:10m valid=30s invalid=5s;
+"""
+
+
+def split_answer(raw):
+    """Splits a raw HTTP/1.1 answer into its lower-cased head and its
+    body, undoing chunked framing, and checks the framing is exact."""
+    head, _, rest = raw.partition(b"\r\n\r\n")
+    head = head.decode("latin-1").lower()
+    if "transfer-encoding: chunked" not in head:
+        length = int(head.split("content-length:")[1].split("\r\n")[0])
+        assert len(rest) == length, "body and content-length differ"
+        return head, rest
+    body = b""
+    while True:
+        size_line, _, rest = rest.partition(b"\r\n")
+        size = int(size_line.split(b";")[0], 16)
+        if size == 0:
+            assert rest == b"\r\n", "bytes after the last chunk"
+            return head, body
+        body += rest[:size]
+        assert rest[size:size + 2] == b"\r\n", "bad chunk framing"
+        rest = rest[size + 2:]
+
+
+GATEWAY_HTTP_REDIS = """
+    anythingllm_redis      @REDIS@ timeout=100ms prefix=anythingllm:;
+    anythingllm_key_cache  zone=anythingllm_keys:10m valid=30s invalid=5s;
+"""
+
+
+def chunks_of(raw):
+    """Splits an HTTP/1.1 answer: (head, decoded chunked body)."""
+    head, _, rest = raw.partition(b"\r\n\r\n")
+    body = b""
+    while True:
+        size_line, _, rest = rest.partition(b"\r\n")
+        size = int(size_line.split(b";")[0], 16)
+        if size == 0:
+            return head.decode("latin-1").lower(), body
+        body += rest[:size]
+        assert rest[size:size + 2] == b"\r\n", "bad chunk framing"
+        rest = rest[size + 2:]
+
+
+def test_filters_sit_before_gzip_and_chunked(nginx, redis_server, backend):
+    """The filtered list leaves through nginx's chunked encoding (the
+    module's body filter runs before it); an answer the module leaves
+    alone is still compressed by gzip and still carries CORS."""
+    redis_server.add_key("k-sales", scopes="chat,read", workspaces="sales")
+    redis_server.add_key("k-all", scopes="chat,read", workspaces="*")
+    n = nginx(gateway=True, redis=redis_server,
+              http_extra=GZIP_HTTP + GATEWAY_HTTP_REDIS)
+
+    def raw(method, path, key, body=b""):
+        req = ("%s %s HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer %s\r\n"
+               "Origin: %s\r\nAccept-Encoding: gzip\r\n"
+               "Content-Type: application/json\r\nContent-Length: %d\r\n"
+               "Connection: close\r\n\r\n"
+               % (method, path, key, ORIGIN, len(body))).encode() + body
+        return split_answer(helpers.raw_request("127.0.0.1", n.port, req))
+
+    head, body = raw("GET", "/api/v1/workspaces", "k-sales")
+    assert head.startswith("http/1.1 200"), head
+    assert "access-control-allow-origin: *" in head
+    # the module asked AnythingLLM for plain text and reads it whole;
+    # the answer to the client is the filtered JSON, framed by nginx
+    assert "content-encoding" not in head
+    assert [w["slug"] for w in json.loads(body)["workspaces"]] == ["sales"]
+
+    # a re-framed stream grows and shrinks on the way: nginx's chunked
+    # filter frames what the module's body filter wrote
+    head, body = raw("POST", "/v1/chat/completions", "k-sales", json.dumps({
+        "model": "sales", "stream": True,
+        "messages": [{"role": "user", "content": "hi"}]}).encode())
+    assert head.startswith("http/1.1 200"), head
+    assert "transfer-encoding: chunked" in head
+    assert "access-control-allow-origin: *" in head
+    frames = helpers.frames_of(body.decode())
+    assert frames[-1] == "[DONE]"
+    chunks = [json.loads(f) for f in frames[:-1]]
+    assert chunks and all(c["object"] == "chat.completion.chunk"
+                          for c in chunks)
+    assert "".join(c["choices"][0]["delta"].get("content", "")
+                   for c in chunks if c["choices"])
+
+    # a workspace answer passes the module's filters untouched: gzip
+    # still compresses it, after the CORS header was added
+    r = n.get("/api/v1/workspace/sales", headers=dict(
+        bearer("k-all"), Origin=ORIGIN, **{"Accept-Encoding": "gzip"}))
+    assert r.status == 200
+    assert r.headers.get("content-encoding") == "gzip"
+    assert r.headers["access-control-allow-origin"] == "*"
+    got = json.loads(gzip.decompress(r.body))
+    assert got["workspace"][0]["slug"] == "sales"
+
+
+
+def test_conf_files_check_in_the_repository_after_build():
+    """conf/*.conf as their comments say to check them, with the stock
+    nginx, from the repository itself (build/run/ is made by the build)."""
+    for name in ("minimal.conf", "anythingllm.conf"):
+        out = subprocess.run(
+            ["/usr/sbin/nginx", "-t", "-p", REPO + "/", "-c",
+             "conf/" + name], capture_output=True, text=True, cwd=REPO)
+        assert out.returncode == 0, out.stderr
+        assert "test is successful" in out.stderr
