@@ -425,16 +425,25 @@ ngx_http_anythingllm_stream_body(ngx_http_request_t *r,
 
         } else {
             /*
-             * With proxy_buffering off, an upstream that breaks or
-             * times out after the header is finalized with only a
-             * flush: the upstream connection is gone by then.
+             * An upstream that breaks or times out after the header is
+             * finalized with only a flush: the upstream connection is
+             * gone by then.  With proxy_buffering on, the connection is
+             * also gone when the whole answer was read while the copy
+             * filter still hands it over piece by piece: the pipe's
+             * state tells the two apart.
              */
 
             u = r->upstream;
 
             arc = ALM_OK;
 
-            if (u && u->peer.connection == NULL) {
+            if (u && u->peer.connection == NULL
+                && !(u->buffering && u->pipe
+                     && (u->pipe->upstream_done
+                         || (u->pipe->upstream_eof
+                             && u->pipe->length == -1))
+                     && !u->pipe->upstream_error))
+            {
                 ngx_log_error(NGX_LOG_INFO, r->connection->log, 0,
                               "anythingllm: the stream from AnythingLLM "
                               "broke off");
