@@ -228,6 +228,12 @@ void alm_key_digest(const char *key, size_t len,
 void alm_hex(const unsigned char *bin, size_t len, char *out);
 
 /*
+ * The length (1..4) of the strictly valid UTF-8 sequence at p, of which
+ * avail bytes may be read, or 0 when the bytes there do not start one.
+ */
+size_t alm_utf8_len(const unsigned char *p, size_t avail);
+
+/*
  * JSON-escapes len bytes of s into out (no quotes added) and returns
  * the length written; out must hold 6 * len bytes, or be NULL to only
  * count.  Bytes that are not valid UTF-8 become \ufffd.

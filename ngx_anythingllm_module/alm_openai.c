@@ -156,66 +156,6 @@ alm_strndup(const char *s, size_t n)
 }
 
 
-/*
- * The length of the UTF-8 sequence at p, or 0 when it is not one:
- * strict, as RFC 3629 has it: no overlong forms, no surrogates
- * (U+D800..U+DFFF), nothing above U+10FFFF.
- */
-
-static size_t
-alm_utf8_seq(const unsigned char *p, size_t avail)
-{
-    size_t         n, i;
-    unsigned char  lo, hi;
-
-    if (p[0] < 0x80) {
-        return 1;
-    }
-
-    lo = 0x80;
-    hi = 0xbf;
-
-    if (p[0] >= 0xc2 && p[0] <= 0xdf) {
-        n = 2;
-
-    } else if (p[0] >= 0xe0 && p[0] <= 0xef) {
-        n = 3;
-
-        if (p[0] == 0xe0) {
-            lo = 0xa0;                  /* overlong below U+0800 */
-
-        } else if (p[0] == 0xed) {
-            hi = 0x9f;                  /* surrogates */
-        }
-
-    } else if (p[0] >= 0xf0 && p[0] <= 0xf4) {
-        n = 4;
-
-        if (p[0] == 0xf0) {
-            lo = 0x90;                  /* overlong below U+10000 */
-
-        } else if (p[0] == 0xf4) {
-            hi = 0x8f;                  /* above U+10FFFF */
-        }
-
-    } else {
-        return 0;                       /* 0x80..0xc1, 0xf5..0xff */
-    }
-
-    if (avail < n || p[1] < lo || p[1] > hi) {
-        return 0;
-    }
-
-    for (i = 2; i < n; i++) {
-        if (p[i] < 0x80 || p[i] > 0xbf) {
-            return 0;
-        }
-    }
-
-    return n;
-}
-
-
 static int
 alm_hex4(const unsigned char *p, const unsigned char *end, unsigned *v)
 {
@@ -282,7 +222,7 @@ alm_json_text_check(const char *body, size_t len, alm_error_t *err)
     while (p < end) {
 
         if (*p >= 0x80) {
-            n = alm_utf8_seq(p, end - p);
+            n = alm_utf8_len(p, end - p);
 
             if (n == 0) {
                 what = "it is not valid UTF-8";

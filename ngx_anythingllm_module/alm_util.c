@@ -440,10 +440,11 @@ alm_key_digest(const char *key, size_t len, char hex[ALM_DIGEST_HEX_LEN])
 
 /*
  * Length of the valid UTF-8 sequence at p (1..4), or 0 when the bytes
- * there do not start one (overlong forms and surrogates are invalid).
+ * there do not start one: strict, as RFC 3629 has it (no overlong
+ * forms, no surrogates, nothing above U+10FFFF).
  */
 
-static size_t
+size_t
 alm_utf8_len(const unsigned char *p, size_t avail)
 {
     size_t         n, i;
