@@ -91,7 +91,7 @@ def test_conf_files_check_after_the_build_alone(tmp_path):
     conf files check with nginx -t -p "$PWD" as their comments say."""
     tree = tmp_path / "tree"
     tree.mkdir()
-    for name in ("config", "scripts", "conf"):
+    for name in ("config", "VERSION", "scripts", "conf"):
         src = os.path.join(REPO, name)
         if os.path.isdir(src):
             shutil.copytree(src, tree / name)
