@@ -558,7 +558,21 @@ def conversation(n, backend, first, turns, base="/v1", headers=None,
         sessions.append(sent["sessionId"])
         answers.append((sent["message"], a))
         msgs += [assistant(a), user("turn %d of %s" % (i + 2, first))]
+        if i + 1 < turns:
+            stored(n, sent["sessionId"])
     return sessions, answers
+
+
+def stored(n, session):
+    """Waits until the conversation of session is in Redis: the answer
+    does not wait for its store, and a next turn that reaches the other
+    worker first would start over."""
+    session = session.encode()
+
+    def found():
+        return any(n.redis.cmd("GET", k) == session
+                   for k in n.redis.cmd("KEYS", "anythingllm:conv:*"))
+    helpers.wait_until(found, 5, message="conversation not stored")
 
 
 @pytest.mark.parametrize("stream_turns", [(), (0, 1, 2), (1,)])

@@ -36,7 +36,11 @@ def test_each_worker_logs_the_version_once(nginx):
 
     # the new workers of a reload log it again, the old ones do not
     n.reload()
-    new = n.worker_pids()
+    # the old workers may still be finishing when the reload returns
+    new = helpers.wait_until(
+        lambda: [p for p in n.worker_pids() if p not in workers]
+        if len(set(n.worker_pids()) - set(workers)) == 2 else None, 10,
+        message="no new workers after reload")
     helpers.wait_until(lambda: len(version_lines(n)) >= 4, 5,
                        message="no version notice after reload")
     assert sorted(version_lines(n)) == sorted(
