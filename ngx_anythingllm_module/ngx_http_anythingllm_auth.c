@@ -998,7 +998,11 @@ ngx_http_anythingllm_auth_parse(ngx_http_request_t *r,
 
     if (alm_key_record_parse(kv, rp->elements, &rec) != ALM_OK) {
 
-        for (i = 0; i < 3; i++) {
+        for (i = 0;
+             i < sizeof(ngx_http_anythingllm_keyrec_fields)
+                 / sizeof(ngx_http_anythingllm_keyrec_fields[0]);
+             i++)
+        {
             if (!(rec.malformed & ngx_http_anythingllm_keyrec_fields[i].bit))
             {
                 continue;

@@ -87,6 +87,8 @@ static void ngx_http_anythingllm_own_error(ngx_uint_t status,
 static ngx_int_t ngx_http_anythingllm_set_out_header(ngx_http_request_t *r,
     const char *name, size_t len, const char *value);
 static void ngx_http_anythingllm_clear_validators(ngx_http_request_t *r);
+static ngx_uint_t ngx_http_anythingllm_upstream_broke(
+    ngx_http_upstream_t *u);
 static void ngx_http_anythingllm_workspace_list(
     ngx_http_anythingllm_ctx_t *ctx, ngx_str_t *list);
 static void ngx_http_anythingllm_filter_free(void *data);
@@ -339,16 +341,15 @@ static ngx_int_t
 ngx_http_anythingllm_stream_body(ngx_http_request_t *r,
     ngx_http_anythingllm_filter_ctx_t *fctx, ngx_chain_t *in)
 {
-    int                   arc;
-    u_char                tmp[4096];
-    ngx_int_t             rc;
-    off_t                 off;
-    size_t                size;
-    ssize_t               n;
-    ngx_uint_t            last, flush;
-    ngx_buf_t            *b;
-    ngx_chain_t          *cl, *hl;
-    ngx_http_upstream_t  *u;
+    int           arc;
+    u_char        tmp[4096];
+    ngx_int_t     rc;
+    off_t         off;
+    size_t        size;
+    ssize_t       n;
+    ngx_uint_t    last, flush;
+    ngx_buf_t    *b;
+    ngx_chain_t  *cl, *hl;
 
     last = 0;
     flush = 0;
@@ -424,26 +425,9 @@ ngx_http_anythingllm_stream_body(ngx_http_request_t *r,
             arc = alm_sse_finish(&fctx->sse, 0);
 
         } else {
-            /*
-             * An upstream that breaks or times out after the header is
-             * finalized with only a flush: the upstream connection is
-             * gone by then.  With proxy_buffering on, the connection is
-             * also gone when the whole answer was read while the copy
-             * filter still hands it over piece by piece: the pipe's
-             * state tells the two apart.
-             */
-
-            u = r->upstream;
-
             arc = ALM_OK;
 
-            if (u && u->peer.connection == NULL
-                && !(u->buffering && u->pipe
-                     && (u->pipe->upstream_done
-                         || (u->pipe->upstream_eof
-                             && u->pipe->length == -1))
-                     && !u->pipe->upstream_error))
-            {
+            if (ngx_http_anythingllm_upstream_broke(r->upstream)) {
                 ngx_log_error(NGX_LOG_INFO, r->connection->log, 0,
                               "anythingllm: the stream from AnythingLLM "
                               "broke off");
@@ -638,9 +622,8 @@ static ngx_int_t
 ngx_http_anythingllm_whole_body(ngx_http_request_t *r,
     ngx_http_anythingllm_filter_ctx_t *fctx, ngx_chain_t *in)
 {
-    ngx_int_t             last;
-    ngx_chain_t          *cl;
-    ngx_http_upstream_t  *u;
+    ngx_int_t     last;
+    ngx_chain_t  *cl;
 
     if (fctx->done) {
         for (cl = in; cl; cl = cl->next) {
@@ -668,9 +651,7 @@ ngx_http_anythingllm_whole_body(ngx_http_request_t *r,
         return ngx_http_anythingllm_whole_answer(r, fctx, 0);
     }
 
-    u = r->upstream;
-
-    if (!fctx->own && u && u->peer.connection == NULL) {
+    if (!fctx->own && ngx_http_anythingllm_upstream_broke(r->upstream)) {
         /* broke off before the end (see the stream filter) */
         return ngx_http_anythingllm_whole_answer(r, fctx, 1);
     }
@@ -1081,6 +1062,33 @@ ngx_http_anythingllm_set_out_header(ngx_http_request_t *r, const char *name,
  * What described AnythingLLM's answer does not describe its rewrite:
  * validators, ranges.
  */
+
+/*
+ * An upstream that breaks or times out after the header is finalized
+ * with only a flush: the upstream connection is gone by then.  With
+ * proxy_buffering on, the connection is also gone when the whole answer
+ * was read while the copy filter still hands it over piece by piece:
+ * the pipe's state tells the two apart.
+ */
+
+static ngx_uint_t
+ngx_http_anythingllm_upstream_broke(ngx_http_upstream_t *u)
+{
+    ngx_event_pipe_t  *p;
+
+    if (u == NULL || u->peer.connection != NULL) {
+        return 0;
+    }
+
+    p = u->pipe;
+
+    if (!u->buffering || p == NULL || p->upstream_error) {
+        return 1;
+    }
+
+    return !(p->upstream_done || (p->upstream_eof && p->length == -1));
+}
+
 
 static void
 ngx_http_anythingllm_clear_validators(ngx_http_request_t *r)

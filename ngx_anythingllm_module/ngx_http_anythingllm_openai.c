@@ -100,8 +100,9 @@ static ngx_int_t ngx_http_anythingllm_openai_read_body(ngx_http_request_t *r,
     ngx_str_t *body, off_t max);
 static void ngx_http_anythingllm_openai_conv_handler(void *data,
     void *reply);
-static ngx_int_t ngx_http_anythingllm_openai_conv_keys(ngx_http_request_t *r,
-    const char *hex, ngx_str_t *record, ngx_str_t *index);
+static ngx_int_t ngx_http_anythingllm_openai_conv_eval(ngx_http_request_t *r,
+    const char *script, size_t script_len, const char *hex,
+    const char **argv, size_t *argvlen);
 static void ngx_http_anythingllm_openai_conv_stored(void *data, void *reply);
 static ngx_int_t ngx_http_anythingllm_openai_upstream(ngx_http_request_t *r,
     ngx_http_anythingllm_ctx_t *ctx);
@@ -360,7 +361,7 @@ ngx_http_anythingllm_openai_prepare(ngx_http_request_t *r,
 {
     off_t                              max;
     ngx_int_t                          rc;
-    ngx_str_t                          body, record, index;
+    ngx_str_t                          body;
     const char                        *argv[6];
     size_t                             argvlen[6];
     alm_error_t                        err;
@@ -449,23 +450,15 @@ ngx_http_anythingllm_openai_prepare(ngx_http_request_t *r,
      * both continue it; the second starts a new session.
      */
 
-    if (ngx_http_anythingllm_openai_conv_keys(r, chat->prefix_hex, &record,
-                                              &index)
+    if (ngx_http_anythingllm_openai_conv_eval(r,
+                                    NGX_HTTP_ANYTHINGLLM_TAKE_SCRIPT,
+                                    sizeof(NGX_HTTP_ANYTHINGLLM_TAKE_SCRIPT)
+                                    - 1, chat->prefix_hex, argv, argvlen)
         != NGX_OK)
     {
         return ngx_http_anythingllm_openai_upstream(r, ctx);
     }
 
-    argv[0] = "EVAL";
-    argvlen[0] = sizeof("EVAL") - 1;
-    argv[1] = NGX_HTTP_ANYTHINGLLM_TAKE_SCRIPT;
-    argvlen[1] = sizeof(NGX_HTTP_ANYTHINGLLM_TAKE_SCRIPT) - 1;
-    argv[2] = "2";
-    argvlen[2] = 1;
-    argv[3] = (const char *) record.data;
-    argvlen[3] = record.len;
-    argv[4] = (const char *) index.data;
-    argvlen[4] = index.len;
     argv[5] = chat->prefix_hex;
     argvlen[5] = ALM_DIGEST_HEX_LEN;
 
@@ -993,35 +986,43 @@ ngx_http_anythingllm_openai_model_ok(ngx_http_request_t *r,
 
 
 /*
- * "<prefix>conv:<hex>" and "<prefix>convs" for a conversation digest.
- * record->data ends with the hex digits: record->data + record->len
- * - ALM_DIGEST_HEX_LEN is the member of the index.
+ * The first five words of both conversation scripts' EVAL: the script,
+ * and its two keys "<prefix>conv:<hex>" (the record) and "<prefix>convs"
+ * (the index).  The record's key ends with the hex digits, so that
+ * argv[3] with argvlen[3] - ALM_DIGEST_HEX_LEN is "<prefix>conv:".
  */
 
 static ngx_int_t
-ngx_http_anythingllm_openai_conv_keys(ngx_http_request_t *r,
-    const char *hex, ngx_str_t *record, ngx_str_t *index)
+ngx_http_anythingllm_openai_conv_eval(ngx_http_request_t *r,
+    const char *script, size_t script_len, const char *hex,
+    const char **argv, size_t *argvlen)
 {
     u_char                            *p;
     ngx_http_anythingllm_main_conf_t  *amcf;
 
     amcf = ngx_http_get_module_main_conf(r, ngx_http_anythingllm_module);
 
-    record->len = amcf->prefix.len + sizeof("conv:") - 1
-                  + ALM_DIGEST_HEX_LEN;
-    index->len = amcf->prefix.len + sizeof("convs") - 1;
+    argvlen[3] = amcf->prefix.len + sizeof("conv:") - 1 + ALM_DIGEST_HEX_LEN;
+    argvlen[4] = amcf->prefix.len + sizeof("convs") - 1;
 
-    p = ngx_pnalloc(r->pool, record->len + index->len);
+    p = ngx_pnalloc(r->pool, argvlen[3] + argvlen[4]);
     if (p == NULL) {
         return NGX_ERROR;
     }
 
-    record->data = p;
+    argv[0] = "EVAL";
+    argvlen[0] = sizeof("EVAL") - 1;
+    argv[1] = script;
+    argvlen[1] = script_len;
+    argv[2] = "2";
+    argvlen[2] = 1;
+
+    argv[3] = (const char *) p;
     p = ngx_cpymem(p, amcf->prefix.data, amcf->prefix.len);
     p = ngx_cpymem(p, "conv:", sizeof("conv:") - 1);
     p = ngx_cpymem(p, hex, ALM_DIGEST_HEX_LEN);
 
-    index->data = p;
+    argv[4] = (const char *) p;
     p = ngx_cpymem(p, amcf->prefix.data, amcf->prefix.len);
     ngx_memcpy(p, "convs", sizeof("convs") - 1);
 
@@ -1043,7 +1044,6 @@ ngx_http_anythingllm_openai_conv_store(ngx_http_request_t *r,
 {
     u_char                            *p, hex[ALM_DIGEST_HEX_LEN];
     u_char                             num[3 * NGX_TIME_T_LEN + 3];
-    ngx_str_t                          record, index;
     const char                        *argv[11];
     size_t                             argvlen[11];
     ngx_http_anythingllm_main_conf_t  *amcf;
@@ -1065,23 +1065,15 @@ ngx_http_anythingllm_openai_conv_store(ngx_http_request_t *r,
 
     alm_conv_hash_hex(&ctx->chat->full, (char *) hex);
 
-    if (ngx_http_anythingllm_openai_conv_keys(r, (const char *) hex,
-                                              &record, &index)
+    if (ngx_http_anythingllm_openai_conv_eval(r,
+                                   NGX_HTTP_ANYTHINGLLM_STORE_SCRIPT,
+                                   sizeof(NGX_HTTP_ANYTHINGLLM_STORE_SCRIPT)
+                                   - 1, (const char *) hex, argv, argvlen)
         != NGX_OK)
     {
         return;
     }
 
-    argv[0] = "EVAL";
-    argvlen[0] = sizeof("EVAL") - 1;
-    argv[1] = NGX_HTTP_ANYTHINGLLM_STORE_SCRIPT;
-    argvlen[1] = sizeof(NGX_HTTP_ANYTHINGLLM_STORE_SCRIPT) - 1;
-    argv[2] = "2";
-    argvlen[2] = 1;
-    argv[3] = (const char *) record.data;
-    argvlen[3] = record.len;
-    argv[4] = (const char *) index.data;
-    argvlen[4] = index.len;
     argv[5] = (const char *) ctx->session_id.data;
     argvlen[5] = ctx->session_id.len;
 
@@ -1102,8 +1094,8 @@ ngx_http_anythingllm_openai_conv_store(ngx_http_request_t *r,
 
     argv[9] = (const char *) hex;
     argvlen[9] = ALM_DIGEST_HEX_LEN;
-    argv[10] = (const char *) record.data;
-    argvlen[10] = record.len - ALM_DIGEST_HEX_LEN;
+    argv[10] = argv[3];
+    argvlen[10] = argvlen[3] - ALM_DIGEST_HEX_LEN;
 
     if (ngx_http_anythingllm_redis_command(
                                     ngx_http_anythingllm_openai_conv_stored,
@@ -1116,8 +1108,9 @@ ngx_http_anythingllm_openai_conv_store(ngx_http_request_t *r,
         return;
     }
 
-    ngx_log_debug1(NGX_LOG_DEBUG_HTTP, r->connection->log, 0,
-                   "anythingllm conversation stored: \"%V\"", &record);
+    ngx_log_debug2(NGX_LOG_DEBUG_HTTP, r->connection->log, 0,
+                   "anythingllm conversation stored: \"%*s\"",
+                   argvlen[3], argv[3]);
 }
 
 

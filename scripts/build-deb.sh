@@ -16,28 +16,7 @@ out=${1:-$top/build/deb}
 work=$top/build/deb-src
 pkg=libnginx-mod-http-anythingllm
 
-build_pkgs="build-essential debhelper dpkg-dev lintian nginx-dev
-            libhiredis-dev libcjson-dev libssl-dev"
-
-missing=""
-for p in $build_pkgs; do
-    if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null \
-         | grep -q "install ok installed"; then
-        missing="$missing $p"
-    fi
-done
-
-if [ -n "$missing" ]; then
-    echo "build-deb: installing:$missing"
-    sudo=""
-    if [ "$(id -u)" != 0 ]; then
-        sudo=sudo
-    fi
-    export DEBIAN_FRONTEND=noninteractive
-    $sudo apt-get update -qq
-    # shellcheck disable=SC2086
-    $sudo apt-get install -y -qq --no-install-recommends $missing >/dev/null
-fi
+"$top/scripts/install-deps.sh" deb
 
 # one version for everything: VERSION, and debian/changelog follows it
 version=$(sed -n '1{s/[[:space:]]//g;p;}' "$top/VERSION")

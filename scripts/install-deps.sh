@@ -9,6 +9,8 @@
 #                                   build + bench + test tools, the
 #                                   sources' build deps for the nginx
 #                                   build matrix, Perl for nginx-tests
+#   scripts/install-deps.sh deb     build + Debian's packaging tools
+#                                   (make deb)
 
 set -eu
 
@@ -23,12 +25,15 @@ test_pkgs="$bench_pkgs redis-tools python3-pytest python3-aiohttp
            nodejs npm libpcre2-dev zlib1g-dev perl
            libnginx-mod-http-perl"
 
+deb_pkgs="$build_pkgs build-essential debhelper dpkg-dev lintian"
+
 case $mode in
     build)  pkgs=$build_pkgs ;;
+    deb)    pkgs=$deb_pkgs ;;
     bench)  pkgs=$bench_pkgs ;;
     test)   pkgs=$test_pkgs ;;
     *)
-        echo "usage: $0 build|bench|test" >&2
+        echo "usage: $0 build|bench|test|deb" >&2
         exit 2
         ;;
 esac

@@ -27,6 +27,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.parse
@@ -81,6 +82,18 @@ def key_digest(key):
 
 def module_available():
     return COMPILED_IN or os.path.exists(MODULE)
+
+
+def stack_parts(name):
+    """For a stack run outside pytest (t/stack.py, t/soak.py): a fresh
+    work folder, its redis/backend/nginx folders, and the RedisServer
+    and Backend to start in them."""
+    work = tempfile.mkdtemp(prefix="alm-%s-" % name)
+    dirs = {}
+    for d in ("redis", "backend", "nginx"):
+        dirs[d] = os.path.join(work, d)
+        os.makedirs(dirs[d])
+    return work, dirs, RedisServer(dirs["redis"]), Backend(dirs["backend"])
 
 
 def load_module_line():

@@ -59,7 +59,6 @@ import shutil
 import socket
 import string
 import sys
-import tempfile
 import threading
 import time
 import traceback
@@ -515,14 +514,7 @@ def main():
         sys.exit("soak: module not built: %s (run make build)"
                  % conftest.MODULE)
 
-    work = tempfile.mkdtemp(prefix="alm-soak-")
-    dirs = {}
-    for d in ("redis", "backend", "nginx"):
-        dirs[d] = os.path.join(work, d)
-        os.makedirs(dirs[d])
-
-    redis = conftest.RedisServer(dirs["redis"])
-    backend = conftest.Backend(dirs["backend"])
+    work, dirs, redis, backend = conftest.stack_parts("soak")
     ngx = None
     failures = []
 

@@ -20,7 +20,6 @@ fails when the command fails or nginx's error log holds an [alert],
 import os
 import subprocess
 import sys
-import tempfile
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
@@ -37,14 +36,7 @@ def main(argv):
     if not conftest.module_available():
         sys.exit("stack: module not built: %s" % conftest.MODULE)
 
-    work = tempfile.mkdtemp(prefix="alm-stack-")
-    dirs = {}
-    for d in ("redis", "backend", "nginx"):
-        dirs[d] = os.path.join(work, d)
-        os.makedirs(dirs[d])
-
-    redis = conftest.RedisServer(dirs["redis"])
-    backend = conftest.Backend(dirs["backend"])
+    work, dirs, redis, backend = conftest.stack_parts("stack")
     ngx = None
     rc = 1
 

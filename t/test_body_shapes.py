@@ -25,21 +25,8 @@ import time
 import pytest
 
 import conftest
+from test_stream import BASES, OPENAI_LOCATION
 
-
-BASES = ("/v1", "/api/v1/openai")
-
-LOCATION = """
-        location @BASE@/ {
-            anythingllm_openai        on;
-            anythingllm_upstream_key  @UPSTREAM_KEY@;
-            @EXTRA@
-            proxy_pass                http://anythingllm;
-            proxy_http_version        1.1;
-            proxy_set_header          Connection "";
-            proxy_buffering           off;
-        }
-"""
 
 UUID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}"
                      r"-[0-9a-f]{12}$")
@@ -50,7 +37,8 @@ TEXT = ("h\u00e9llo w\u00f6rld \u2713 caf\u00e9 "
 
 
 def locations(extra=""):
-    return "".join(LOCATION.replace("@BASE@", b).replace("@EXTRA@", extra)
+    return "".join(OPENAI_LOCATION.replace("@BASE@", b)
+                   .replace("@EXTRA@", extra).replace("@TIMEOUT@", "60s")
                    for b in BASES)
 
 

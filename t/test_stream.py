@@ -533,6 +533,26 @@ def test_with_proxy_buffering_on(nginx, backend):
     assert_failed(read_all(open_stream(n)), "Hello", "broke")
 
 
+def test_whole_answer_with_proxy_buffering_on(nginx, backend):
+    """A non-stream answer larger than the proxy buffers, read whole by
+    nginx before the copy filter has handed all of it over: the upstream
+    connection is gone by then, and the answer is still complete."""
+    locs = (OPENAI_LOCATION.replace("@BASE@", "/v1")
+            .replace("proxy_buffering           off;",
+                     "proxy_buffering on; proxy_buffers 4 1k; "
+                     "proxy_buffer_size 1k; proxy_max_temp_file_size 1m; "
+                     "proxy_temp_file_write_size 1k; limit_rate 200k;")
+            .replace("@EXTRA@", "").replace("@TIMEOUT@", "600s"))
+    n = nginx(locations=locs)
+    n.allow(r"an upstream response is buffered")
+    text = "".join("%04d%s " % (i, "w" * 100) for i in range(1500))
+    r = n.post("/v1/chat/completions", json={
+        "model": "sales", "messages": [{"role": "user", "content": text}]})
+    assert r.status == 200, r.text[:300]
+    answer = r.json()["choices"][0]["message"]["content"]
+    assert text in answer
+
+
 def test_headers_go_out_before_the_first_content(nginx, backend):
     # AnythingLLM answers 200 at once, then works (retrieval, an agent
     # reporting progress): the client must see the response start

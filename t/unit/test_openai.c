@@ -31,24 +31,35 @@ parse_ok(const char *body, alm_chat_req_t *req)
 }
 
 
+/*
+ * Parses a body that must be refused with a 400 invalid_request_error;
+ * the refusal is left in *err, and *req holds nothing to free.
+ */
+
+static void
+refused(const char *body, alm_error_t *err, alm_chat_req_t *req)
+{
+    memset(err, 0, sizeof(alm_error_t));
+
+    if (alm_chat_req_parse(body, strlen(body), KEY, req, err) != ALM_ERROR) {
+        print_error("accepted: %s\n", body);
+        alm_chat_req_free(req);
+        fail();
+    }
+
+    assert_int_equal(err->status, 400);
+    assert_string_equal(err->type, "invalid_request_error");
+}
+
+
 static void
 parse_err(const char *body, const char *param)
 {
     alm_error_t     err;
     alm_chat_req_t  req;
 
-    memset(&err, 0, sizeof(err));
+    refused(body, &err, &req);
 
-    if (alm_chat_req_parse(body, strlen(body), KEY, &req, &err)
-        != ALM_ERROR)
-    {
-        print_error("accepted: %s\n", body);
-        alm_chat_req_free(&req);
-        fail();
-    }
-
-    assert_int_equal(err.status, 400);
-    assert_string_equal(err.type, "invalid_request_error");
     assert_null(err.code);
     assert_non_null(err.message);
     assert_true(strlen(err.message) > 0);
@@ -362,15 +373,7 @@ parse_err_code(const char *body, const char *param, const char *code,
     alm_error_t     err;
     alm_chat_req_t  req;
 
-    memset(&err, 0, sizeof(err));
-
-    if (alm_chat_req_parse(body, strlen(body), KEY, &req, &err)
-        != ALM_ERROR)
-    {
-        print_error("accepted: %s\n", body);
-        alm_chat_req_free(&req);
-        fail();
-    }
+    refused(body, &err, &req);
 
     if (err.param == NULL || strcmp(err.param, param) != 0
         || (code == NULL && err.code != NULL)
@@ -384,8 +387,6 @@ parse_err_code(const char *body, const char *param, const char *code,
         fail();
     }
 
-    assert_int_equal(err.status, 400);
-    assert_string_equal(err.type, "invalid_request_error");
     assert_null(req.model);
 }
 
@@ -485,18 +486,8 @@ text_err(const char *body, const char *what)
     alm_error_t     err;
     alm_chat_req_t  req;
 
-    memset(&err, 0, sizeof(err));
+    refused(body, &err, &req);
 
-    if (alm_chat_req_parse(body, strlen(body), KEY, &req, &err)
-        != ALM_ERROR)
-    {
-        print_error("accepted: %s\n", body);
-        alm_chat_req_free(&req);
-        fail();
-    }
-
-    assert_int_equal(err.status, 400);
-    assert_string_equal(err.type, "invalid_request_error");
     assert_null(err.param);
     assert_null(err.code);
 
