@@ -167,7 +167,7 @@ def main():
         procs.append(rd)
         wait_port(redis_port)
 
-        key = "sk-alm-bench"
+        key = "sk-alm-bench-" + "0123456789abcdef" * 2
         subprocess.run([sys.executable,
                         os.path.join(TOP, "scripts", "anythingllm-keys"),
                         "--redis", "127.0.0.1:%d" % redis_port, "create",
