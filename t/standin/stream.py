@@ -144,9 +144,8 @@ class Stream:
 
 async def serve_stream(request, s, slug, write_body, on_gone=None):
     """Starts the stream s, lets write_body(s) fill it and ends it unless
-    an event aborted it.  A client that goes away is no error: the stream
-    is recorded as aborted and on_gone() runs (after s.start(), whatever
-    write_body had sent by then)."""
+    write_body aborted it.  A client that goes away is no error: the
+    stream is recorded as aborted, then on_gone() runs."""
     completed = False
     try:
         await s.start()
