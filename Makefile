@@ -37,13 +37,13 @@ all: build
 # building needs only nginx-dev, hiredis, cJSON and OpenSSL; nothing
 # here starts, stops or disables a service
 deps:
-	@scripts/install-deps.sh build
+	@dev/install-deps.sh build
 
 deps-test:
-	@scripts/install-deps.sh test
+	@dev/install-deps.sh test
 
 deps-bench:
-	@scripts/install-deps.sh bench
+	@dev/install-deps.sh bench
 
 build: deps $(MODULE)
 
@@ -85,15 +85,15 @@ test-pytest: deps-test build
 # the same suite against nginx mainline built from source with the
 # module compiled in: no load_module (ALM_MODULE empty)
 test-pytest-mainline: deps-test build
-	scripts/build-matrix.sh 1.31.4-static-gcc
+	dev/build-matrix.sh 1.31.4-static-gcc
 	ALM_NGINX=$(CURDIR)/$(MAINLINE) ALM_MODULE= \
 	    $(PYTEST) -q -p no:cacheprovider t
 
 test-matrix: deps-test
-	scripts/build-matrix.sh
+	dev/build-matrix.sh
 
 test-nginx-suite: deps-test build
-	scripts/nginx-tests.sh
+	dev/nginx-tests.sh
 
 test-node: deps-test build
 	$(PYTHON) t/stack.py -- sh -c 'cd t/client && npm ci --no-audit \
@@ -108,16 +108,16 @@ test-asan: build-asan
 .PHONY: deb test-deb
 
 deb:
-	scripts/build-deb.sh
+	dev/build-deb.sh
 
 test-deb: deps-test deb
 	$(PYTEST) -q -p no:cacheprovider t/deb
 
 bench: deps-bench build
-	$(PYTHON) scripts/bench.py
+	$(PYTHON) dev/bench.py
 
 run: deps-test build
-	@$(PYTHON) scripts/run.py
+	@$(PYTHON) dev/run.py
 
 clean:
 	rm -rf build

@@ -1,4 +1,4 @@
-"""`make run`: a newcomer's first round trip, through scripts/run.py."""
+"""`make run`: a newcomer's first round trip, through dev/run.py."""
 
 import contextlib
 import os
@@ -14,7 +14,7 @@ from conftest import PYTHON, REPO, free_port, port_open
 
 @contextlib.contextmanager
 def make_run(tmp_path, **popen):
-    """scripts/run.py on free ports; yields (its output so far, gateway
+    """dev/run.py on free ports; yields (its output so far, gateway
     port, backend port, run directory)."""
     gw, be, rd = free_port(), free_port(), free_port()
     run_dir = str(tmp_path / "run")
@@ -23,7 +23,7 @@ def make_run(tmp_path, **popen):
                REDIS_PORT=str(rd), ALM_RUN_DIR=run_dir)
     env.pop("ANYTHINGLLM_API_KEY", None)
     out = open(tmp_path / "out.txt", "w+")
-    p = subprocess.Popen([PYTHON, os.path.join(REPO, "scripts", "run.py")],
+    p = subprocess.Popen([PYTHON, os.path.join(REPO, "dev", "run.py")],
                          stdout=out, stderr=subprocess.STDOUT, env=env,
                          **popen)
     try:

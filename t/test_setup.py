@@ -1,4 +1,4 @@
-"""Setting up: what scripts/install-deps.sh installs for each target,
+"""Setting up: what dev/install-deps.sh installs for each target,
 that it leaves the machine's services alone, and that conf/*.conf check
 in a tree where only the build has run."""
 
@@ -45,7 +45,7 @@ def install(mode, tmp_path):
     log.write_text("")
     fake_tools(str(bin_dir), str(log))
     env = dict(os.environ, PATH="%s:%s" % (bin_dir, os.environ["PATH"]))
-    out = subprocess.run([os.path.join(REPO, "scripts", "install-deps.sh"),
+    out = subprocess.run([os.path.join(REPO, "dev", "install-deps.sh"),
                           mode], capture_output=True, text=True, env=env)
     assert out.returncode == 0, out.stderr
     calls = log.read_text().splitlines()

@@ -3,14 +3,14 @@
 # missing.  Idempotent; needs root (or sudo) only when something is
 # missing.  It never stops, disables or reconfigures a service.
 #
-#   scripts/install-deps.sh build   building the module (make build)
-#   scripts/install-deps.sh bench   build + wrk and redis (make bench)
-#   scripts/install-deps.sh test    everything the test suites need:
-#                                   build + bench + test tools, the
-#                                   sources' build deps for the nginx
-#                                   build matrix, Perl for nginx-tests
-#   scripts/install-deps.sh deb     build + Debian's packaging tools
-#                                   (make deb)
+#   dev/install-deps.sh build   building the module (make build)
+#   dev/install-deps.sh bench   build + wrk and redis (make bench)
+#   dev/install-deps.sh test    everything the test suites need:
+#                               build + bench + test tools, the
+#                               sources' build deps for the nginx
+#                               build matrix, Perl for nginx-tests
+#   dev/install-deps.sh deb     build + Debian's packaging tools
+#                               (make deb)
 
 set -eu
 

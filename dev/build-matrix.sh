@@ -11,7 +11,7 @@
 #                               the second pytest pass runs)
 #   1.31.4-static-clang         the same with clang
 #
-#   scripts/build-matrix.sh [name ...]      (default: all six)
+#   dev/build-matrix.sh [name ...]          (default: all six)
 #
 # The upstream sources are nginx-<version>.tar.gz in ALM_NGINX_SOURCES
 # (default: ../shared/nginx beside the repository).  They are unpacked

@@ -3,7 +3,7 @@
 # from debian/ with dpkg-buildpackage (dh with the nginx sequence of
 # nginx-dev), then checks it with lintian.
 #
-#   scripts/build-deb.sh [outdir]
+#   dev/build-deb.sh [outdir]
 #
 # The package lands in <outdir> (default build/deb).  The build runs on a
 # copy of the tree under build/deb-src, so that the repository stays clean.
@@ -16,7 +16,7 @@ out=${1:-$top/build/deb}
 work=$top/build/deb-src
 pkg=libnginx-mod-http-anythingllm
 
-"$top/scripts/install-deps.sh" deb
+"$top/dev/install-deps.sh" deb
 
 # one version for everything: VERSION, and debian/changelog follows it
 version=$(sed -n '1{s/[[:space:]]//g;p;}' "$top/VERSION")

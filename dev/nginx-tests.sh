@@ -6,7 +6,7 @@
 # have no failure that the first lacks.  Some tests fail in both runs,
 # as the suite is newer than nginx 1.22.1 (newer syntax).
 #
-#   scripts/nginx-tests.sh
+#   dev/nginx-tests.sh
 #
 # The suite is nginx-tests.tar.gz in ALM_NGINX_SOURCES (default
 # ../shared/nginx beside the repository), unpacked into build/.  It

@@ -86,14 +86,8 @@ def q(s):
     return s.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
-def main():
-    if not shutil.which("wrk"):
-        sys.exit("bench: wrk is missing (apt-get install wrk)")
-
-    work = tempfile.mkdtemp(prefix="alm-bench-")
-    procs = []
-    be_port, gw_port, redis_port = free_port(), free_port(), free_port()
-
+def backend_conf(port):
+    """The stand-in AnythingLLM: fixed answers straight from nginx."""
     chat = json.dumps({"id": "x", "type": "textResponse",
                        "textResponse": "Hello from the bench backend.",
                        "sources": [], "close": True, "error": None,
@@ -105,7 +99,7 @@ def main():
         {"id": 1, "name": "sales", "slug": "sales",
          "createdAt": "2026-01-01T00:00:00.000Z"}]})
 
-    backend = """
+    return """
     server {
         listen 127.0.0.1:%d backlog=4096;
         keepalive_requests 100000;
@@ -125,15 +119,18 @@ def main():
             default_type application/json;
             return 200 "%s";
         }
-    }""" % (be_port, q(workspaces), q(sse_body()), q(chat), q(workspaces))
+    }""" % (port, q(workspaces), q(sse_body()), q(chat), q(workspaces))
 
+
+def gateway_conf(redis_port, be_port, gw_port):
+    """One location a case, all proxying to the same backend."""
     proxy = """
             proxy_pass http://be;
             proxy_http_version 1.1;
             proxy_set_header Connection "";
             proxy_buffering off;"""
 
-    gateway = """
+    return """
     anythingllm_redis 127.0.0.1:%d;
     anythingllm_key_cache zone=keys:10m valid=600s;
     upstream be { server 127.0.0.1:%d; keepalive 64; }
@@ -159,75 +156,97 @@ def main():
         }
     }""" % (redis_port, be_port, gw_port, proxy, proxy, proxy, proxy)
 
+
+def post_script(work, stream):
+    """A wrk Lua script that POSTs a chat completion."""
+    body = json.dumps({"model": "sales", "stream": stream,
+                       "messages": [{"role": "user",
+                                     "content": "Hello"}]})
+    path = os.path.join(work, "post.lua") + (".s" if stream else ".n")
+    with open(path, "w") as f:
+        f.write('wrk.method = "POST"\n'
+                'wrk.body = "%s"\n'
+                'wrk.headers["Content-Type"] = "application/json"\n'
+                % q(body))
+    return path
+
+
+def start_stack(work, procs, redis_port, be_port, gw_port):
+    """Redis with one key, the backend and the gateway; returns the
+    key.  Each process started goes into procs."""
+    rd = subprocess.Popen(["redis-server", "--port", str(redis_port),
+                           "--bind", "127.0.0.1", "--save", "",
+                           "--appendonly", "no", "--dir", work],
+                          stdout=subprocess.DEVNULL)
+    procs.append(rd)
+    wait_port(redis_port)
+
+    key = "sk-alm-bench-" + "0123456789abcdef" * 2
+    subprocess.run([sys.executable,
+                    os.path.join(TOP, "scripts", "anythingllm-keys"),
+                    "--redis", "127.0.0.1:%d" % redis_port, "create",
+                    "--name", "bench", "--scopes", "chat,read",
+                    "--workspaces", "*", "--key-from-stdin"],
+                   input=key, text=True, check=True,
+                   stdout=subprocess.DEVNULL)
+
+    for name, body in (("backend", backend_conf(be_port)),
+                       ("gateway", gateway_conf(redis_port, be_port,
+                                                gw_port))):
+        d, path = nginx_conf(work, name, body)
+        p = subprocess.Popen(["/usr/sbin/nginx", "-p", d, "-c", path,
+                              "-g", "daemon off;"])
+        procs.append(p)
+    wait_port(be_port)
+    wait_port(gw_port)
+    return key
+
+
+def measure(work, base, auth):
+    """Each case in turn: (name, requests per second, non-2xx count)."""
+    runs = [
+        ("plain", [base + "/plain/api/v1/workspaces"]),
+        ("key", [base + "/key/api/v1/workspaces"]),
+        ("auth", ["-H", auth, base + "/api/v1/workspace/sales"]),
+        ("openai", ["-H", auth, "-s", post_script(work, False),
+                    base + "/v1/chat/completions"]),
+        ("stream", ["-H", auth, "-s", post_script(work, True),
+                    base + "/v1/chat/completions"]),
+    ]
+
+    # warm the key cache and the upstream connections
+    subprocess.run(["wrk", "-t1", "-c2", "-d1s", "-H", auth,
+                    base + "/api/v1/workspace/sales"],
+                   stdout=subprocess.DEVNULL)
+
+    results = []
+    for name, args in runs:
+        out = subprocess.run(["wrk", "-t2", "-c%d" % CONNS,
+                              "-d%ds" % SECONDS] + args,
+                             capture_output=True, text=True).stdout
+        rps = 0.0
+        non2xx = 0
+        for line in out.splitlines():
+            if line.startswith("Requests/sec:"):
+                rps = float(line.split()[1])
+            if "Non-2xx" in line:
+                non2xx = int(line.split()[-1])
+        results.append((name, rps, non2xx))
+    return results
+
+
+def main():
+    if not shutil.which("wrk"):
+        sys.exit("bench: wrk is missing (apt-get install wrk)")
+
+    work = tempfile.mkdtemp(prefix="alm-bench-")
+    procs = []
+    be_port, gw_port, redis_port = free_port(), free_port(), free_port()
+
     try:
-        rd = subprocess.Popen(["redis-server", "--port", str(redis_port),
-                               "--bind", "127.0.0.1", "--save", "",
-                               "--appendonly", "no", "--dir", work],
-                              stdout=subprocess.DEVNULL)
-        procs.append(rd)
-        wait_port(redis_port)
-
-        key = "sk-alm-bench-" + "0123456789abcdef" * 2
-        subprocess.run([sys.executable,
-                        os.path.join(TOP, "scripts", "anythingllm-keys"),
-                        "--redis", "127.0.0.1:%d" % redis_port, "create",
-                        "--name", "bench", "--scopes", "chat,read",
-                        "--workspaces", "*", "--key-from-stdin"],
-                       input=key, text=True, check=True,
-                       stdout=subprocess.DEVNULL)
-
-        for name, body in (("backend", backend), ("gateway", gateway)):
-            d, path = nginx_conf(work, name, body)
-            p = subprocess.Popen(["/usr/sbin/nginx", "-p", d, "-c", path,
-                                  "-g", "daemon off;"])
-            procs.append(p)
-        wait_port(be_port)
-        wait_port(gw_port)
-
-        lua = os.path.join(work, "post.lua")
-        base = "http://127.0.0.1:%d" % gw_port
-        auth = "Authorization: Bearer " + key
-
-        def post_script(stream):
-            body = json.dumps({"model": "sales", "stream": stream,
-                               "messages": [{"role": "user",
-                                             "content": "Hello"}]})
-            path = lua + (".s" if stream else ".n")
-            with open(path, "w") as f:
-                f.write('wrk.method = "POST"\n'
-                        'wrk.body = "%s"\n'
-                        'wrk.headers["Content-Type"] = "application/json"\n'
-                        % q(body))
-            return path
-
-        runs = [
-            ("plain", [base + "/plain/api/v1/workspaces"]),
-            ("key", [base + "/key/api/v1/workspaces"]),
-            ("auth", ["-H", auth, base + "/api/v1/workspace/sales"]),
-            ("openai", ["-H", auth, "-s", post_script(False),
-                        base + "/v1/chat/completions"]),
-            ("stream", ["-H", auth, "-s", post_script(True),
-                        base + "/v1/chat/completions"]),
-        ]
-
-        # warm the key cache and the upstream connections
-        subprocess.run(["wrk", "-t1", "-c2", "-d1s", "-H", auth,
-                        base + "/api/v1/workspace/sales"],
-                       stdout=subprocess.DEVNULL)
-
-        results = []
-        for name, args in runs:
-            out = subprocess.run(["wrk", "-t2", "-c%d" % CONNS,
-                                  "-d%ds" % SECONDS] + args,
-                                 capture_output=True, text=True).stdout
-            rps = 0.0
-            non2xx = 0
-            for line in out.splitlines():
-                if line.startswith("Requests/sec:"):
-                    rps = float(line.split()[1])
-                if "Non-2xx" in line:
-                    non2xx = int(line.split()[-1])
-            results.append((name, rps, non2xx))
+        key = start_stack(work, procs, redis_port, be_port, gw_port)
+        results = measure(work, "http://127.0.0.1:%d" % gw_port,
+                          "Authorization: Bearer " + key)
 
         basev = results[0][1] or 1.0
         print("%-8s %12s %8s %8s" % ("case", "req/s", "ratio", "non-2xx"))
