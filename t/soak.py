@@ -6,9 +6,10 @@
     ALM_ASAN=1 ALM_MODULE=build/asan/... t/soak.py   under ASan
 
 Starts redis-server, the AnythingLLM stand-in and nginx with two workers
-and the full gateway configuration (the processes and configuration of
-the pytest fixtures in t/conftest.py), then runs SOAK_THREADS clients
-for SOAK_SECONDS, each picking at random among:
+and the full gateway configuration (the processes of the pytest
+fixtures, t/lib/processes.py, and the gateway of t/lib/gateway.py), then
+runs SOAK_THREADS clients for SOAK_SECONDS, each picking at random
+among:
 
     cached       GET /v1/models and /api/v1/workspaces with keys in use
                  all the time (found in the shared cache)
@@ -66,8 +67,8 @@ import traceback
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-import conftest  # noqa: E402
-import helpers  # noqa: E402
+from lib import helpers, processes, resp  # noqa: E402
+from lib.gateway import GATEWAY  # noqa: E402
 
 
 SECONDS = float(os.environ.get("SOAK_SECONDS", "600"))
@@ -233,7 +234,7 @@ class Run:
     def redis_conn(self):
         c = getattr(self.local, "redis", None)
         if c is None:
-            c = conftest.Resp(self.redis.host, self.redis.port, timeout=2)
+            c = resp.connect(self.redis.host, self.redis.port, timeout=2)
             self.local.redis = c
         return c
 
@@ -249,7 +250,7 @@ class Run:
         try:
             self.redis_conn().cmd("HSET", self.redis.key_name(key), *args)
             return True
-        except (OSError, ConnectionError, conftest.RedisError):
+        except (resp.Failure, resp.RedisError):
             c = getattr(self.local, "redis", None)
             if c is not None:
                 c.close()
@@ -299,6 +300,12 @@ class Run:
                          KEY_LIMITED, json=self.chat_body("sales", "limited"))
         self.expect("limited", r, t, {200}, {429})
 
+    def expect_whole(self, what, s, t):
+        """A stream request answered with another status than 200: its
+        answer read whole and judged as a refusal."""
+        s.read_all(30)
+        self.expect(what, s.response(), t, set())
+
     def do_chat(self):
         t = time.monotonic()
         model = random.choice(WORKSPACES)
@@ -325,10 +332,7 @@ class Run:
                             timeout=30)
         try:
             if s.status != 200:
-                s.read_all(30)
-                r = helpers.Response(s.status, s.reason, s.headers,
-                                     s.raw_headers, s.body)
-                self.expect("stream", r, t, set())
+                self.expect_whole("stream", s, t)
                 return
             frames = s.frames(30)
         finally:
@@ -376,10 +380,7 @@ class Run:
             return
         try:
             if s.status != 200:
-                s.read_all(30)
-                r = helpers.Response(s.status, s.reason, s.headers,
-                                     s.raw_headers, s.body)
-                self.expect("leave", r, t, set())
+                self.expect_whole("leave", s, t)
                 return
             self.count("leave", 200)
             for _ in range(random.randint(1, 3)):
@@ -510,11 +511,11 @@ def show(label, m):
 
 
 def main():
-    if not conftest.module_available():
+    if not processes.module_available():
         sys.exit("soak: module not built: %s (run make build)"
-                 % conftest.MODULE)
+                 % processes.MODULE)
 
-    work, dirs, redis, backend = conftest.stack_parts("soak")
+    work, dirs, redis, backend = processes.stack_parts("soak")
     ngx = None
     failures = []
 
@@ -526,15 +527,9 @@ def main():
         redis.add_key(KEY_READ, name="read", scopes="read")
         redis.add_key(KEY_LIMITED, name="limited", rpm=30)
 
-        params = {
-            "http_extra": conftest.GATEWAY_HTTP,
-            "server_extra": conftest.GATEWAY_SERVER,
-            "locations": conftest.GATEWAY_LOCATIONS,
-            "log_level": "info",
-            "workers": 2,
-        }
-        ngx = conftest.Nginx(dirs["nginx"], params, backend.addr,
-                             redis.addr)
+        ngx = processes.Nginx(dirs["nginx"], GATEWAY,
+                              {"log_level": "info", "workers": 2},
+                              backend.addr, redis.addr)
         ngx.start()
         first = set(ngx.worker_pids())
 

@@ -24,7 +24,8 @@ import sys
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-import conftest  # noqa: E402
+from lib import paths, processes  # noqa: E402
+from lib.gateway import GATEWAY  # noqa: E402
 
 
 def main(argv):
@@ -33,10 +34,10 @@ def main(argv):
     if not argv:
         sys.exit("usage: t/stack.py -- command [args...]")
 
-    if not conftest.module_available():
-        sys.exit("stack: module not built: %s" % conftest.MODULE)
+    if not processes.module_available():
+        sys.exit("stack: module not built: %s" % processes.MODULE)
 
-    work, dirs, redis, backend = conftest.stack_parts("stack")
+    work, dirs, redis, backend = processes.stack_parts("stack")
     ngx = None
     rc = 1
 
@@ -44,13 +45,8 @@ def main(argv):
         redis.start()
         backend.start()
 
-        params = {
-            "http_extra": conftest.GATEWAY_HTTP,
-            "server_extra": conftest.GATEWAY_SERVER,
-            "locations": conftest.GATEWAY_LOCATIONS,
-        }
-        ngx = conftest.Nginx(dirs["nginx"], params, backend.addr,
-                             redis.addr)
+        ngx = processes.Nginx(dirs["nginx"], GATEWAY, {}, backend.addr,
+                              redis.addr)
         ngx.start()
 
         key = "sk-alm-stack-full-" + os.urandom(12).hex()
@@ -63,8 +59,7 @@ def main(argv):
             "ALM_GATEWAY_URL": ngx.url,
             "ALM_BACKEND_URL": backend.url,
             "ALM_REDIS": redis.addr,
-            "ALM_KEYS_TOOL": os.path.join(conftest.REPO, "scripts",
-                                          "anythingllm-keys"),
+            "ALM_KEYS_TOOL": paths.KEYS_TOOL,
             "ALM_KEY_FULL": key,
         })
 

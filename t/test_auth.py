@@ -5,112 +5,87 @@ AnythingLLM recording what reaches it.
 """
 
 import json
-import re
 import time
 
 import pytest
 
-import helpers
-from conftest import UPSTREAM_KEY, key_digest
+from lib import helpers
+from lib.auth import (access_field, assert_workspace_forbidden, bearer,
+                      is_ours, logged, wait_access_lines)
+from lib.openai import assert_refused, error_of
+from lib.processes import UPSTREAM_KEY, key_digest
 
 
-# ---------------------------------------------------------------------------
-# configurations and helpers shared by the auth, redis and rate tests
-
-AUTH_HTTP = """
-    anythingllm_redis      @REDIS@ timeout=%(timeout)s%(redis_extra)s;
+# every path behind anythingllm_auth; %(server)s: a directive a test adds
+# to the server
+AUTH = """
+    anythingllm_redis      @REDIS@ timeout=%(timeout)s%(redis)s;
     anythingllm_key_cache zone=alm_keys:1m valid=%(valid)s invalid=%(invalid)s;
-"""
 
-AUTH_SERVER = """
-        anythingllm_upstream_key  @UPSTREAM_KEY@;
+    server {
+        listen  127.0.0.1:@PORT@;
+
+        anythingllm_upstream_key  UPSTREAM-KEY-0001-TEST;
         anythingllm_auth          on;
-"""
+        %(server)s
 
-AUTH_LOCATIONS = """
         location / {
             proxy_pass          http://anythingllm;
             proxy_http_version  1.1;
             proxy_set_header    Connection "";
         }
+    }
 """
-
-ALL_SCOPES = ("chat", "read", "documents", "admin")
 
 
 def auth_nginx(nginx, redis_server, valid="30s", invalid="5s",
-               timeout="100ms", redis_extra="", http_extra=None,
-               server_extra="", locations=AUTH_LOCATIONS, **kw):
-    """nginx with anythingllm_auth on for every path."""
-    if http_extra is None:
-        http_extra = AUTH_HTTP % {"timeout": timeout, "valid": valid,
-                                  "invalid": invalid,
-                                  "redis_extra": redis_extra}
-    return nginx(http_extra=http_extra,
-                 server_extra=AUTH_SERVER + server_extra,
-                 locations=locations, redis=redis_server, **kw)
+               timeout="100ms", redis="", server="", **kw):
+    return nginx(AUTH % {"valid": valid, "invalid": invalid,
+                         "timeout": timeout, "redis": redis,
+                         "server": server}, redis=redis_server, **kw)
 
 
-def bearer(key):
-    return {"Authorization": "Bearer %s" % key}
+# the full gateway, as conf/anythingllm.conf sets it up
+GATEWAY = """
+    anythingllm_redis      @REDIS@ timeout=100ms prefix=anythingllm:;
+    anythingllm_key_cache  zone=anythingllm_keys:10m valid=30s invalid=5s;
+    anythingllm_conversation_ttl  24h;
+
+    server {
+        listen  127.0.0.1:@PORT@;
+
+        anythingllm_upstream_key  UPSTREAM-KEY-0001-TEST;
+        anythingllm_auth          on;
+        anythingllm_cors          *;
+
+        proxy_http_version  1.1;
+        proxy_set_header    Connection "";
+        proxy_buffering     off;
+        proxy_read_timeout  600s;
+
+        location /v1/ {
+            anythingllm_openai  on;
+            proxy_pass          http://anythingllm;
+        }
+
+        location /api/v1/openai/ {
+            anythingllm_openai  on;
+            proxy_pass          http://anythingllm;
+        }
+
+        location /api/v1/ {
+            client_max_body_size  64m;
+            proxy_pass            http://anythingllm;
+        }
+
+        location / {
+            return  404;
+        }
+    }
+"""
 
 
-def error_of(r):
-    """The OpenAI error object of a refusal (asserts its shape)."""
-    assert r.headers.get("content-type", "").startswith("application/json"), \
-        r.headers
-    body = r.json()
-    assert set(body) == {"error"}, body
-    err = body["error"]
-    assert set(err) == {"message", "type", "param", "code"}, err
-    assert isinstance(err["message"], str) and err["message"]
-    assert isinstance(err["type"], str)
-    assert err["param"] is None
-    return err
-
-
-def assert_refused(r, status, code, type_="invalid_request_error"):
-    assert r.status == status, (r.status, r.text)
-    err = error_of(r)
-    assert err["code"] == code, err
-    assert err["type"] == type_, err
-    return err
-
-
-def is_ours(r):
-    """True when the answer is one of the gateway's refusals."""
-    if r.status not in (400, 401, 403, 429, 503):
-        return False
-    try:
-        err = r.json()["error"]
-    except (ValueError, KeyError, TypeError):
-        return False
-    if not isinstance(err, dict):
-        return False
-    return err.get("code") in ("invalid_api_key", "insufficient_scope",
-                               "workspace_forbidden", "rate_limit_exceeded",
-                               "invalid_path", None) \
-        and isinstance(err.get("type"), str)
-
-
-def access_field(line, name):
-    m = re.search(r'\b%s=("[^"]*"|\S+)' % re.escape(name), line)
-    return m.group(1).strip('"') if m else None
-
-
-def logged(n, method, path, **kw):
-    """A request, once its access log line is written (workers log after
-    the answer is sent: the next request's line could come first)."""
-    before = len(n.access_lines())
-    r = n.request(method, path, **kw)
-    lines = wait_access_lines(n, before + 1)
-    return r, lines[before]
-
-
-def wait_access_lines(n, count, timeout=5):
-    return helpers.wait_until(
-        lambda: n.access_lines() if len(n.access_lines()) >= count else None,
-        timeout, message="access log lines never reached %d" % count)
+ALL_SCOPES = ("chat", "read", "documents", "admin")
 
 
 # ---------------------------------------------------------------------------
@@ -225,11 +200,7 @@ def test_auth_slug_must_be_in_workspaces(nginx, redis_server, backend):
     # a key without any workspace reaches none, and no instance-wide
     # route either; its workspace list is empty
     redis_server.add_key("k-none", scopes="chat,read", workspaces="")
-    r = n.post("/api/v1/workspace/sales/chat", json={"message": "hi"},
-               headers=bearer("k-none"))
-    assert_refused(r, 403, "workspace_forbidden")
-    r = n.get("/api/v1/documents", headers=bearer("k-none"))
-    assert_refused(r, 403, "workspace_forbidden")
+    assert_workspace_forbidden(n, "k-none", "sales")
     r = n.get("/api/v1/workspaces", headers=bearer("k-none"))
     assert r.status == 200, r.text
     assert r.json()["workspaces"] == []
@@ -488,13 +459,28 @@ def test_auth_variables_in_access_log(nginx, redis_server, backend):
 
 
 def test_auth_off_elsewhere(nginx, redis_server, backend):
-    locations = """
+    n = nginx("""
+    anythingllm_redis      @REDIS@ timeout=100ms;
+    anythingllm_key_cache  zone=alm_keys:1m valid=30s invalid=5s;
+
+    server {
+        listen  127.0.0.1:@PORT@;
+
+        anythingllm_upstream_key  UPSTREAM-KEY-0001-TEST;
+        anythingllm_auth          on;
+
         location /api/v1/auth {
             anythingllm_auth off;
             proxy_pass http://anythingllm;
         }
-""" + AUTH_LOCATIONS
-    n = auth_nginx(nginx, redis_server, locations=locations)
+
+        location / {
+            proxy_pass          http://anythingllm;
+            proxy_http_version  1.1;
+            proxy_set_header    Connection "";
+        }
+    }
+""", redis=redis_server)
     r = n.get("/api/v1/auth", headers=bearer(UPSTREAM_KEY))
     assert r.status == 200
     r = n.get("/api/v1/documents", headers=bearer(UPSTREAM_KEY))
@@ -503,7 +489,7 @@ def test_auth_off_elsewhere(nginx, redis_server, backend):
 
 def test_auth_errors_carry_cors(nginx, redis_server, backend):
     n = auth_nginx(nginx, redis_server,
-                   server_extra="anythingllm_cors https://app.example;")
+                   server="anythingllm_cors https://app.example;")
     r = n.get("/api/v1/workspaces", headers={"Origin": "https://app.example"})
     assert r.status == 401
     assert r.headers["access-control-allow-origin"] == "https://app.example"
@@ -616,7 +602,7 @@ def test_auth_path_malformed(nginx, redis_server, backend):
     redis_server.add_key("k-all", scopes="chat,read,documents,admin",
                          workspaces="*")
     n = auth_nginx(nginx, redis_server,
-                   server_extra="merge_slashes off;")
+                   server="merge_slashes off;")
     for target in ("/api/v1//workspace/sales/chat",
                    "/api/v1/workspace//chat",
                    "/api/v1/workspace/sa%20les/chat",
@@ -638,7 +624,7 @@ def test_auth_openai_locations_need_chat(nginx, redis_server, backend):
     redis_server.add_key("k-chat", scopes="chat", workspaces="sales")
     redis_server.add_key("k-read", scopes="read,documents,admin",
                          workspaces="*")
-    n = nginx(gateway=True, redis=redis_server)
+    n = nginx(GATEWAY, redis=redis_server)
 
     r = n.get("/v1/models", headers=bearer("k-read"))
     err = assert_refused(r, 403, "insufficient_scope")
@@ -706,18 +692,29 @@ def test_auth_survives_an_internal_redirect(nginx, redis_server, backend):
     # replaced the client's: it is judged again with the client's key,
     # for its new route, and counted once against the rate limit
     redis_server.add_key("k-read", scopes="read", workspaces="*", rpm=3)
-    n = auth_nginx(nginx, redis_server, locations="""
+    n = nginx("""
+    anythingllm_redis      @REDIS@ timeout=100ms;
+    anythingllm_key_cache  zone=alm_keys:1m valid=30s invalid=5s;
+
+    server {
+        listen  127.0.0.1:@PORT@;
+
+        anythingllm_upstream_key  UPSTREAM-KEY-0001-TEST;
+        anythingllm_auth          on;
+
         location / {
             proxy_pass              http://anythingllm;
             proxy_intercept_errors  on;
             error_page 404 = /api/v1/workspaces;
         }
+
         location /api/v1/sub/ {
             proxy_pass              http://anythingllm;
             proxy_intercept_errors  on;
             error_page 404 = /api/v1/admin/users;
         }
-    """)
+    }
+""", redis=redis_server)
     r = n.get("/api/v1/no-such-route", headers=bearer("k-read"))
     assert r.status == 200, r.text
     assert [w["slug"] for w in r.json()["workspaces"]]

@@ -6,16 +6,13 @@ import uuid
 
 import pytest
 
-import helpers
-from conftest import UPSTREAM_KEY, Backend
+from lib import helpers
+from lib.processes import UPSTREAM_KEY, Backend, running
 
 
 @pytest.fixture(scope="module")
 def shared_backend(tmp_path_factory):
-    b = Backend(tmp_path_factory.mktemp("backend"))
-    b.start()
-    yield b
-    b.stop()
+    yield from running(Backend(tmp_path_factory.mktemp("backend")))
 
 
 @pytest.fixture

@@ -24,8 +24,8 @@ import time
 
 import pytest
 
-import conftest
-from test_stream import BASES, OPENAI_LOCATION
+from lib.openai import BASES
+from lib.processes import free_port
 
 
 UUID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}"
@@ -36,16 +36,42 @@ TEXT = ("h\u00e9llo w\u00f6rld \u2713 caf\u00e9 "
         "\u00fc\u00f1\u00ee\u00e7\u00f8d\u00e9")
 
 
-def locations(extra=""):
-    return "".join(OPENAI_LOCATION.replace("@BASE@", b)
-                   .replace("@EXTRA@", extra).replace("@TIMEOUT@", "60s")
-                   for b in BASES)
+# %(extra)s: a directive a test adds to both locations; %(listen)s: a
+# second listen of the tests over HTTP/2
+CONF = """
+    anythingllm_redis  @REDIS@ timeout=500ms;
+
+    server {
+        listen  127.0.0.1:@PORT@;
+        %(listen)s
+
+        location /v1/ {
+            anythingllm_openai        on;
+            anythingllm_upstream_key  UPSTREAM-KEY-0001-TEST;
+            %(extra)s
+            proxy_pass                http://anythingllm;
+            proxy_http_version        1.1;
+            proxy_set_header          Connection "";
+            proxy_buffering           off;
+            proxy_read_timeout        60s;
+        }
+
+        location /api/v1/openai/ {
+            anythingllm_openai        on;
+            anythingllm_upstream_key  UPSTREAM-KEY-0001-TEST;
+            %(extra)s
+            proxy_pass                http://anythingllm;
+            proxy_http_version        1.1;
+            proxy_set_header          Connection "";
+            proxy_buffering           off;
+            proxy_read_timeout        60s;
+        }
+    }
+"""
 
 
-def start(nginx, extra="", **params):
-    n = nginx(locations=locations(extra),
-              http_extra="anythingllm_redis @REDIS@ timeout=500ms;",
-              **params)
+def start(nginx, extra="", listen="", **params):
+    n = nginx(CONF % {"extra": extra, "listen": listen}, **params)
     n.pids_at_start = n.worker_pids()
     return n
 
@@ -392,9 +418,8 @@ def curl_h2(port, path, body, timeout=20):
 
 @pytest.mark.parametrize("extra", ["", "client_body_buffer_size 1k;"])
 def test_http2_without_content_length(nginx, backend, extra):
-    h2 = conftest.free_port()
-    n = start(nginx, extra=extra,
-              server_extra="        listen 127.0.0.1:%d http2;" % h2)
+    h2 = free_port()
+    n = start(nginx, extra=extra, listen="listen  127.0.0.1:%d http2;" % h2)
     for base in BASES:
         for stream in (False, True):
             for pad in (0, 40000):

@@ -10,16 +10,65 @@ import json
 import os
 import subprocess
 
-from conftest import COMPILED_IN, MODULE, NGINX_BIN, REPO
-
-import helpers
+from lib import helpers
+from lib.auth import bearer
+from lib.paths import REPO
+from lib.processes import COMPILED_IN, MODULE, NGINX_BIN
 
 
 ORIGIN = "https://app.example"
 
+# the server of the full gateway, as conf/anythingllm.conf sets it up
+GATEWAY_SERVER = """
+    server {
+        listen  127.0.0.1:@PORT@;
 
-def bearer(key):
-    return {"Authorization": "Bearer %s" % key}
+        anythingllm_upstream_key  UPSTREAM-KEY-0001-TEST;
+        anythingllm_auth          on;
+        anythingllm_cors          *;
+
+        proxy_http_version  1.1;
+        proxy_set_header    Connection "";
+        proxy_buffering     off;
+        proxy_read_timeout  600s;
+
+        location /v1/ {
+            anythingllm_openai  on;
+            proxy_pass          http://anythingllm;
+        }
+
+        location /api/v1/openai/ {
+            anythingllm_openai  on;
+            proxy_pass          http://anythingllm;
+        }
+
+        location /api/v1/ {
+            client_max_body_size  64m;
+            proxy_pass            http://anythingllm;
+        }
+
+        location / {
+            return  404;
+        }
+    }
+"""
+
+# the full gateway
+GATEWAY = """
+    anythingllm_redis      @REDIS@ timeout=100ms prefix=anythingllm:;
+    anythingllm_key_cache  zone=anythingllm_keys:10m valid=30s invalid=5s;
+    anythingllm_conversation_ttl  24h;
+""" + GATEWAY_SERVER
+
+# the gateway, with gzip on for JSON
+GZIP_GATEWAY = """
+    gzip             on;
+    gzip_min_length  1;
+    gzip_types       application/json;
+
+    anythingllm_redis      @REDIS@ timeout=100ms prefix=anythingllm:;
+    anythingllm_key_cache  zone=anythingllm_keys:10m valid=30s invalid=5s;
+""" + GATEWAY_SERVER
 
 
 def nginx_v():
@@ -34,7 +83,7 @@ def test_the_nginx_under_test_carries_the_module(nginx):
             "--add-module=%s/" % REPO in nginx_v()
     else:
         assert os.path.isfile(MODULE)
-    n = nginx(gateway=True)
+    n = nginx(GATEWAY)
     # a directive of the module is known: the config was accepted
     assert "anythingllm_auth" in open(n.conf_path).read()
     r = n.get("/api/v1/auth")
@@ -46,7 +95,7 @@ def test_gateway_filters_run(nginx, redis_server, backend):
     """CORS header, filtered workspace list and OpenAI errors: all three
     come from the module's filters."""
     redis_server.add_key("k-sales", scopes="chat,read", workspaces="sales")
-    n = nginx(gateway=True, redis=redis_server)
+    n = nginx(GATEWAY, redis=redis_server)
     hdrs = dict(bearer("k-sales"), Origin=ORIGIN)
 
     r = n.get("/api/v1/workspaces", headers=hdrs)
@@ -75,18 +124,6 @@ def test_gateway_filters_run(nginx, redis_server, backend):
     assert r.headers["access-control-allow-origin"] == "*"
 
 
-GZIP_HTTP = """
-    gzip             on;
-    gzip_min_length  1;
-    gzip_types       application/json;
-"""
-
-GATEWAY_HTTP_REDIS = """
-    anythingllm_redis      @REDIS@ timeout=100ms prefix=anythingllm:;
-    anythingllm_key_cache  zone=anythingllm_keys:10m valid=30s invalid=5s;
-"""
-
-
 def split_answer(raw):
     """Splits a raw HTTP/1.1 answer into its lower-cased head and its
     body, undoing chunked framing, and checks the framing is exact."""
@@ -108,34 +145,13 @@ def split_answer(raw):
         rest = rest[size + 2:]
 
 
-GATEWAY_HTTP_REDIS = """
-    anythingllm_redis      @REDIS@ timeout=100ms prefix=anythingllm:;
-    anythingllm_key_cache  zone=anythingllm_keys:10m valid=30s invalid=5s;
-"""
-
-
-def chunks_of(raw):
-    """Splits an HTTP/1.1 answer: (head, decoded chunked body)."""
-    head, _, rest = raw.partition(b"\r\n\r\n")
-    body = b""
-    while True:
-        size_line, _, rest = rest.partition(b"\r\n")
-        size = int(size_line.split(b";")[0], 16)
-        if size == 0:
-            return head.decode("latin-1").lower(), body
-        body += rest[:size]
-        assert rest[size:size + 2] == b"\r\n", "bad chunk framing"
-        rest = rest[size + 2:]
-
-
 def test_filters_sit_before_gzip_and_chunked(nginx, redis_server, backend):
     """The filtered list leaves through nginx's chunked encoding (the
     module's body filter runs before it); an answer the module leaves
     alone is still compressed by gzip and still carries CORS."""
     redis_server.add_key("k-sales", scopes="chat,read", workspaces="sales")
     redis_server.add_key("k-all", scopes="chat,read", workspaces="*")
-    n = nginx(gateway=True, redis=redis_server,
-              http_extra=GZIP_HTTP + GATEWAY_HTTP_REDIS)
+    n = nginx(GZIP_GATEWAY, redis=redis_server)
 
     def raw(method, path, key, body=b""):
         req = ("%s %s HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer %s\r\n"
@@ -178,7 +194,6 @@ def test_filters_sit_before_gzip_and_chunked(nginx, redis_server, backend):
     assert r.headers["access-control-allow-origin"] == "*"
     got = json.loads(gzip.decompress(r.body))
     assert got["workspace"][0]["slug"] == "sales"
-
 
 
 def test_conf_files_check_in_the_repository_after_build():

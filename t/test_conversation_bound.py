@@ -12,41 +12,60 @@ import json
 import re
 import time
 
-import conftest
-import helpers
+from lib import helpers
+from lib.auth import bearer
+from lib.openai import answer_of, assistant, user
+from lib.processes import PREFIX
+from lib.resp import RedisError
 
 
 CAP = 200
-PREFIX = conftest.PREFIX
 
-HTTP = """
+# the full gateway, as conf/anythingllm.conf sets it up, with room for
+# CAP conversations and a Redis timeout of 500ms
+GATEWAY = """
     anythingllm_redis      @REDIS@ timeout=500ms prefix=anythingllm:;
     anythingllm_key_cache  zone=anythingllm_keys:10m valid=30s invalid=5s;
     anythingllm_conversation_ttl  24h;
-    anythingllm_conversation_max  %d;
-""" % CAP
+    anythingllm_conversation_max  200;
 
+    server {
+        listen  127.0.0.1:@PORT@;
 
-def user(text):
-    return {"role": "user", "content": text}
+        anythingllm_upstream_key  UPSTREAM-KEY-0001-TEST;
+        anythingllm_auth          on;
+        anythingllm_cors          *;
 
+        proxy_http_version  1.1;
+        proxy_set_header    Connection "";
+        proxy_buffering     off;
+        proxy_read_timeout  600s;
 
-def assistant(text):
-    return {"role": "assistant", "content": text}
+        location /v1/ {
+            anythingllm_openai  on;
+            proxy_pass          http://anythingllm;
+        }
 
+        location /api/v1/openai/ {
+            anythingllm_openai  on;
+            proxy_pass          http://anythingllm;
+        }
 
-def bearer(key):
-    return {"Authorization": "Bearer " + key}
+        location /api/v1/ {
+            client_max_body_size  64m;
+            proxy_pass            http://anythingllm;
+        }
+
+        location / {
+            return  404;
+        }
+    }
+"""
 
 
 def chat(n, messages, key, model="sales"):
     return n.post("/v1/chat/completions", headers=bearer(key),
                   json={"model": model, "messages": messages})
-
-
-def answer_of(r):
-    assert r.status == 200, (r.status, r.text)
-    return r.json()["choices"][0]["message"]["content"]
 
 
 def conv_keys(redis):
@@ -128,7 +147,7 @@ def test_flood_stays_within_the_cap(nginx, backend, redis_server):
     records = {redis.key_name(k): redis.hgetall(redis.key_name(k))
                for k in keys}
 
-    n = nginx(gateway=True, http_extra=HTTP)
+    n = nginx(GATEWAY)
 
     # an early conversation, soon pushed out by the flood
     early = [user("early bird")]
@@ -185,7 +204,7 @@ def test_full_redis_answers_in_transcript_mode(nginx, backend,
     redis = redis_server
     key = "sk-full-aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa"
     redis.add_key(key, scopes="chat", workspaces="*")
-    n = nginx(gateway=True, http_extra=HTTP)
+    n = nginx(GATEWAY)
 
     first = [user("before full")]
     stored = answer_of(stored_after(redis, backend,
@@ -197,7 +216,7 @@ def test_full_redis_answers_in_transcript_mode(nginx, backend,
     try:
         redis.cmd("SET", "probe", "x")
         raise AssertionError("Redis accepted a write while full")
-    except conftest.RedisError as e:
+    except RedisError as e:
         assert str(e).startswith("OOM"), e
 
     statuses = flood(n, 150, key, threads=4)

@@ -10,8 +10,25 @@ import subprocess
 
 import pytest
 
-from conftest import (ASAN, COMPILED_IN, MODULE, NGINX_BIN, REPO,
-                      UPSTREAM_KEY)
+from lib.paths import REPO
+from lib.processes import (ASAN, COMPILED_IN, MODULE, NGINX_BIN,
+                           UPSTREAM_KEY)
+
+
+# the upstream key set on every AnythingLLM route
+CONF = """
+    server {
+        listen  127.0.0.1:@PORT@;
+
+        location /api/v1/ {
+            anythingllm_upstream_key UPSTREAM-KEY-0001-TEST;
+            proxy_pass http://anythingllm;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_buffering off;
+        }
+    }
+"""
 
 
 def frame(obj):
@@ -75,7 +92,7 @@ def test_conf_files_exist():
 ])
 def test_bad_directives_are_refused_at_config_time(nginx, directive,
                                                    message):
-    n = nginx(http_extra=directive, start=False)
+    n = nginx(directive + CONF, start=False)
     n.allow(r"\[emerg\]")
     ok, out = n.test_config()
     assert not ok
@@ -83,7 +100,7 @@ def test_bad_directives_are_refused_at_config_time(nginx, directive,
 
 
 def test_upstream_key_replaces_client_key(nginx, backend):
-    n = nginx()
+    n = nginx(CONF)
     r = n.get("/api/v1/workspaces",
               headers={"Authorization": "Bearer client-secret-123"})
     assert r.status == 200
@@ -96,7 +113,7 @@ def test_upstream_key_replaces_client_key(nginx, backend):
 
 
 def test_upstream_key_added_when_client_sent_none(nginx, backend):
-    n = nginx()
+    n = nginx(CONF)
     r = n.get("/api/v1/auth")
     assert r.status == 200
     assert r.json() == {"authenticated": True}
@@ -106,11 +123,15 @@ def test_upstream_key_added_when_client_sent_none(nginx, backend):
 
 def test_without_the_module_the_backend_refuses(nginx, backend):
     # the proof that the key above came from the module
-    n = nginx(locations="""
+    n = nginx("""
+    server {
+        listen  127.0.0.1:@PORT@;
+
         location /api/v1/ {
             proxy_pass http://anythingllm;
         }
-    """)
+    }
+""")
     r = n.get("/api/v1/workspaces",
               headers={"Authorization": "Bearer client-secret-123"})
     assert r.status == 403
@@ -118,16 +139,21 @@ def test_without_the_module_the_backend_refuses(nginx, backend):
 
 
 def test_upstream_key_per_location(nginx, backend):
-    n = nginx(locations="""
+    n = nginx("""
+    server {
+        listen  127.0.0.1:@PORT@;
+
         location /api/v1/ {
-            anythingllm_upstream_key @UPSTREAM_KEY@;
+            anythingllm_upstream_key UPSTREAM-KEY-0001-TEST;
             proxy_pass http://anythingllm;
         }
+
         location /api/v1/auth {
             anythingllm_upstream_key WRONG-KEY;
             proxy_pass http://anythingllm;
         }
-    """)
+    }
+""")
     assert n.get("/api/v1/workspaces").status == 200
     r = n.get("/api/v1/auth")
     assert r.status == 403
@@ -136,7 +162,7 @@ def test_upstream_key_per_location(nginx, backend):
 
 
 def test_post_body_passes_with_injected_key(nginx, backend):
-    n = nginx()
+    n = nginx(CONF)
     r = n.post("/api/v1/workspace/sales/chat",
                json={"message": "hi there", "mode": "chat",
                      "sessionId": "s1"},
@@ -146,7 +172,7 @@ def test_post_body_passes_with_injected_key(nginx, backend):
 
 
 def test_stream_reaches_client_frame_by_frame(nginx, backend):
-    n = nginx()
+    n = nginx(CONF)
     backend.script([
         chunk("one "), {"wait": "a"},
         chunk("two "), {"wait": "b"},
@@ -178,13 +204,18 @@ def test_stream_reaches_client_frame_by_frame(nginx, backend):
 
 def test_auth_without_upstream_key_is_refused(nginx):
     # the client's key would otherwise travel on to AnythingLLM
-    n = nginx(http_extra="anythingllm_redis 127.0.0.1:9;",
-              locations="""
+    n = nginx("""
+    anythingllm_redis  127.0.0.1:9;
+
+    server {
+        listen  127.0.0.1:@PORT@;
+
         location /api/v1/ {
             anythingllm_auth on;
             proxy_pass http://anythingllm;
         }
-    """, start=False)
+    }
+""", start=False)
     n.allow(r"\[emerg\]")
     ok, out = n.test_config()
     assert not ok
@@ -193,14 +224,18 @@ def test_auth_without_upstream_key_is_refused(nginx):
 
 def test_cors_headers_are_not_doubled(nginx, backend):
     # the backend sends Access-Control-Allow-Origin of its own on streams
-    n = nginx(locations="""
+    n = nginx("""
+    server {
+        listen  127.0.0.1:@PORT@;
+
         location /api/v1/ {
-            anythingllm_upstream_key @UPSTREAM_KEY@;
+            anythingllm_upstream_key UPSTREAM-KEY-0001-TEST;
             anythingllm_cors https://app.example;
             proxy_pass http://anythingllm;
             proxy_buffering off;
         }
-    """)
+    }
+""")
     backend.script([chunk("hi", close=True)],
                    headers={"Access-Control-Allow-Origin": "*"})
     s = n.stream("POST", "/api/v1/workspace/sales/stream-chat",

@@ -20,10 +20,40 @@ import time
 
 import pytest
 
-import helpers
-from conftest import GATEWAY_HTTP, RedisServer, key_digest
-from test_auth import (access_field, assert_refused, auth_nginx, bearer,
-                       logged)
+from lib import helpers
+from lib.auth import (access_field, assert_workspace_forbidden, bearer,
+                      logged)
+from lib.openai import assert_refused
+from lib.processes import RedisServer, key_digest
+
+
+# every path behind anythingllm_auth; %(server)s: a directive a test adds
+# to the server
+AUTH = """
+    anythingllm_redis      @REDIS@ timeout=%(timeout)s%(redis)s;
+    anythingllm_key_cache zone=alm_keys:1m valid=%(valid)s invalid=%(invalid)s;
+
+    server {
+        listen  127.0.0.1:@PORT@;
+
+        anythingllm_upstream_key  UPSTREAM-KEY-0001-TEST;
+        anythingllm_auth          on;
+        %(server)s
+
+        location / {
+            proxy_pass          http://anythingllm;
+            proxy_http_version  1.1;
+            proxy_set_header    Connection "";
+        }
+    }
+"""
+
+
+def auth_nginx(nginx, redis_server, valid="30s", invalid="5s",
+               timeout="100ms", redis="", server="", **kw):
+    return nginx(AUTH % {"valid": valid, "invalid": invalid,
+                         "timeout": timeout, "redis": redis,
+                         "server": server}, redis=redis_server, **kw)
 
 
 # ---------------------------------------------------------------------------
@@ -114,7 +144,7 @@ def test_rate_counter_refused_by_redis(nginx, redis_server, backend,
                                        fail_open):
     redis_server.add_key("k-limited", scopes="read", rpm=100000)
     n = auth_nginx(nginx, redis_server, valid="600s", timeout="5s",
-                   log_level="info", server_extra="anythingllm_auth_fail_open on;"
+                   log_level="info", server="anythingllm_auth_fail_open on;"
                    if fail_open else "")
 
     # cached by every worker's view of the shared cache, counted once
@@ -240,7 +270,7 @@ def test_unknown_key_flood_keeps_valid_keys_cached(nginx, redis_server,
     # machine must not turn the flood into 503s)
     n = auth_nginx(nginx, redis_server, valid="600s", invalid="600s",
                    timeout="10s", log_level="warn",
-                   server_extra="keepalive_requests 1000000;")
+                   server="keepalive_requests 1000000;")
 
     assert n.get("/api/v1/auth", headers=bearer("k-valid")).status == 200
 
@@ -269,10 +299,46 @@ def test_unknown_key_flood_keeps_valid_keys_cached(nginx, redis_server,
 
 ALL = "chat,read,documents,admin"
 
-# the gateway, with a Redis timeout a loaded machine cannot exceed: a
-# lookup that times out would be a 503, not the answer under test
-SLOW_OK_HTTP = GATEWAY_HTTP.replace("timeout=100ms", "timeout=5s")
-assert SLOW_OK_HTTP != GATEWAY_HTTP
+# the full gateway, as conf/anythingllm.conf sets it up, with a Redis
+# timeout a loaded machine cannot exceed: a lookup that times out would
+# be a 503, not the answer under test
+GATEWAY = """
+    anythingllm_redis      @REDIS@ timeout=5s prefix=anythingllm:;
+    anythingllm_key_cache  zone=anythingllm_keys:10m valid=30s invalid=5s;
+    anythingllm_conversation_ttl  24h;
+
+    server {
+        listen  127.0.0.1:@PORT@;
+
+        anythingllm_upstream_key  UPSTREAM-KEY-0001-TEST;
+        anythingllm_auth          on;
+        anythingllm_cors          *;
+
+        proxy_http_version  1.1;
+        proxy_set_header    Connection "";
+        proxy_buffering     off;
+        proxy_read_timeout  600s;
+
+        location /v1/ {
+            anythingllm_openai  on;
+            proxy_pass          http://anythingllm;
+        }
+
+        location /api/v1/openai/ {
+            anythingllm_openai  on;
+            proxy_pass          http://anythingllm;
+        }
+
+        location /api/v1/ {
+            client_max_body_size  64m;
+            proxy_pass            http://anythingllm;
+        }
+
+        location / {
+            return  404;
+        }
+    }
+"""
 
 
 @pytest.mark.parametrize("value", ["alpha,*", "*,sales", "*, *", "sales,,",
@@ -281,8 +347,7 @@ assert SLOW_OK_HTTP != GATEWAY_HTTP
 def test_workspaces_that_do_not_parse_disable_the_key(nginx, redis_server,
                                                       backend, value):
     redis_server.add_key("k-odd", scopes=ALL, workspaces=value)
-    n = nginx(gateway=True, redis=redis_server, log_level="info",
-              http_extra=SLOW_OK_HTTP)
+    n = nginx(GATEWAY, redis=redis_server, log_level="info")
 
     backend.clear()
     for method, path, body in (
@@ -310,7 +375,7 @@ def test_workspaces_that_do_not_parse_disable_the_key(nginx, redis_server,
 def test_workspaces_star_is_every_workspace_everywhere(nginx, redis_server,
                                                        backend, value):
     redis_server.add_key("k-star", scopes=ALL, workspaces=value)
-    n = nginx(gateway=True, redis=redis_server, http_extra=SLOW_OK_HTTP)
+    n = nginx(GATEWAY, redis=redis_server)
 
     # a slug route, an instance-wide route, the unfiltered list, the
     # pass-through OpenAI routes and the gateway's own models
@@ -339,15 +404,11 @@ def test_workspaces_star_is_every_workspace_everywhere(nginx, redis_server,
 
 def test_workspaces_list_with_blanks_is_a_list(nginx, redis_server, backend):
     redis_server.add_key("k-two", scopes=ALL, workspaces=" sales , support ")
-    n = nginx(gateway=True, redis=redis_server, http_extra=SLOW_OK_HTTP)
+    n = nginx(GATEWAY, redis=redis_server)
     r = n.post("/api/v1/workspace/support/chat", json={"message": "hi"},
                headers=bearer("k-two"))
     assert r.status == 200, r.text
-    r = n.post("/api/v1/workspace/engineering/chat", json={"message": "hi"},
-               headers=bearer("k-two"))
-    assert_refused(r, 403, "workspace_forbidden")
-    r = n.get("/api/v1/documents", headers=bearer("k-two"))
-    assert_refused(r, 403, "workspace_forbidden")
+    assert_workspace_forbidden(n, "k-two", "engineering")
     r = n.get("/v1/models", headers=bearer("k-two"))
     assert sorted(m["id"] for m in r.json()["data"]) == ["sales", "support"]
     r = n.get("/api/v1/workspaces", headers=bearer("k-two"))

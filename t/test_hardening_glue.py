@@ -13,8 +13,10 @@ import subprocess
 
 import pytest
 
-import helpers
-from conftest import UPSTREAM_KEY, free_port
+from lib import helpers
+from lib.auth import bearer
+from lib.openai import openai_error
+from lib.processes import UPSTREAM_KEY, free_port
 
 
 ORIGIN = "https://app.example"
@@ -31,39 +33,25 @@ VALIDATORS = ("etag", "last-modified", "accept-ranges", "content-range")
 HTTP_DATE = "Sun, 01 Nov 2026 10:00:00 GMT"
 
 
-def bearer(key):
-    return {"Authorization": "Bearer %s" % key}
-
-
-def openai_error(r, status):
-    assert r.status == status, (r.status, r.text)
-    assert r.headers.get("content-type", "").startswith("application/json")
-    err = r.json()["error"]
-    assert isinstance(err["message"], str) and err["message"]
-    assert isinstance(err["type"], str)
-    return err
-
-
 # ---------------------------------------------------------------------------
 # item 5: a CORS preflight is subject to limit_req and limit_conn
 
-LIMIT_HTTP = """
+# %(limit)s and %(extra)s: the limit and a directive a test adds to both
+# locations
+LIMITED = """
     anythingllm_redis      @REDIS@ timeout=500ms;
     limit_req_zone   $binary_remote_addr zone=preflights:1m rate=1r/m;
     limit_conn_zone  $binary_remote_addr zone=conns:1m;
-"""
 
-LIMIT_SERVER = """
-        anythingllm_upstream_key  @UPSTREAM_KEY@;
+    server {
+        listen  127.0.0.1:@PORT@;
+
+        anythingllm_upstream_key  UPSTREAM-KEY-0001-TEST;
         anythingllm_auth          on;
-        anythingllm_cors          %s;
+        anythingllm_cors          https://app.example;
         proxy_http_version        1.1;
         proxy_set_header          Connection "";
-""" % ORIGIN
 
-
-def limited_nginx(nginx, redis_server, limit, extra=""):
-    locations = """
         location /v1/ {
             anythingllm_openai  on;
             %(limit)s
@@ -76,9 +64,13 @@ def limited_nginx(nginx, redis_server, limit, extra=""):
             %(extra)s
             proxy_pass          http://anythingllm;
         }
-    """ % {"limit": limit, "extra": extra}
-    return nginx(http_extra=LIMIT_HTTP, server_extra=LIMIT_SERVER,
-                 locations=locations, redis=redis_server)
+    }
+"""
+
+
+def limited_nginx(nginx, redis_server, limit, extra=""):
+    return nginx(LIMITED % {"limit": limit, "extra": extra},
+                 redis=redis_server)
 
 
 def assert_preflight_answered(r):
@@ -173,36 +165,39 @@ def test_preflight_without_limits(nginx, redis_server, backend):
 # ---------------------------------------------------------------------------
 # item 7: conditional, range and HEAD requests on rewritten answers
 
-REWRITE_HTTP = """
+# %(buffering)s: proxy_buffering of both locations; %(listen)s: a second
+# listen of the test over HTTP/2
+REWRITE = """
     anythingllm_redis      @REDIS@ timeout=500ms;
-"""
 
-REWRITE_SERVER = """
-        anythingllm_upstream_key  @UPSTREAM_KEY@;
+    server {
+        listen  127.0.0.1:@PORT@;
+
+        anythingllm_upstream_key  UPSTREAM-KEY-0001-TEST;
         anythingllm_auth          on;
         proxy_http_version        1.1;
         proxy_set_header          Connection "";
-"""
+        %(listen)s
 
-
-def rewrite_nginx(nginx, redis_server, buffering="off", server_extra=""):
-    locations = """
         location /v1/ {
             anythingllm_openai  on;
-            proxy_buffering     %(b)s;
+            proxy_buffering     %(buffering)s;
             proxy_pass          http://anythingllm;
         }
 
         location /api/v1/ {
-            proxy_buffering     %(b)s;
+            proxy_buffering     %(buffering)s;
             proxy_pass          http://anythingllm;
         }
-    """ % {"b": buffering}
+    }
+"""
+
+
+def rewrite_nginx(nginx, redis_server, buffering="off", listen=""):
     redis_server.add_key("k-sales", scopes="read,chat", workspaces="sales")
     redis_server.add_key("k-all", scopes="read,chat", workspaces="*")
-    return nginx(http_extra=REWRITE_HTTP,
-                 server_extra=REWRITE_SERVER + server_extra,
-                 locations=locations, redis=redis_server)
+    return nginx(REWRITE % {"buffering": buffering, "listen": listen},
+                 redis=redis_server)
 
 
 def upstream_list(backend):
@@ -445,7 +440,7 @@ def test_conditionals_dropped_over_http2(nginx, redis_server, backend):
     into one line at its end)."""
     h2 = free_port()
     n = rewrite_nginx(nginx, redis_server,
-                      server_extra="listen 127.0.0.1:%d http2;" % h2)
+                      listen="listen  127.0.0.1:%d http2;" % h2)
     _, etag = upstream_list(backend)
 
     cmd = ["curl", "-sS", "--http2-prior-knowledge", "-D", "-",
@@ -476,15 +471,19 @@ def test_conditionals_dropped_over_http2(nginx, redis_server, backend):
 # ---------------------------------------------------------------------------
 # item 11: a location without the module costs nothing
 
-COST_LOCATIONS = """
+COST = """
+    server {
+        listen  127.0.0.1:@PORT@;
+
         location /static/ {
             root  @PREFIX@/html;
         }
 
         location /api/v1/ {
-            anythingllm_upstream_key  @UPSTREAM_KEY@;
+            anythingllm_upstream_key  UPSTREAM-KEY-0001-TEST;
             proxy_pass                http://anythingllm;
         }
+    }
 """
 
 CTX_LINE = "anythingllm request context created"
@@ -500,7 +499,7 @@ def connection_lines(log, request_line):
 
 
 def test_location_without_module_makes_no_context(nginx, backend):
-    n = nginx(locations=COST_LOCATIONS, log_level="debug", start=False)
+    n = nginx(COST, log_level="debug", start=False)
     os.makedirs(os.path.join(n.prefix, "html", "static"))
     with open(os.path.join(n.prefix, "html", "static", "hello.txt"),
               "w") as f:

@@ -18,27 +18,19 @@ import uuid
 
 import pytest
 
-import helpers
+from lib import helpers
+from lib.auth import bearer
+from lib.openai import BASES, openai_error
 
-
-BASES = ("/v1", "/api/v1/openai")
 
 BAD_JSON = "We could not parse the JSON body of your request"
 
 
-def bearer(key):
-    return {"Authorization": "Bearer %s" % key}
-
-
 def error_of(r, status):
     """The OpenAI error object of a refusal, its shape checked."""
-    assert r.status == status, (r.status, r.text)
-    assert r.headers.get("content-type", "").startswith("application/json")
-    body = r.json()
-    assert set(body) == {"error"}, body
-    err = body["error"]
+    err = openai_error(r, status)
+    assert set(r.json()) == {"error"}, r.json()
     assert set(err) == {"message", "type", "param", "code"}, err
-    assert isinstance(err["message"], str) and err["message"]
     assert err["type"] == "invalid_request_error", err
     return err
 
@@ -65,17 +57,50 @@ def ws_docpaths(backend, slug):
     return [d["docpath"] for d in r.json()["workspace"][0]["documents"]]
 
 
-# the gateway's Redis settings, with a timeout that a loaded machine
-# cannot exceed: a slow key lookup must not turn a verdict into a 503
-GATEWAY_HTTP = """
+# the full gateway, as conf/anythingllm.conf sets it up, with a Redis
+# timeout that a loaded machine cannot exceed: a slow key lookup must not
+# turn a verdict into a 503
+GATEWAY = """
     anythingllm_redis      @REDIS@ timeout=3s prefix=anythingllm:;
     anythingllm_key_cache  zone=anythingllm_keys:10m valid=30s invalid=5s;
+
+    server {
+        listen  127.0.0.1:@PORT@;
+
+        anythingllm_upstream_key  UPSTREAM-KEY-0001-TEST;
+        anythingllm_auth          on;
+        anythingllm_cors          *;
+
+        proxy_http_version  1.1;
+        proxy_set_header    Connection "";
+        proxy_buffering     off;
+        proxy_read_timeout  600s;
+
+        location /v1/ {
+            anythingllm_openai  on;
+            proxy_pass          http://anythingllm;
+        }
+
+        location /api/v1/openai/ {
+            anythingllm_openai  on;
+            proxy_pass          http://anythingllm;
+        }
+
+        location /api/v1/ {
+            client_max_body_size  64m;
+            proxy_pass            http://anythingllm;
+        }
+
+        location / {
+            return  404;
+        }
+    }
 """
 
 
 @pytest.fixture
 def gateway(nginx, redis_server, backend):
-    return nginx(gateway=True, http_extra=GATEWAY_HTTP, redis=redis_server)
+    return nginx(GATEWAY, redis=redis_server)
 
 
 # ---------------------------------------------------------------------------

@@ -14,9 +14,8 @@ import time
 
 import pytest
 
-from conftest import REPO, free_port
-
-TOOL = os.path.join(REPO, "scripts", "anythingllm-keys")
+from lib.paths import KEYS_TOOL as TOOL
+from lib.processes import free_port
 
 
 def run(redis, *args, stdin=None, env=None, addr=None):
@@ -549,6 +548,15 @@ def resp_command(buf):
     return pos, name
 
 
+def shut(*socks):
+    """Shuts both ways of each socket, whatever state it is in."""
+    for s in socks:
+        try:
+            s.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+
 class RedisProxy:
     """A TCP proxy in front of Redis that reads the tool's commands one by
     one.  hold(): the next write command (in WRITES) waits until
@@ -602,11 +610,7 @@ class RedisProxy:
         except OSError:
             pass
         finally:
-            for s in (src, dst):
-                try:
-                    s.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
+            shut(src, dst)
 
     def _serve(self, c):
         s = socket.create_connection(self.target)
@@ -638,11 +642,7 @@ class RedisProxy:
         except OSError:
             pass
         finally:
-            for x in (s, c):
-                try:
-                    x.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
+            shut(s, c)
 
 
 @pytest.fixture

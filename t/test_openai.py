@@ -11,68 +11,99 @@ import time
 
 import pytest
 
-import conftest
-import helpers
+from lib import helpers
+from lib.openai import BASES, answer_of, assistant, user
+from lib.processes import free_port
 
 
-BASES = ("/v1", "/api/v1/openai")
+# %(redis)s: the anythingllm_redis line of the tests that keep
+# conversations; %(extra)s: a directive a test adds to both locations
+CONF = """
+    %(redis)s
 
-OPENAI_LOCATION = """
-        location @BASE@/ {
+    server {
+        listen  127.0.0.1:@PORT@;
+
+        location /v1/ {
             anythingllm_openai        on;
-            anythingllm_upstream_key  @KEY@;
-            @EXTRA@
+            anythingllm_upstream_key  %(key)s;
+            %(extra)s
             proxy_pass                http://anythingllm;
             proxy_http_version        1.1;
             proxy_set_header          Connection "";
             proxy_buffering           off;
-            proxy_read_timeout        @TIMEOUT@;
+            proxy_read_timeout        %(timeout)s;
         }
+
+        location /api/v1/openai/ {
+            anythingllm_openai        on;
+            anythingllm_upstream_key  %(key)s;
+            %(extra)s
+            proxy_pass                http://anythingllm;
+            proxy_http_version        1.1;
+            proxy_set_header          Connection "";
+            proxy_buffering           off;
+            proxy_read_timeout        %(timeout)s;
+        }
+    }
 """
 
-REDIS_HTTP = "anythingllm_redis @REDIS@ timeout=500ms;"
+REDIS = "anythingllm_redis  @REDIS@ timeout=500ms;"
 
 UUID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}"
                      r"-[0-9a-f]{12}$")
 
 
-def locations(extra="", key="@UPSTREAM_KEY@", timeout="600s"):
-    out = ""
-    for base in BASES:
-        out += (OPENAI_LOCATION.replace("@BASE@", base)
-                .replace("@KEY@", key).replace("@EXTRA@", extra)
-                .replace("@TIMEOUT@", timeout))
-    return out
+# the full gateway, as conf/anythingllm.conf sets it up
+GATEWAY = """
+    anythingllm_redis      @REDIS@ timeout=100ms prefix=anythingllm:;
+    anythingllm_key_cache  zone=anythingllm_keys:10m valid=30s invalid=5s;
+    anythingllm_conversation_ttl  24h;
+
+    server {
+        listen  127.0.0.1:@PORT@;
+
+        anythingllm_upstream_key  UPSTREAM-KEY-0001-TEST;
+        anythingllm_auth          on;
+        anythingllm_cors          *;
+
+        proxy_http_version  1.1;
+        proxy_set_header    Connection "";
+        proxy_buffering     off;
+        proxy_read_timeout  600s;
+
+        location /v1/ {
+            anythingllm_openai  on;
+            proxy_pass          http://anythingllm;
+        }
+
+        location /api/v1/openai/ {
+            anythingllm_openai  on;
+            proxy_pass          http://anythingllm;
+        }
+
+        location /api/v1/ {
+            client_max_body_size  64m;
+            proxy_pass            http://anythingllm;
+        }
+
+        location / {
+            return  404;
+        }
+    }
+"""
 
 
-def start(nginx, redis=False, **kw):
-    params = {}
-    if redis:
-        params["http_extra"] = REDIS_HTTP
-    for k in ("backend", "upstream", "workers"):
-        if k in kw:
-            params[k] = kw.pop(k)
-    params["locations"] = locations(**kw)
-    return nginx(**params)
-
-
-def user(text):
-    return {"role": "user", "content": text}
-
-
-def assistant(text):
-    return {"role": "assistant", "content": text}
+def start(nginx, redis=False, extra="", key="UPSTREAM-KEY-0001-TEST",
+          timeout="600s", **kw):
+    return nginx(CONF % {"redis": REDIS if redis else "", "extra": extra,
+                         "key": key, "timeout": timeout}, **kw)
 
 
 def chat(gw, messages, model="sales", base="/v1", headers=None, **kw):
     body = {"model": model, "messages": messages}
     body.update(kw)
     return gw.post(base + "/chat/completions", json=body, headers=headers)
-
-
-def answer_of(r):
-    assert r.status == 200, r.text
-    return r.json()["choices"][0]["message"]["content"]
 
 
 def stream_answer(n, messages, model="sales", base="/v1", headers=None):
@@ -161,7 +192,7 @@ def test_model_by_id(nginx, backend, base):
 
 
 def test_models_follow_the_key(nginx, backend, redis_server):
-    n = nginx(gateway=True)
+    n = nginx(GATEWAY)
     redis_server.add_key("sk-two", scopes="chat", workspaces="sales,support")
     redis_server.add_key("sk-all", scopes="chat", workspaces="*")
     two = {"Authorization": "Bearer sk-two"}
@@ -267,12 +298,21 @@ def test_chat_sources_and_usage(nginx, backend):
 def test_request_headers_rewritten(nginx, backend):
     """Without anythingllm_upstream_key the client's Authorization is
     removed from the list: the other headers are still found and set."""
-    loc = (OPENAI_LOCATION.replace("@BASE@", "/v1")
-           .replace("anythingllm_upstream_key  @KEY@;", "")
-           .replace("@EXTRA@", "proxy_set_header Authorization "
-                               "\"Bearer @UPSTREAM_KEY@\";")
-           .replace("@TIMEOUT@", "60s"))
-    n = nginx(locations=loc)
+    n = nginx("""
+    server {
+        listen  127.0.0.1:@PORT@;
+
+        location /v1/ {
+            anythingllm_openai        on;
+            proxy_set_header Authorization "Bearer UPSTREAM-KEY-0001-TEST";
+            proxy_pass                http://anythingllm;
+            proxy_http_version        1.1;
+            proxy_set_header          Connection "";
+            proxy_buffering           off;
+            proxy_read_timeout        60s;
+        }
+    }
+""")
     body = json.dumps({"model": "sales", "messages": [user("hi")]})
     r = n.post("/v1/chat/completions", body=body, headers=[
         ("Authorization", "Bearer client-key"),
@@ -383,7 +423,7 @@ def test_chat_unknown_workspace(nginx, backend):
 
 
 def test_chat_workspace_of_the_key(nginx, backend, redis_server):
-    n = nginx(gateway=True)
+    n = nginx(GATEWAY)
     redis_server.add_key("sk-sales", scopes="chat", workspaces="sales")
     h = {"Authorization": "Bearer sk-sales"}
     assert answer_of(chat(n, [user("hi")], headers=h))
@@ -401,33 +441,34 @@ def test_chat_abort_answer(nginx, backend):
     assert_error(chat(n, [user("[error]")]), 502, type_="server_error")
 
 
+def every_route_502(n, base):
+    """A chat, the models and a stream on base all answer 502; returns
+    the chat's error and the stream (to close)."""
+    err = assert_error(chat(n, [user("hi")], base=base), 502,
+                       type_="server_error")
+    assert_error(n.get(base + "/models"), 502, type_="server_error")
+    s = n.stream("POST", base + "/chat/completions",
+                 json={"model": "sales", "stream": True,
+                       "messages": [user("hi")]})
+    assert s.status == 502
+    return err, s
+
+
 def test_wrong_upstream_key(nginx, backend):
     n = start(nginx, key="WRONG-KEY")
     for base in BASES:
-        err = assert_error(chat(n, [user("hi")], base=base), 502,
-                           type_="server_error")
+        err, s = every_route_502(n, base)
         assert "upstream key" in err["message"]
-        assert_error(n.get(base + "/models"), 502, type_="server_error")
-        s = n.stream("POST", base + "/chat/completions",
-                     json={"model": "sales", "stream": True,
-                           "messages": [user("hi")]})
-        assert s.status == 502
         assert "upstream key" in json.loads(s.read_all())["error"]["message"]
         s.close()
 
 
 def test_backend_down(nginx, backend):
-    n = start(nginx, upstream="127.0.0.1:%d" % conftest.free_port())
+    n = start(nginx, upstream="127.0.0.1:%d" % free_port())
     n.allow(r"connect\(\) failed")
     for base in BASES:
-        err = assert_error(chat(n, [user("hi")], base=base), 502,
-                           type_="server_error")
+        err, s = every_route_502(n, base)
         assert "AnythingLLM" in err["message"]
-        assert_error(n.get(base + "/models"), 502, type_="server_error")
-        s = n.stream("POST", base + "/chat/completions",
-                     json={"model": "sales", "stream": True,
-                           "messages": [user("hi")]})
-        assert s.status == 502
         assert s.headers["content-type"] == "application/json"
         s.close()
 
@@ -648,7 +689,7 @@ def test_conversation_edited_answer_starts_anew(nginx, backend):
 
 def test_conversations_of_models_and_keys_apart(nginx, backend,
                                                 redis_server):
-    n = nginx(gateway=True)
+    n = nginx(GATEWAY)
     redis_server.add_key("sk-one", scopes="chat", workspaces="*")
     redis_server.add_key("sk-two", scopes="chat", workspaces="*")
     one = {"Authorization": "Bearer sk-one"}

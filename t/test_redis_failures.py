@@ -10,11 +10,45 @@ import socket
 import threading
 import time
 
-import helpers
-from conftest import free_port, key_digest
-from test_auth import (AUTH_LOCATIONS, AUTH_SERVER, access_field,
-                       assert_refused, auth_nginx, bearer, logged,
-                       wait_access_lines)
+from lib import helpers
+from lib.auth import access_field, bearer, logged, wait_access_lines
+from lib.openai import assert_refused
+from lib.processes import free_port, key_digest
+
+
+# every path behind anythingllm_auth; %(http)s: the Redis and key cache
+# lines; %(server)s: a directive a test adds to the server
+AUTH = """
+    %(http)s
+
+    server {
+        listen  127.0.0.1:@PORT@;
+
+        anythingllm_upstream_key  UPSTREAM-KEY-0001-TEST;
+        anythingllm_auth          on;
+        %(server)s
+
+        location / {
+            proxy_pass          http://anythingllm;
+            proxy_http_version  1.1;
+            proxy_set_header    Connection "";
+        }
+    }
+"""
+
+REDIS_AND_CACHE = """
+    anythingllm_redis      @REDIS@ timeout=%(timeout)s%(redis)s;
+    anythingllm_key_cache zone=alm_keys:1m valid=%(valid)s invalid=%(invalid)s;
+"""
+
+
+def auth_nginx(nginx, redis_server, valid="30s", invalid="5s",
+               timeout="100ms", redis="", server="", http=None, **kw):
+    if http is None:
+        http = REDIS_AND_CACHE % {"valid": valid, "invalid": invalid,
+                                  "timeout": timeout, "redis": redis}
+    return nginx(AUTH % {"http": http, "server": server}, redis=redis_server,
+                 **kw)
 
 
 def both_workers(n, fn, tries=40):
@@ -62,7 +96,7 @@ def test_redis_stopped_cached_keys_work_uncached_get_503(
 def test_redis_fail_open(nginx, redis_server, backend):
     redis_server.add_key("k-cached", scopes="read", workspaces="sales")
     n = auth_nginx(nginx, redis_server,
-                   server_extra="anythingllm_auth_fail_open on;")
+                   server="anythingllm_auth_fail_open on;")
     assert n.get("/api/v1/workspaces",
                  headers=bearer("k-cached")).status == 200
     redis_server.stop()
@@ -89,7 +123,7 @@ def test_redis_error_reply_never_fails_open(nginx, redis_server, backend):
     # Redis answers, with an error: no reason to let the key through
     redis_server.cmd("SET", "anythingllm:key:" + key_digest("k-odd"), "x")
     n = auth_nginx(nginx, redis_server,
-                   server_extra="anythingllm_auth_fail_open on;")
+                   server="anythingllm_auth_fail_open on;")
     backend.clear()
     r, line = logged(n, "GET", "/api/v1/auth", headers=bearer("k-odd"))
     assert_refused(r, 503, None, type_="server_error")
@@ -251,7 +285,7 @@ def test_redis_password_and_db(nginx, redis_server, backend):
     redis_server.cmd("SELECT", "0")
     redis_server.add_key("k-db0", scopes="read")
     n = auth_nginx(nginx, redis_server, valid="600s",
-                   redis_extra=' db=3 "password=s3cret pass"')
+                   redis=' db=3 "password=s3cret pass"')
     assert n.get("/api/v1/auth", headers=bearer("k-db3")).status == 200
     assert n.get("/api/v1/auth", headers=bearer("k-db0")).status == 401
     # revocations reach an authenticated subscriber
@@ -265,7 +299,7 @@ def test_redis_password_and_db(nginx, redis_server, backend):
 
 def test_redis_wrong_password(nginx, redis_server, backend):
     redis_server.cmd("CONFIG", "SET", "requirepass", "right")
-    n = auth_nginx(nginx, redis_server, redis_extra=" password=wrong")
+    n = auth_nginx(nginx, redis_server, redis=" password=wrong")
     r = n.get("/api/v1/auth", headers=bearer("k"))
     assert_refused(r, 503, None, type_="server_error")
     helpers.wait_until(lambda: "AUTH failed" in n.error_log(), timeout=3)
@@ -278,7 +312,7 @@ def test_redis_unix_socket(nginx, redis_server, backend):
     anythingllm_redis      unix:%s;
     anythingllm_key_cache  zone=alm_keys:1m;
 """ % redis_server.unix_path
-    n = auth_nginx(nginx, redis_server, http_extra=http)
+    n = auth_nginx(nginx, redis_server, http=http)
     assert n.get("/api/v1/auth", headers=bearer("k-unix")).status == 200
     assert n.get("/api/v1/auth", headers=bearer("k-other")).status == 401
 
@@ -288,7 +322,7 @@ def test_redis_default_cache_zone(nginx, redis_server, backend):
     keeps working while Redis is away."""
     redis_server.add_key("k-1", scopes="read")
     http = "anythingllm_redis @REDIS@;"
-    n = auth_nginx(nginx, redis_server, http_extra=http)
+    n = auth_nginx(nginx, redis_server, http=http)
     assert n.get("/api/v1/auth", headers=bearer("k-1")).status == 200
     redis_server.stop()
     for _ in range(4):
@@ -301,7 +335,7 @@ def test_redis_unreachable_from_the_start(nginx, redis_server, backend):
     anythingllm_redis      127.0.0.1:%d timeout=50ms;
     anythingllm_key_cache  zone=alm_keys:1m;
 """ % port
-    n = auth_nginx(nginx, None, http_extra=http)
+    n = auth_nginx(nginx, None, http=http)
     t0 = time.monotonic()
     for _ in range(5):
         r = n.get("/api/v1/auth", headers=bearer("k"))
@@ -339,7 +373,21 @@ def test_redis_reload_and_quit_are_not_held(nginx, redis_server, backend):
 def test_redis_only_used_where_configured(nginx, redis_server, backend):
     """No anythingllm_auth or anythingllm_openai anywhere: the workers open
     no connection to Redis."""
-    n = nginx(http_extra="anythingllm_redis @REDIS@;", redis=redis_server)
+    n = nginx("""
+    anythingllm_redis  @REDIS@;
+
+    server {
+        listen  127.0.0.1:@PORT@;
+
+        location /api/v1/ {
+            anythingllm_upstream_key UPSTREAM-KEY-0001-TEST;
+            proxy_pass http://anythingllm;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_buffering off;
+        }
+    }
+""", redis=redis_server)
     n.get("/api/v1/auth", headers=bearer("x"))
     clients = redis_server.cmd("CLIENT", "LIST").decode().splitlines()
     assert len(clients) == 1, clients
@@ -349,6 +397,25 @@ def test_redis_only_used_where_configured(nginx, redis_server, backend):
     assert "anythingllm:revocations" in \
         [c.decode() for c in redis_server.cmd("PUBSUB", "CHANNELS")]
     del n2
+
+
+# key checking without an upstream key; %s: the http-level lines under
+# test
+CONFIG_CHECK = """
+    %s
+
+    server {
+        listen  127.0.0.1:@PORT@;
+
+        anythingllm_auth  on;
+
+        location / {
+            proxy_pass          http://anythingllm;
+            proxy_http_version  1.1;
+            proxy_set_header    Connection "";
+        }
+    }
+"""
 
 
 def test_redis_config_errors(nginx, redis_server):
@@ -364,15 +431,13 @@ def test_redis_config_errors(nginx, redis_server):
             ("anythingllm_key_cache valid=1s;", "must have \"zone\""),
             ("anythingllm_key_cache zone=x:1m;\n"
              "    anythingllm_key_cache zone=y:1m;", "is duplicate")):
-        n = nginx(http_extra=http, server_extra="anythingllm_auth on;",
-                  locations=AUTH_LOCATIONS, start=False)
+        n = nginx(CONFIG_CHECK % http, start=False)
         ok, out = n.test_config()
         assert not ok, http
         assert msg in out, (http, out)
         n.allowed.append(__import__("re").compile("emerg"))
-    n = nginx(http_extra="anythingllm_redis 127.0.0.1:6399 db=2 "
-              "timeout=1s prefix=x:;", server_extra=AUTH_SERVER,
-              locations=AUTH_LOCATIONS, start=False)
+    n = auth_nginx(nginx, None, http="anythingllm_redis 127.0.0.1:6399 db=2 "
+                   "timeout=1s prefix=x:;", start=False)
     ok, out = n.test_config()
     assert ok, out
     assert os.path.exists(n.conf_path)
@@ -390,7 +455,7 @@ def test_redis_cache_full_evicts_least_recently_used(
     anythingllm_redis      @REDIS@;
     anythingllm_key_cache  zone=alm_small:32k valid=600s;
 """
-    n = auth_nginx(nginx, redis_server, http_extra=http)
+    n = auth_nginx(nginx, redis_server, http=http)
     for i, k in enumerate(keys):
         assert n.get("/api/v1/auth", headers=bearer(k)).status == 200
         if i % 10 == 0:

@@ -7,10 +7,39 @@ import subprocess
 import threading
 import time
 
-import helpers
-from conftest import REPO, key_digest
-from test_auth import (access_field, assert_refused, auth_nginx, bearer,
-                       logged, wait_access_lines)
+from lib import helpers, paths
+from lib.auth import access_field, bearer, logged, wait_access_lines
+from lib.openai import assert_refused
+from lib.processes import key_digest
+
+
+# every path behind anythingllm_auth; %(server)s: a directive a test adds
+# to the server
+AUTH = """
+    anythingllm_redis      @REDIS@ timeout=%(timeout)s%(redis)s;
+    anythingllm_key_cache zone=alm_keys:1m valid=%(valid)s invalid=%(invalid)s;
+
+    server {
+        listen  127.0.0.1:@PORT@;
+
+        anythingllm_upstream_key  UPSTREAM-KEY-0001-TEST;
+        anythingllm_auth          on;
+        %(server)s
+
+        location / {
+            proxy_pass          http://anythingllm;
+            proxy_http_version  1.1;
+            proxy_set_header    Connection "";
+        }
+    }
+"""
+
+
+def auth_nginx(nginx, redis_server, valid="30s", invalid="5s",
+               timeout="100ms", redis="", server="", **kw):
+    return nginx(AUTH % {"valid": valid, "invalid": invalid,
+                         "timeout": timeout, "redis": redis,
+                         "server": server}, redis=redis_server, **kw)
 
 
 def test_revocation_under_one_second(nginx, redis_server, backend):
@@ -58,19 +87,13 @@ def test_revocation_of_a_disabled_change(nginx, redis_server, backend):
     n = auth_nginx(nginx, redis_server, valid="600s")
     assert n.get("/api/v1/auth", headers=bearer("k-flip")).status == 200
 
-    redis_server.update_key("k-flip", disabled=1)
-    redis_server.cmd("PUBLISH", "anythingllm:revocations",
-                     key_digest("k-flip"))
-    helpers.wait_until(
-        lambda: n.get("/api/v1/auth", headers=bearer("k-flip")).status
-        == 401, timeout=1, interval=0.01)
-
-    redis_server.update_key("k-flip", disabled=0)
-    redis_server.cmd("PUBLISH", "anythingllm:revocations",
-                     key_digest("k-flip"))
-    helpers.wait_until(
-        lambda: n.get("/api/v1/auth", headers=bearer("k-flip")).status
-        == 200, timeout=1, interval=0.01)
+    for disabled, status in ((1, 401), (0, 200)):
+        redis_server.update_key("k-flip", disabled=disabled)
+        redis_server.cmd("PUBLISH", "anythingllm:revocations",
+                         key_digest("k-flip"))
+        helpers.wait_until(
+            lambda: n.get("/api/v1/auth", headers=bearer("k-flip")).status
+            == status, timeout=1, interval=0.01)
 
 
 def test_revocation_of_every_key(nginx, redis_server, backend):
@@ -129,7 +152,7 @@ def test_revocation_with_a_prefix(nginx, redis_server, backend):
     redis_server.add_key("k-p", scopes="read", prefix="team1:")
     redis_server.add_key("k-p", scopes="read")
     n = auth_nginx(nginx, redis_server, valid="600s",
-                   redis_extra=" prefix=team1:")
+                   redis=" prefix=team1:")
     assert n.get("/api/v1/auth", headers=bearer("k-p")).status == 200
     # the default prefix's channel is not this nginx's
     redis_server.revoke("k-p")
@@ -296,7 +319,7 @@ def test_rate_200_concurrent_mixed_verdicts(nginx, redis_server, backend):
 
 def keys_tool(redis_server, *args):
     p = subprocess.run(
-        [os.path.join(REPO, "scripts", "anythingllm-keys"), "--redis",
+        [paths.KEYS_TOOL, "--redis",
          redis_server.addr] + list(args),
         capture_output=True, text=True, timeout=30,
         env={k: v for k, v in os.environ.items()

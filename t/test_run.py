@@ -8,8 +8,9 @@ import stat
 import subprocess
 import time
 
-import helpers
-from conftest import PYTHON, REPO, free_port, port_open
+from lib import helpers
+from lib.paths import PYTHON, RUN_SCRIPT
+from lib.processes import free_port, port_open
 
 
 @contextlib.contextmanager
@@ -23,7 +24,7 @@ def make_run(tmp_path, **popen):
                REDIS_PORT=str(rd), ALM_RUN_DIR=run_dir)
     env.pop("ANYTHINGLLM_API_KEY", None)
     out = open(tmp_path / "out.txt", "w+")
-    p = subprocess.Popen([PYTHON, os.path.join(REPO, "dev", "run.py")],
+    p = subprocess.Popen([PYTHON, RUN_SCRIPT],
                          stdout=out, stderr=subprocess.STDOUT, env=env,
                          **popen)
     try:

@@ -9,7 +9,7 @@ import subprocess
 
 import pytest
 
-from conftest import REPO
+from lib.paths import INSTALL_DEPS, REPO
 
 
 # what make build makes, whichever nginx the suite runs
@@ -45,8 +45,8 @@ def install(mode, tmp_path):
     log.write_text("")
     fake_tools(str(bin_dir), str(log))
     env = dict(os.environ, PATH="%s:%s" % (bin_dir, os.environ["PATH"]))
-    out = subprocess.run([os.path.join(REPO, "dev", "install-deps.sh"),
-                          mode], capture_output=True, text=True, env=env)
+    out = subprocess.run([INSTALL_DEPS, mode], capture_output=True,
+                         text=True, env=env)
     assert out.returncode == 0, out.stderr
     calls = log.read_text().splitlines()
     installed = set()

@@ -11,124 +11,104 @@ import time
 
 import pytest
 
-import conftest
-import helpers
+from lib import helpers
+from lib.openai import (BASES, abort, assert_failed, assert_success, chunk,
+                        finalize, frame_bytes, open_stream, read_all)
+from lib.processes import free_port
 
 
-BASES = ("/v1", "/api/v1/openai")
+# %(extra)s: a directive a test adds to both locations
+CONF = """
+    server {
+        listen  127.0.0.1:@PORT@;
 
-OPENAI_LOCATION = """
-        location @BASE@/ {
+        location /v1/ {
             anythingllm_openai        on;
-            anythingllm_upstream_key  @UPSTREAM_KEY@;
-            @EXTRA@
+            anythingllm_upstream_key  UPSTREAM-KEY-0001-TEST;
+            %(extra)s
             proxy_pass                http://anythingllm;
             proxy_http_version        1.1;
             proxy_set_header          Connection "";
             proxy_buffering           off;
-            proxy_read_timeout        @TIMEOUT@;
+            proxy_read_timeout        %(timeout)s;
         }
+
+        location /api/v1/openai/ {
+            anythingllm_openai        on;
+            anythingllm_upstream_key  UPSTREAM-KEY-0001-TEST;
+            %(extra)s
+            proxy_pass                http://anythingllm;
+            proxy_http_version        1.1;
+            proxy_set_header          Connection "";
+            proxy_buffering           off;
+            proxy_read_timeout        %(timeout)s;
+        }
+    }
+"""
+
+
+# proxy_buffering on, small buffers, and a client reading at %s a second
+BUFFERED_CONF = """
+    server {
+        listen  127.0.0.1:@PORT@;
+
+        location /v1/ {
+            anythingllm_openai        on;
+            anythingllm_upstream_key  UPSTREAM-KEY-0001-TEST;
+            proxy_pass                http://anythingllm;
+            proxy_http_version        1.1;
+            proxy_set_header          Connection "";
+            proxy_buffering on; proxy_buffers 4 1k; proxy_buffer_size 1k;
+            proxy_max_temp_file_size 1m; proxy_temp_file_write_size 1k;
+            limit_rate %s;
+            proxy_read_timeout        600s;
+        }
+    }
+"""
+
+
+# the full gateway, as conf/anythingllm.conf sets it up
+GATEWAY = """
+    anythingllm_redis      @REDIS@ timeout=100ms prefix=anythingllm:;
+    anythingllm_key_cache  zone=anythingllm_keys:10m valid=30s invalid=5s;
+    anythingllm_conversation_ttl  24h;
+
+    server {
+        listen  127.0.0.1:@PORT@;
+
+        anythingllm_upstream_key  UPSTREAM-KEY-0001-TEST;
+        anythingllm_auth          on;
+        anythingllm_cors          *;
+
+        proxy_http_version  1.1;
+        proxy_set_header    Connection "";
+        proxy_buffering     off;
+        proxy_read_timeout  600s;
+
+        location /v1/ {
+            anythingllm_openai  on;
+            proxy_pass          http://anythingllm;
+        }
+
+        location /api/v1/openai/ {
+            anythingllm_openai  on;
+            proxy_pass          http://anythingllm;
+        }
+
+        location /api/v1/ {
+            client_max_body_size  64m;
+            proxy_pass            http://anythingllm;
+        }
+
+        location / {
+            return  404;
+        }
+    }
 """
 
 
 def start(nginx, extra="", timeout="600s", **kw):
-    locs = ""
-    for base in BASES:
-        locs += (OPENAI_LOCATION.replace("@BASE@", base)
-                 .replace("@EXTRA@", extra).replace("@TIMEOUT@", timeout))
-    return nginx(locations=locs, **kw)
-
-
-def open_stream(n, text="hello", base="/v1", usage=False, model="sales",
-                **kw):
-    body = {"model": model, "stream": True,
-            "messages": [{"role": "user", "content": text}]}
-    if usage:
-        body["stream_options"] = {"include_usage": True}
-    return n.stream("POST", base + "/chat/completions", json=body, **kw)
-
-
-def chunk(text, close=False, field="textResponse", id_field="uuid"):
-    return {id_field: "u1", "sources": [], "type": "textResponseChunk",
-            field: text, "close": close, "error": False}
-
-
-def finalize(prompt=11, completion=2, **extra):
-    f = {"uuid": "u1", "type": "finalizeResponseStream", "close": True,
-         "error": False, "chatId": 7, "sources": [],
-         "metrics": {"prompt_tokens": prompt,
-                     "completion_tokens": completion,
-                     "total_tokens": prompt + completion}}
-    f.update(extra)
-    return f
-
-
-def abort(error="Premature close"):
-    return {"id": "u2", "type": "abort", "textResponse": None,
-            "sources": [], "close": True, "error": error}
-
-
-def frame_bytes(obj):
-    return "data: %s\n\n" % json.dumps(obj, separators=(",", ":"))
-
-
-def content(frames):
-    return "".join(f["choices"][0]["delta"].get("content", "")
-                   for f in frames
-                   if isinstance(f, dict) and f.get("choices"))
-
-
-def read_all(s, timeout=10):
-    try:
-        frames = s.json_frames(timeout)
-        assert s.done and not s.truncated, "the response did not end well"
-        return frames
-    finally:
-        s.close()
-
-
-def assert_success(frames, text, usage=None):
-    """A complete OpenAI stream carrying "text"."""
-    assert frames[-1] == "[DONE]", frames
-    chunks = frames[:-1]
-    assert all(isinstance(f, dict) for f in chunks), chunks
-    ids = {f["id"] for f in chunks}
-    assert len(ids) == 1 and ids.pop().startswith("chatcmpl-")
-    assert {f["object"] for f in chunks} == {"chat.completion.chunk"}
-    assert len({f["created"] for f in chunks}) == 1
-    assert {f["model"] for f in chunks} == {"sales"}
-    if usage is not None:
-        last = chunks.pop()
-        assert last["choices"] == []
-        assert last["usage"] == usage
-        assert all(f["usage"] is None for f in chunks)
-    else:
-        assert all("usage" not in f for f in chunks)
-    stop = chunks.pop()
-    assert stop["choices"] == [{"index": 0, "delta": {}, "logprobs": None,
-                                "finish_reason": "stop"}]
-    assert chunks, "no content chunk"
-    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
-    for f in chunks:
-        c = f["choices"][0]
-        assert c["index"] == 0 and c["finish_reason"] is None
-        assert "role" not in c["delta"] or f is chunks[0]
-    assert content(chunks) == text
-
-
-def assert_failed(frames, text_before="", message=None):
-    """A stream that ended in an error frame then [DONE]."""
-    assert frames[-1] == "[DONE]", frames
-    err = frames[-2]
-    assert set(err) == {"error"}, err
-    assert isinstance(err["error"]["message"], str)
-    assert err["error"]["type"] == "server_error"
-    if message is not None:
-        assert message in err["error"]["message"], err
-    assert content(frames[:-2]) == text_before
-    for f in frames[:-2]:
-        assert f["choices"][0]["finish_reason"] is None
-    return err
+    return nginx(CONF % {"extra": extra, "timeout": timeout}, **kw)
 
 
 # ---------------------------------------------------------------------------
@@ -483,12 +463,27 @@ def test_slow_reader_gets_everything(nginx, backend):
     """A client slower than AnythingLLM (here: limit_rate, and a pause
     before reading): the gateway stops reading from AnythingLLM while
     its output waits, and loses nothing."""
-    port = conftest.free_port()
+    port = free_port()
     # a listener with a small send buffer: the client's slowness shows
-    slow = ("server { listen 127.0.0.1:%d sndbuf=4k;\n%s\n}"
-            % (port, OPENAI_LOCATION.replace("@BASE@", "/v1")
-               .replace("@EXTRA@", "").replace("@TIMEOUT@", "600s")))
-    n = nginx(locations="", http_extra=slow)
+    n = nginx("""
+    server {
+        listen  127.0.0.1:%d sndbuf=4k;
+
+        location /v1/ {
+            anythingllm_openai        on;
+            anythingllm_upstream_key  UPSTREAM-KEY-0001-TEST;
+            proxy_pass                http://anythingllm;
+            proxy_http_version        1.1;
+            proxy_set_header          Connection "";
+            proxy_buffering           off;
+            proxy_read_timeout        600s;
+        }
+    }
+
+    server {
+        listen  127.0.0.1:@PORT@;
+    }
+""" % port)
     words = ["%04d%s " % (i, "z" * 300) for i in range(400)]
     backend.script(endpoint="stream-chat", events=[
         {"frames": [chunk(w) for w in words[i:i + 50]]}
@@ -510,13 +505,7 @@ def test_two_streams_at_once(nginx, backend):
 def test_with_proxy_buffering_on(nginx, backend):
     """Not the recommended setup, but the answers stay right: complete,
     or ended with an error frame when the backend breaks off."""
-    locs = (OPENAI_LOCATION.replace("@BASE@", "/v1")
-            .replace("proxy_buffering           off;",
-                     "proxy_buffering on; proxy_buffers 4 1k; "
-                     "proxy_buffer_size 1k; proxy_max_temp_file_size 1m; "
-                     "proxy_temp_file_write_size 1k; limit_rate 600k;")
-            .replace("@EXTRA@", "").replace("@TIMEOUT@", "600s"))
-    n = nginx(locations=locs)
+    n = nginx(BUFFERED_CONF % "600k")
     n.allow(r"upstream prematurely closed|an upstream response is buffered")
     words = ["%04d%s " % (i, "q" * 300) for i in range(600)]
     for reader in (lambda: read_all(open_stream(n)),
@@ -537,13 +526,7 @@ def test_whole_answer_with_proxy_buffering_on(nginx, backend):
     """A non-stream answer larger than the proxy buffers, read whole by
     nginx before the copy filter has handed all of it over: the upstream
     connection is gone by then, and the answer is still complete."""
-    locs = (OPENAI_LOCATION.replace("@BASE@", "/v1")
-            .replace("proxy_buffering           off;",
-                     "proxy_buffering on; proxy_buffers 4 1k; "
-                     "proxy_buffer_size 1k; proxy_max_temp_file_size 1m; "
-                     "proxy_temp_file_write_size 1k; limit_rate 200k;")
-            .replace("@EXTRA@", "").replace("@TIMEOUT@", "600s"))
-    n = nginx(locations=locs)
+    n = nginx(BUFFERED_CONF % "200k")
     n.allow(r"an upstream response is buffered")
     text = "".join("%04d%s " % (i, "w" * 100) for i in range(1500))
     r = n.post("/v1/chat/completions", json={
@@ -589,7 +572,7 @@ def test_failed_stream_closes_the_upstream(nginx, backend):
 
 
 def test_head_on_the_filtered_workspace_list(nginx, backend, redis_server):
-    n = nginx(gateway=True)
+    n = nginx(GATEWAY)
     redis_server.add_key("sk-sales-read", scopes="read", workspaces="sales")
     r = n.request("HEAD", "/api/v1/workspaces",
                   headers={"Authorization": "Bearer sk-sales-read"})

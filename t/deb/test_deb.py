@@ -17,8 +17,9 @@ import subprocess
 
 import pytest
 
-import helpers
-from conftest import REPO, UPSTREAM_KEY, free_port, port_open
+from lib import helpers
+from lib.paths import REPO
+from lib.processes import UPSTREAM_KEY, free_port, port_open, worker_pids
 
 PKG = "libnginx-mod-http-anythingllm"
 NGINX = "/usr/sbin/nginx"
@@ -227,23 +228,6 @@ http {{
     }}
 }}
 """
-
-
-def worker_pids(master):
-    out = []
-    for d in os.listdir("/proc"):
-        if not d.isdigit():
-            continue
-        try:
-            with open("/proc/%s/stat" % d) as f:
-                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-            with open("/proc/%s/cmdline" % d, "rb") as f:
-                cmdline = f.read()
-        except OSError:
-            continue
-        if ppid == master and b"worker process" in cmdline:
-            out.append(int(d))
-    return out
 
 
 def test_serves_with_key_checking(installed, tmp_path, redis_server,

@@ -301,6 +301,11 @@ class StreamReader:
     def text(self):
         return self.body.decode("utf-8", "replace")
 
+    def response(self):
+        """What was read so far, as a Response."""
+        return Response(self.status, self.reason, self.headers,
+                        self.raw_headers, self.body)
+
     def close(self):
         try:
             self.sock.close()
@@ -333,7 +338,7 @@ def request(method, url, body=None, json=None, headers=None, timeout=10,
         s.read_all(timeout)
     finally:
         s.close()
-    return Response(s.status, s.reason, s.headers, s.raw_headers, s.body)
+    return s.response()
 
 
 def get(url, **kw):
