@@ -61,8 +61,8 @@ check_error(const alm_error_t *err)
     size_t   n;
     cJSON   *j;
 
-    if (err->status < 400 || err->status > 599 || err->message == NULL
-        || err->type == NULL || err->message != err->buf)
+    if (err->status < 400 || err->status > 599 || err->type == NULL
+        || memchr(err->message, '\0', sizeof(err->message)) == NULL)
     {
         abort();
     }
