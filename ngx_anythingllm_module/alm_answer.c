@@ -7,11 +7,12 @@
  */
 
 
-#include <stdlib.h>
 #include <string.h>
 
 #include "alm_json.h"
 
+
+/* a token count: negative and NaN count as 0, no overflow converting */
 
 static long
 alm_json_long(const cJSON *item, int *found)
@@ -39,18 +40,15 @@ alm_json_long(const cJSON *item, int *found)
 }
 
 
-static void
+int
 alm_usage_read(const cJSON *metrics, alm_usage_t *usage)
 {
     int  found;
 
-    usage->prompt_tokens = 0;
-    usage->completion_tokens = 0;
-    usage->total_tokens = 0;
-    usage->present = 0;
+    memset(usage, 0, sizeof(alm_usage_t));
 
     if (!cJSON_IsObject(metrics)) {
-        return;
+        return 0;
     }
 
     found = 0;
@@ -68,6 +66,8 @@ alm_usage_read(const cJSON *metrics, alm_usage_t *usage)
     }
 
     usage->present = found;
+
+    return found;
 }
 
 
@@ -93,35 +93,14 @@ static void
 alm_completion_head(alm_buf_t *b, const alm_completion_meta_t *meta,
     const char *object)
 {
-    char  *s;
-
-    /* cJSON wrote these: a NUL inside ends them the same way */
-
-    s = alm_strndup(meta->id ? meta->id : "", meta->id ? meta->id_len : 0);
-    if (s == NULL) {
-        b->nomem = 1;
-        return;
-    }
-
     alm_buf_str(b, "{\"id\":");
-    alm_json_string(b, s);
-    free(s);
-
+    alm_json_string_n(b, meta->id, meta->id ? meta->id_len : 0);
     alm_buf_str(b, ",\"object\":");
     alm_json_string(b, object);
     alm_buf_str(b, ",\"created\":");
     alm_json_number(b, (double) meta->created);
-
-    s = alm_strndup(meta->model ? meta->model : "",
-                    meta->model ? meta->model_len : 0);
-    if (s == NULL) {
-        b->nomem = 1;
-        return;
-    }
-
     alm_buf_str(b, ",\"model\":");
-    alm_json_string(b, s);
-    free(s);
+    alm_json_string_n(b, meta->model, meta->model ? meta->model_len : 0);
 }
 
 
@@ -170,7 +149,8 @@ alm_chat_response_translate(const char *json, size_t len,
 
     content = cJSON_IsString(text) ? text->valuestring : "";
 
-    alm_usage_read(cJSON_GetObjectItemCaseSensitive(root, "metrics"), &us);
+    (void) alm_usage_read(cJSON_GetObjectItemCaseSensitive(root, "metrics"),
+                          &us);
 
     memset(&b, 0, sizeof(alm_buf_t));
 

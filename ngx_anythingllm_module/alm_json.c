@@ -544,13 +544,27 @@ alm_json_number(alm_buf_t *b, double d)
 void
 alm_json_string(alm_buf_t *b, const char *s)
 {
-    if (s == NULL) {
-        alm_buf_raw(b, "\"\"", 2);
-        return;
+    alm_json_string_n(b, s, s ? strlen(s) : 0);
+}
+
+
+void
+alm_json_string_n(alm_buf_t *b, const char *s, size_t len)
+{
+    const char  *nul;
+
+    /* a C string of cJSON's ends at a NUL */
+
+    if (s && (nul = memchr(s, '\0', len)) != NULL) {
+        len = nul - s;
     }
 
     alm_buf_raw(b, "\"", 1);
-    alm_buf_escape(b, s, strlen(s), 0);
+
+    if (s) {
+        alm_buf_escape(b, s, len, 0);
+    }
+
     alm_buf_raw(b, "\"", 1);
 }
 

@@ -43,11 +43,20 @@ void alm_json_value(alm_buf_t *b, const cJSON *item);
 void alm_json_number(alm_buf_t *b, double d);
 
 /*
- * A string value ("..." or null for NULL) escaped as cJSON escapes
+ * A string value ("...", "" for NULL) escaped as cJSON escapes
  * it: bytes that are not UTF-8 pass as they are, unlike
  * alm_buf_json_str(), so that text AnythingLLM sent keeps its bytes.
  */
 void alm_json_string(alm_buf_t *b, const char *s);
+/* the same for len bytes (up to a NUL among them); s may be NULL */
+void alm_json_string_n(alm_buf_t *b, const char *s, size_t len);
+
+/*
+ * Reads the token counts of AnythingLLM's "metrics" object into usage
+ * (zeros for what is missing; total_tokens 0 is the sum of the other
+ * two).  Returns 1 when a count was there, 0 otherwise.
+ */
+int alm_usage_read(const cJSON *metrics, alm_usage_t *usage);
 
 /* a malloc'd NUL-terminated copy of n bytes, or NULL */
 char *alm_strndup(const char *s, size_t n);

@@ -666,6 +666,27 @@ alm_number_text(char *buf, size_t size, double v)
 }
 
 
+/* OpenAI's words for a value out of range: "above" or below */
+
+static void
+alm_range_error(alm_error_t *err, const alm_range_t *rg, int above,
+    const char *num)
+{
+    static const char  *codes[2][2] = {
+        { "decimal_below_min_value", "decimal_above_max_value" },
+        { "integer_below_min_value", "integer_above_max_value" }
+    };
+
+    alm_error_set(err, 400, "invalid_request_error", rg->name,
+                  codes[rg->integer ? 1 : 0][above ? 1 : 0],
+                  "Invalid '%s': %s %s value. Expected a value %s %g, but "
+                  "got %s instead.", rg->name,
+                  rg->integer ? "integer" : "decimal",
+                  above ? "above maximum" : "below minimum",
+                  above ? "<=" : ">=", above ? rg->max : rg->min, num);
+}
+
+
 /* the ranges and lengths OpenAI refuses to go beyond */
 
 static int
@@ -687,23 +708,8 @@ alm_check_ranges(const cJSON *root, alm_error_t *err)
         v = item->valuedouble;
         alm_number_text(num, sizeof(num), v);
 
-        if (v < rg->min) {
-            alm_error_set(err, 400, "invalid_request_error", rg->name,
-                          rg->integer ? "integer_below_min_value"
-                                      : "decimal_below_min_value",
-                          "Invalid '%s': %s below minimum value. Expected "
-                          "a value >= %g, but got %s instead.", rg->name,
-                          rg->integer ? "integer" : "decimal", rg->min, num);
-            return ALM_ERROR;
-        }
-
-        if (v > rg->max) {
-            alm_error_set(err, 400, "invalid_request_error", rg->name,
-                          rg->integer ? "integer_above_max_value"
-                                      : "decimal_above_max_value",
-                          "Invalid '%s': %s above maximum value. Expected "
-                          "a value <= %g, but got %s instead.", rg->name,
-                          rg->integer ? "integer" : "decimal", rg->max, num);
+        if (v < rg->min || v > rg->max) {
+            alm_range_error(err, rg, v > rg->max, num);
             return ALM_ERROR;
         }
     }

@@ -19,9 +19,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include <cjson/cJSON.h>
-
-#include "alm_core.h"
+#include "alm_json.h"
 
 
 #define ALM_SSE_DONE  "data: [DONE]\n\n"
@@ -172,46 +170,13 @@ alm_sse_fail(alm_sse_t *s, alm_buf_t *o, const char *message)
 static void
 alm_sse_usage(alm_sse_t *s, const cJSON *metrics)
 {
-    int           i, found;
-    long          v[3];
-    double        d;
-    const cJSON  *item;
-
-    static const char  *names[3] = {
-        "prompt_tokens", "completion_tokens", "total_tokens"
-    };
-
-    if (!cJSON_IsObject(metrics)) {
-        return;
-    }
-
-    found = 0;
-
-    for (i = 0; i < 3; i++) {
-        item = cJSON_GetObjectItemCaseSensitive(metrics, names[i]);
-        v[i] = 0;
-
-        if (!cJSON_IsNumber(item)) {
-            continue;
-        }
-
-        found = 1;
-        d = item->valuedouble;
-
-        /* negative and NaN count as 0; no overflow on the conversion */
-        v[i] = !(d >= 0) ? 0 : (d < 1e15 ? (long) d : (long) 1e15);
-    }
+    alm_usage_t  usage;
 
     /* an empty "metrics" ({}) keeps what an earlier frame gave */
 
-    if (!found) {
-        return;
+    if (alm_usage_read(metrics, &usage)) {
+        s->usage = usage;
     }
-
-    s->usage.prompt_tokens = v[0];
-    s->usage.completion_tokens = v[1];
-    s->usage.total_tokens = v[2] ? v[2] : v[0] + v[1];
-    s->usage.present = 1;
 }
 
 

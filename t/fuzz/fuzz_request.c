@@ -28,7 +28,7 @@
 
 #include <cjson/cJSON.h>
 
-#include "alm_core.h"
+#include "fuzz_common.h"
 
 
 #define KEY  "0123456789abcdef0123456789abcdef" \
@@ -158,11 +158,7 @@ fuzz_response(const char *p, size_t len)
     alm_conv_hash_t         conv;
     alm_completion_meta_t   meta;
 
-    meta.id = "chatcmpl-x";
-    meta.id_len = 10;
-    meta.model = "m\"w";
-    meta.model_len = 3;
-    meta.created = 1;
+    fuzz_meta(&meta, "chatcmpl-x", "m\"w", 1);
 
     alm_conv_hash_init(&conv, KEY, "m", 1);
 

@@ -408,23 +408,37 @@ test_error_set(void **state)
 }
 
 
+/* the digest of a conversation of one message */
+
+static void
+conv_hash_one(const char *key, const char *model, const char *role,
+    const char *text, char hex[ALM_DIGEST_HEX_LEN])
+{
+    alm_conv_hash_t  h;
+
+    alm_conv_hash_init(&h, key, model, strlen(model));
+    alm_conv_hash_message_begin(&h, role, strlen(role));
+    alm_conv_hash_update(&h, text, strlen(text));
+    alm_conv_hash_message_end(&h);
+    alm_conv_hash_hex(&h, hex);
+}
+
+
 static void
 test_conv_hash(void **state)
 {
     char             h1[ALM_DIGEST_HEX_LEN], h2[ALM_DIGEST_HEX_LEN];
     alm_conv_hash_t  a, b;
-    const char      *key = "0123456789abcdef0123456789abcdef"
-                           "0123456789abcdef0123456789abcdef";
 
     (void) state;
 
     /* pieces hash like the whole */
-    alm_conv_hash_init(&a, key, S("ws"));
+    alm_conv_hash_init(&a, KEY, S("ws"));
     alm_conv_hash_message_begin(&a, S("user"));
     alm_conv_hash_update(&a, S("hello world"));
     alm_conv_hash_message_end(&a);
 
-    alm_conv_hash_init(&b, key, S("ws"));
+    alm_conv_hash_init(&b, KEY, S("ws"));
     alm_conv_hash_message_begin(&b, S("user"));
     alm_conv_hash_update(&b, S("hel"));
     alm_conv_hash_update(&b, S(""));
@@ -439,8 +453,12 @@ test_conv_hash(void **state)
     alm_conv_hash_hex(&a, h2);
     assert_memory_equal(h1, h2, ALM_DIGEST_HEX_LEN);
 
+    /* the helper below hashes the same way */
+    conv_hash_one(KEY, "ws", "user", "hello world", h2);
+    assert_memory_equal(h1, h2, ALM_DIGEST_HEX_LEN);
+
     /* the record boundaries matter */
-    alm_conv_hash_init(&b, key, S("ws"));
+    alm_conv_hash_init(&b, KEY, S("ws"));
     alm_conv_hash_message_begin(&b, S("user"));
     alm_conv_hash_update(&b, S("hello"));
     alm_conv_hash_message_end(&b);
@@ -451,25 +469,13 @@ test_conv_hash(void **state)
     assert_memory_not_equal(h1, h2, ALM_DIGEST_HEX_LEN);
 
     /* so do the key, the model and the role */
-    alm_conv_hash_init(&b, NULL, S("ws"));
-    alm_conv_hash_message_begin(&b, S("user"));
-    alm_conv_hash_update(&b, S("hello world"));
-    alm_conv_hash_message_end(&b);
-    alm_conv_hash_hex(&b, h2);
+    conv_hash_one(NULL, "ws", "user", "hello world", h2);
     assert_memory_not_equal(h1, h2, ALM_DIGEST_HEX_LEN);
 
-    alm_conv_hash_init(&b, key, S("wsx"));
-    alm_conv_hash_message_begin(&b, S("user"));
-    alm_conv_hash_update(&b, S("hello world"));
-    alm_conv_hash_message_end(&b);
-    alm_conv_hash_hex(&b, h2);
+    conv_hash_one(KEY, "wsx", "user", "hello world", h2);
     assert_memory_not_equal(h1, h2, ALM_DIGEST_HEX_LEN);
 
-    alm_conv_hash_init(&b, key, S("ws"));
-    alm_conv_hash_message_begin(&b, S("system"));
-    alm_conv_hash_update(&b, S("hello world"));
-    alm_conv_hash_message_end(&b);
-    alm_conv_hash_hex(&b, h2);
+    conv_hash_one(KEY, "ws", "system", "hello world", h2);
     assert_memory_not_equal(h1, h2, ALM_DIGEST_HEX_LEN);
 }
 
