@@ -294,40 +294,6 @@ test_digest(void **state)
 
 
 static void
-test_json_escape(void **state)
-{
-    char    out[128];
-    size_t  n;
-
-    (void) state;
-
-    n = alm_json_escape(out, S("a\"b\\c\n\r\t\b\f\x01\x1f\x7f"));
-    assert_int_equal(n, alm_json_escape(NULL, S("a\"b\\c\n\r\t\b\f\x01\x1f"
-                                                "\x7f")));
-    assert_memory_equal(out, "a\\\"b\\\\c\\n\\r\\t\\b\\f\\u0001\\u001f\x7f",
-                        n);
-
-    /* valid UTF-8 passes, invalid bytes become U+FFFD */
-    n = alm_json_escape(out, S("\xc3\xa9\xe2\x82\xac\xf0\x9f\x98\x80"));
-    assert_int_equal(n, 9);
-    assert_memory_equal(out, "\xc3\xa9\xe2\x82\xac\xf0\x9f\x98\x80", 9);
-
-    n = alm_json_escape(out, S("\xff" "a" "\xc3" "\xc0\xaf" "\xed\xa0\x80"));
-    assert_memory_equal(out, "\\ufffda\\ufffd\\ufffd\\ufffd\\ufffd\\ufffd"
-                             "\\ufffd", n);
-
-    /* truncated sequence at the end */
-    n = alm_json_escape(out, S("x\xe2\x82"));
-    assert_memory_equal(out, "x\\ufffd\\ufffd", n);
-
-    n = alm_json_escape(out, "a\0b", 3);
-    assert_memory_equal(out, "a\\u0000b", n);
-
-    assert_int_equal(alm_json_escape(NULL, NULL, 0), 0);
-}
-
-
-static void
 test_error_json(void **state)
 {
     char     out[512];
@@ -490,7 +456,6 @@ main(void)
         cmocka_unit_test(test_workspace_allowed),
         cmocka_unit_test(test_key_record),
         cmocka_unit_test(test_digest),
-        cmocka_unit_test(test_json_escape),
         cmocka_unit_test(test_error_json),
         cmocka_unit_test(test_error_set),
         cmocka_unit_test(test_conv_hash),
