@@ -86,7 +86,6 @@ alm_upstream_error(const cJSON *root)
 }
 
 
-
 /* the fields every completion object starts with */
 
 static void
@@ -203,7 +202,6 @@ alm_chat_response_translate(const char *json, size_t len,
 
     return out;
 }
-
 
 
 void
