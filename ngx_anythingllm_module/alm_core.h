@@ -242,15 +242,53 @@ size_t alm_json_escape(char *out, const char *s, size_t len);
 
 
 /* ------------------------------------------------------------------ */
-/* OpenAI errors                                                      */
+/* the JSON writer                                                    */
+
+/*
+ * A growable output buffer, zeroed to start.  It grows geometrically,
+ * so appends do not allocate one by one, and a buffer kept between
+ * uses (len reset to 0) is written again without allocating.  When
+ * memory runs out "nomem" is set and every later append does nothing:
+ * the writer checks it once, at the end (alm_buf_take()).
+ */
 
 typedef struct {
-    int          status;     /* HTTP status */
-    const char  *message;    /* static text, or "buf" */
-    const char  *type;       /* "invalid_request_error", ... */
-    const char  *param;      /* or NULL */
-    const char  *code;       /* or NULL */
-    char         buf[256];   /* room for a formatted message */
+    char       *data;
+    size_t      len;
+    size_t      cap;
+    int         nomem;
+} alm_buf_t;
+
+void alm_buf_raw(alm_buf_t *b, const char *p, size_t n);
+/* a NUL-terminated string, as it is */
+void alm_buf_str(alm_buf_t *b, const char *s);
+/* n bytes JSON-escaped as alm_json_escape() does, no quotes added */
+void alm_buf_esc(alm_buf_t *b, const char *p, size_t n);
+/* a JSON string value: "..." escaped, or null when s is NULL */
+void alm_buf_json_str(alm_buf_t *b, const char *s);
+void alm_buf_int(alm_buf_t *b, int64_t v);
+
+/*
+ * Hands the text over, NUL-terminated, with its length in *len (len
+ * may be NULL), and leaves b empty.  NULL when memory ran out at any
+ * point; the buffer is then released.  The caller frees the text.
+ */
+char *alm_buf_take(alm_buf_t *b, size_t *len);
+
+void alm_buf_free(alm_buf_t *b);
+
+
+/* ------------------------------------------------------------------ */
+/* OpenAI errors                                                      */
+
+/* a plain value: it may be copied by assignment */
+
+typedef struct {
+    int          status;         /* HTTP status */
+    const char  *type;           /* "invalid_request_error", ... */
+    const char  *param;          /* or NULL */
+    const char  *code;           /* or NULL */
+    char         message[256];   /* formatted, truncated to fit */
 } alm_error_t;
 
 
@@ -259,12 +297,16 @@ typedef struct {
  * out (JSON-escaped; a NULL type, param or code is null, a NULL
  * message ""), NUL-terminated when there is room.  Returns the length
  * written, or the length needed when it exceeds cap (nothing then is
- * usable); out may be NULL to only count.
+ * usable); out may be NULL to only count.  0 when memory ran out.
  */
 size_t alm_error_json(char *out, size_t cap, const char *message,
     const char *type, const char *param, const char *code);
 
-/* fills err; the message is formatted into err->buf (truncated) */
+/* the same error object appended to a writer */
+void alm_error_json_append(alm_buf_t *b, const char *message,
+    const char *type, const char *param, const char *code);
+
+/* fills err; the message is formatted into err->message (truncated) */
 void alm_error_set(alm_error_t *err, int status, const char *type,
     const char *param, const char *code, const char *fmt, ...);
 
@@ -473,8 +515,7 @@ typedef struct {
     alm_completion_meta_t meta;
     int                 include_usage;
     alm_conv_hash_t    *conv;           /* answer text fed here, or NULL */
-    char               *out;            /* output buffer, malloc, reused */
-    size_t              out_cap;
+    alm_buf_t           out;            /* output, kept between calls */
 
     /* state */
     unsigned            sent_role:1;

@@ -61,6 +61,21 @@ alm_seg_is(const alm_seg_t *seg, const char *lit)
 }
 
 
+/* 1 when the segment is one of the words of a NULL-ended list */
+
+static int
+alm_seg_in(const alm_seg_t *seg, const char *const *words)
+{
+    for ( /* void */ ; *words; words++) {
+        if (alm_seg_is(seg, *words)) {
+            return 1;
+        }
+    }
+
+    return 0;
+}
+
+
 static alm_method_e
 alm_route_method(const char *m, size_t len)
 {
@@ -106,6 +121,11 @@ alm_route_default(alm_route_t *rt, alm_method_e m)
 }
 
 
+/* the chat calls of a workspace and of a thread */
+
+static const char *const  alm_chat_words[] = { "chat", "stream-chat", NULL };
+
+
 /* /api/v1/workspace/:slug[/...] */
 
 static void
@@ -128,9 +148,7 @@ alm_route_workspace(alm_route_t *rt, alm_method_e m, alm_seg_t *seg,
 
     if (n == 3 && m == ALM_M_POST) {
 
-        if (alm_seg_is(&seg[2], "chat")
-            || alm_seg_is(&seg[2], "stream-chat"))
-        {
+        if (alm_seg_in(&seg[2], alm_chat_words)) {
             alm_route_set(rt, ALM_ROUTE_API, ALM_SCOPE_CHAT);
             return;
         }
@@ -170,8 +188,7 @@ alm_route_workspace(alm_route_t *rt, alm_method_e m, alm_seg_t *seg,
             || (n == 4 && m == ALM_M_DELETE)
             || (n == 5 && m == ALM_M_POST
                 && (alm_seg_is(&seg[4], "update")
-                    || alm_seg_is(&seg[4], "chat")
-                    || alm_seg_is(&seg[4], "stream-chat"))))
+                    || alm_seg_in(&seg[4], alm_chat_words))))
         {
             alm_route_set(rt, ALM_ROUTE_API, ALM_SCOPE_CHAT);
             return;
@@ -188,29 +205,20 @@ static void
 alm_route_document(alm_route_t *rt, alm_method_e m, alm_seg_t *seg,
     size_t n)
 {
-    if (m == ALM_M_DELETE) {
-        alm_route_set(rt, ALM_ROUTE_API, ALM_SCOPE_DOCUMENTS);
-        return;
-    }
+    static const char *const  words[] = {
+        "upload-link", "raw-text", "create-folder", "move-files", NULL
+    };
 
-    if (m == ALM_M_POST
-        && ((n == 2 || n == 3) && alm_seg_is(&seg[1], "upload")))
+    if (m == ALM_M_DELETE
+        || (m == ALM_M_POST && (n == 2 || n == 3)
+            && alm_seg_is(&seg[1], "upload"))
+        || (m == ALM_M_POST && n == 2 && alm_seg_in(&seg[1], words)))
     {
         alm_route_set(rt, ALM_ROUTE_API, ALM_SCOPE_DOCUMENTS);
-        return;
-    }
 
-    if (m == ALM_M_POST && n == 2
-        && (alm_seg_is(&seg[1], "upload-link")
-            || alm_seg_is(&seg[1], "raw-text")
-            || alm_seg_is(&seg[1], "create-folder")
-            || alm_seg_is(&seg[1], "move-files")))
-    {
-        alm_route_set(rt, ALM_ROUTE_API, ALM_SCOPE_DOCUMENTS);
-        return;
+    } else {
+        alm_route_default(rt, m);
     }
-
-    alm_route_default(rt, m);
 }
 
 
@@ -244,6 +252,8 @@ alm_route_system(alm_route_t *rt, alm_method_e m, alm_seg_t *seg,
 static void
 alm_route_table(alm_route_t *rt, alm_method_e m, alm_seg_t *seg, size_t n)
 {
+    static const char *const  admin[] = { "admin", "users", "embed", NULL };
+
     if (alm_seg_is(&seg[0], "openai")) {
         alm_route_set(rt, ALM_ROUTE_OPENAI_PASS, ALM_SCOPE_CHAT);
         return;
@@ -274,9 +284,7 @@ alm_route_table(alm_route_t *rt, alm_method_e m, alm_seg_t *seg, size_t n)
         return;
     }
 
-    if (alm_seg_is(&seg[0], "admin") || alm_seg_is(&seg[0], "users")
-        || alm_seg_is(&seg[0], "embed"))
-    {
+    if (alm_seg_in(&seg[0], admin)) {
         /*
          * users, invitations, embed chats of every workspace, and
          * GET /users/:id/issue-auth-token which mints a login token:

@@ -16,13 +16,10 @@
  */
 
 
-#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
-#include <cjson/cJSON.h>
-
-#include "alm_core.h"
+#include "alm_json.h"
 
 
 #define ALM_SSE_DONE  "data: [DONE]\n\n"
@@ -43,134 +40,60 @@ typedef enum {
 } alm_line_kind_e;
 
 
-/* the output of one call */
-
-typedef struct {
-    char    *p;
-    size_t   len;
-    size_t   cap;
-    int      nomem;
-} alm_out_t;
-
-
-static void
-alm_out_reserve(alm_out_t *o, size_t n)
-{
-    size_t   cap;
-    char    *p;
-
-    if (o->nomem || o->len + n <= o->cap) {
-        return;
-    }
-
-    cap = o->cap ? o->cap : 512;
-
-    while (cap < o->len + n) {
-        cap *= 2;
-    }
-
-    p = realloc(o->p, cap);
-    if (p == NULL) {
-        o->nomem = 1;
-        return;
-    }
-
-    o->p = p;
-    o->cap = cap;
-}
-
-
-static void
-alm_out_raw(alm_out_t *o, const char *s, size_t n)
-{
-    alm_out_reserve(o, n);
-
-    if (o->nomem) {
-        return;
-    }
-
-    memcpy(o->p + o->len, s, n);
-    o->len += n;
-}
-
-
-static void
-alm_out_str(alm_out_t *o, const char *s)
-{
-    alm_out_raw(o, s, strlen(s));
-}
-
-
-static void
-alm_out_esc(alm_out_t *o, const char *s, size_t n)
-{
-    alm_out_reserve(o, alm_json_escape(NULL, s, n));
-
-    if (o->nomem) {
-        return;
-    }
-
-    o->len += alm_json_escape(o->p + o->len, s, n);
-}
-
-
 /* ------------------------------------------------------------------ */
 /* output frames                                                      */
 
 static void
-alm_sse_chunk_head(alm_sse_t *s, alm_out_t *o)
+alm_sse_chunk_head(alm_sse_t *s, alm_buf_t *o)
 {
-    char  num[32];
-
-    alm_out_str(o, "data: {\"id\":\"");
-    alm_out_esc(o, s->meta.id, s->meta.id_len);
-    alm_out_str(o, "\",\"object\":\"chat.completion.chunk\",\"created\":");
-    snprintf(num, sizeof(num), "%lld", (long long) s->meta.created);
-    alm_out_str(o, num);
-    alm_out_str(o, ",\"model\":\"");
-    alm_out_esc(o, s->meta.model, s->meta.model_len);
-    alm_out_str(o, "\",\"choices\":[");
+    alm_buf_str(o, "data: {\"id\":\"");
+    alm_buf_esc(o, s->meta.id, s->meta.id_len);
+    alm_buf_str(o, "\",\"object\":\"chat.completion.chunk\",\"created\":");
+    alm_buf_int(o, (int64_t) s->meta.created);
+    alm_buf_str(o, ",\"model\":\"");
+    alm_buf_esc(o, s->meta.model, s->meta.model_len);
+    alm_buf_str(o, "\",\"choices\":[");
 }
 
 
 /* closes a chunk that has one choice */
 
 static void
-alm_sse_chunk_tail(alm_sse_t *s, alm_out_t *o, const char *finish)
+alm_sse_chunk_tail(alm_sse_t *s, alm_buf_t *o, const char *finish)
 {
-    alm_out_str(o, ",\"logprobs\":null,\"finish_reason\":");
-    alm_out_str(o, finish);
-    alm_out_str(o, "}]");
+    alm_buf_str(o, ",\"logprobs\":null,\"finish_reason\":");
+    alm_buf_str(o, finish);
+    alm_buf_str(o, "}]");
 
     if (s->include_usage) {
         /* as OpenAI does: usage is null on all but the last chunk */
-        alm_out_str(o, ",\"usage\":null");
+        alm_buf_str(o, ",\"usage\":null");
     }
 
-    alm_out_str(o, "}\n\n");
+    alm_buf_str(o, "}\n\n");
 }
 
 
 static void
-alm_sse_delta(alm_sse_t *s, alm_out_t *o, const char *text, size_t len)
+alm_sse_delta(alm_sse_t *s, alm_buf_t *o, const char *text, size_t len)
 {
     alm_sse_chunk_head(s, o);
-    alm_out_str(o, "{\"index\":0,\"delta\":{");
+    alm_buf_str(o, "{\"index\":0,\"delta\":{");
 
     if (!s->sent_role) {
-        alm_out_str(o, "\"role\":\"assistant\",");
+        alm_buf_str(o, "\"role\":\"assistant\",");
         s->sent_role = 1;
     }
 
-    alm_out_str(o, "\"content\":\"");
-    alm_out_esc(o, text, len);
-    alm_out_str(o, "\"}");
+    alm_buf_str(o, "\"content\":\"");
+    alm_buf_esc(o, text, len);
+    alm_buf_str(o, "\"}");
     alm_sse_chunk_tail(s, o, "null");
 }
 
 
 static void
-alm_sse_content(alm_sse_t *s, alm_out_t *o, const char *text)
+alm_sse_content(alm_sse_t *s, alm_buf_t *o, const char *text)
 {
     size_t  len;
 
@@ -194,29 +117,28 @@ alm_sse_content(alm_sse_t *s, alm_out_t *o, const char *text)
 
 
 static void
-alm_sse_success(alm_sse_t *s, alm_out_t *o)
+alm_sse_success(alm_sse_t *s, alm_buf_t *o)
 {
-    char  num[128];
-
     if (!s->sent_role) {
         alm_sse_delta(s, o, "", 0);
     }
 
     alm_sse_chunk_head(s, o);
-    alm_out_str(o, "{\"index\":0,\"delta\":{}");
+    alm_buf_str(o, "{\"index\":0,\"delta\":{}");
     alm_sse_chunk_tail(s, o, "\"stop\"");
 
     if (s->include_usage) {
         alm_sse_chunk_head(s, o);
-        snprintf(num, sizeof(num),
-                 "],\"usage\":{\"prompt_tokens\":%ld,\"completion_tokens\":%ld,"
-                 "\"total_tokens\":%ld}}\n\n",
-                 s->usage.prompt_tokens, s->usage.completion_tokens,
-                 s->usage.total_tokens);
-        alm_out_str(o, num);
+        alm_buf_str(o, "],\"usage\":{\"prompt_tokens\":");
+        alm_buf_int(o, s->usage.prompt_tokens);
+        alm_buf_str(o, ",\"completion_tokens\":");
+        alm_buf_int(o, s->usage.completion_tokens);
+        alm_buf_str(o, ",\"total_tokens\":");
+        alm_buf_int(o, s->usage.total_tokens);
+        alm_buf_str(o, "}}\n\n");
     }
 
-    alm_out_str(o, ALM_SSE_DONE);
+    alm_buf_str(o, ALM_SSE_DONE);
 
     if (s->conv) {
         if (!s->got_text) {
@@ -231,21 +153,11 @@ alm_sse_success(alm_sse_t *s, alm_out_t *o)
 
 
 static void
-alm_sse_fail(alm_sse_t *s, alm_out_t *o, const char *message)
+alm_sse_fail(alm_sse_t *s, alm_buf_t *o, const char *message)
 {
-    size_t  n;
-
-    n = alm_error_json(NULL, 0, message, "server_error", NULL, NULL);
-
-    alm_out_str(o, "data: ");
-    alm_out_reserve(o, n + 1);
-
-    if (!o->nomem) {
-        o->len += alm_error_json(o->p + o->len, n + 1, message,
-                                 "server_error", NULL, NULL);
-    }
-
-    alm_out_str(o, "\n\n" ALM_SSE_DONE);
+    alm_buf_str(o, "data: ");
+    alm_error_json_append(o, message, "server_error", NULL, NULL);
+    alm_buf_str(o, "\n\n" ALM_SSE_DONE);
 
     s->done = 1;
     s->failed = 1;
@@ -258,51 +170,18 @@ alm_sse_fail(alm_sse_t *s, alm_out_t *o, const char *message)
 static void
 alm_sse_usage(alm_sse_t *s, const cJSON *metrics)
 {
-    int           i, found;
-    long          v[3];
-    double        d;
-    const cJSON  *item;
-
-    static const char  *names[3] = {
-        "prompt_tokens", "completion_tokens", "total_tokens"
-    };
-
-    if (!cJSON_IsObject(metrics)) {
-        return;
-    }
-
-    found = 0;
-
-    for (i = 0; i < 3; i++) {
-        item = cJSON_GetObjectItemCaseSensitive(metrics, names[i]);
-        v[i] = 0;
-
-        if (!cJSON_IsNumber(item)) {
-            continue;
-        }
-
-        found = 1;
-        d = item->valuedouble;
-
-        /* negative and NaN count as 0; no overflow on the conversion */
-        v[i] = !(d >= 0) ? 0 : (d < 1e15 ? (long) d : (long) 1e15);
-    }
+    alm_usage_t  usage;
 
     /* an empty "metrics" ({}) keeps what an earlier frame gave */
 
-    if (!found) {
-        return;
+    if (alm_usage_read(metrics, &usage)) {
+        s->usage = usage;
     }
-
-    s->usage.prompt_tokens = v[0];
-    s->usage.completion_tokens = v[1];
-    s->usage.total_tokens = v[2] ? v[2] : v[0] + v[1];
-    s->usage.present = 1;
 }
 
 
 static void
-alm_sse_frame(alm_sse_t *s, alm_out_t *o, const char *p, size_t len)
+alm_sse_frame(alm_sse_t *s, alm_buf_t *o, const char *p, size_t len)
 {
     cJSON        *root;
     const cJSON  *item;
@@ -397,7 +276,7 @@ alm_sse_kind(const char *p, size_t len)
  */
 
 static void
-alm_sse_line(alm_sse_t *s, alm_out_t *o, const char *p, size_t len)
+alm_sse_line(alm_sse_t *s, alm_buf_t *o, const char *p, size_t len)
 {
     if (alm_sse_kind(p, len) != ALM_LINE_DATA) {
         return;
@@ -426,8 +305,13 @@ alm_sse_line(alm_sse_t *s, alm_out_t *o, const char *p, size_t len)
 }
 
 
+/*
+ * The output buffer stays in s->out for the next call: one allocation
+ * per stream, not per read.
+ */
+
 static int
-alm_sse_flush(alm_sse_t *s, alm_out_t *o)
+alm_sse_flush(alm_sse_t *s, alm_buf_t *o)
 {
     int  rc;
 
@@ -437,13 +321,10 @@ alm_sse_flush(alm_sse_t *s, alm_out_t *o)
         rc = ALM_ERROR;
 
     } else if (o->len) {
-        rc = s->emit(s->data, o->p, o->len);
+        rc = s->emit(s->data, o->data, o->len);
     }
 
-    /* kept for the next call: one allocation per stream, not per read */
-
-    s->out = o->p;
-    s->out_cap = o->cap;
+    o->len = 0;
 
     if (rc != ALM_OK) {
         /* the sink is gone or memory ran out: nothing more is sent */
@@ -483,7 +364,7 @@ alm_sse_feed(alm_sse_t *s, const char *p, size_t len)
 {
     size_t            n;
     const char       *end, *nl;
-    alm_out_t         o;
+    alm_buf_t        *o;
     alm_line_kind_e   kind;
     char              head[5];
 
@@ -491,9 +372,7 @@ alm_sse_feed(alm_sse_t *s, const char *p, size_t len)
         return ALM_OK;
     }
 
-    memset(&o, 0, sizeof(alm_out_t));
-    o.p = s->out;
-    o.cap = s->out_cap;
+    o = &s->out;
     end = p + len;
 
     if (s->skip_line) {
@@ -531,7 +410,7 @@ alm_sse_feed(alm_sse_t *s, const char *p, size_t len)
 
         } else if (s->len + n > s->cap) {
             s->len = 0;
-            alm_sse_fail(s, &o, ALM_SSE_TOO_LONG);
+            alm_sse_fail(s, o, ALM_SSE_TOO_LONG);
 
         } else {
             memcpy(s->buf + s->len, p, n);
@@ -541,7 +420,7 @@ alm_sse_feed(alm_sse_t *s, const char *p, size_t len)
                 return ALM_OK;
             }
 
-            alm_sse_line(s, &o, s->buf, s->len);
+            alm_sse_line(s, o, s->buf, s->len);
             s->len = 0;
         }
 
@@ -557,7 +436,7 @@ alm_sse_feed(alm_sse_t *s, const char *p, size_t len)
             break;
         }
 
-        alm_sse_line(s, &o, p, nl - p);
+        alm_sse_line(s, o, p, nl - p);
         p = nl + 1;
     }
 
@@ -569,7 +448,7 @@ alm_sse_feed(alm_sse_t *s, const char *p, size_t len)
             s->skip_line = 1;
 
         } else if (n > s->cap) {
-            alm_sse_fail(s, &o, ALM_SSE_TOO_LONG);
+            alm_sse_fail(s, o, ALM_SSE_TOO_LONG);
 
         } else {
             memcpy(s->buf, p, n);
@@ -577,7 +456,7 @@ alm_sse_feed(alm_sse_t *s, const char *p, size_t len)
         }
     }
 
-    return alm_sse_flush(s, &o);
+    return alm_sse_flush(s, o);
 }
 
 
@@ -590,37 +469,28 @@ alm_sse_feed(alm_sse_t *s, const char *p, size_t len)
 int
 alm_sse_finish(alm_sse_t *s, int broken)
 {
-    alm_out_t  o;
-
     if (s->done) {
         return ALM_OK;
     }
-
-    memset(&o, 0, sizeof(alm_out_t));
-    o.p = s->out;
-    o.cap = s->out_cap;
 
     s->len = 0;
     s->skip_line = 0;
 
     if (!broken && s->closed) {
-        alm_sse_success(s, &o);
+        alm_sse_success(s, &s->out);
 
     } else {
-        alm_sse_fail(s, &o, broken ? ALM_SSE_BROKEN : ALM_SSE_EARLY);
+        alm_sse_fail(s, &s->out, broken ? ALM_SSE_BROKEN : ALM_SSE_EARLY);
     }
 
-    return alm_sse_flush(s, &o);
+    return alm_sse_flush(s, &s->out);
 }
 
 
 void
 alm_sse_free(alm_sse_t *s)
 {
-    free(s->out);
-
-    s->out = NULL;
-    s->out_cap = 0;
+    alm_buf_free(&s->out);
 }
 
 

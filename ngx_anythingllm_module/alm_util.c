@@ -2,8 +2,8 @@
  * Copyright (C) ngx_anythingllm authors
  *
  * Small pieces shared by the core: slugs, scopes, workspace lists,
- * key records, key digests, JSON string escaping, OpenAI error bodies and the
- * incremental conversation digest.
+ * key records, key digests, OpenAI error bodies and the incremental
+ * conversation digest.
  */
 
 
@@ -346,11 +346,31 @@ alm_field_is(const alm_str_t *f, const char *name)
 }
 
 
+/*
+ * A numeric field: a later value that parses clears the flag an
+ * earlier one set, since a repeated field counts last.
+ */
+
+static void
+alm_key_record_int(const alm_str_t *v, int64_t *field, unsigned *malformed,
+    unsigned flag)
+{
+    int64_t  v64;
+
+    if (alm_int64_parse(v->data, v->len, &v64) == ALM_OK) {
+        *field = v64;
+        *malformed &= ~flag;
+
+    } else {
+        *malformed |= flag;
+    }
+}
+
+
 int
 alm_key_record_parse(const alm_str_t *pairs, size_t n, alm_key_record_t *rec)
 {
     size_t            i;
-    int64_t           v64;
     const alm_str_t  *f, *v;
 
     memset(rec, 0, sizeof(alm_key_record_t));
@@ -375,22 +395,12 @@ alm_key_record_parse(const alm_str_t *pairs, size_t n, alm_key_record_t *rec)
             rec->workspaces = *v;
 
         } else if (alm_field_is(f, "rpm")) {
-            if (alm_int64_parse(v->data, v->len, &v64) == ALM_OK) {
-                rec->rpm = v64;
-                rec->malformed &= ~ALM_KEYREC_RPM;
-
-            } else {
-                rec->malformed |= ALM_KEYREC_RPM;
-            }
+            alm_key_record_int(v, &rec->rpm, &rec->malformed,
+                               ALM_KEYREC_RPM);
 
         } else if (alm_field_is(f, "expires")) {
-            if (alm_int64_parse(v->data, v->len, &v64) == ALM_OK) {
-                rec->expires = v64;
-                rec->malformed &= ~ALM_KEYREC_EXPIRES;
-
-            } else {
-                rec->malformed |= ALM_KEYREC_EXPIRES;
-            }
+            alm_key_record_int(v, &rec->expires, &rec->malformed,
+                               ALM_KEYREC_EXPIRES);
 
         } else if (alm_field_is(f, "disabled")) {
             rec->disabled = !(v->len == 0
@@ -439,210 +449,51 @@ alm_key_digest(const char *key, size_t len, char hex[ALM_DIGEST_HEX_LEN])
 
 
 /*
- * Length of the valid UTF-8 sequence at p (1..4), or 0 when the bytes
- * there do not start one: strict, as RFC 3629 has it (no overlong
- * forms, no surrogates, nothing above U+10FFFF).
+ * The bounded form writes through alm_error_json_append() too: an
+ * error body is small and rare, so one allocation for it is cheap.
  */
-
-size_t
-alm_utf8_len(const unsigned char *p, size_t avail)
-{
-    size_t         n, i;
-    unsigned char  c, lo, hi;
-
-    c = p[0];
-
-    if (c < 0x80) {
-        return 1;
-    }
-
-    lo = 0x80;
-    hi = 0xbf;
-
-    if (c >= 0xc2 && c <= 0xdf) {
-        n = 2;
-
-    } else if (c >= 0xe0 && c <= 0xef) {
-        n = 3;
-        if (c == 0xe0) {
-            lo = 0xa0;
-        } else if (c == 0xed) {
-            hi = 0x9f;
-        }
-
-    } else if (c >= 0xf0 && c <= 0xf4) {
-        n = 4;
-        if (c == 0xf0) {
-            lo = 0x90;
-        } else if (c == 0xf4) {
-            hi = 0x8f;
-        }
-
-    } else {
-        return 0;
-    }
-
-    if (avail < n || p[1] < lo || p[1] > hi) {
-        return 0;
-    }
-
-    for (i = 2; i < n; i++) {
-        if (p[i] < 0x80 || p[i] > 0xbf) {
-            return 0;
-        }
-    }
-
-    return n;
-}
-
-
-size_t
-alm_json_escape(char *out, const char *s, size_t len)
-{
-    static const char  digits[] = "0123456789abcdef";
-
-    size_t                n, w, i;
-    unsigned char         c;
-    const unsigned char  *p, *end;
-
-    p = (const unsigned char *) s;
-    end = p + len;
-    w = 0;
-
-    while (p < end) {
-        c = *p;
-
-        if (c >= 0x20 && c < 0x80 && c != '"' && c != '\\') {
-            if (out) {
-                out[w] = (char) c;
-            }
-            w++;
-            p++;
-            continue;
-        }
-
-        if (c >= 0x80) {
-            n = alm_utf8_len(p, end - p);
-
-            if (n == 0) {
-                /* an invalid byte becomes U+FFFD, keeping the JSON valid */
-                if (out) {
-                    memcpy(out + w, "\\ufffd", 6);
-                }
-                w += 6;
-                p++;
-                continue;
-            }
-
-            if (out) {
-                for (i = 0; i < n; i++) {
-                    out[w + i] = (char) p[i];
-                }
-            }
-            w += n;
-            p += n;
-            continue;
-        }
-
-        if (c == '"' || c == '\\' || c == '\n' || c == '\r' || c == '\t'
-            || c == '\b' || c == '\f')
-        {
-            if (out) {
-                out[w] = '\\';
-                switch (c) {
-                case '\n': out[w + 1] = 'n'; break;
-                case '\r': out[w + 1] = 'r'; break;
-                case '\t': out[w + 1] = 't'; break;
-                case '\b': out[w + 1] = 'b'; break;
-                case '\f': out[w + 1] = 'f'; break;
-                default:   out[w + 1] = (char) c; break;
-                }
-            }
-            w += 2;
-            p++;
-            continue;
-        }
-
-        if (out) {
-            memcpy(out + w, "\\u00", 4);
-            out[w + 4] = digits[c >> 4];
-            out[w + 5] = digits[c & 0x0f];
-        }
-        w += 6;
-        p++;
-    }
-
-    return w;
-}
-
-
-/* appends a JSON string value ("..." or null) at out + w when it fits */
-
-static size_t
-alm_error_json_str(char *out, size_t cap, size_t w, const char *s)
-{
-    size_t  n, len;
-
-    if (s == NULL) {
-        if (w + 4 <= cap) {
-            memcpy(out + w, "null", 4);
-        }
-        return w + 4;
-    }
-
-    len = strlen(s);
-    n = alm_json_escape(NULL, s, len);
-
-    if (w + n + 2 <= cap) {
-        out[w] = '"';
-        alm_json_escape(out + w + 1, s, len);
-        out[w + n + 1] = '"';
-    }
-
-    return w + n + 2;
-}
-
-
-static size_t
-alm_error_json_lit(char *out, size_t cap, size_t w, const char *lit)
-{
-    size_t  n;
-
-    n = strlen(lit);
-
-    if (w + n <= cap) {
-        memcpy(out + w, lit, n);
-    }
-
-    return w + n;
-}
-
 
 size_t
 alm_error_json(char *out, size_t cap, const char *message, const char *type,
     const char *param, const char *code)
 {
-    size_t  w;
+    size_t      len;
+    alm_buf_t   b;
 
-    if (out == NULL) {
-        cap = 0;
+    memset(&b, 0, sizeof(alm_buf_t));
+    alm_error_json_append(&b, message, type, param, code);
+
+    len = b.nomem ? 0 : b.len;
+
+    if (out && len <= cap) {
+        if (len) {
+            memcpy(out, b.data, len);
+        }
+
+        if (len < cap) {
+            out[len] = '\0';
+        }
     }
 
-    w = alm_error_json_lit(out, cap, 0, "{\"error\":{\"message\":");
-    w = alm_error_json_str(out, cap, w, message ? message : "");
-    w = alm_error_json_lit(out, cap, w, ",\"type\":");
-    w = alm_error_json_str(out, cap, w, type);
-    w = alm_error_json_lit(out, cap, w, ",\"param\":");
-    w = alm_error_json_str(out, cap, w, param);
-    w = alm_error_json_lit(out, cap, w, ",\"code\":");
-    w = alm_error_json_str(out, cap, w, code);
-    w = alm_error_json_lit(out, cap, w, "}}");
+    alm_buf_free(&b);
 
-    if (w < cap) {
-        out[w] = '\0';
-    }
+    return len;
+}
 
-    return w;
+
+void
+alm_error_json_append(alm_buf_t *b, const char *message, const char *type,
+    const char *param, const char *code)
+{
+    alm_buf_str(b, "{\"error\":{\"message\":");
+    alm_buf_json_str(b, message ? message : "");
+    alm_buf_str(b, ",\"type\":");
+    alm_buf_json_str(b, type);
+    alm_buf_str(b, ",\"param\":");
+    alm_buf_json_str(b, param);
+    alm_buf_str(b, ",\"code\":");
+    alm_buf_json_str(b, code);
+    alm_buf_str(b, "}}");
 }
 
 
@@ -662,10 +513,8 @@ alm_error_set(alm_error_t *err, int status, const char *type,
     err->code = code;
 
     va_start(args, fmt);
-    vsnprintf(err->buf, sizeof(err->buf), fmt, args);
+    vsnprintf(err->message, sizeof(err->message), fmt, args);
     va_end(args);
-
-    err->message = err->buf;
 }
 
 

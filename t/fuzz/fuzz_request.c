@@ -28,7 +28,7 @@
 
 #include <cjson/cJSON.h>
 
-#include "alm_core.h"
+#include "fuzz_common.h"
 
 
 #define KEY  "0123456789abcdef0123456789abcdef" \
@@ -61,8 +61,8 @@ check_error(const alm_error_t *err)
     size_t   n;
     cJSON   *j;
 
-    if (err->status < 400 || err->status > 599 || err->message == NULL
-        || err->type == NULL || err->message != err->buf)
+    if (err->status < 400 || err->status > 599 || err->type == NULL
+        || memchr(err->message, '\0', sizeof(err->message)) == NULL)
     {
         abort();
     }
@@ -158,11 +158,7 @@ fuzz_response(const char *p, size_t len)
     alm_conv_hash_t         conv;
     alm_completion_meta_t   meta;
 
-    meta.id = "chatcmpl-x";
-    meta.id_len = 10;
-    meta.model = "m\"w";
-    meta.model_len = 3;
-    meta.created = 1;
+    fuzz_meta(&meta, "chatcmpl-x", "m\"w", 1);
 
     alm_conv_hash_init(&conv, KEY, "m", 1);
 

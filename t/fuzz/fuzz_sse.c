@@ -21,7 +21,7 @@
 
 #include <cjson/cJSON.h>
 
-#include "alm_core.h"
+#include "fuzz_common.h"
 
 
 #define MAX_CUTS  32
@@ -86,11 +86,7 @@ run(const char *in, size_t len, const size_t *cuts, size_t ncuts, size_t cap,
     alm_conv_hash_t        conv;
     alm_completion_meta_t  meta;
 
-    meta.id = "chatcmpl-fuzz";
-    meta.id_len = 13;
-    meta.model = "ws";
-    meta.model_len = 2;
-    meta.created = 1700000000;
+    fuzz_meta(&meta, "chatcmpl-fuzz", "ws", 1700000000);
 
     /* exactly cap bytes, so that ASan sees any write past the bound */
     buf = malloc(cap);

@@ -25,6 +25,10 @@
 
 #define S(lit)  lit, sizeof(lit) - 1
 
+/* a key digest, for the conversation digests */
+#define KEY  "0123456789abcdef0123456789abcdef" \
+             "0123456789abcdef0123456789abcdef"
+
 
 /* parses JSON text that the test expects to be valid; never NULL */
 

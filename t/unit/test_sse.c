@@ -9,9 +9,6 @@
 #include "test_common.h"
 
 
-#define KEY  "0123456789abcdef0123456789abcdef" \
-             "0123456789abcdef0123456789abcdef"
-
 #define HEAD                                                                  \
     "data: {\"id\":\"chatcmpl-1\",\"object\":\"chat.completion.chunk\","     \
     "\"created\":1700000000,\"model\":\"ws\",\"choices\":["
@@ -588,13 +585,37 @@ test_emit_failure(void **state)
 }
 
 
+/* a run whose answer goes on from a parsed request's digest */
+
+static void
+run_init_conv(run_t *r, const alm_chat_req_t *req)
+{
+    run_init(r, 4096, 0, 0);
+    r->conv = req->full;
+    r->sse.conv = &r->conv;
+}
+
+
+/* the run's digest must be "hex"; the run is released */
+
+static void
+expect_conv(run_t *r, const char *hex)
+{
+    char  a[ALM_DIGEST_HEX_LEN];
+
+    alm_conv_hash_hex(&r->conv, a);
+    assert_memory_equal(a, hex, ALM_DIGEST_HEX_LEN);
+    run_free(r);
+}
+
+
 static void
 test_conv(void **state)
 {
     run_t            r;
     alm_chat_req_t   req;
     alm_error_t      err;
-    char             a[ALM_DIGEST_HEX_LEN], b[ALM_DIGEST_HEX_LEN];
+    char             b[ALM_DIGEST_HEX_LEN];
     static const char  turn1[] =
         "{\"model\":\"ws\",\"messages\":[{\"role\":\"user\",\"content\":"
         "\"Hi\"}]}";
@@ -615,30 +636,22 @@ test_conv(void **state)
 
     /* the streamed answer, cut in the middle of a frame */
     assert_int_equal(alm_chat_req_parse(S(turn1), KEY, &req, &err), ALM_OK);
-    run_init(&r, 4096, 0, 0);
-    r.conv = req.full;
-    r.sse.conv = &r.conv;
+    run_init_conv(&r, &req);
     assert_int_equal(alm_sse_feed(&r.sse, TYPICAL, 40), ALM_OK);
     assert_int_equal(alm_sse_feed(&r.sse, TYPICAL + 40, strlen(TYPICAL) - 40),
                      ALM_OK);
     assert_int_equal(alm_sse_finish(&r.sse, 0), ALM_OK);
     assert_true(alm_sse_succeeded(&r.sse));
-    alm_conv_hash_hex(&r.conv, a);
-    assert_memory_equal(a, b, ALM_DIGEST_HEX_LEN);
-    run_free(&r);
+    expect_conv(&r, b);
 
     /* the same answer from a query-mode single frame */
-    run_init(&r, 4096, 0, 0);
-    r.conv = req.full;
-    r.sse.conv = &r.conv;
+    run_init_conv(&r, &req);
     assert_int_equal(alm_sse_feed(&r.sse, S("data: {\"type\":\"textResponse"
                                             "\",\"textResponse\":\"Hello "
                                             "world\",\"close\":true}\n\n")),
                      ALM_OK);
     assert_int_equal(alm_sse_finish(&r.sse, 0), ALM_OK);
-    alm_conv_hash_hex(&r.conv, a);
-    assert_memory_equal(a, b, ALM_DIGEST_HEX_LEN);
-    run_free(&r);
+    expect_conv(&r, b);
     alm_chat_req_free(&req);
 
     /* an empty answer is an empty assistant message */
@@ -648,14 +661,20 @@ test_conv(void **state)
     alm_chat_req_free(&req);
 
     assert_int_equal(alm_chat_req_parse(S(turn1), KEY, &req, &err), ALM_OK);
-    run_init(&r, 4096, 0, 0);
-    r.conv = req.full;
-    r.sse.conv = &r.conv;
+    run_init_conv(&r, &req);
     assert_int_equal(alm_sse_feed(&r.sse, S(F_FINAL)), ALM_OK);
-    alm_conv_hash_hex(&r.conv, a);
-    assert_memory_equal(a, b, ALM_DIGEST_HEX_LEN);
-    run_free(&r);
+    expect_conv(&r, b);
     alm_chat_req_free(&req);
+}
+
+
+static void
+run_init_meta(run_t *r, const alm_completion_meta_t *m)
+{
+    memset(r, 0, sizeof(run_t));
+    r->buf = malloc(64);
+    assert_non_null(r->buf);
+    alm_sse_init(&r->sse, r->buf, 64, m, 0, NULL, sink_emit, &r->out);
 }
 
 
@@ -673,16 +692,12 @@ test_meta_escaped(void **state)
     m.model_len = 1;
     m.created = 5;
 
-    memset(&r, 0, sizeof(r));
-    r.buf = malloc(64);
-    alm_sse_init(&r.sse, r.buf, 64, &m, 0, NULL, sink_emit, &r.out);
+    run_init_meta(&r, &m);
     assert_int_equal(alm_sse_finish(&r.sse, 0), ALM_OK);
     expect_out(&r, ERROR(EARLY), "no id needed");
     run_free(&r);
 
-    memset(&r, 0, sizeof(r));
-    r.buf = malloc(64);
-    alm_sse_init(&r.sse, r.buf, 64, &m, 0, NULL, sink_emit, &r.out);
+    run_init_meta(&r, &m);
     assert_int_equal(alm_sse_feed(&r.sse, S("data: {\"type\":"
                                             "\"finalizeResponseStream\"}\n")),
                      ALM_OK);

@@ -1,0 +1,1141 @@
+/*
+ * Copyright (C) ngx_anythingllm authors
+ *
+ * The chat completions request: validation, the conversation digest,
+ * the transcript of earlier turns, image attachments and the body of
+ * the workspace chat call.
+ */
+
+
+#include <limits.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "alm_json.h"
+
+
+#define ALM_BAD_JSON                                                         \
+    "We could not parse the JSON body of your request. (HINT: This likely " \
+    "means you aren't using your HTTP library correctly. The API expects a " \
+    "JSON object as the body.)"
+
+#define ALM_BAD_TEXT                                                         \
+    "We could not parse the JSON body of your request: %s (at byte %zu). "   \
+    "The API expects a JSON object encoded in UTF-8."
+
+#define ALM_TRANSCRIPT_HEAD    "Conversation so far:\n"
+#define ALM_TRANSCRIPT_USER    "user: "
+#define ALM_TRANSCRIPT_IMAGE   "[image]"
+
+
+typedef struct {
+    const char  *name;
+    unsigned     types;
+} alm_param_t;
+
+
+#define ALM_T_NUM   0x01
+#define ALM_T_STR   0x02
+#define ALM_T_BOOL  0x04
+#define ALM_T_ARR   0x08
+#define ALM_T_OBJ   0x10
+
+
+/*
+ * Sampling and bookkeeping parameters that AnythingLLM has no use for
+ * (the workspace's own settings apply): accepted when null or of the
+ * right type, and dropped.
+ */
+
+static const alm_param_t  alm_ignored_params[] = {
+    { "temperature",            ALM_T_NUM },
+    { "top_p",                  ALM_T_NUM },
+    { "max_tokens",             ALM_T_NUM },
+    { "max_completion_tokens",  ALM_T_NUM },
+    { "presence_penalty",       ALM_T_NUM },
+    { "frequency_penalty",      ALM_T_NUM },
+    { "stop",                   ALM_T_STR | ALM_T_ARR },
+    { "seed",                   ALM_T_NUM },
+    { "user",                   ALM_T_STR },
+    { "logit_bias",             ALM_T_OBJ },
+    { "metadata",               ALM_T_OBJ },
+    { "store",                  ALM_T_BOOL },
+    { "parallel_tool_calls",    ALM_T_BOOL },
+    { "reasoning_effort",       ALM_T_STR },
+    { "service_tier",           ALM_T_STR },
+    { "top_logprobs",           ALM_T_NUM },
+    { NULL, 0 }
+};
+
+
+/*
+ * The ranges OpenAI enforces on some of them: a value outside is a
+ * 400 naming the parameter, with OpenAI's own wording and code, even
+ * though the value would be dropped.
+ */
+
+typedef struct {
+    const char  *name;
+    double       min;
+    double       max;
+    int          integer;       /* OpenAI says "integer", not "decimal" */
+} alm_range_t;
+
+
+static const alm_range_t  alm_ranges[] = {
+    { "temperature",            0.0,  2.0,      0 },
+    { "top_p",                  0.0,  1.0,      0 },
+    { "presence_penalty",      -2.0,  2.0,      0 },
+    { "frequency_penalty",     -2.0,  2.0,      0 },
+    { "max_tokens",             1.0,  INFINITY, 1 },
+    { "max_completion_tokens",  1.0,  INFINITY, 1 },
+    { NULL, 0.0, 0.0, 0 }
+};
+
+
+#define ALM_STOP_MAX  4
+
+
+static int
+alm_role_known(const char *role)
+{
+    return strcmp(role, "system") == 0 || strcmp(role, "developer") == 0
+           || strcmp(role, "user") == 0 || strcmp(role, "assistant") == 0
+           || strcmp(role, "tool") == 0;
+}
+
+
+/* ------------------------------------------------------------------ */
+/* content parts                                                      */
+
+/* the URL of an image part: {"image_url":{"url":..}} or {"image_url":..} */
+
+static const char *
+alm_part_image_url(const cJSON *part)
+{
+    const cJSON  *iu;
+
+    iu = cJSON_GetObjectItemCaseSensitive(part, "image_url");
+
+    if (cJSON_IsString(iu)) {
+        return iu->valuestring;
+    }
+
+    if (cJSON_IsObject(iu)) {
+        iu = cJSON_GetObjectItemCaseSensitive(iu, "url");
+        if (cJSON_IsString(iu)) {
+            return iu->valuestring;
+        }
+    }
+
+    return NULL;
+}
+
+
+static int
+alm_part_is(const cJSON *part, const char *type)
+{
+    const cJSON  *t;
+
+    t = cJSON_GetObjectItemCaseSensitive(part, "type");
+
+    return cJSON_IsString(t) && strcmp(t->valuestring, type) == 0;
+}
+
+
+/*
+ * Checks "data:<type>/<subtype>;base64,<base64>" with an image type.
+ * Gives the MIME type and the extension for the attachment's name.
+ */
+
+static int
+alm_data_uri(const char *url, const char **mime, size_t *mime_len,
+    char *ext, size_t ext_size)
+{
+    size_t       n, i, sub;
+    const char  *p;
+    char         c;
+
+    if (strncmp(url, "data:image/", 11) != 0) {
+        return 0;
+    }
+
+    p = url + 5;
+    n = 0;
+    sub = 0;
+
+    while (p[n] != ';') {
+        c = p[n];
+
+        if (c == '/') {
+            sub = n + 1;
+
+        } else if (!((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z')
+                     || (c >= '0' && c <= '9') || c == '.' || c == '+'
+                     || c == '-'))
+        {
+            return 0;
+        }
+
+        n++;
+    }
+
+    if (n == 6 || strncmp(p + n, ";base64,", 8) != 0) {
+        return 0;
+    }
+
+    *mime = p;
+    *mime_len = n;
+
+    for (i = n + 8; p[i]; i++) {
+        c = p[i];
+
+        if (!((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z')
+              || (c >= '0' && c <= '9') || c == '+' || c == '/' || c == '='))
+        {
+            return 0;
+        }
+    }
+
+    if (i == n + 8) {
+        return 0;
+    }
+
+    /* the extension: the subtype up to a "+" suffix, jpeg as jpg */
+
+    for (i = 0; sub + i < n && p[sub + i] != '+' && i + 1 < ext_size; i++) {
+        c = p[sub + i];
+        ext[i] = (c >= 'A' && c <= 'Z') ? (char) (c | 0x20) : c;
+    }
+
+    ext[i] = '\0';
+
+    if (strcmp(ext, "jpeg") == 0) {
+        strcpy(ext, "jpg");
+
+    } else if (i == 0 || (sub + i < n && p[sub + i] != '+')) {
+        strcpy(ext, "bin");
+    }
+
+    return 1;
+}
+
+
+/*
+ * Validates the content of messages[i]; sets *images to the number of
+ * image parts.
+ */
+
+static int
+alm_content_check(const cJSON *content, const char *role, int i,
+    int *images, alm_error_t *err)
+{
+    int           k;
+    const cJSON  *part, *text;
+    const char   *url, *mime;
+    size_t        mime_len;
+    char          ext[16];
+
+    *images = 0;
+
+    if (alm_json_absent(content)) {
+        if (strcmp(role, "assistant") == 0) {
+            return ALM_OK;
+        }
+
+        alm_error_set(err, 400, "invalid_request_error", "messages", NULL,
+                      "Invalid value for 'messages[%d].content': a %s "
+                      "message needs content.", i, role);
+        return ALM_ERROR;
+    }
+
+    if (cJSON_IsString(content)) {
+        return ALM_OK;
+    }
+
+    if (!cJSON_IsArray(content)) {
+        alm_error_set(err, 400, "invalid_request_error", "messages", NULL,
+                      "Invalid type for 'messages[%d].content': expected a "
+                      "string or an array of content parts.", i);
+        return ALM_ERROR;
+    }
+
+    k = 0;
+
+    cJSON_ArrayForEach(part, content) {
+
+        if (!cJSON_IsObject(part)) {
+            alm_error_set(err, 400, "invalid_request_error", "messages",
+                          NULL, "Invalid type for 'messages[%d].content[%d]'"
+                          ": expected an object.", i, k);
+            return ALM_ERROR;
+        }
+
+        if (alm_part_is(part, "text")) {
+            text = cJSON_GetObjectItemCaseSensitive(part, "text");
+
+            if (!cJSON_IsString(text)) {
+                alm_error_set(err, 400, "invalid_request_error", "messages",
+                              NULL, "Invalid type for 'messages[%d]."
+                              "content[%d].text': expected a string.", i, k);
+                return ALM_ERROR;
+            }
+
+        } else if (alm_part_is(part, "image_url")) {
+
+            if (strcmp(role, "user") != 0) {
+                alm_error_set(err, 400, "invalid_request_error", "messages",
+                              NULL, "Invalid value for 'messages[%d]."
+                              "content[%d]': image parts are only accepted "
+                              "in user messages.", i, k);
+                return ALM_ERROR;
+            }
+
+            url = alm_part_image_url(part);
+
+            if (url == NULL) {
+                alm_error_set(err, 400, "invalid_request_error", "messages",
+                              NULL, "Invalid value for 'messages[%d]."
+                              "content[%d].image_url': expected an object "
+                              "with a string 'url'.", i, k);
+                return ALM_ERROR;
+            }
+
+            if (!alm_data_uri(url, &mime, &mime_len, ext, sizeof(ext))) {
+                alm_error_set(err, 400, "invalid_request_error", "messages",
+                              NULL, "Invalid value for 'messages[%d]."
+                              "content[%d].image_url': only data URLs of "
+                              "images (data:image/...;base64,...) are "
+                              "accepted; the gateway does not fetch image "
+                              "URLs.", i, k);
+                return ALM_ERROR;
+            }
+
+            (*images)++;
+
+        } else {
+            alm_error_set(err, 400, "invalid_request_error", "messages",
+                          NULL, "Invalid value for 'messages[%d].content[%d]"
+                          ".type': only 'text' and 'image_url' parts are "
+                          "supported.", i, k);
+            return ALM_ERROR;
+        }
+
+        k++;
+    }
+
+    return ALM_OK;
+}
+
+
+/* feeds the canonical content of a checked message into the digest */
+
+static void
+alm_content_hash(alm_conv_hash_t *h, const cJSON *content)
+{
+    const cJSON  *part, *text;
+    const char   *url;
+
+    if (cJSON_IsString(content)) {
+        alm_conv_hash_update(h, content->valuestring,
+                             strlen(content->valuestring));
+        return;
+    }
+
+    if (!cJSON_IsArray(content)) {
+        return;
+    }
+
+    cJSON_ArrayForEach(part, content) {
+
+        if (alm_part_is(part, "text")) {
+            text = cJSON_GetObjectItemCaseSensitive(part, "text");
+            alm_conv_hash_update(h, text->valuestring,
+                                 strlen(text->valuestring));
+
+        } else {
+            url = alm_part_image_url(part);
+            alm_conv_hash_update(h, "\x01", 1);
+            alm_conv_hash_update(h, url, strlen(url));
+        }
+    }
+}
+
+
+/*
+ * The text of a checked content: text parts joined with "\n", empty
+ * parts skipped; images are skipped, or written as "[image]" when
+ * "placeholder" is set.
+ */
+
+static void
+alm_content_text(alm_buf_t *w, const cJSON *content, int placeholder)
+{
+    int           first;
+    const cJSON  *part, *text;
+    const char   *s;
+
+    if (cJSON_IsString(content)) {
+        alm_buf_str(w, content->valuestring);
+        return;
+    }
+
+    if (!cJSON_IsArray(content)) {
+        return;
+    }
+
+    first = 1;
+
+    cJSON_ArrayForEach(part, content) {
+
+        if (alm_part_is(part, "text")) {
+            text = cJSON_GetObjectItemCaseSensitive(part, "text");
+            s = text->valuestring;
+
+        } else {
+            s = placeholder ? ALM_TRANSCRIPT_IMAGE : "";
+        }
+
+        if (*s == '\0') {
+            continue;
+        }
+
+        if (!first) {
+            alm_buf_raw(w, "\n", 1);
+        }
+
+        alm_buf_str(w, s);
+        first = 0;
+    }
+}
+
+
+/*
+ * The transcript of the messages before the last: user and assistant
+ * turns only.  System and developer messages stay out of it (the
+ * workspace has its own system prompt), as do tool results.
+ */
+
+static void
+alm_transcript(alm_buf_t *w, const cJSON *messages, int last)
+{
+    int           i;
+    size_t        mark, text;
+    const cJSON  *msg, *role, *content;
+
+    alm_buf_str(w, ALM_TRANSCRIPT_HEAD);
+
+    i = 0;
+
+    cJSON_ArrayForEach(msg, messages) {
+
+        if (i++ == last) {
+            break;
+        }
+
+        role = cJSON_GetObjectItemCaseSensitive(msg, "role");
+
+        if (strcmp(role->valuestring, "user") != 0
+            && strcmp(role->valuestring, "assistant") != 0)
+        {
+            continue;
+        }
+
+        content = cJSON_GetObjectItemCaseSensitive(msg, "content");
+
+        mark = w->len;
+        alm_buf_str(w, role->valuestring);
+        alm_buf_raw(w, ": ", 2);
+        text = w->len;
+        alm_content_text(w, content, 1);
+
+        /* a turn with nothing to show is left out */
+
+        if (w->len == text) {
+            w->len = mark;
+            continue;
+        }
+
+        alm_buf_raw(w, "\n", 1);
+    }
+
+    alm_buf_raw(w, "\n", 1);
+}
+
+
+static void
+alm_attachments(alm_buf_t *w, const cJSON *content)
+{
+    unsigned      k;
+    char          name[64], ext[16];
+    const char   *url, *mime;
+    size_t        mime_len;
+    const cJSON  *part;
+
+    alm_buf_raw(w, "[", 1);
+    k = 0;
+
+    cJSON_ArrayForEach(part, content) {
+
+        if (!alm_part_is(part, "image_url")) {
+            continue;
+        }
+
+        url = alm_part_image_url(part);
+        (void) alm_data_uri(url, &mime, &mime_len, ext, sizeof(ext));
+
+        k++;
+        snprintf(name, sizeof(name), "image-%u.%s", k, ext);
+
+        alm_buf_str(w, k > 1 ? ",{\"name\":\"" : "{\"name\":\"");
+        alm_buf_esc(w, name, strlen(name));
+        alm_buf_str(w, "\",\"mime\":\"");
+        alm_buf_esc(w, mime, mime_len);
+        alm_buf_str(w, "\",\"contentString\":\"");
+        alm_buf_esc(w, url, strlen(url));
+        alm_buf_str(w, "\"}");
+    }
+
+    alm_buf_raw(w, "]", 1);
+}
+
+
+/* ------------------------------------------------------------------ */
+/* the request                                                        */
+
+static int
+alm_check_type(const cJSON *item, unsigned types)
+{
+    if (alm_json_absent(item)) {
+        return 1;
+    }
+
+    return ((types & ALM_T_NUM) && cJSON_IsNumber(item))
+           || ((types & ALM_T_STR) && cJSON_IsString(item))
+           || ((types & ALM_T_BOOL) && cJSON_IsBool(item))
+           || ((types & ALM_T_ARR) && cJSON_IsArray(item))
+           || ((types & ALM_T_OBJ) && cJSON_IsObject(item));
+}
+
+
+/*
+ * The parameters that change the answer in ways the gateway cannot
+ * give: each is refused, param named, unless it is absent (or null)
+ * or holds the one value that asks for nothing more than a plain
+ * answer.  Checked in this order: the first refused one is reported.
+ */
+
+typedef struct {
+    const char  *name;
+    const char  *param;         /* named in the error */
+    int        (*accept)(const cJSON *item);
+    const char  *message;
+} alm_refused_t;
+
+
+static int
+alm_accept_one(const cJSON *item)
+{
+    return cJSON_IsNumber(item) && item->valuedouble == 1;
+}
+
+
+static int
+alm_accept_empty(const cJSON *item)
+{
+    return cJSON_IsArray(item) && cJSON_GetArraySize(item) == 0;
+}
+
+
+static int
+alm_accept_none(const cJSON *item)
+{
+    return cJSON_IsString(item) && strcmp(item->valuestring, "none") == 0;
+}
+
+
+static int
+alm_accept_false(const cJSON *item)
+{
+    return cJSON_IsFalse(item);
+}
+
+
+static int
+alm_accept_text_format(const cJSON *item)
+{
+    const cJSON  *type;
+
+    type = cJSON_GetObjectItemCaseSensitive(item, "type");
+
+    return cJSON_IsObject(item) && cJSON_IsString(type)
+           && strcmp(type->valuestring, "text") == 0;
+}
+
+
+static int
+alm_accept_nothing(const cJSON *item)
+{
+    (void) item;
+    return 0;
+}
+
+
+static int
+alm_accept_text_only(const cJSON *item)
+{
+    const cJSON  *v;
+
+    if (!cJSON_IsArray(item)) {
+        return 0;
+    }
+
+    cJSON_ArrayForEach(v, item) {
+        if (!cJSON_IsString(v) || strcmp(v->valuestring, "text") != 0) {
+            return 0;
+        }
+    }
+
+    return 1;
+}
+
+
+static const alm_refused_t  alm_refused[] = {
+    { "n", "n", alm_accept_one,
+      "Only one choice can be generated: 'n' must be 1." },
+    { "tools", "tools", alm_accept_empty,
+      "Tool calling is not supported: AnythingLLM runs its own agents.  "
+      "Remove 'tools'." },
+    { "functions", "functions", alm_accept_empty,
+      "Function calling is not supported: AnythingLLM runs its own "
+      "agents.  Remove 'functions'." },
+    { "tool_choice", "tool_choice", alm_accept_none,
+      "Tool calling is not supported: 'tool_choice' can only be "
+      "\"none\"." },
+    { "logprobs", "logprobs", alm_accept_false,
+      "Log probabilities are not available: 'logprobs' must be false." },
+    { "response_format", "response_format", alm_accept_text_format,
+      "Only the 'text' response format is supported." },
+    { "audio", "modalities", alm_accept_nothing,
+      "Audio output is not supported: remove 'audio'." },
+    { "modalities", "modalities", alm_accept_text_only,
+      "Only text output is supported: 'modalities' can only be "
+      "[\"text\"]." },
+    { NULL, NULL, NULL, NULL }
+};
+
+
+static int
+alm_check_refused(const cJSON *root, alm_error_t *err)
+{
+    const cJSON          *item;
+    const alm_refused_t  *rf;
+
+    for (rf = alm_refused; rf->name; rf++) {
+        item = cJSON_GetObjectItemCaseSensitive(root, rf->name);
+
+        if (!alm_json_absent(item) && !rf->accept(item)) {
+            alm_error_set(err, 400, "invalid_request_error", rf->param,
+                          NULL, "%s", rf->message);
+            return ALM_ERROR;
+        }
+    }
+
+    return ALM_OK;
+}
+
+
+/* a number as short as it can be written and read back the same */
+
+static void
+alm_number_text(char *buf, size_t size, double v)
+{
+    int  prec;
+
+    for (prec = 1; prec < 17; prec++) {
+        snprintf(buf, size, "%.*g", prec, v);
+
+        if (strtod(buf, NULL) == v) {
+            return;
+        }
+    }
+
+    snprintf(buf, size, "%.17g", v);
+}
+
+
+/* OpenAI's words for a value out of range: "above" or below */
+
+static void
+alm_range_error(alm_error_t *err, const alm_range_t *rg, int above,
+    const char *num)
+{
+    static const char  *codes[2][2] = {
+        { "decimal_below_min_value", "decimal_above_max_value" },
+        { "integer_below_min_value", "integer_above_max_value" }
+    };
+
+    alm_error_set(err, 400, "invalid_request_error", rg->name,
+                  codes[rg->integer ? 1 : 0][above ? 1 : 0],
+                  "Invalid '%s': %s %s value. Expected a value %s %g, but "
+                  "got %s instead.", rg->name,
+                  rg->integer ? "integer" : "decimal",
+                  above ? "above maximum" : "below minimum",
+                  above ? "<=" : ">=", above ? rg->max : rg->min, num);
+}
+
+
+/* the ranges and lengths OpenAI refuses to go beyond */
+
+static int
+alm_check_ranges(const cJSON *root, alm_error_t *err)
+{
+    int                 n;
+    char                num[32];
+    double              v;
+    const cJSON        *item, *s;
+    const alm_range_t  *rg;
+
+    for (rg = alm_ranges; rg->name; rg++) {
+        item = cJSON_GetObjectItemCaseSensitive(root, rg->name);
+
+        if (!cJSON_IsNumber(item)) {
+            continue;
+        }
+
+        v = item->valuedouble;
+        alm_number_text(num, sizeof(num), v);
+
+        if (v < rg->min || v > rg->max) {
+            alm_range_error(err, rg, v > rg->max, num);
+            return ALM_ERROR;
+        }
+    }
+
+    item = cJSON_GetObjectItemCaseSensitive(root, "stop");
+
+    if (!cJSON_IsArray(item)) {
+        return ALM_OK;
+    }
+
+    n = 0;
+
+    cJSON_ArrayForEach(s, item) {
+
+        if (!cJSON_IsString(s)) {
+            alm_error_set(err, 400, "invalid_request_error", "stop", NULL,
+                          "Invalid type for 'stop[%d]': expected a string.",
+                          n);
+            return ALM_ERROR;
+        }
+
+        n++;
+    }
+
+    if (n > ALM_STOP_MAX) {
+        alm_error_set(err, 400, "invalid_request_error", "stop",
+                      "array_above_max_length",
+                      "Invalid 'stop': array too long. Expected an array "
+                      "with maximum length %d, but got an array with length "
+                      "%d instead.", ALM_STOP_MAX, n);
+        return ALM_ERROR;
+    }
+
+    return ALM_OK;
+}
+
+
+static int
+alm_check_options(const cJSON *root, alm_chat_req_t *req, alm_error_t *err)
+{
+    const cJSON        *item, *v;
+    const alm_param_t  *prm;
+
+    item = cJSON_GetObjectItemCaseSensitive(root, "stream");
+
+    if (!alm_json_absent(item) && !cJSON_IsBool(item)) {
+        alm_error_set(err, 400, "invalid_request_error", "stream", NULL,
+                      "Invalid type for 'stream': expected a boolean.");
+        return ALM_ERROR;
+    }
+
+    req->stream = cJSON_IsTrue(item) ? 1 : 0;
+
+    item = cJSON_GetObjectItemCaseSensitive(root, "stream_options");
+
+    if (!alm_json_absent(item)) {
+        v = cJSON_GetObjectItemCaseSensitive(item, "include_usage");
+
+        if (!cJSON_IsObject(item) || !alm_check_type(v, ALM_T_BOOL)) {
+            alm_error_set(err, 400, "invalid_request_error",
+                          "stream_options", NULL,
+                          "Invalid 'stream_options': expected an object "
+                          "with an optional boolean 'include_usage'.");
+            return ALM_ERROR;
+        }
+
+        /* like OpenAI: only a stream carries a usage chunk */
+        req->include_usage = (req->stream && cJSON_IsTrue(v)) ? 1 : 0;
+    }
+
+    if (alm_check_refused(root, err) != ALM_OK) {
+        return ALM_ERROR;
+    }
+
+    for (prm = alm_ignored_params; prm->name; prm++) {
+        item = cJSON_GetObjectItemCaseSensitive(root, prm->name);
+
+        if (!alm_check_type(item, prm->types)) {
+            alm_error_set(err, 400, "invalid_request_error", prm->name, NULL,
+                          "Invalid type for '%s'.", prm->name);
+            return ALM_ERROR;
+        }
+    }
+
+    return alm_check_ranges(root, err);
+}
+
+
+static int
+alm_check_messages(const cJSON *messages, int *images, alm_error_t *err)
+{
+    int           i;
+    const cJSON  *msg, *role;
+
+    if (!cJSON_IsArray(messages) || cJSON_GetArraySize(messages) == 0) {
+        alm_error_set(err, 400, "invalid_request_error", "messages", NULL,
+                      "'messages' must be a non-empty array of messages.");
+        return ALM_ERROR;
+    }
+
+    i = 0;
+    role = NULL;
+
+    cJSON_ArrayForEach(msg, messages) {
+
+        if (!cJSON_IsObject(msg)) {
+            alm_error_set(err, 400, "invalid_request_error", "messages", NULL,
+                          "Invalid type for 'messages[%d]': expected an "
+                          "object.", i);
+            return ALM_ERROR;
+        }
+
+        role = cJSON_GetObjectItemCaseSensitive(msg, "role");
+
+        if (!cJSON_IsString(role) || !alm_role_known(role->valuestring)) {
+            alm_error_set(err, 400, "invalid_request_error", "messages", NULL,
+                          "Invalid value for 'messages[%d].role': expected "
+                          "one of 'system', 'developer', 'user', "
+                          "'assistant' or 'tool'.", i);
+            return ALM_ERROR;
+        }
+
+        if (alm_content_check(cJSON_GetObjectItemCaseSensitive(msg,
+                                                               "content"),
+                              role->valuestring, i, images, err)
+            != ALM_OK)
+        {
+            return ALM_ERROR;
+        }
+
+        i++;
+    }
+
+    if (strcmp(role->valuestring, "user") != 0) {
+        alm_error_set(err, 400, "invalid_request_error", "messages", NULL,
+                      "The last message must have the role 'user': "
+                      "AnythingLLM answers a user message.");
+        return ALM_ERROR;
+    }
+
+    /* *images now counts the image parts of the last message */
+
+    return ALM_OK;
+}
+
+
+/* the model, a workspace slug */
+
+static const char *
+alm_chat_req_model(const cJSON *root, alm_error_t *err)
+{
+    const cJSON  *model;
+
+    model = cJSON_GetObjectItemCaseSensitive(root, "model");
+
+    if (alm_json_absent(model)) {
+        alm_error_set(err, 400, "invalid_request_error", "model", NULL,
+                      "You must provide a model parameter (the slug of an "
+                      "AnythingLLM workspace).");
+        return NULL;
+    }
+
+    if (!cJSON_IsString(model)) {
+        alm_error_set(err, 400, "invalid_request_error", "model", NULL,
+                      "Invalid type for 'model': expected a string.");
+        return NULL;
+    }
+
+    if (!alm_slug_valid(model->valuestring, strlen(model->valuestring))) {
+        alm_error_set(err, 400, "invalid_request_error", "model", NULL,
+                      "Invalid 'model': a model is the slug of an "
+                      "AnythingLLM workspace (1 to 255 of A-Z a-z 0-9 _ . "
+                      "-).");
+        return NULL;
+    }
+
+    return model->valuestring;
+}
+
+
+/*
+ * The digest of checked messages: "prefix" stops before the last
+ * message.  Returns the last message's content.
+ */
+
+static const cJSON *
+alm_chat_req_digest(alm_chat_req_t *req, const cJSON *messages,
+    const char *key_digest_hex, const char *model)
+{
+    int           i, n;
+    const cJSON  *msg, *role, *content;
+
+    n = cJSON_GetArraySize(messages);
+
+    alm_conv_hash_init(&req->full, key_digest_hex, model, strlen(model));
+
+    i = 0;
+    content = NULL;
+
+    cJSON_ArrayForEach(msg, messages) {
+        role = cJSON_GetObjectItemCaseSensitive(msg, "role");
+        content = cJSON_GetObjectItemCaseSensitive(msg, "content");
+
+        if (i == n - 1) {
+            alm_conv_hash_hex(&req->full, req->prefix_hex);
+
+        } else if (strcmp(role->valuestring, "user") == 0
+                   || strcmp(role->valuestring, "assistant") == 0)
+        {
+            req->has_history = 1;
+        }
+
+        alm_conv_hash_message_begin(&req->full, role->valuestring,
+                                    strlen(role->valuestring));
+        alm_content_hash(&req->full, content);
+        alm_conv_hash_message_end(&req->full);
+
+        i++;
+    }
+
+    return content;
+}
+
+
+static int
+alm_chat_req_read(const cJSON *root, const char *key_digest_hex,
+    alm_chat_req_t *req, alm_error_t *err)
+{
+    int           images;
+    alm_buf_t     w;
+    const char   *model;
+    const cJSON  *messages, *content;
+
+    model = alm_chat_req_model(root, err);
+    if (model == NULL) {
+        return ALM_ERROR;
+    }
+
+    messages = cJSON_GetObjectItemCaseSensitive(root, "messages");
+    images = 0;
+
+    if (alm_check_messages(messages, &images, err) != ALM_OK) {
+        return ALM_ERROR;
+    }
+
+    if (alm_check_options(root, req, err) != ALM_OK) {
+        return ALM_ERROR;
+    }
+
+    content = alm_chat_req_digest(req, messages, key_digest_hex, model);
+
+    memset(&w, 0, sizeof(alm_buf_t));
+    alm_content_text(&w, content, 0);
+
+    req->message = alm_buf_take(&w, &req->message_len);
+    if (req->message == NULL) {
+        goto nomem;
+    }
+
+    if (req->message_len == 0) {
+
+        if (images == 0) {
+            alm_error_set(err, 400, "invalid_request_error", "messages", NULL,
+                          "The last user message has no text.");
+            return ALM_ERROR;
+        }
+
+        /*
+         * AnythingLLM refuses an empty message: an image alone goes
+         * with a blank one
+         */
+
+        free(req->message);
+        req->message = alm_strndup(" ", 1);
+        if (req->message == NULL) {
+            goto nomem;
+        }
+
+        req->message_len = 1;
+    }
+
+    if (images) {
+        alm_attachments(&w, content);
+
+        req->attachments = alm_buf_take(&w, NULL);
+        if (req->attachments == NULL) {
+            goto nomem;
+        }
+    }
+
+    if (req->has_history) {
+        alm_transcript(&w, messages, cJSON_GetArraySize(messages) - 1);
+
+        req->transcript = alm_buf_take(&w, NULL);
+        if (req->transcript == NULL) {
+            goto nomem;
+        }
+    }
+
+    req->model_len = strlen(model);
+    req->model = alm_strndup(model, req->model_len);
+    if (req->model == NULL) {
+        goto nomem;
+    }
+
+    return ALM_OK;
+
+nomem:
+
+    alm_error_set(err, 500, "server_error", NULL, NULL, ALM_NOMEM);
+    return ALM_ERROR;
+}
+
+
+int
+alm_chat_req_parse(const char *body, size_t len, const char *key_digest_hex,
+    alm_chat_req_t *req, alm_error_t *err)
+{
+    int          rc;
+    size_t       at;
+    cJSON       *root;
+    const char  *what;
+
+    memset(req, 0, sizeof(alm_chat_req_t));
+
+    what = alm_json_text_check(body, len, &at);
+
+    if (what) {
+        alm_error_set(err, 400, "invalid_request_error", NULL, NULL,
+                      ALM_BAD_TEXT, what, at);
+        return ALM_ERROR;
+    }
+
+    root = alm_json_parse(body, len);
+
+    if (!cJSON_IsObject(root)) {
+        cJSON_Delete(root);
+        alm_error_set(err, 400, "invalid_request_error", NULL, NULL, "%s",
+                      ALM_BAD_JSON);
+        return ALM_ERROR;
+    }
+
+    rc = alm_chat_req_read(root, key_digest_hex, req, err);
+
+    cJSON_Delete(root);
+
+    if (rc != ALM_OK) {
+        alm_chat_req_free(req);
+    }
+
+    return rc;
+}
+
+
+void
+alm_chat_req_free(alm_chat_req_t *req)
+{
+    free(req->model);
+    free(req->message);
+    free(req->attachments);
+    free(req->transcript);
+
+    memset(req, 0, sizeof(alm_chat_req_t));
+}
+
+
+static void
+alm_upstream_body(alm_buf_t *w, const alm_chat_req_t *req, const char *mode,
+    const char *session_id, size_t session_id_len, int with_transcript)
+{
+    alm_buf_str(w, "{\"message\":\"");
+
+    if (with_transcript) {
+        alm_buf_esc(w, req->transcript, strlen(req->transcript));
+        alm_buf_str(w, ALM_TRANSCRIPT_USER);
+    }
+
+    alm_buf_esc(w, req->message, req->message_len);
+    alm_buf_str(w, "\",\"mode\":\"");
+    alm_buf_str(w, mode);
+    alm_buf_str(w, "\"");
+
+    if (session_id && session_id_len) {
+        alm_buf_str(w, ",\"sessionId\":\"");
+        alm_buf_esc(w, session_id, session_id_len);
+        alm_buf_str(w, "\"");
+    }
+
+    if (req->attachments) {
+        alm_buf_str(w, ",\"attachments\":");
+        alm_buf_str(w, req->attachments);
+    }
+
+    alm_buf_str(w, "}");
+}
+
+
+char *
+alm_chat_req_upstream_body(const alm_chat_req_t *req, alm_mode_e mode,
+    const char *session_id, size_t session_id_len, int continuing,
+    size_t *len)
+{
+    alm_buf_t    w;
+    const char  *m;
+
+    if (req->message == NULL) {
+        return NULL;
+    }
+
+    switch (mode) {
+    case ALM_MODE_QUERY:
+        m = "query";
+        break;
+    case ALM_MODE_AUTOMATIC:
+        m = "automatic";
+        break;
+    default:
+        m = "chat";
+        break;
+    }
+
+    memset(&w, 0, sizeof(alm_buf_t));
+    alm_upstream_body(&w, req, m, session_id, session_id_len,
+                      !continuing && req->transcript != NULL);
+
+    return alm_buf_take(&w, len);
+}
+
+

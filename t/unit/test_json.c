@@ -1,0 +1,199 @@
+/*
+ * Copyright (C) ngx_anythingllm authors
+ *
+ * JSON output (alm_json.c): escaping, the growable writer, and parsed
+ * values written back as cJSON writes them.
+ */
+
+
+#include "test_common.h"
+
+#include "alm_json.h"
+
+
+static void
+test_json_escape(void **state)
+{
+    char    out[128];
+    size_t  n;
+
+    (void) state;
+
+    n = alm_json_escape(out, S("a\"b\\c\n\r\t\b\f\x01\x1f\x7f"));
+    assert_int_equal(n, alm_json_escape(NULL, S("a\"b\\c\n\r\t\b\f\x01\x1f"
+                                                "\x7f")));
+    assert_memory_equal(out, "a\\\"b\\\\c\\n\\r\\t\\b\\f\\u0001\\u001f\x7f",
+                        n);
+
+    /* valid UTF-8 passes, invalid bytes become U+FFFD */
+    n = alm_json_escape(out, S("\xc3\xa9\xe2\x82\xac\xf0\x9f\x98\x80"));
+    assert_int_equal(n, 9);
+    assert_memory_equal(out, "\xc3\xa9\xe2\x82\xac\xf0\x9f\x98\x80", 9);
+
+    n = alm_json_escape(out, S("\xff" "a" "\xc3" "\xc0\xaf" "\xed\xa0\x80"));
+    assert_memory_equal(out, "\\ufffda\\ufffd\\ufffd\\ufffd\\ufffd\\ufffd"
+                             "\\ufffd", n);
+
+    /* truncated sequence at the end */
+    n = alm_json_escape(out, S("x\xe2\x82"));
+    assert_memory_equal(out, "x\\ufffd\\ufffd", n);
+
+    n = alm_json_escape(out, "a\0b", 3);
+    assert_memory_equal(out, "a\\u0000b", n);
+
+    assert_int_equal(alm_json_escape(NULL, NULL, 0), 0);
+}
+
+
+/* the text a writer holds; the writer is emptied */
+
+static void
+expect_buf(alm_buf_t *b, const char *text)
+{
+    char    *p;
+    size_t   len;
+
+    p = alm_buf_take(b, &len);
+    assert_non_null(p);
+    assert_int_equal(len, strlen(text));
+    assert_string_equal(p, text);
+    free(p);
+
+    assert_null(b->data);
+    assert_int_equal(b->len, 0);
+}
+
+
+static void
+test_buf(void **state)
+{
+    int         i;
+    char       *p;
+    size_t      len;
+    alm_buf_t   b;
+
+    (void) state;
+
+    memset(&b, 0, sizeof(alm_buf_t));
+
+    /* an empty text is still a string */
+    expect_buf(&b, "");
+
+    alm_buf_raw(&b, "ab", 2);
+    alm_buf_raw(&b, "xyz", 0);
+    alm_buf_str(&b, "c\"");
+    alm_buf_esc(&b, S("\"\n\xff"));
+    alm_buf_raw(&b, ",", 1);
+    alm_buf_json_str(&b, "q\"");
+    alm_buf_raw(&b, ",", 1);
+    alm_buf_json_str(&b, NULL);
+    alm_buf_raw(&b, ",", 1);
+    alm_buf_int(&b, -9223372036854775807LL - 1);
+    alm_buf_raw(&b, ",", 1);
+    alm_buf_int(&b, 1700000000);
+    expect_buf(&b, "abc\"\\\"\\n\\ufffd,\"q\\\"\",null,"
+                   "-9223372036854775808,1700000000");
+
+    /* growing past the first allocation keeps every byte */
+    for (i = 0; i < 5000; i++) {
+        alm_buf_raw(&b, i % 2 ? "b" : "a", 1);
+    }
+
+    p = alm_buf_take(&b, &len);
+    assert_non_null(p);
+    assert_int_equal(len, 5000);
+    assert_int_equal(strlen(p), 5000);
+    assert_memory_equal(p + 4998, "ab", 2);
+    free(p);
+
+    /* out of memory: later appends do nothing, the text is lost */
+    alm_buf_str(&b, "kept until");
+    b.nomem = 1;
+    alm_buf_str(&b, "more");
+    alm_buf_int(&b, 5);
+    assert_int_equal(b.len, 10);
+    assert_null(alm_buf_take(&b, &len));
+    assert_null(b.data);
+    assert_int_equal(b.nomem, 0);
+
+    /* a kept buffer is written again from its start */
+    alm_buf_str(&b, "first");
+    b.len = 0;
+    alm_buf_str(&b, "second");
+    expect_buf(&b, "second");
+
+    alm_buf_str(&b, "freed");
+    alm_buf_free(&b);
+    assert_null(b.data);
+    alm_buf_free(&b);
+}
+
+
+/* parsed values come out exactly as cJSON_PrintUnformatted() has them */
+
+static void
+test_json_value(void **state)
+{
+    size_t      i;
+    char       *ours, *theirs;
+    cJSON      *j;
+    alm_buf_t   b;
+
+    static const char  *texts[] = {
+        "{}",
+        "[]",
+        "{\"a\":{\"b\":[[],{},null,true,false]},\"\":\"\"}",
+        "[0,-0,1,-1,2147483647,2147483648,-2147483649,3000000000,1e15,"
+        "1e16,1e300,1e-300,0.1,0.30000000000000004,123456789012345678,"
+        "1.7976931348623157e308,5e-324,1700000000.5]",
+        "[\"a\\u0001\\n\\\"\\\\\\/\\u00e9\\ud83d\\ude00\\u007f\"]",
+        /* bytes that are not UTF-8 pass as cJSON passes them */
+        "[\"\xff\xfe\",\"\xc3\xa9\",\"\xed\xa0\x80\"]",
+        "{\"workspaces\":[{\"id\":1,\"slug\":\"a\",\"createdAt\":"
+        "\"2024-01-01T00:00:00.000Z\",\"openAiTemp\":0.7}]}",
+    };
+
+    (void) state;
+
+    for (i = 0; i < sizeof(texts) / sizeof(texts[0]); i++) {
+        j = test_json(texts[i], strlen(texts[i]));
+
+        theirs = cJSON_PrintUnformatted(j);
+        assert_non_null(theirs);
+
+        memset(&b, 0, sizeof(alm_buf_t));
+        alm_json_value(&b, j);
+        ours = alm_buf_take(&b, NULL);
+        assert_non_null(ours);
+
+        if (strcmp(ours, theirs) != 0) {
+            print_error("text: %s\ncJSON: %s\nours:  %s\n", texts[i],
+                        theirs, ours);
+            fail();
+        }
+
+        free(ours);
+        free(theirs);
+        cJSON_Delete(j);
+    }
+
+    /* a string of given length ends at a NUL, as a C string would */
+    memset(&b, 0, sizeof(alm_buf_t));
+    alm_json_string_n(&b, "ab\0c", 4);
+    alm_json_string_n(&b, NULL, 0);
+    alm_json_string(&b, NULL);
+    expect_buf(&b, "\"ab\"\"\"\"\"");
+}
+
+
+int
+main(void)
+{
+    const struct CMUnitTest  tests[] = {
+        cmocka_unit_test(test_json_escape),
+        cmocka_unit_test(test_buf),
+        cmocka_unit_test(test_json_value),
+    };
+
+    return cmocka_run_group_tests_name("json", tests, NULL, NULL);
+}
