@@ -47,6 +47,9 @@ static ngx_int_t ngx_http_anythingllm_auth_judge(ngx_http_request_t *r,
     ngx_http_anythingllm_ctx_t *ctx);
 static ngx_int_t ngx_http_anythingllm_auth_lookup(ngx_http_request_t *r,
     ngx_http_anythingllm_ctx_t *ctx);
+static ngx_int_t ngx_http_anythingllm_auth_redis_key(ngx_http_request_t *r,
+    ngx_http_anythingllm_ctx_t *ctx, const char *name, size_t room,
+    ngx_str_t *key);
 static void ngx_http_anythingllm_auth_lookup_done(void *data,
     ngx_http_anythingllm_redis_reply_t *reply);
 static ngx_int_t ngx_http_anythingllm_auth_rate(ngx_http_request_t *r,
@@ -283,6 +286,29 @@ ngx_http_anythingllm_auth_start(ngx_http_request_t *r,
 }
 
 
+/*
+ * The Redis key of the request's key digest, for a command whose reply
+ * the request will wait for: the cleanups that cancel it are set.
+ */
+
+static ngx_int_t
+ngx_http_anythingllm_auth_redis_key(ngx_http_request_t *r,
+    ngx_http_anythingllm_ctx_t *ctx, const char *name, size_t room,
+    ngx_str_t *key)
+{
+    ngx_http_anythingllm_main_conf_t  *amcf;
+
+    if (ngx_http_anythingllm_auth_set_cleanup(r, ctx) != NGX_OK) {
+        return NGX_ERROR;
+    }
+
+    amcf = ngx_http_get_module_main_conf(r, ngx_http_anythingllm_module);
+
+    return ngx_http_anythingllm_redis_key(r->pool, &amcf->prefix, name,
+                                          ctx->key.digest, room, key);
+}
+
+
 static ngx_int_t
 ngx_http_anythingllm_auth_lookup(ngx_http_request_t *r,
     ngx_http_anythingllm_ctx_t *ctx)
@@ -291,16 +317,8 @@ ngx_http_anythingllm_auth_lookup(ngx_http_request_t *r,
     size_t                             argvlen[2];
     const char                        *argv[2];
     ngx_http_anythingllm_redis_req_t  *rr;
-    ngx_http_anythingllm_main_conf_t  *amcf;
 
-    amcf = ngx_http_get_module_main_conf(r, ngx_http_anythingllm_module);
-
-    if (ngx_http_anythingllm_auth_set_cleanup(r, ctx) != NGX_OK) {
-        return NGX_ERROR;
-    }
-
-    if (ngx_http_anythingllm_redis_key(r->pool, &amcf->prefix, "key:",
-                                       ctx->key.digest, 0, &name)
+    if (ngx_http_anythingllm_auth_redis_key(r, ctx, "key:", 0, &name)
         != NGX_OK)
     {
         return NGX_ERROR;
@@ -483,24 +501,16 @@ ngx_http_anythingllm_auth_rate(ngx_http_request_t *r,
     size_t                             argvlen[3];
     const char                        *argv[3];
     ngx_http_anythingllm_redis_req_t  *rr;
-    ngx_http_anythingllm_main_conf_t  *amcf;
 
-    amcf = ngx_http_get_module_main_conf(r, ngx_http_anythingllm_module);
-
-    if (ngx_http_anythingllm_auth_set_cleanup(r, ctx) != NGX_OK) {
-        return NGX_ERROR;
-    }
-
-    now = ngx_time();
-
-    if (ngx_http_anythingllm_redis_key(r->pool, &amcf->prefix, "rl:",
-                                       ctx->key.digest,
-                                       sizeof(":") - 1 + NGX_TIME_T_LEN,
-                                       &name)
+    if (ngx_http_anythingllm_auth_redis_key(r, ctx, "rl:",
+                                            sizeof(":") - 1 + NGX_TIME_T_LEN,
+                                            &name)
         != NGX_OK)
     {
         return NGX_ERROR;
     }
+
+    now = ngx_time();
 
     p = ngx_sprintf(name.data + name.len, ":%T", now / 60);
 
@@ -706,20 +716,19 @@ static ngx_int_t
 ngx_http_anythingllm_auth_set_cleanup(ngx_http_request_t *r,
     ngx_http_anythingllm_ctx_t *ctx)
 {
-    ngx_pool_cleanup_t  *pcln;
     ngx_http_cleanup_t  *hcln;
 
     if (ctx->auth_cleanup) {
         return NGX_OK;
     }
 
-    pcln = ngx_pool_cleanup_add(r->pool, 0);
-    if (pcln == NULL) {
+    if (ngx_http_anythingllm_cleanup_add(r->pool,
+                                         ngx_http_anythingllm_auth_cleanup,
+                                         ctx)
+        != NGX_OK)
+    {
         return NGX_ERROR;
     }
-
-    pcln->handler = ngx_http_anythingllm_auth_cleanup;
-    pcln->data = ctx;
 
     hcln = ngx_http_cleanup_add(r, 0);
     if (hcln == NULL) {
@@ -740,10 +749,7 @@ ngx_http_anythingllm_auth_cleanup(void *data)
 {
     ngx_http_anythingllm_ctx_t *ctx = data;
 
-    if (ctx->pending) {
-        ngx_http_anythingllm_redis_cancel(ctx->pending);
-        ctx->pending = NULL;
-    }
+    ngx_http_anythingllm_redis_cancel(&ctx->pending);
 }
 
 
@@ -1069,21 +1075,13 @@ static ngx_int_t
 ngx_http_anythingllm_auth_keep(ngx_http_request_t *r,
     ngx_http_anythingllm_key_t *key)
 {
-    ngx_pool_cleanup_t  *cln;
-
     if (ngx_http_anythingllm_auth_kept(r)) {
         return NGX_OK;
     }
 
-    cln = ngx_pool_cleanup_add(r->pool, 0);
-    if (cln == NULL) {
-        return NGX_ERROR;
-    }
-
-    cln->handler = ngx_http_anythingllm_auth_kept_cleanup;
-    cln->data = key;
-
-    return NGX_OK;
+    return ngx_http_anythingllm_cleanup_add(r->pool,
+                                       ngx_http_anythingllm_auth_kept_cleanup,
+                                       key);
 }
 
 

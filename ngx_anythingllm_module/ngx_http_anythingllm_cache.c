@@ -86,6 +86,11 @@ typedef struct {
      ? &(sh)->unknown : &(sh)->queue)
 
 
+static ngx_http_anythingllm_cache_sh_t *ngx_http_anythingllm_cache_lock(
+    ngx_shm_zone_t *zone, ngx_slab_pool_t **shpool);
+static ngx_int_t ngx_http_anythingllm_cache_add_zone(ngx_conf_t *cf,
+    ngx_http_anythingllm_main_conf_t *amcf, ngx_str_t *name, size_t size,
+    const char *used);
 static ngx_int_t ngx_http_anythingllm_cache_init_zone(
     ngx_shm_zone_t *shm_zone, void *data);
 static void ngx_http_anythingllm_cache_revoke(ngx_shm_zone_t *zone,
@@ -202,20 +207,12 @@ ngx_http_anythingllm_key_cache(ngx_conf_t *cf, ngx_command_t *cmd,
         return NGX_CONF_ERROR;
     }
 
-    amcf->cache_zone = ngx_shared_memory_add(cf, &name, size,
-                                             &ngx_http_anythingllm_module);
-    if (amcf->cache_zone == NULL) {
+    if (ngx_http_anythingllm_cache_add_zone(cf, amcf, &name, size,
+                                            "duplicate zone \"%V\"")
+        != NGX_OK)
+    {
         return NGX_CONF_ERROR;
     }
-
-    if (amcf->cache_zone->data) {
-        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
-                           "duplicate zone \"%V\"", &name);
-        return NGX_CONF_ERROR;
-    }
-
-    amcf->cache_zone->init = ngx_http_anythingllm_cache_init_zone;
-    amcf->cache_zone->data = amcf;
 
     return NGX_CONF_OK;
 
@@ -314,17 +311,27 @@ ngx_http_anythingllm_cache_default_zone(ngx_conf_t *cf,
 {
     ngx_str_t  name = ngx_string("anythingllm_keys");
 
-    amcf->cache_zone = ngx_shared_memory_add(cf, &name,
+    return ngx_http_anythingllm_cache_add_zone(cf, amcf, &name,
                                    NGX_HTTP_ANYTHINGLLM_CACHE_DEFAULT_SIZE,
-                                   &ngx_http_anythingllm_module);
+                                   "shared memory zone \"%V\" is already used");
+}
+
+
+/* "used": what is logged when the zone's name is taken already */
+
+static ngx_int_t
+ngx_http_anythingllm_cache_add_zone(ngx_conf_t *cf,
+    ngx_http_anythingllm_main_conf_t *amcf, ngx_str_t *name, size_t size,
+    const char *used)
+{
+    amcf->cache_zone = ngx_shared_memory_add(cf, name, size,
+                                             &ngx_http_anythingllm_module);
     if (amcf->cache_zone == NULL) {
         return NGX_ERROR;
     }
 
     if (amcf->cache_zone->data) {
-        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
-                           "shared memory zone \"%V\" is already used",
-                           &name);
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0, used, name);
         return NGX_ERROR;
     }
 
@@ -332,6 +339,23 @@ ngx_http_anythingllm_cache_default_zone(ngx_conf_t *cf,
     amcf->cache_zone->data = amcf;
 
     return NGX_OK;
+}
+
+
+/* the zone's tree and queues, locked */
+
+static ngx_http_anythingllm_cache_sh_t *
+ngx_http_anythingllm_cache_lock(ngx_shm_zone_t *zone,
+    ngx_slab_pool_t **shpool)
+{
+    ngx_http_anythingllm_main_conf_t  *amcf;
+
+    amcf = zone->data;
+    *shpool = amcf->cache_shpool;
+
+    ngx_shmtx_lock(&(*shpool)->mutex);
+
+    return amcf->cache_sh;
 }
 
 
@@ -350,20 +374,15 @@ ngx_http_anythingllm_cache_get(ngx_shm_zone_t *zone, const char *digest,
     ngx_int_t                           rc;
     ngx_slab_pool_t                    *shpool;
     ngx_http_anythingllm_cache_sh_t    *sh;
-    ngx_http_anythingllm_main_conf_t   *amcf;
     ngx_http_anythingllm_cache_node_t  *cn;
 
     if (zone == NULL) {
         return NGX_DECLINED;
     }
 
-    amcf = zone->data;
-    sh = amcf->cache_sh;
-    shpool = amcf->cache_shpool;
-
     hash = ngx_crc32_short((u_char *) digest, ALM_DIGEST_HEX_LEN);
 
-    ngx_shmtx_lock(&shpool->mutex);
+    sh = ngx_http_anythingllm_cache_lock(zone, &shpool);
 
     cn = ngx_http_anythingllm_cache_lookup(sh, (u_char *) digest, hash);
 
@@ -456,7 +475,6 @@ ngx_http_anythingllm_cache_put(ngx_shm_zone_t *zone,
     uint32_t                            hash;
     ngx_slab_pool_t                    *shpool;
     ngx_http_anythingllm_cache_sh_t    *sh;
-    ngx_http_anythingllm_main_conf_t   *amcf;
     ngx_http_anythingllm_cache_node_t  *cn;
 
     if (zone == NULL || ttl <= 0) {
@@ -469,13 +487,9 @@ ngx_http_anythingllm_cache_put(ngx_shm_zone_t *zone,
         return;
     }
 
-    amcf = zone->data;
-    sh = amcf->cache_sh;
-    shpool = amcf->cache_shpool;
-
     hash = ngx_crc32_short((u_char *) key->digest, ALM_DIGEST_HEX_LEN);
 
-    ngx_shmtx_lock(&shpool->mutex);
+    sh = ngx_http_anythingllm_cache_lock(zone, &shpool);
 
     if ((ngx_msec_int_t) (sh->flushed - since) >= 0) {
         goto done;
@@ -557,20 +571,15 @@ ngx_http_anythingllm_cache_mark(ngx_shm_zone_t *zone, const char *digest,
     uint32_t                            hash;
     ngx_slab_pool_t                    *shpool;
     ngx_http_anythingllm_cache_sh_t    *sh;
-    ngx_http_anythingllm_main_conf_t   *amcf;
     ngx_http_anythingllm_cache_node_t  *cn;
 
     if (zone == NULL) {
         return;
     }
 
-    amcf = zone->data;
-    sh = amcf->cache_sh;
-    shpool = amcf->cache_shpool;
-
     hash = ngx_crc32_short((u_char *) digest, ALM_DIGEST_HEX_LEN);
 
-    ngx_shmtx_lock(&shpool->mutex);
+    sh = ngx_http_anythingllm_cache_lock(zone, &shpool);
 
     cn = ngx_http_anythingllm_cache_make(sh, shpool, (u_char *) digest, hash,
                                  stamp, 0,
@@ -595,18 +604,13 @@ ngx_http_anythingllm_cache_flush(ngx_shm_zone_t *zone)
     ngx_queue_t                        *q, *next;
     ngx_slab_pool_t                    *shpool;
     ngx_http_anythingllm_cache_sh_t    *sh;
-    ngx_http_anythingllm_main_conf_t   *amcf;
     ngx_http_anythingllm_cache_node_t  *cn;
 
     if (zone == NULL) {
         return;
     }
 
-    amcf = zone->data;
-    sh = amcf->cache_sh;
-    shpool = amcf->cache_shpool;
-
-    ngx_shmtx_lock(&shpool->mutex);
+    sh = ngx_http_anythingllm_cache_lock(zone, &shpool);
 
     sh->flushed = ngx_current_msec;
 

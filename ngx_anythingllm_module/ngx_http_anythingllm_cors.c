@@ -31,26 +31,16 @@ ngx_http_anythingllm_hide_cors(ngx_http_request_t *r)
     ngx_table_elt_t  *h;
 
     part = &r->headers_out.headers.part;
-    h = part->elts;
+    i = 0;
 
-    for (i = 0; /* void */; i++) {
+    while ((h = ngx_http_anythingllm_next_header(&part, &i)) != NULL) {
 
-        if (i >= part->nelts) {
-            if (part->next == NULL) {
-                break;
-            }
-
-            part = part->next;
-            h = part->elts;
-            i = 0;
-        }
-
-        if (h[i].key.len > sizeof("Access-Control-") - 1
-            && ngx_strncasecmp(h[i].key.data, (u_char *) "Access-Control-",
+        if (h->key.len > sizeof("Access-Control-") - 1
+            && ngx_strncasecmp(h->key.data, (u_char *) "Access-Control-",
                                sizeof("Access-Control-") - 1)
                == 0)
         {
-            h[i].hash = 0;
+            h->hash = 0;
         }
     }
 }
@@ -134,24 +124,14 @@ ngx_http_anythingllm_preflight_handler(ngx_http_request_t *r)
 
     preflight = 0;
     part = &r->headers_in.headers.part;
-    h = part->elts;
+    i = 0;
 
-    for (i = 0; /* void */; i++) {
+    while ((h = ngx_http_anythingllm_next_header(&part, &i)) != NULL) {
 
-        if (i >= part->nelts) {
-            if (part->next == NULL) {
-                break;
-            }
-
-            part = part->next;
-            h = part->elts;
-            i = 0;
-        }
-
-        if (h[i].key.len == sizeof("Access-Control-Request-Method") - 1
-            && ngx_strncasecmp(h[i].key.data,
+        if (h->key.len == sizeof("Access-Control-Request-Method") - 1
+            && ngx_strncasecmp(h->key.data,
                                (u_char *) "Access-Control-Request-Method",
-                               h[i].key.len)
+                               h->key.len)
                == 0)
         {
             preflight = 1;

@@ -280,7 +280,6 @@ ngx_http_anythingllm_stream_header(ngx_http_request_t *r,
 {
     char                             *buf;
     ngx_str_t                         v;
-    ngx_pool_cleanup_t               *cln;
     alm_completion_meta_t             meta;
     ngx_http_anythingllm_loc_conf_t  *alcf;
 
@@ -291,13 +290,13 @@ ngx_http_anythingllm_stream_header(ngx_http_request_t *r,
         return NGX_ERROR;
     }
 
-    cln = ngx_pool_cleanup_add(r->pool, 0);
-    if (cln == NULL) {
+    if (ngx_http_anythingllm_cleanup_add(r->pool,
+                                         ngx_http_anythingllm_stream_free,
+                                         &fctx->sse)
+        != NGX_OK)
+    {
         return NGX_ERROR;
     }
-
-    cln->handler = ngx_http_anythingllm_stream_free;
-    cln->data = &fctx->sse;
 
     meta.id = (const char *) ctx->completion_id.data;
     meta.id_len = ctx->completion_id.len;
@@ -992,18 +991,10 @@ ngx_http_anythingllm_whole_send(ngx_http_request_t *r, ngx_uint_t status,
         return rc;
     }
 
-    b = ngx_calloc_buf(r->pool);
+    b = ngx_http_anythingllm_body_buf(r->pool, body);
     if (b == NULL) {
         return NGX_ERROR;
     }
-
-    b->pos = body->data;
-    b->last = body->data + body->len;
-    b->start = b->pos;
-    b->end = b->last;
-    b->memory = 1;
-    b->last_buf = 1;
-    b->last_in_chain = 1;
 
     out.buf = b;
     out.next = NULL;

@@ -221,9 +221,14 @@ ngx_int_t ngx_http_anythingllm_error(ngx_http_request_t *r,
 ngx_int_t ngx_http_anythingllm_alm_error(ngx_http_request_t *r,
     alm_error_t *err);
 
+ngx_buf_t *ngx_http_anythingllm_body_buf(ngx_pool_t *pool, ngx_str_t *body);
+
 /* adds a response header; "key" must outlive the request */
 ngx_table_elt_t *ngx_http_anythingllm_push_header(ngx_http_request_t *r,
     const char *key, ngx_str_t *value);
+
+ngx_table_elt_t *ngx_http_anythingllm_next_header(ngx_list_part_t **part,
+    ngx_uint_t *i);
 
 /* ngx_http_anythingllm_set_header() flags */
 #define NGX_HTTP_ANYTHINGLLM_HEADER_ADD   0x01  /* add one when none */
@@ -234,6 +239,8 @@ ngx_int_t ngx_http_anythingllm_set_header(ngx_http_request_t *r,
     ngx_str_t *value, ngx_uint_t flags);
 ngx_int_t ngx_http_anythingllm_identity_encoding(ngx_http_request_t *r);
 
+ngx_int_t ngx_http_anythingllm_cleanup_add(ngx_pool_t *pool,
+    ngx_pool_cleanup_pt handler, void *data);
 /* free(p) when "pool" goes; NGX_ERROR: p is freed at once */
 ngx_int_t ngx_http_anythingllm_free_on_cleanup(ngx_pool_t *pool, void *p);
 
@@ -289,7 +296,7 @@ ngx_http_anythingllm_redis_req_t *ngx_http_anythingllm_redis_command(
     ngx_http_anythingllm_redis_handler_pt handler, void *data,
     int argc, const char **argv, const size_t *argvlen);
 void ngx_http_anythingllm_redis_cancel(
-    ngx_http_anythingllm_redis_req_t *rr);
+    ngx_http_anythingllm_redis_req_t **rrp);
 
 
 /* ngx_http_anythingllm_cache.c */

@@ -32,6 +32,8 @@
  */
 #define NGX_HTTP_ANYTHINGLLM_BODY_MAX     (64 * 1024 * 1024)
 
+static ngx_int_t ngx_http_anythingllm_openai_not_allowed(
+    ngx_http_request_t *r, const char *message);
 static ngx_int_t ngx_http_anythingllm_openai_models(ngx_http_request_t *r,
     ngx_http_anythingllm_ctx_t *ctx, alm_oai_route_e route, const char *id,
     size_t id_len);
@@ -126,6 +128,16 @@ ngx_http_anythingllm_openai_handler(ngx_http_request_t *r)
 
 
 static ngx_int_t
+ngx_http_anythingllm_openai_not_allowed(ngx_http_request_t *r,
+    const char *message)
+{
+    return ngx_http_anythingllm_error(r, NGX_HTTP_NOT_ALLOWED, message,
+                                      "invalid_request_error", NULL,
+                                      "method_not_allowed");
+}
+
+
+static ngx_int_t
 ngx_http_anythingllm_openai_models(ngx_http_request_t *r,
     ngx_http_anythingllm_ctx_t *ctx, alm_oai_route_e route, const char *id,
     size_t id_len)
@@ -134,10 +146,8 @@ ngx_http_anythingllm_openai_models(ngx_http_request_t *r,
     ngx_str_t    slug;
 
     if (r->method != NGX_HTTP_GET) {
-        return ngx_http_anythingllm_error(r, NGX_HTTP_NOT_ALLOWED,
-                                          "Only GET is allowed here.",
-                                          "invalid_request_error", NULL,
-                                          "method_not_allowed");
+        return ngx_http_anythingllm_openai_not_allowed(r,
+                                                 "Only GET is allowed here.");
     }
 
     if (r->headers_in.content_length_n > 0 || r->headers_in.chunked) {
@@ -200,14 +210,11 @@ static ngx_int_t
 ngx_http_anythingllm_openai_chat(ngx_http_request_t *r,
     ngx_http_anythingllm_ctx_t *ctx)
 {
-    ngx_int_t            rc;
-    ngx_pool_cleanup_t  *cln;
+    ngx_int_t  rc;
 
     if (r->method != NGX_HTTP_POST) {
-        return ngx_http_anythingllm_error(r, NGX_HTTP_NOT_ALLOWED,
-                                          "Only POST is allowed here.",
-                                          "invalid_request_error", NULL,
-                                          "method_not_allowed");
+        return ngx_http_anythingllm_openai_not_allowed(r,
+                                                "Only POST is allowed here.");
     }
 
     if (r->headers_in.content_length_n
@@ -224,13 +231,13 @@ ngx_http_anythingllm_openai_chat(ngx_http_request_t *r,
                                           NULL);
     }
 
-    cln = ngx_pool_cleanup_add(r->pool, 0);
-    if (cln == NULL) {
+    if (ngx_http_anythingllm_cleanup_add(r->pool,
+                                         ngx_http_anythingllm_openai_cleanup,
+                                         ctx)
+        != NGX_OK)
+    {
         return NGX_HTTP_INTERNAL_SERVER_ERROR;
     }
-
-    cln->handler = ngx_http_anythingllm_openai_cleanup;
-    cln->data = ctx;
 
     ctx->openai_waiting = 1;
     ctx->openai_status = NGX_DONE;
@@ -648,7 +655,6 @@ ngx_http_anythingllm_openai_body(ngx_http_request_t *r,
     u_char                           *p;
     char                             *json;
     size_t                            len;
-    ngx_buf_t                        *b;
     ngx_str_t                         v;
     ngx_chain_t                      *cl;
     ngx_http_anythingllm_loc_conf_t  *alcf;
@@ -668,25 +674,19 @@ ngx_http_anythingllm_openai_body(ngx_http_request_t *r,
         return NGX_ERROR;
     }
 
-    b = ngx_calloc_buf(r->pool);
-    if (b == NULL) {
-        return NGX_ERROR;
-    }
-
-    b->start = (u_char *) json;
-    b->pos = b->start;
-    b->last = b->start + len;
-    b->end = b->last;
-    b->memory = 1;
-    b->last_buf = 1;
-    b->last_in_chain = 1;
-
     cl = ngx_alloc_chain_link(r->pool);
     if (cl == NULL) {
         return NGX_ERROR;
     }
 
-    cl->buf = b;
+    v.data = (u_char *) json;
+    v.len = len;
+
+    cl->buf = ngx_http_anythingllm_body_buf(r->pool, &v);
+    if (cl->buf == NULL) {
+        return NGX_ERROR;
+    }
+
     cl->next = NULL;
 
     r->request_body->bufs = cl;
@@ -897,10 +897,7 @@ ngx_http_anythingllm_openai_cleanup(void *data)
 {
     ngx_http_anythingllm_ctx_t *ctx = data;
 
-    if (ctx->conv_pending) {
-        ngx_http_anythingllm_redis_cancel(ctx->conv_pending);
-        ctx->conv_pending = NULL;
-    }
+    ngx_http_anythingllm_redis_cancel(&ctx->conv_pending);
 
     if (ctx->chat) {
         alm_chat_req_free(ctx->chat);

@@ -90,8 +90,7 @@ static void ngx_http_anythingllm_redis_schedule(
     ngx_http_anythingllm_redis_conn_t *conn);
 static void ngx_http_anythingllm_redis_reconnect_handler(ngx_event_t *ev);
 static void ngx_http_anythingllm_redis_timer_handler(ngx_event_t *ev);
-static void ngx_http_anythingllm_redis_read_handler(ngx_event_t *ev);
-static void ngx_http_anythingllm_redis_write_handler(ngx_event_t *ev);
+static void ngx_http_anythingllm_redis_io_handler(ngx_event_t *ev);
 static void ngx_http_anythingllm_redis_event(void *privdata,
     ngx_int_t event, ngx_uint_t add);
 static void ngx_http_anythingllm_redis_add_read(void *privdata);
@@ -125,7 +124,7 @@ static ngx_http_anythingllm_redis_conn_t   ngx_http_anythingllm_redis_sub;
 static ngx_queue_t                         ngx_http_anythingllm_redis_free;
 static ngx_uint_t                          ngx_http_anythingllm_redis_nfree;
 static ngx_uint_t                          ngx_http_anythingllm_redis_exiting;
-static ngx_http_anythingllm_redis_sub_pt   ngx_http_anythingllm_redis_sub_handler;
+static ngx_http_anythingllm_redis_sub_pt   ngx_http_anythingllm_redis_on_sub;
 
 
 ngx_int_t
@@ -150,7 +149,7 @@ ngx_http_anythingllm_redis_init_process(ngx_cycle_t *cycle,
     }
 
     ngx_http_anythingllm_redis_conf = amcf;
-    ngx_http_anythingllm_redis_sub_handler = sub_handler;
+    ngx_http_anythingllm_redis_on_sub = sub_handler;
     ngx_http_anythingllm_redis_exiting = 0;
     ngx_queue_init(&ngx_http_anythingllm_redis_free);
 
@@ -272,13 +271,24 @@ ngx_http_anythingllm_redis_command(
  * A pending command cannot be taken back from hiredis: its callback
  * will run once the reply (or the end of the connection) comes.  The
  * handle stays with the worker until then, but calls nobody back.
+ * The caller's handle is cleared; a cleared one is let be.
  */
 
 void
-ngx_http_anythingllm_redis_cancel(ngx_http_anythingllm_redis_req_t *rr)
+ngx_http_anythingllm_redis_cancel(ngx_http_anythingllm_redis_req_t **rrp)
 {
+    ngx_http_anythingllm_redis_req_t  *rr;
+
+    rr = *rrp;
+
+    if (rr == NULL) {
+        return;
+    }
+
     rr->handler = NULL;
     rr->data = NULL;
+
+    *rrp = NULL;
 }
 
 
@@ -325,8 +335,8 @@ ngx_http_anythingllm_redis_connect(ngx_http_anythingllm_redis_conn_t *conn)
     }
 
     c->data = conn;
-    c->read->handler = ngx_http_anythingllm_redis_read_handler;
-    c->write->handler = ngx_http_anythingllm_redis_write_handler;
+    c->read->handler = ngx_http_anythingllm_redis_io_handler;
+    c->write->handler = ngx_http_anythingllm_redis_io_handler;
     c->read->log = log;
     c->write->log = log;
 
@@ -837,7 +847,7 @@ ngx_http_anythingllm_redis_reconnect_handler(ngx_event_t *ev)
 
 
 static void
-ngx_http_anythingllm_redis_read_handler(ngx_event_t *ev)
+ngx_http_anythingllm_redis_io_handler(ngx_event_t *ev)
 {
     ngx_connection_t                   *c;
     ngx_http_anythingllm_redis_conn_t  *conn;
@@ -851,24 +861,12 @@ ngx_http_anythingllm_redis_read_handler(ngx_event_t *ev)
 
     /* may free the context: nothing is touched afterwards */
 
-    redisAsyncHandleRead(conn->ac);
-}
+    if (ev->write) {
+        redisAsyncHandleWrite(conn->ac);
 
-
-static void
-ngx_http_anythingllm_redis_write_handler(ngx_event_t *ev)
-{
-    ngx_connection_t                   *c;
-    ngx_http_anythingllm_redis_conn_t  *conn;
-
-    c = ev->data;
-    conn = c->data;
-
-    if (conn->ac == NULL) {
-        return;
+    } else {
+        redisAsyncHandleRead(conn->ac);
     }
-
-    redisAsyncHandleWrite(conn->ac);
 }
 
 
@@ -1086,7 +1084,7 @@ ngx_http_anythingllm_redis_sub_message(redisAsyncContext *ac, void *reply,
         conn->quiet = 0;
 
         if (conn->was_down) {
-            ngx_http_anythingllm_redis_sub_handler(
+            ngx_http_anythingllm_redis_on_sub(
                                        ngx_http_anythingllm_redis_conf, NULL);
         }
 
@@ -1103,6 +1101,6 @@ ngx_http_anythingllm_redis_sub_message(redisAsyncContext *ac, void *reply,
     message.data = (u_char *) msg->str;
     message.len = msg->len;
 
-    ngx_http_anythingllm_redis_sub_handler(ngx_http_anythingllm_redis_conf,
+    ngx_http_anythingllm_redis_on_sub(ngx_http_anythingllm_redis_conf,
                                            &message);
 }

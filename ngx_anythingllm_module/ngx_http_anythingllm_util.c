@@ -68,6 +68,30 @@ ngx_http_anythingllm_error_body(ngx_pool_t *pool, const char *message,
 }
 
 
+/* a whole body in memory, the last buffer of its chain */
+
+ngx_buf_t *
+ngx_http_anythingllm_body_buf(ngx_pool_t *pool, ngx_str_t *body)
+{
+    ngx_buf_t  *b;
+
+    b = ngx_calloc_buf(pool);
+    if (b == NULL) {
+        return NULL;
+    }
+
+    b->start = body->data;
+    b->pos = b->start;
+    b->last = b->start + body->len;
+    b->end = b->last;
+    b->memory = 1;
+    b->last_buf = 1;
+    b->last_in_chain = 1;
+
+    return b;
+}
+
+
 ngx_int_t
 ngx_http_anythingllm_send_error(ngx_http_request_t *r, ngx_uint_t status,
     const char *message, const char *type, const char *param,
@@ -85,18 +109,12 @@ ngx_http_anythingllm_send_error(ngx_http_request_t *r, ngx_uint_t status,
         return NGX_HTTP_INTERNAL_SERVER_ERROR;
     }
 
-    b = ngx_calloc_buf(r->pool);
+    b = ngx_http_anythingllm_body_buf(r->pool, &body);
     if (b == NULL) {
         return NGX_HTTP_INTERNAL_SERVER_ERROR;
     }
 
-    b->start = body.data;
-    b->pos = b->start;
-    b->last = b->start + body.len;
-    b->end = b->last;
-    b->temporary = 1;
     b->last_buf = (r == r->main) ? 1 : 0;
-    b->last_in_chain = 1;
 
     /* the body is ours: drop what the client sent, keep the connection */
 
@@ -173,6 +191,32 @@ ngx_http_anythingllm_push_header(ngx_http_request_t *r, const char *key,
 
 
 /*
+ * The next element of a header list: a walk starts with *part at the
+ * list's first part and *i 0, and ends with NULL.  Empty parts are
+ * stepped over.
+ */
+
+ngx_table_elt_t *
+ngx_http_anythingllm_next_header(ngx_list_part_t **part, ngx_uint_t *i)
+{
+    ngx_table_elt_t  *h;
+
+    while (*i >= (*part)->nelts) {
+        if ((*part)->next == NULL) {
+            return NULL;
+        }
+
+        *part = (*part)->next;
+        *i = 0;
+    }
+
+    h = (*part)->elts;
+
+    return &h[(*i)++];
+}
+
+
+/*
  * Sets a header of the request, or of the response with
  * NGX_HTTP_ANYTHINGLLM_HEADER_OUT, to "value", found by name; with
  * NGX_HTTP_ANYTHINGLLM_HEADER_ADD a line is added when there is none.
@@ -200,35 +244,25 @@ ngx_http_anythingllm_set_header(ngx_http_request_t *r,
     first = NULL;
 
     part = out ? &r->headers_out.headers.part : &r->headers_in.headers.part;
-    h = part->elts;
+    i = 0;
 
-    for (i = 0; /* void */; i++) {
+    while ((h = ngx_http_anythingllm_next_header(&part, &i)) != NULL) {
 
-        if (i >= part->nelts) {
-            if (part->next == NULL) {
-                break;
-            }
-
-            part = part->next;
-            h = part->elts;
-            i = 0;
-        }
-
-        if ((out && h[i].hash == 0) || h[i].key.len != len
-            || ngx_strncasecmp(h[i].key.data, (u_char *) name, len) != 0)
+        if ((out && h->hash == 0) || h->key.len != len
+            || ngx_strncasecmp(h->key.data, (u_char *) name, len) != 0)
         {
             continue;
         }
 
         if (out && first) {
-            h[i].hash = 0;
+            h->hash = 0;
             continue;
         }
 
-        h[i].value = *value;
+        h->value = *value;
 
         if (first == NULL) {
-            first = &h[i];
+            first = h;
         }
     }
 
@@ -281,21 +315,37 @@ ngx_http_anythingllm_identity_encoding(ngx_http_request_t *r)
 }
 
 
-/* for what the core allocates with malloc() and hands over */
+/* runs handler(data) when "pool" is destroyed */
 
 ngx_int_t
-ngx_http_anythingllm_free_on_cleanup(ngx_pool_t *pool, void *p)
+ngx_http_anythingllm_cleanup_add(ngx_pool_t *pool,
+    ngx_pool_cleanup_pt handler, void *data)
 {
     ngx_pool_cleanup_t  *cln;
 
     cln = ngx_pool_cleanup_add(pool, 0);
     if (cln == NULL) {
-        free(p);
         return NGX_ERROR;
     }
 
-    cln->handler = ngx_http_anythingllm_free;
-    cln->data = p;
+    cln->handler = handler;
+    cln->data = data;
+
+    return NGX_OK;
+}
+
+
+/* for what the core allocates with malloc() and hands over */
+
+ngx_int_t
+ngx_http_anythingllm_free_on_cleanup(ngx_pool_t *pool, void *p)
+{
+    if (ngx_http_anythingllm_cleanup_add(pool, ngx_http_anythingllm_free, p)
+        != NGX_OK)
+    {
+        free(p);
+        return NGX_ERROR;
+    }
 
     return NGX_OK;
 }
