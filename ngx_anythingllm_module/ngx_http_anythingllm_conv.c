@@ -132,7 +132,8 @@ ngx_http_anythingllm_conv_lookup(ngx_http_request_t *r,
 
 /*
  * The Redis reply to the conversation lookup.  The request is alive:
- * its cleanup cancels the command before the request goes away.
+ * its cleanup, set by the OpenAI handler before the body is read,
+ * cancels the command before the request goes away.
  */
 
 static void
