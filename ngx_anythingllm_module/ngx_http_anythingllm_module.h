@@ -251,7 +251,9 @@ ngx_int_t ngx_http_anythingllm_free_on_cleanup(ngx_pool_t *pool, void *p);
 
 typedef enum {
     NGX_HTTP_ANYTHINGLLM_REDIS_NONE = 0,    /* error, timeout, disconnect */
-    NGX_HTTP_ANYTHINGLLM_REDIS_ERROR,       /* "str": the error */
+    NGX_HTTP_ANYTHINGLLM_REDIS_ERROR,       /* "str": the error, or "out
+                                               of memory" when the reply
+                                               could not be read */
     NGX_HTTP_ANYTHINGLLM_REDIS_STRING,      /* "str" */
     NGX_HTTP_ANYTHINGLLM_REDIS_INTEGER,     /* "integer" */
     NGX_HTTP_ANYTHINGLLM_REDIS_ARRAY,       /* "elts", "nelts" */
