@@ -30,8 +30,6 @@
 #include <ngx_core.h>
 #include <ngx_http.h>
 
-#include <hiredis/hiredis.h>
-
 #include "ngx_http_anythingllm_module.h"
 
 
@@ -49,12 +47,17 @@ static ngx_int_t ngx_http_anythingllm_auth_judge(ngx_http_request_t *r,
     ngx_http_anythingllm_ctx_t *ctx);
 static ngx_int_t ngx_http_anythingllm_auth_lookup(ngx_http_request_t *r,
     ngx_http_anythingllm_ctx_t *ctx);
-static void ngx_http_anythingllm_auth_lookup_done(void *data, void *reply);
+static ngx_int_t ngx_http_anythingllm_auth_redis_key(ngx_http_request_t *r,
+    ngx_http_anythingllm_ctx_t *ctx, const char *name, size_t room,
+    ngx_str_t *key);
+static void ngx_http_anythingllm_auth_lookup_done(void *data,
+    ngx_http_anythingllm_redis_reply_t *reply);
 static ngx_int_t ngx_http_anythingllm_auth_rate(ngx_http_request_t *r,
     ngx_http_anythingllm_ctx_t *ctx);
-static void ngx_http_anythingllm_auth_rate_done(void *data, void *reply);
+static void ngx_http_anythingllm_auth_rate_done(void *data,
+    ngx_http_anythingllm_redis_reply_t *reply);
 static void ngx_http_anythingllm_auth_rate_refused(ngx_http_request_t *r,
-    ngx_http_anythingllm_ctx_t *ctx, redisReply *rp);
+    ngx_http_anythingllm_ctx_t *ctx, ngx_http_anythingllm_redis_reply_t *rp);
 static ngx_uint_t ngx_http_anythingllm_auth_log_due(ngx_uint_t *missed);
 static void ngx_http_anythingllm_auth_unreachable(ngx_http_request_t *r,
     ngx_http_anythingllm_ctx_t *ctx);
@@ -66,10 +69,12 @@ static ngx_int_t ngx_http_anythingllm_auth_set_cleanup(ngx_http_request_t *r,
 static void ngx_http_anythingllm_auth_cleanup(void *data);
 static ngx_int_t ngx_http_anythingllm_auth_verdict(ngx_http_request_t *r,
     ngx_http_anythingllm_ctx_t *ctx);
+static ngx_int_t ngx_http_anythingllm_auth_forbidden(ngx_http_request_t *r,
+    ngx_http_anythingllm_ctx_t *ctx);
 static ngx_int_t ngx_http_anythingllm_auth_read_key(ngx_http_request_t *r,
     ngx_str_t *key);
 static ngx_int_t ngx_http_anythingllm_auth_parse(ngx_http_request_t *r,
-    ngx_http_anythingllm_ctx_t *ctx, redisReply *rp);
+    ngx_http_anythingllm_ctx_t *ctx, ngx_http_anythingllm_redis_reply_t *rp);
 static ngx_uint_t ngx_http_anythingllm_auth_all_workspaces(
     ngx_http_anythingllm_key_t *key);
 static ngx_int_t ngx_http_anythingllm_auth_keep(ngx_http_request_t *r,
@@ -281,36 +286,48 @@ ngx_http_anythingllm_auth_start(ngx_http_request_t *r,
 }
 
 
-static ngx_int_t
-ngx_http_anythingllm_auth_lookup(ngx_http_request_t *r,
-    ngx_http_anythingllm_ctx_t *ctx)
-{
-    u_char                            *p;
-    size_t                             argvlen[2];
-    const char                        *argv[2];
-    ngx_http_anythingllm_redis_req_t  *rr;
-    ngx_http_anythingllm_main_conf_t  *amcf;
+/*
+ * The Redis key of the request's key digest, for a command whose reply
+ * the request will wait for: the cleanups that cancel it are set.
+ */
 
-    amcf = ngx_http_get_module_main_conf(r, ngx_http_anythingllm_module);
+static ngx_int_t
+ngx_http_anythingllm_auth_redis_key(ngx_http_request_t *r,
+    ngx_http_anythingllm_ctx_t *ctx, const char *name, size_t room,
+    ngx_str_t *key)
+{
+    ngx_http_anythingllm_main_conf_t  *amcf;
 
     if (ngx_http_anythingllm_auth_set_cleanup(r, ctx) != NGX_OK) {
         return NGX_ERROR;
     }
 
-    argvlen[1] = amcf->prefix.len + sizeof("key:") - 1 + ALM_DIGEST_HEX_LEN;
+    amcf = ngx_http_get_module_main_conf(r, ngx_http_anythingllm_module);
 
-    p = ngx_pnalloc(r->pool, argvlen[1]);
-    if (p == NULL) {
+    return ngx_http_anythingllm_redis_key(r->pool, &amcf->prefix, name,
+                                          ctx->key.digest, room, key);
+}
+
+
+static ngx_int_t
+ngx_http_anythingllm_auth_lookup(ngx_http_request_t *r,
+    ngx_http_anythingllm_ctx_t *ctx)
+{
+    ngx_str_t                          name;
+    size_t                             argvlen[2];
+    const char                        *argv[2];
+    ngx_http_anythingllm_redis_req_t  *rr;
+
+    if (ngx_http_anythingllm_auth_redis_key(r, ctx, "key:", 0, &name)
+        != NGX_OK)
+    {
         return NGX_ERROR;
     }
 
     argv[0] = "HGETALL";
     argvlen[0] = sizeof("HGETALL") - 1;
-    argv[1] = (const char *) p;
-
-    p = ngx_cpymem(p, amcf->prefix.data, amcf->prefix.len);
-    p = ngx_cpymem(p, "key:", sizeof("key:") - 1);
-    ngx_memcpy(p, ctx->key.digest, ALM_DIGEST_HEX_LEN);
+    argv[1] = (const char *) name.data;
+    argvlen[1] = name.len;
 
     ctx->lookup_started = ngx_current_msec;
 
@@ -327,17 +344,16 @@ ngx_http_anythingllm_auth_lookup(ngx_http_request_t *r,
 
 
 static void
-ngx_http_anythingllm_auth_lookup_done(void *data, void *reply)
+ngx_http_anythingllm_auth_lookup_done(void *data,
+    ngx_http_anythingllm_redis_reply_t *rp)
 {
     ngx_http_request_t *r = data;
 
     ngx_int_t                          rc;
+    ngx_str_t                          why;
     ngx_uint_t                         missed;
-    redisReply                        *rp;
     ngx_http_anythingllm_ctx_t        *ctx;
     ngx_http_anythingllm_main_conf_t  *amcf;
-
-    rp = reply;
 
     ctx = ngx_http_get_module_ctx(r, ngx_http_anythingllm_module);
     amcf = ngx_http_get_module_main_conf(r, ngx_http_anythingllm_module);
@@ -345,22 +361,24 @@ ngx_http_anythingllm_auth_lookup_done(void *data, void *reply)
     ctx->pending = NULL;
     ctx->auth_waiting = 0;
 
-    if (rp == NULL) {
+    if (rp->type == NGX_HTTP_ANYTHINGLLM_REDIS_NONE) {
         ngx_http_anythingllm_auth_unreachable(r, ctx);
         goto resume;
     }
 
-    if (rp->type != REDIS_REPLY_ARRAY) {
+    if (rp->type != NGX_HTTP_ANYTHINGLLM_REDIS_ARRAY) {
         if (ngx_http_anythingllm_auth_log_due(&missed)) {
+            if (rp->type == NGX_HTTP_ANYTHINGLLM_REDIS_ERROR) {
+                why = rp->str;
+
+            } else {
+                ngx_str_set(&why, "unexpected reply");
+            }
+
             ngx_log_error(NGX_LOG_ERR, r->connection->log, 0,
-                          "anythingllm: key lookup of %*s failed: %*s "
+                          "anythingllm: key lookup of %*s failed: %V "
                           "(%ui more redis errors in the last second)",
-                          (size_t) ALM_KEY_ID_LEN, ctx->key.digest,
-                          (size_t) (rp->type == REDIS_REPLY_ERROR
-                                    ? rp->len : sizeof("unexpected reply")
-                                                - 1),
-                          rp->type == REDIS_REPLY_ERROR
-                          ? rp->str : "unexpected reply",
+                          (size_t) ALM_KEY_ID_LEN, ctx->key.digest, &why,
                           missed);
         }
 
@@ -374,7 +392,7 @@ ngx_http_anythingllm_auth_lookup_done(void *data, void *reply)
         goto resume;
     }
 
-    if (rp->elements == 0) {
+    if (rp->nelts == 0) {
         ngx_http_anythingllm_cache_put_negative(amcf->cache_zone,
                                                 ctx->key.digest,
                                                 amcf->cache_invalid,
@@ -479,33 +497,25 @@ ngx_http_anythingllm_auth_rate(ngx_http_request_t *r,
 {
     u_char                            *p;
     time_t                             now;
+    ngx_str_t                          name;
     size_t                             argvlen[3];
     const char                        *argv[3];
     ngx_http_anythingllm_redis_req_t  *rr;
-    ngx_http_anythingllm_main_conf_t  *amcf;
 
-    amcf = ngx_http_get_module_main_conf(r, ngx_http_anythingllm_module);
-
-    if (ngx_http_anythingllm_auth_set_cleanup(r, ctx) != NGX_OK) {
+    if (ngx_http_anythingllm_auth_redis_key(r, ctx, "rl:",
+                                            sizeof(":") - 1 + NGX_TIME_T_LEN,
+                                            &name)
+        != NGX_OK)
+    {
         return NGX_ERROR;
     }
 
     now = ngx_time();
 
-    p = ngx_pnalloc(r->pool, amcf->prefix.len + sizeof("rl::") - 1
-                             + ALM_DIGEST_HEX_LEN + NGX_TIME_T_LEN);
-    if (p == NULL) {
-        return NGX_ERROR;
-    }
+    p = ngx_sprintf(name.data + name.len, ":%T", now / 60);
 
-    argv[1] = (const char *) p;
-
-    p = ngx_cpymem(p, amcf->prefix.data, amcf->prefix.len);
-    p = ngx_cpymem(p, "rl:", sizeof("rl:") - 1);
-    p = ngx_cpymem(p, ctx->key.digest, ALM_DIGEST_HEX_LEN);
-    p = ngx_sprintf(p, ":%T", now / 60);
-
-    argvlen[1] = p - (u_char *) argv[1];
+    argv[1] = (const char *) name.data;
+    argvlen[1] = p - name.data;
 
     argv[0] = "INCR";
     argvlen[0] = sizeof("INCR") - 1;
@@ -535,27 +545,25 @@ ngx_http_anythingllm_auth_rate(ngx_http_request_t *r,
 
 
 static void
-ngx_http_anythingllm_auth_rate_done(void *data, void *reply)
+ngx_http_anythingllm_auth_rate_done(void *data,
+    ngx_http_anythingllm_redis_reply_t *rp)
 {
     ngx_http_request_t *r = data;
 
-    redisReply                  *rp;
     ngx_http_anythingllm_ctx_t  *ctx;
-
-    rp = reply;
 
     ctx = ngx_http_get_module_ctx(r, ngx_http_anythingllm_module);
 
     ctx->pending = NULL;
     ctx->auth_waiting = 0;
 
-    if (rp == NULL) {
+    if (rp->type == NGX_HTTP_ANYTHINGLLM_REDIS_NONE) {
         ngx_log_error(NGX_LOG_INFO, r->connection->log, 0,
                       "anythingllm: rate of key %*s not counted: "
                       "redis unreachable",
                       (size_t) ALM_KEY_ID_LEN, ctx->key.digest);
 
-    } else if (rp->type != REDIS_REPLY_INTEGER) {
+    } else if (rp->type != NGX_HTTP_ANYTHINGLLM_REDIS_INTEGER) {
         ngx_http_anythingllm_auth_rate_refused(r, ctx, rp);
 
     } else if (rp->integer > (long long) ctx->key.rpm) {
@@ -576,29 +584,28 @@ ngx_http_anythingllm_auth_rate_done(void *data, void *reply)
 
 static void
 ngx_http_anythingllm_auth_rate_refused(ngx_http_request_t *r,
-    ngx_http_anythingllm_ctx_t *ctx, redisReply *rp)
+    ngx_http_anythingllm_ctx_t *ctx, ngx_http_anythingllm_redis_reply_t *rp)
 {
-    size_t                            len;
+    ngx_str_t                         why;
     ngx_uint_t                        missed;
-    const char                       *text;
     ngx_http_anythingllm_loc_conf_t  *alcf;
 
     alcf = ngx_http_get_module_loc_conf(r, ngx_http_anythingllm_module);
 
-    if (rp->type == REDIS_REPLY_ERROR && rp->str != NULL) {
-        text = rp->str;
-        len = rp->len;
+    if (rp->type == NGX_HTTP_ANYTHINGLLM_REDIS_ERROR
+        && rp->str.data != NULL)
+    {
+        why = rp->str;
 
     } else {
-        text = "unexpected reply";
-        len = sizeof("unexpected reply") - 1;
+        ngx_str_set(&why, "unexpected reply");
     }
 
     if (ngx_http_anythingllm_auth_log_due(&missed)) {
         ngx_log_error(NGX_LOG_ERR, r->connection->log, 0,
                       "anythingllm: rate of key %*s cannot be counted: "
-                      "%*s; %s (%ui more redis errors in the last second)",
-                      (size_t) ALM_KEY_ID_LEN, ctx->key.digest, len, text,
+                      "%V; %s (%ui more redis errors in the last second)",
+                      (size_t) ALM_KEY_ID_LEN, ctx->key.digest, &why,
                       alcf->auth_fail_open == 1
                       ? "let through (anythingllm_auth_fail_open)"
                       : "refused with 503",
@@ -709,20 +716,19 @@ static ngx_int_t
 ngx_http_anythingllm_auth_set_cleanup(ngx_http_request_t *r,
     ngx_http_anythingllm_ctx_t *ctx)
 {
-    ngx_pool_cleanup_t  *pcln;
     ngx_http_cleanup_t  *hcln;
 
     if (ctx->auth_cleanup) {
         return NGX_OK;
     }
 
-    pcln = ngx_pool_cleanup_add(r->pool, 0);
-    if (pcln == NULL) {
+    if (ngx_http_anythingllm_cleanup_add(r->pool,
+                                         ngx_http_anythingllm_auth_cleanup,
+                                         ctx)
+        != NGX_OK)
+    {
         return NGX_ERROR;
     }
-
-    pcln->handler = ngx_http_anythingllm_auth_cleanup;
-    pcln->data = ctx;
 
     hcln = ngx_http_cleanup_add(r, 0);
     if (hcln == NULL) {
@@ -743,10 +749,7 @@ ngx_http_anythingllm_auth_cleanup(void *data)
 {
     ngx_http_anythingllm_ctx_t *ctx = data;
 
-    if (ctx->pending) {
-        ngx_http_anythingllm_redis_cancel(ctx->pending);
-        ctx->pending = NULL;
-    }
+    ngx_http_anythingllm_redis_cancel(&ctx->pending);
 }
 
 
@@ -756,7 +759,6 @@ ngx_http_anythingllm_auth_verdict(ngx_http_request_t *r,
 {
     u_char                          *p, *last;
     ngx_str_t                        v;
-    ngx_uint_t                       i;
     ngx_http_anythingllm_key_t      *key;
     u_char                           msg[320];
 
@@ -825,51 +827,8 @@ ngx_http_anythingllm_auth_verdict(ngx_http_request_t *r,
                    "invalid_request_error", NULL, "invalid_api_key");
 
     case NGX_HTTP_ANYTHINGLLM_AUTH_DENIED_SCOPE:
-        p = ngx_slprintf(msg, last, "The API key lacks the scope needed "
-                         "for this request:");
-
-        for (i = 0; i < 4; i++) {
-            if ((ctx->need_scope & (1u << i))
-                && !(key->scopes & (1u << i)))
-            {
-                p = ngx_slprintf(p, last, " \"%s\"",
-                                 ngx_http_anythingllm_scope_names[i]);
-            }
-        }
-
-        p = ngx_slprintf(p, last, ".");
-        *p = '\0';
-
-        return ngx_http_anythingllm_error(r, NGX_HTTP_FORBIDDEN,
-                   (const char *) msg, "invalid_request_error", NULL,
-                   "insufficient_scope");
-
     case NGX_HTTP_ANYTHINGLLM_AUTH_DENIED_WORKSPACE:
-        if (ctx->auth_route == ALM_ROUTE_OPENAI_PASS) {
-            p = ngx_slprintf(msg, last, "AnythingLLM's /api/v1/openai/ "
-                             "routes need a key allowed every workspace.");
-
-        } else if (ctx->auth_global && ctx->workspace.len) {
-            p = ngx_slprintf(msg, last, "This route (workspace \"%V\") "
-                             "reaches the documents every workspace "
-                             "shares: it needs a key allowed every "
-                             "workspace.", &ctx->workspace);
-
-        } else if (ctx->auth_global) {
-            p = ngx_slprintf(msg, last, "This route acts on every "
-                             "workspace: it needs a key allowed every "
-                             "workspace.");
-
-        } else {
-            p = ngx_slprintf(msg, last, "The API key may not use workspace "
-                             "\"%V\".", &ctx->workspace);
-        }
-
-        *p = '\0';
-
-        return ngx_http_anythingllm_error(r, NGX_HTTP_FORBIDDEN,
-                   (const char *) msg, "invalid_request_error", NULL,
-                   "workspace_forbidden");
+        return ngx_http_anythingllm_auth_forbidden(r, ctx);
 
     case NGX_HTTP_ANYTHINGLLM_AUTH_RATE_LIMITED:
         v.data = ngx_pnalloc(r->pool, NGX_TIME_T_LEN);
@@ -909,6 +868,67 @@ ngx_http_anythingllm_auth_verdict(ngx_http_request_t *r,
                      "store is unreachable. Retry shortly.",
                    "server_error", NULL, NULL);
     }
+}
+
+
+/* 403: a scope or a workspace the key lacks */
+
+static ngx_int_t
+ngx_http_anythingllm_auth_forbidden(ngx_http_request_t *r,
+    ngx_http_anythingllm_ctx_t *ctx)
+{
+    u_char      *p, *last;
+    ngx_uint_t   i;
+    u_char       msg[320];
+
+    last = msg + sizeof(msg) - 1;
+
+    if (ctx->auth_result == NGX_HTTP_ANYTHINGLLM_AUTH_DENIED_SCOPE) {
+        p = ngx_slprintf(msg, last, "The API key lacks the scope needed "
+                         "for this request:");
+
+        for (i = 0; i < 4; i++) {
+            if ((ctx->need_scope & (1u << i))
+                && !(ctx->key.scopes & (1u << i)))
+            {
+                p = ngx_slprintf(p, last, " \"%s\"",
+                                 ngx_http_anythingllm_scope_names[i]);
+            }
+        }
+
+        p = ngx_slprintf(p, last, ".");
+        *p = '\0';
+
+        return ngx_http_anythingllm_error(r, NGX_HTTP_FORBIDDEN,
+                   (const char *) msg, "invalid_request_error", NULL,
+                   "insufficient_scope");
+    }
+
+    if (ctx->auth_route == ALM_ROUTE_OPENAI_PASS) {
+        p = ngx_slprintf(msg, last, "AnythingLLM's /api/v1/openai/ "
+                         "routes need a key allowed every workspace.");
+
+    } else if (ctx->auth_global && ctx->workspace.len) {
+        p = ngx_slprintf(msg, last, "This route (workspace \"%V\") "
+                         "reaches the documents every workspace "
+                         "shares: it needs a key allowed every "
+                         "workspace.", &ctx->workspace);
+
+    } else if (ctx->auth_global) {
+        p = ngx_slprintf(msg, last, "This route acts on every "
+                         "workspace: it needs a key allowed every "
+                         "workspace.");
+
+    } else {
+        p = ngx_slprintf(msg, last, "The API key may not use workspace "
+                         "\"%V\".", &ctx->workspace);
+    }
+
+    *p = '\0';
+
+    return ngx_http_anythingllm_error(r, NGX_HTTP_FORBIDDEN,
+               (const char *) msg, "invalid_request_error", NULL,
+               "workspace_forbidden");
 }
 
 
@@ -960,43 +980,34 @@ ngx_http_anythingllm_auth_read_key(ngx_http_request_t *r, ngx_str_t *key)
 
 /*
  * The HGETALL reply, read by alm_key_record_parse(): only its strings
- * are handed over, and the name and workspaces are copied to the pool.
- * A field that does not parse disables the key.
+ * are handed over (an element that is not a string has data NULL),
+ * and the name and workspaces are copied to the pool.  A field that
+ * does not parse disables the key.
  */
 
 static ngx_int_t
 ngx_http_anythingllm_auth_parse(ngx_http_request_t *r,
-    ngx_http_anythingllm_ctx_t *ctx, redisReply *rp)
+    ngx_http_anythingllm_ctx_t *ctx, ngx_http_anythingllm_redis_reply_t *rp)
 {
     u_char                      *p;
     size_t                       i;
     alm_str_t                   *kv;
-    redisReply                  *e;
     alm_key_record_t             rec;
     ngx_http_anythingllm_key_t  *key;
 
     key = &ctx->key;
 
-    kv = ngx_palloc(r->pool, (rp->elements ? rp->elements : 1)
-                             * sizeof(alm_str_t));
+    kv = ngx_palloc(r->pool, (rp->nelts ? rp->nelts : 1) * sizeof(alm_str_t));
     if (kv == NULL) {
         return NGX_ERROR;
     }
 
-    for (i = 0; i < rp->elements; i++) {
-        e = rp->element[i];
-
-        if (e != NULL && e->type == REDIS_REPLY_STRING && e->str != NULL) {
-            kv[i].data = e->str;
-            kv[i].len = e->len;
-
-        } else {
-            kv[i].data = NULL;
-            kv[i].len = 0;
-        }
+    for (i = 0; i < rp->nelts; i++) {
+        kv[i].data = (const char *) rp->elts[i].data;
+        kv[i].len = rp->elts[i].len;
     }
 
-    if (alm_key_record_parse(kv, rp->elements, &rec) != ALM_OK) {
+    if (alm_key_record_parse(kv, rp->nelts, &rec) != ALM_OK) {
 
         for (i = 0;
              i < sizeof(ngx_http_anythingllm_keyrec_fields)
@@ -1064,21 +1075,13 @@ static ngx_int_t
 ngx_http_anythingllm_auth_keep(ngx_http_request_t *r,
     ngx_http_anythingllm_key_t *key)
 {
-    ngx_pool_cleanup_t  *cln;
-
     if (ngx_http_anythingllm_auth_kept(r)) {
         return NGX_OK;
     }
 
-    cln = ngx_pool_cleanup_add(r->pool, 0);
-    if (cln == NULL) {
-        return NGX_ERROR;
-    }
-
-    cln->handler = ngx_http_anythingllm_auth_kept_cleanup;
-    cln->data = key;
-
-    return NGX_OK;
+    return ngx_http_anythingllm_cleanup_add(r->pool,
+                                       ngx_http_anythingllm_auth_kept_cleanup,
+                                       key);
 }
 
 

@@ -27,6 +27,9 @@
  * After a flush (the revocations channel was lost for a while), the
  * answers of lookups started before the flush are not stored either.
  * Times are nginx's monotonic milliseconds, which all workers share.
+ *
+ * The revocations channel's messages come here from the Redis
+ * subscriber of ngx_http_anythingllm_redis.c.
  */
 
 
@@ -43,6 +46,9 @@
 
 /* a record larger than this is used but not cached */
 #define NGX_HTTP_ANYTHINGLLM_CACHE_MAX_DATA  65536
+
+/* how long a revocation keeps older lookups out of the cache */
+#define NGX_HTTP_ANYTHINGLLM_CACHE_REVOKE_HOLD  1000
 
 
 typedef struct {
@@ -80,6 +86,20 @@ typedef struct {
      ? &(sh)->unknown : &(sh)->queue)
 
 
+static ngx_http_anythingllm_cache_sh_t *ngx_http_anythingllm_cache_lock(
+    ngx_shm_zone_t *zone, ngx_slab_pool_t **shpool);
+static ngx_int_t ngx_http_anythingllm_cache_add_zone(ngx_conf_t *cf,
+    ngx_http_anythingllm_main_conf_t *amcf, ngx_str_t *name, size_t size,
+    const char *used);
+static ngx_int_t ngx_http_anythingllm_cache_init_zone(
+    ngx_shm_zone_t *shm_zone, void *data);
+static void ngx_http_anythingllm_cache_revoke(ngx_shm_zone_t *zone,
+    const char *digest, ngx_msec_t hold);
+static void ngx_http_anythingllm_cache_flush(ngx_shm_zone_t *zone);
+static ngx_http_anythingllm_cache_node_t *ngx_http_anythingllm_cache_make(
+    ngx_http_anythingllm_cache_sh_t *sh, ngx_slab_pool_t *shpool,
+    const u_char *digest, uint32_t hash, ngx_msec_t since, size_t data_len,
+    ngx_uint_t unknown);
 static void ngx_http_anythingllm_cache_rbtree_insert(
     ngx_rbtree_node_t *temp, ngx_rbtree_node_t *node,
     ngx_rbtree_node_t *sentinel);
@@ -105,7 +125,107 @@ static void ngx_http_anythingllm_cache_insert(
     uint32_t hash);
 
 
-ngx_int_t
+/* anythingllm_key_cache zone=NAME:SIZE [valid=30s] [invalid=5s]; */
+
+char *
+ngx_http_anythingllm_key_cache(ngx_conf_t *cf, ngx_command_t *cmd,
+    void *conf)
+{
+    ngx_http_anythingllm_main_conf_t *amcf = conf;
+
+    u_char     *p;
+    ssize_t     size;
+    time_t      t;
+    ngx_str_t  *value, name, s;
+    ngx_uint_t  i;
+
+    if (amcf->cache_zone) {
+        return "is duplicate";
+    }
+
+    value = cf->args->elts;
+    name.len = 0;
+    size = 0;
+
+    for (i = 1; i < cf->args->nelts; i++) {
+
+        if (ngx_strncmp(value[i].data, "zone=", 5) == 0) {
+            name.data = value[i].data + 5;
+
+            p = (u_char *) ngx_strchr(name.data, ':');
+            if (p == NULL) {
+                goto invalid;
+            }
+
+            name.len = p - name.data;
+
+            s.data = p + 1;
+            s.len = value[i].data + value[i].len - s.data;
+
+            size = ngx_parse_size(&s);
+            if (size == NGX_ERROR) {
+                goto invalid;
+            }
+
+            if (size < (ssize_t) (8 * ngx_pagesize)) {
+                ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                                   "zone \"%V\" is too small", &value[i]);
+                return NGX_CONF_ERROR;
+            }
+
+            continue;
+        }
+
+        if (ngx_strncmp(value[i].data, "valid=", 6) == 0
+            || ngx_strncmp(value[i].data, "invalid=", 8) == 0)
+        {
+            s.data = (u_char *) ngx_strchr(value[i].data, '=') + 1;
+            s.len = value[i].data + value[i].len - s.data;
+
+            t = ngx_parse_time(&s, 1);
+            if (t == (time_t) NGX_ERROR) {
+                goto invalid;
+            }
+
+            if (value[i].data[0] == 'v') {
+                amcf->cache_valid = t;
+
+            } else {
+                amcf->cache_invalid = t;
+            }
+
+            continue;
+        }
+
+        goto invalid;
+    }
+
+    if (name.len == 0) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "\"%V\" must have \"zone\" parameter",
+                           &cmd->name);
+        return NGX_CONF_ERROR;
+    }
+
+    if (ngx_http_anythingllm_cache_add_zone(cf, amcf, &name, size,
+                                            "duplicate zone \"%V\"")
+        != NGX_OK)
+    {
+        return NGX_CONF_ERROR;
+    }
+
+    return NGX_CONF_OK;
+
+invalid:
+
+    ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                       "invalid parameter \"%V\"", &value[i]);
+
+    return NGX_CONF_ERROR;
+}
+
+
+static ngx_int_t
 ngx_http_anythingllm_cache_init_zone(ngx_shm_zone_t *shm_zone, void *data)
 {
     ngx_http_anythingllm_main_conf_t  *oamcf = data;
@@ -191,17 +311,27 @@ ngx_http_anythingllm_cache_default_zone(ngx_conf_t *cf,
 {
     ngx_str_t  name = ngx_string("anythingllm_keys");
 
-    amcf->cache_zone = ngx_shared_memory_add(cf, &name,
+    return ngx_http_anythingllm_cache_add_zone(cf, amcf, &name,
                                    NGX_HTTP_ANYTHINGLLM_CACHE_DEFAULT_SIZE,
-                                   &ngx_http_anythingllm_module);
+                                   "shared memory zone \"%V\" is already used");
+}
+
+
+/* "used": what is logged when the zone's name is taken already */
+
+static ngx_int_t
+ngx_http_anythingllm_cache_add_zone(ngx_conf_t *cf,
+    ngx_http_anythingllm_main_conf_t *amcf, ngx_str_t *name, size_t size,
+    const char *used)
+{
+    amcf->cache_zone = ngx_shared_memory_add(cf, name, size,
+                                             &ngx_http_anythingllm_module);
     if (amcf->cache_zone == NULL) {
         return NGX_ERROR;
     }
 
     if (amcf->cache_zone->data) {
-        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
-                           "shared memory zone \"%V\" is already used",
-                           &name);
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0, used, name);
         return NGX_ERROR;
     }
 
@@ -209,6 +339,23 @@ ngx_http_anythingllm_cache_default_zone(ngx_conf_t *cf,
     amcf->cache_zone->data = amcf;
 
     return NGX_OK;
+}
+
+
+/* the zone's tree and queues, locked */
+
+static ngx_http_anythingllm_cache_sh_t *
+ngx_http_anythingllm_cache_lock(ngx_shm_zone_t *zone,
+    ngx_slab_pool_t **shpool)
+{
+    ngx_http_anythingllm_main_conf_t  *amcf;
+
+    amcf = zone->data;
+    *shpool = amcf->cache_shpool;
+
+    ngx_shmtx_lock(&(*shpool)->mutex);
+
+    return amcf->cache_sh;
 }
 
 
@@ -227,20 +374,15 @@ ngx_http_anythingllm_cache_get(ngx_shm_zone_t *zone, const char *digest,
     ngx_int_t                           rc;
     ngx_slab_pool_t                    *shpool;
     ngx_http_anythingllm_cache_sh_t    *sh;
-    ngx_http_anythingllm_main_conf_t   *amcf;
     ngx_http_anythingllm_cache_node_t  *cn;
 
     if (zone == NULL) {
         return NGX_DECLINED;
     }
 
-    amcf = zone->data;
-    sh = amcf->cache_sh;
-    shpool = amcf->cache_shpool;
-
     hash = ngx_crc32_short((u_char *) digest, ALM_DIGEST_HEX_LEN);
 
-    ngx_shmtx_lock(&shpool->mutex);
+    sh = ngx_http_anythingllm_cache_lock(zone, &shpool);
 
     cn = ngx_http_anythingllm_cache_lookup(sh, (u_char *) digest, hash);
 
@@ -333,7 +475,6 @@ ngx_http_anythingllm_cache_put(ngx_shm_zone_t *zone,
     uint32_t                            hash;
     ngx_slab_pool_t                    *shpool;
     ngx_http_anythingllm_cache_sh_t    *sh;
-    ngx_http_anythingllm_main_conf_t   *amcf;
     ngx_http_anythingllm_cache_node_t  *cn;
 
     if (zone == NULL || ttl <= 0) {
@@ -346,32 +487,16 @@ ngx_http_anythingllm_cache_put(ngx_shm_zone_t *zone,
         return;
     }
 
-    amcf = zone->data;
-    sh = amcf->cache_sh;
-    shpool = amcf->cache_shpool;
-
     hash = ngx_crc32_short((u_char *) key->digest, ALM_DIGEST_HEX_LEN);
 
-    ngx_shmtx_lock(&shpool->mutex);
+    sh = ngx_http_anythingllm_cache_lock(zone, &shpool);
 
     if ((ngx_msec_int_t) (sh->flushed - since) >= 0) {
         goto done;
     }
 
-    ngx_http_anythingllm_cache_expire(sh, shpool, &sh->unknown, 0);
-    ngx_http_anythingllm_cache_expire(sh, shpool, &sh->queue, 0);
-
-    cn = ngx_http_anythingllm_cache_lookup(sh, (u_char *) key->digest, hash);
-
-    if (cn) {
-        if (ngx_http_anythingllm_cache_newer(cn, since)) {
-            goto done;
-        }
-
-        ngx_http_anythingllm_cache_remove(sh, shpool, cn);
-    }
-
-    cn = ngx_http_anythingllm_cache_alloc(sh, shpool, len, 0);
+    cn = ngx_http_anythingllm_cache_make(sh, shpool, (u_char *) key->digest,
+                                         hash, since, len, 0);
     if (cn == NULL) {
         goto done;
     }
@@ -423,7 +548,7 @@ ngx_http_anythingllm_cache_put_negative(ngx_shm_zone_t *zone,
  * milliseconds, a miss that keeps older lookups from storing it again.
  */
 
-void
+static void
 ngx_http_anythingllm_cache_revoke(ngx_shm_zone_t *zone, const char *digest,
     ngx_msec_t hold)
 {
@@ -446,37 +571,19 @@ ngx_http_anythingllm_cache_mark(ngx_shm_zone_t *zone, const char *digest,
     uint32_t                            hash;
     ngx_slab_pool_t                    *shpool;
     ngx_http_anythingllm_cache_sh_t    *sh;
-    ngx_http_anythingllm_main_conf_t   *amcf;
     ngx_http_anythingllm_cache_node_t  *cn;
 
     if (zone == NULL) {
         return;
     }
 
-    amcf = zone->data;
-    sh = amcf->cache_sh;
-    shpool = amcf->cache_shpool;
-
     hash = ngx_crc32_short((u_char *) digest, ALM_DIGEST_HEX_LEN);
 
-    ngx_shmtx_lock(&shpool->mutex);
+    sh = ngx_http_anythingllm_cache_lock(zone, &shpool);
 
-    ngx_http_anythingllm_cache_expire(sh, shpool, &sh->unknown, 0);
-    ngx_http_anythingllm_cache_expire(sh, shpool, &sh->queue, 0);
-
-    cn = ngx_http_anythingllm_cache_lookup(sh, (u_char *) digest, hash);
-
-    if (cn) {
-        if (ngx_http_anythingllm_cache_newer(cn, stamp)) {
-            goto done;
-        }
-
-        ngx_http_anythingllm_cache_remove(sh, shpool, cn);
-    }
-
-    cn = ngx_http_anythingllm_cache_alloc(sh, shpool, 0,
-                              kind == NGX_HTTP_ANYTHINGLLM_CACHE_UNKNOWN);
-
+    cn = ngx_http_anythingllm_cache_make(sh, shpool, (u_char *) digest, hash,
+                                 stamp, 0,
+                                 kind == NGX_HTTP_ANYTHINGLLM_CACHE_UNKNOWN);
     if (cn) {
         cn->kind = (u_char) kind;
         cn->stamp = stamp;
@@ -485,32 +592,25 @@ ngx_http_anythingllm_cache_mark(ngx_shm_zone_t *zone, const char *digest,
         ngx_http_anythingllm_cache_insert(sh, cn, (u_char *) digest, hash);
     }
 
-done:
-
     ngx_shmtx_unlock(&shpool->mutex);
 }
 
 
 /* drops every valid entry; unknown and revoked ones stay */
 
-void
+static void
 ngx_http_anythingllm_cache_flush(ngx_shm_zone_t *zone)
 {
     ngx_queue_t                        *q, *next;
     ngx_slab_pool_t                    *shpool;
     ngx_http_anythingllm_cache_sh_t    *sh;
-    ngx_http_anythingllm_main_conf_t   *amcf;
     ngx_http_anythingllm_cache_node_t  *cn;
 
     if (zone == NULL) {
         return;
     }
 
-    amcf = zone->data;
-    sh = amcf->cache_sh;
-    shpool = amcf->cache_shpool;
-
-    ngx_shmtx_lock(&shpool->mutex);
+    sh = ngx_http_anythingllm_cache_lock(zone, &shpool);
 
     sh->flushed = ngx_current_msec;
 
@@ -730,6 +830,36 @@ ngx_http_anythingllm_cache_alloc(ngx_http_anythingllm_cache_sh_t *sh,
 }
 
 
+/*
+ * A new entry for the digest, in the place of its old one, unless that
+ * holds newer news than "since" (NULL then, as when there is no room).
+ * Expired entries are dropped on the way.
+ */
+
+static ngx_http_anythingllm_cache_node_t *
+ngx_http_anythingllm_cache_make(ngx_http_anythingllm_cache_sh_t *sh,
+    ngx_slab_pool_t *shpool, const u_char *digest, uint32_t hash,
+    ngx_msec_t since, size_t data_len, ngx_uint_t unknown)
+{
+    ngx_http_anythingllm_cache_node_t  *cn;
+
+    ngx_http_anythingllm_cache_expire(sh, shpool, &sh->unknown, 0);
+    ngx_http_anythingllm_cache_expire(sh, shpool, &sh->queue, 0);
+
+    cn = ngx_http_anythingllm_cache_lookup(sh, digest, hash);
+
+    if (cn) {
+        if (ngx_http_anythingllm_cache_newer(cn, since)) {
+            return NULL;
+        }
+
+        ngx_http_anythingllm_cache_remove(sh, shpool, cn);
+    }
+
+    return ngx_http_anythingllm_cache_alloc(sh, shpool, data_len, unknown);
+}
+
+
 static void
 ngx_http_anythingllm_cache_insert(ngx_http_anythingllm_cache_sh_t *sh,
     ngx_http_anythingllm_cache_node_t *cn, const u_char *digest,
@@ -750,4 +880,95 @@ ngx_http_anythingllm_cache_insert(ngx_http_anythingllm_cache_sh_t *sh,
     ngx_rbtree_insert(&sh->rbtree, node);
     ngx_queue_insert_head(ngx_http_anythingllm_cache_queue(sh, cn),
                           &cn->queue);
+}
+
+
+/*
+ * The revocations channel: a digest, or "*" for every key; NULL when
+ * the channel was subscribed again after it had been lost.
+ *
+ * After the subscription is (re)established, positive entries of the
+ * cache are dropped if this worker's subscriber was down at any time
+ * since it started: a revocation published meanwhile reached nobody
+ * here (Redis Pub/Sub does not keep messages), and only a flush bounds
+ * the damage.  Lookups that started before the flush do not refill the
+ * cache with what they read.  The flush is conservative: when another
+ * worker of the same nginx stayed subscribed the whole time, it was
+ * not needed, but it costs only a burst of lookups.  The first
+ * subscription of a fresh worker does not flush: on a reload the old
+ * workers stay subscribed until the new ones are, and a new nginx
+ * starts with an empty zone.  A subscriber that hangs without its
+ * connection breaking is not noticed; the "valid" time of the cache
+ * is the bound then.
+ */
+
+void
+ngx_http_anythingllm_cache_revocation(ngx_http_anythingllm_main_conf_t *amcf,
+    ngx_str_t *message)
+{
+    u_char           ch;
+    ngx_uint_t       i;
+    ngx_msec_t       hold;
+    ngx_shm_zone_t  *zone;
+    char             digest[ALM_DIGEST_HEX_LEN];
+
+    zone = amcf->cache_zone;
+
+    if (zone == NULL) {
+        return;
+    }
+
+    if (message == NULL) {
+        ngx_log_error(NGX_LOG_NOTICE, ngx_cycle->log, 0,
+                      "anythingllm: revocations channel subscribed "
+                      "again, valid keys dropped from the cache");
+
+        ngx_http_anythingllm_cache_flush(zone);
+        return;
+    }
+
+    if (message->len == 1 && message->data[0] == '*') {
+        ngx_log_error(NGX_LOG_NOTICE, ngx_cycle->log, 0,
+                      "anythingllm: revocation of every key: valid keys "
+                      "dropped from the cache");
+
+        ngx_http_anythingllm_cache_flush(zone);
+        return;
+    }
+
+    if (message->len != ALM_DIGEST_HEX_LEN) {
+        goto invalid;
+    }
+
+    /* the cache holds lowercase digests; some tools print uppercase */
+
+    for (i = 0; i < ALM_DIGEST_HEX_LEN; i++) {
+        ch = message->data[i];
+
+        if (ch >= 'A' && ch <= 'F') {
+            digest[i] = (char) (ch | 0x20);
+
+        } else if ((ch >= '0' && ch <= '9') || (ch >= 'a' && ch <= 'f')) {
+            digest[i] = (char) ch;
+
+        } else {
+            goto invalid;
+        }
+    }
+
+    ngx_log_debug2(NGX_LOG_DEBUG_HTTP, ngx_cycle->log, 0,
+                   "anythingllm: revoked key %*s",
+                   (size_t) ALM_KEY_ID_LEN, digest);
+
+    hold = amcf->redis_timeout + NGX_HTTP_ANYTHINGLLM_CACHE_REVOKE_HOLD;
+
+    ngx_http_anythingllm_cache_revoke(zone, digest, hold);
+
+    return;
+
+invalid:
+
+    ngx_log_error(NGX_LOG_WARN, ngx_cycle->log, 0,
+                  "anythingllm: ignored revocation message of %uz bytes: "
+                  "a 64-digit hex digest or \"*\" expected", message->len);
 }

@@ -72,6 +72,8 @@ static ngx_int_t ngx_http_anythingllm_stream_header(ngx_http_request_t *r,
     ngx_http_anythingllm_filter_ctx_t *fctx);
 static ngx_int_t ngx_http_anythingllm_stream_body(ngx_http_request_t *r,
     ngx_http_anythingllm_filter_ctx_t *fctx, ngx_chain_t *in);
+static ngx_int_t ngx_http_anythingllm_stream_feed(
+    ngx_http_anythingllm_filter_ctx_t *fctx, ngx_buf_t *b);
 static int ngx_http_anythingllm_stream_emit(void *data, const char *p,
     size_t len);
 static ngx_int_t ngx_http_anythingllm_stream_ended(ngx_http_request_t *r,
@@ -82,16 +84,21 @@ static ngx_int_t ngx_http_anythingllm_whole_add(ngx_http_request_t *r,
     ngx_http_anythingllm_filter_ctx_t *fctx, ngx_buf_t *b);
 static ngx_int_t ngx_http_anythingllm_whole_answer(ngx_http_request_t *r,
     ngx_http_anythingllm_filter_ctx_t *fctx, ngx_uint_t broken);
+static ngx_uint_t ngx_http_anythingllm_whole_error(ngx_http_request_t *r,
+    ngx_http_anythingllm_filter_ctx_t *fctx, ngx_uint_t broken,
+    alm_error_t *err);
+static ngx_int_t ngx_http_anythingllm_whole_translate(ngx_http_request_t *r,
+    ngx_http_anythingllm_filter_ctx_t *fctx, ngx_str_t *body,
+    alm_error_t *err);
+static ngx_int_t ngx_http_anythingllm_whole_send(ngx_http_request_t *r,
+    ngx_uint_t status, ngx_str_t *body);
 static void ngx_http_anythingllm_own_error(ngx_uint_t status,
     alm_error_t *err);
-static ngx_int_t ngx_http_anythingllm_set_out_header(ngx_http_request_t *r,
-    const char *name, size_t len, const char *value);
 static void ngx_http_anythingllm_clear_validators(ngx_http_request_t *r);
 static ngx_uint_t ngx_http_anythingllm_upstream_broke(
     ngx_http_upstream_t *u);
 static void ngx_http_anythingllm_workspace_list(
     ngx_http_anythingllm_ctx_t *ctx, ngx_str_t *list);
-static void ngx_http_anythingllm_filter_free(void *data);
 static void ngx_http_anythingllm_stream_free(void *data);
 
 
@@ -272,7 +279,7 @@ ngx_http_anythingllm_stream_header(ngx_http_request_t *r,
     ngx_http_anythingllm_ctx_t *ctx, ngx_http_anythingllm_filter_ctx_t *fctx)
 {
     char                             *buf;
-    ngx_pool_cleanup_t               *cln;
+    ngx_str_t                         v;
     alm_completion_meta_t             meta;
     ngx_http_anythingllm_loc_conf_t  *alcf;
 
@@ -283,13 +290,13 @@ ngx_http_anythingllm_stream_header(ngx_http_request_t *r,
         return NGX_ERROR;
     }
 
-    cln = ngx_pool_cleanup_add(r->pool, 0);
-    if (cln == NULL) {
+    if (ngx_http_anythingllm_cleanup_add(r->pool,
+                                         ngx_http_anythingllm_stream_free,
+                                         &fctx->sse)
+        != NGX_OK)
+    {
         return NGX_ERROR;
     }
-
-    cln->handler = ngx_http_anythingllm_stream_free;
-    cln->data = &fctx->sse;
 
     meta.id = (const char *) ctx->completion_id.data;
     meta.id_len = ctx->completion_id.len;
@@ -314,14 +321,23 @@ ngx_http_anythingllm_stream_header(ngx_http_request_t *r,
     ngx_http_clear_content_length(r);
     ngx_http_anythingllm_clear_validators(r);
 
-    if (ngx_http_anythingllm_set_out_header(r, "Cache-Control",
-                                            sizeof("Cache-Control") - 1,
-                                            "no-cache")
-        != NGX_OK
-        || ngx_http_anythingllm_set_out_header(r, "X-Accel-Buffering",
-                                               sizeof("X-Accel-Buffering")
-                                               - 1, "no")
-           != NGX_OK)
+    ngx_str_set(&v, "no-cache");
+
+    if (ngx_http_anythingllm_set_header(r, NULL, "Cache-Control", NULL, &v,
+                                        NGX_HTTP_ANYTHINGLLM_HEADER_OUT
+                                        |NGX_HTTP_ANYTHINGLLM_HEADER_ADD)
+        != NGX_OK)
+    {
+        return NGX_ERROR;
+    }
+
+    ngx_str_set(&v, "no");
+
+    if (ngx_http_anythingllm_set_header(r, NULL, "X-Accel-Buffering", NULL,
+                                        &v,
+                                        NGX_HTTP_ANYTHINGLLM_HEADER_OUT
+                                        |NGX_HTTP_ANYTHINGLLM_HEADER_ADD)
+        != NGX_OK)
     {
         return NGX_ERROR;
     }
@@ -342,11 +358,7 @@ ngx_http_anythingllm_stream_body(ngx_http_request_t *r,
     ngx_http_anythingllm_filter_ctx_t *fctx, ngx_chain_t *in)
 {
     int           arc;
-    u_char        tmp[4096];
     ngx_int_t     rc;
-    off_t         off;
-    size_t        size;
-    ssize_t       n;
     ngx_uint_t    last, flush;
     ngx_buf_t    *b;
     ngx_chain_t  *cl, *hl;
@@ -371,36 +383,8 @@ ngx_http_anythingllm_stream_body(ngx_http_request_t *r,
             continue;
         }
 
-        if (ngx_buf_in_memory(b)) {
-            if (b->last > b->pos) {
-                arc = alm_sse_feed(&fctx->sse, (const char *) b->pos,
-                                   b->last - b->pos);
-                if (arc != ALM_OK) {
-                    return NGX_ERROR;
-                }
-            }
-
-        } else if (b->in_file) {
-
-            /* proxy_buffering on wrote it to a temporary file */
-
-            for (off = b->file_pos; off < b->file_last; off += n) {
-                size = (size_t) ngx_min(b->file_last - off,
-                                        (off_t) sizeof(tmp));
-
-                n = ngx_read_file(b->file, tmp, size, off);
-                if (n <= 0) {
-                    return NGX_ERROR;
-                }
-
-                if (alm_sse_feed(&fctx->sse, (const char *) tmp, n)
-                    != ALM_OK)
-                {
-                    return NGX_ERROR;
-                }
-            }
-
-            b->file_pos = b->file_last;
+        if (ngx_http_anythingllm_stream_feed(fctx, b) != NGX_OK) {
+            return NGX_ERROR;
         }
 
         if (ngx_buf_size(b) == 0) {
@@ -505,6 +489,54 @@ ngx_http_anythingllm_stream_body(ngx_http_request_t *r,
 }
 
 
+/* a buffer of the upstream's answer into the re-framer */
+
+static ngx_int_t
+ngx_http_anythingllm_stream_feed(ngx_http_anythingllm_filter_ctx_t *fctx,
+    ngx_buf_t *b)
+{
+    off_t    off;
+    size_t   size;
+    ssize_t  n;
+    u_char   tmp[4096];
+
+    if (ngx_buf_in_memory(b)) {
+        if (b->last > b->pos
+            && alm_sse_feed(&fctx->sse, (const char *) b->pos,
+                            b->last - b->pos)
+               != ALM_OK)
+        {
+            return NGX_ERROR;
+        }
+
+        return NGX_OK;
+    }
+
+    if (!b->in_file) {
+        return NGX_OK;
+    }
+
+    /* proxy_buffering on wrote it to a temporary file */
+
+    for (off = b->file_pos; off < b->file_last; off += n) {
+        size = (size_t) ngx_min(b->file_last - off, (off_t) sizeof(tmp));
+
+        n = ngx_read_file(b->file, tmp, size, off);
+        if (n <= 0) {
+            return NGX_ERROR;
+        }
+
+        if (alm_sse_feed(&fctx->sse, (const char *) tmp, n) != ALM_OK) {
+            return NGX_ERROR;
+        }
+    }
+
+    b->file_pos = b->file_last;
+
+    return NGX_OK;
+}
+
+
 /* the re-framer's sink: the pieces go into reusable buffers */
 
 static int
@@ -569,7 +601,7 @@ ngx_http_anythingllm_stream_ended(ngx_http_request_t *r,
     fctx->done = 1;
 
     if (alm_sse_succeeded(&fctx->sse)) {
-        ngx_http_anythingllm_openai_conv_store(r, fctx->ctx);
+        ngx_http_anythingllm_conv_store(r, fctx->ctx);
 
     } else if (r->upstream && !r->upstream->buffering) {
 
@@ -734,27 +766,65 @@ consumed:
 }
 
 
+/*
+ * The answer is read: its translation, or the error it stands for, is
+ * sent in its place.
+ */
+
 static ngx_int_t
 ngx_http_anythingllm_whole_answer(ngx_http_request_t *r,
     ngx_http_anythingllm_filter_ctx_t *fctx, ngx_uint_t broken)
 {
-    char                        *json;
-    u_char                      *p;
-    size_t                       len;
-    ngx_int_t                    rc;
-    ngx_str_t                    list;
+    ngx_int_t    rc;
+    ngx_str_t    body;
+    alm_error_t  err;
+
+    fctx->done = 1;
+
+    if (!ngx_http_anythingllm_whole_error(r, fctx, broken, &err)) {
+
+        rc = ngx_http_anythingllm_whole_translate(r, fctx, &body, &err);
+
+        if (rc == NGX_OK) {
+            return ngx_http_anythingllm_whole_send(r, NGX_HTTP_OK, &body);
+        }
+
+        if (rc == NGX_ERROR) {
+            return NGX_ERROR;
+        }
+    }
+
+    if (ngx_http_anythingllm_error_body(r->pool, err.message, err.type,
+                                        err.param, err.code, &body)
+        != NGX_OK)
+    {
+        return NGX_ERROR;
+    }
+
+    /* the request ends with this answer: what is unread stays unread */
+    if (broken) {
+        r->keepalive = 0;
+    }
+
+    return ngx_http_anythingllm_whole_send(r, err.status, &body);
+}
+
+
+/*
+ * 1 with "err" set when the answer is not one to translate: refused,
+ * nginx's own error page, an error of AnythingLLM, broken off or too
+ * large.
+ */
+
+static ngx_uint_t
+ngx_http_anythingllm_whole_error(ngx_http_request_t *r,
+    ngx_http_anythingllm_filter_ctx_t *fctx, ngx_uint_t broken,
+    alm_error_t *err)
+{
     ngx_uint_t                   level;
-    ngx_buf_t                   *b;
-    ngx_chain_t                  out;
-    alm_error_t                  err;
-    ngx_pool_cleanup_t          *cln;
-    alm_completion_meta_t        meta;
     ngx_http_anythingllm_ctx_t  *ctx;
 
     ctx = fctx->ctx;
-    fctx->done = 1;
-    json = NULL;
-    len = 0;
 
     if (fctx->refused) {
         ngx_log_error(NGX_LOG_ERR, r->connection->log, 0,
@@ -762,22 +832,22 @@ ngx_http_anythingllm_whole_answer(ngx_http_request_t *r,
                       "whose answer the gateway rewrites: refused",
                       fctx->status);
 
-        alm_error_set(&err, NGX_HTTP_BAD_GATEWAY, "server_error", NULL, NULL,
+        alm_error_set(err, NGX_HTTP_BAD_GATEWAY, "server_error", NULL, NULL,
                       "AnythingLLM sent an answer the gateway cannot "
                       "rewrite (HTTP %d).", (int) fctx->status);
-        goto error;
+        return 1;
     }
 
     if (fctx->own) {
-        ngx_http_anythingllm_own_error(fctx->status, &err);
-        goto error;
+        ngx_http_anythingllm_own_error(fctx->status, err);
+        return 1;
     }
 
     if (fctx->error) {
         alm_chat_error_translate((int) fctx->status,
                                  (const char *) fctx->body, fctx->len,
                                  (const char *) ctx->model.data,
-                                 ctx->model.len, &err);
+                                 ctx->model.len, err);
 
         /* a refused upstream key is the operator's to fix */
         level = (fctx->status == NGX_HTTP_FORBIDDEN) ? NGX_LOG_ERR
@@ -785,15 +855,15 @@ ngx_http_anythingllm_whole_answer(ngx_http_request_t *r,
 
         ngx_log_error(level, r->connection->log, 0,
                       "anythingllm: AnythingLLM answered %ui: %s",
-                      fctx->status, err.message);
-        goto error;
+                      fctx->status, err->message);
+        return 1;
     }
 
     if (broken) {
-        alm_error_set(&err, NGX_HTTP_BAD_GATEWAY, "server_error", NULL, NULL,
+        alm_error_set(err, NGX_HTTP_BAD_GATEWAY, "server_error", NULL, NULL,
                       "The connection to AnythingLLM broke before the "
                       "answer was complete.");
-        goto error;
+        return 1;
     }
 
     if (fctx->too_big) {
@@ -801,11 +871,34 @@ ngx_http_anythingllm_whole_answer(ngx_http_request_t *r,
                       "anythingllm: the answer of AnythingLLM is larger "
                       "than anythingllm_max_response_size %uz", fctx->max);
 
-        alm_error_set(&err, NGX_HTTP_BAD_GATEWAY, "server_error", NULL, NULL,
+        alm_error_set(err, NGX_HTTP_BAD_GATEWAY, "server_error", NULL, NULL,
                       "The answer of AnythingLLM is larger than the "
                       "gateway accepts.");
-        goto error;
+        return 1;
     }
+
+    return 0;
+}
+
+
+/*
+ * NGX_OK: "body" is the translation (freed with the pool);
+ * NGX_DECLINED: it failed, "err" says why; NGX_ERROR: no memory.
+ */
+
+static ngx_int_t
+ngx_http_anythingllm_whole_translate(ngx_http_request_t *r,
+    ngx_http_anythingllm_filter_ctx_t *fctx, ngx_str_t *body,
+    alm_error_t *err)
+{
+    char                        *json;
+    size_t                       len;
+    ngx_str_t                    list;
+    alm_completion_meta_t        meta;
+    ngx_http_anythingllm_ctx_t  *ctx;
+
+    ctx = fctx->ctx;
+    len = 0;
 
     ngx_http_anythingllm_workspace_list(ctx, &list);
 
@@ -822,9 +915,9 @@ ngx_http_anythingllm_whole_answer(ngx_http_request_t *r,
                                            fctx->len, &meta, &ctx->usage,
                                            ctx->chat ? &ctx->chat->full
                                                      : NULL,
-                                           &len, &err);
+                                           &len, err);
         if (json) {
-            ngx_http_anythingllm_openai_conv_store(r, ctx);
+            ngx_http_anythingllm_conv_store(r, ctx);
         }
 
         break;
@@ -838,7 +931,7 @@ ngx_http_anythingllm_whole_answer(ngx_http_request_t *r,
                                         ? (const char *) ctx->model.data
                                         : NULL,
                                         ctx->model.len, ngx_time(), &len,
-                                        &err);
+                                        err);
         break;
 
     default: /* NGX_HTTP_ANYTHINGLLM_RESP_WORKSPACES */
@@ -846,7 +939,7 @@ ngx_http_anythingllm_whole_answer(ngx_http_request_t *r,
                                      (const char *) list.data, list.len,
                                      &len);
         if (json == NULL) {
-            alm_error_set(&err, NGX_HTTP_BAD_GATEWAY, "server_error", NULL,
+            alm_error_set(err, NGX_HTTP_BAD_GATEWAY, "server_error", NULL,
                           NULL, "AnythingLLM sent a workspace list the "
                           "gateway could not read.");
         }
@@ -855,46 +948,31 @@ ngx_http_anythingllm_whole_answer(ngx_http_request_t *r,
     }
 
     if (json == NULL) {
-        goto error;
+        return NGX_DECLINED;
     }
 
-    cln = ngx_pool_cleanup_add(r->pool, 0);
-    if (cln == NULL) {
-        free(json);
+    if (ngx_http_anythingllm_free_on_cleanup(r->pool, json) != NGX_OK) {
         return NGX_ERROR;
     }
 
-    cln->handler = ngx_http_anythingllm_filter_free;
-    cln->data = json;
+    body->data = (u_char *) json;
+    body->len = len;
 
-    p = (u_char *) json;
-    r->headers_out.status = NGX_HTTP_OK;
+    return NGX_OK;
+}
 
-    goto send;
 
-error:
+/* the rewritten answer, whole, with the header it makes */
 
-    len = alm_error_json(NULL, 0, err.message, err.type, err.param,
-                         err.code);
+static ngx_int_t
+ngx_http_anythingllm_whole_send(ngx_http_request_t *r, ngx_uint_t status,
+    ngx_str_t *body)
+{
+    ngx_int_t     rc;
+    ngx_buf_t    *b;
+    ngx_chain_t   out;
 
-    p = ngx_pnalloc(r->pool, len + 2);
-    if (p == NULL) {
-        return NGX_ERROR;
-    }
-
-    (void) alm_error_json((char *) p, len + 1, err.message, err.type,
-                          err.param, err.code);
-    p[len++] = '\n';
-
-    r->headers_out.status = err.status;
-
-    /* the request ends with this answer: what is unread stays unread */
-    if (broken) {
-        r->keepalive = 0;
-    }
-
-send:
-
+    r->headers_out.status = status;
     ngx_str_null(&r->headers_out.status_line);
 
     ngx_str_set(&r->headers_out.content_type, "application/json");
@@ -903,7 +981,7 @@ send:
     ngx_str_null(&r->headers_out.charset);
 
     ngx_http_clear_content_length(r);
-    r->headers_out.content_length_n = len;
+    r->headers_out.content_length_n = body->len;
 
     ngx_http_anythingllm_clear_validators(r);
 
@@ -913,18 +991,10 @@ send:
         return rc;
     }
 
-    b = ngx_calloc_buf(r->pool);
+    b = ngx_http_anythingllm_body_buf(r->pool, body);
     if (b == NULL) {
         return NGX_ERROR;
     }
-
-    b->pos = p;
-    b->last = p + len;
-    b->start = b->pos;
-    b->end = b->last;
-    b->memory = 1;
-    b->last_buf = 1;
-    b->last_in_chain = 1;
 
     out.buf = b;
     out.next = NULL;
@@ -935,133 +1005,59 @@ send:
 
 /* nginx's own error pages, as OpenAI errors */
 
+static const struct {
+    ngx_uint_t    status;
+    const char   *code;
+    const char   *message;
+} ngx_http_anythingllm_own_errors[] = {
+    { NGX_HTTP_BAD_GATEWAY, NULL,
+      "The gateway could not reach AnythingLLM, or AnythingLLM closed the "
+      "connection." },
+    { NGX_HTTP_GATEWAY_TIME_OUT, NULL,
+      "AnythingLLM did not answer in time." },
+    { NGX_HTTP_SERVICE_UNAVAILABLE, NULL,
+      "The service is unavailable." },
+    { NGX_HTTP_REQUEST_ENTITY_TOO_LARGE, NULL,
+      "The request body is too large." },
+    { NGX_HTTP_REQUEST_TIME_OUT, NULL,
+      "The request was not received in time." },
+    { NGX_HTTP_NOT_FOUND, "unknown_url",
+      "Invalid URL." },
+    { NGX_HTTP_UNAUTHORIZED, "invalid_api_key",
+      "Invalid API key." },
+    { NGX_HTTP_FORBIDDEN, NULL,
+      "The request is not allowed." },
+    { NGX_HTTP_INTERNAL_SERVER_ERROR, NULL,
+      "The gateway failed to handle the request." }
+};
+
+
 static void
 ngx_http_anythingllm_own_error(ngx_uint_t status, alm_error_t *err)
 {
+    ngx_uint_t   i;
     const char  *type;
 
     type = (status >= NGX_HTTP_INTERNAL_SERVER_ERROR) ? "server_error"
                                                       : "invalid_request_error";
 
-    switch (status) {
-
-    case NGX_HTTP_BAD_GATEWAY:
-        alm_error_set(err, status, type, NULL, NULL,
-                      "The gateway could not reach AnythingLLM, or "
-                      "AnythingLLM closed the connection.");
-        break;
-
-    case NGX_HTTP_GATEWAY_TIME_OUT:
-        alm_error_set(err, status, type, NULL, NULL,
-                      "AnythingLLM did not answer in time.");
-        break;
-
-    case NGX_HTTP_SERVICE_UNAVAILABLE:
-        alm_error_set(err, status, type, NULL, NULL,
-                      "The service is unavailable.");
-        break;
-
-    case NGX_HTTP_REQUEST_ENTITY_TOO_LARGE:
-        alm_error_set(err, status, type, NULL, NULL,
-                      "The request body is too large.");
-        break;
-
-    case NGX_HTTP_REQUEST_TIME_OUT:
-        alm_error_set(err, status, type, NULL, NULL,
-                      "The request was not received in time.");
-        break;
-
-    case NGX_HTTP_NOT_FOUND:
-        alm_error_set(err, status, type, NULL, "unknown_url",
-                      "Invalid URL.");
-        break;
-
-    case NGX_HTTP_UNAUTHORIZED:
-        alm_error_set(err, status, type, NULL, "invalid_api_key",
-                      "Invalid API key.");
-        break;
-
-    case NGX_HTTP_FORBIDDEN:
-        alm_error_set(err, status, type, NULL, NULL,
-                      "The request is not allowed.");
-        break;
-
-    case NGX_HTTP_INTERNAL_SERVER_ERROR:
-        alm_error_set(err, status, type, NULL, NULL,
-                      "The gateway failed to handle the request.");
-        break;
-
-    default:
-        alm_error_set(err, status, type, NULL, NULL,
-                      "The request failed (HTTP %d).", (int) status);
-        break;
+    for (i = 0;
+         i < sizeof(ngx_http_anythingllm_own_errors)
+             / sizeof(ngx_http_anythingllm_own_errors[0]);
+         i++)
+    {
+        if (ngx_http_anythingllm_own_errors[i].status == status) {
+            alm_error_set(err, status, type, NULL,
+                          ngx_http_anythingllm_own_errors[i].code, "%s",
+                          ngx_http_anythingllm_own_errors[i].message);
+            return;
+        }
     }
+
+    alm_error_set(err, status, type, NULL, NULL,
+                  "The request failed (HTTP %d).", (int) status);
 }
 
-
-/*
- * Sets a response header, in place when it is there (the first one;
- * others of that name are dropped), or adds it.
- */
-
-static ngx_int_t
-ngx_http_anythingllm_set_out_header(ngx_http_request_t *r, const char *name,
-    size_t len, const char *value)
-{
-    ngx_str_t         v;
-    ngx_uint_t        i;
-    ngx_list_part_t  *part;
-    ngx_table_elt_t  *h, *found;
-
-    found = NULL;
-
-    part = &r->headers_out.headers.part;
-    h = part->elts;
-
-    for (i = 0; /* void */; i++) {
-
-        if (i >= part->nelts) {
-            if (part->next == NULL) {
-                break;
-            }
-
-            part = part->next;
-            h = part->elts;
-            i = 0;
-        }
-
-        if (h[i].hash == 0 || h[i].key.len != len
-            || ngx_strncasecmp(h[i].key.data, (u_char *) name, len) != 0)
-        {
-            continue;
-        }
-
-        if (found) {
-            h[i].hash = 0;
-            continue;
-        }
-
-        found = &h[i];
-    }
-
-    v.data = (u_char *) value;
-    v.len = ngx_strlen(value);
-
-    if (found == NULL) {
-        return ngx_http_anythingllm_push_header(r, name, &v) ? NGX_OK
-                                                             : NGX_ERROR;
-    }
-
-    found->value = v;
-
-    return NGX_OK;
-}
-
-
-/*
- * What described AnythingLLM's answer does not describe its rewrite:
- * validators, ranges.
- */
 
 /*
  * An upstream that breaks or times out after the header is finalized
@@ -1090,6 +1086,11 @@ ngx_http_anythingllm_upstream_broke(ngx_http_upstream_t *u)
 }
 
 
+/*
+ * What described AnythingLLM's answer does not describe its rewrite:
+ * validators, ranges.
+ */
+
 static void
 ngx_http_anythingllm_clear_validators(ngx_http_request_t *r)
 {
@@ -1116,13 +1117,6 @@ ngx_http_anythingllm_workspace_list(ngx_http_anythingllm_ctx_t *ctx,
     }
 
     ngx_str_set(list, "*");
-}
-
-
-static void
-ngx_http_anythingllm_filter_free(void *data)
-{
-    free(data);
 }
 
 

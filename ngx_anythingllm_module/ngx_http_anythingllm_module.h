@@ -1,16 +1,27 @@
 /*
  * Copyright (C) ngx_anythingllm authors
  *
- * Shared declarations of the nginx glue.  One file per concern:
+ * Shared declarations of the nginx glue.  One file per concern; a file
+ * calls only those below it in this list, never one above:
  *
- *   ngx_http_anythingllm_module.c   directives, variables, phase
- *                                   handlers, upstream key injection
- *   ngx_http_anythingllm_redis.c    hiredis on nginx's event loop
- *   ngx_http_anythingllm_cache.c    shared-memory key cache
- *   ngx_http_anythingllm_auth.c     access phase: key, scope, rpm
- *   ngx_http_anythingllm_openai.c   precontent phase: OpenAI routes,
- *                                   request body rewrite
- *   ngx_http_anythingllm_filter.c   response header and body filters
+ *   ngx_http_anythingllm_module.c    directives, configuration,
+ *                                    variables, handler registration,
+ *                                    process init and exit
+ *   ngx_http_anythingllm_filter.c    response header and body filters
+ *   ngx_http_anythingllm_upstream.c  precontent phase: upstream key
+ *                                    injection, conditionals dropped
+ *   ngx_http_anythingllm_openai.c    OpenAI routes, request body rewrite
+ *   ngx_http_anythingllm_conv.c      conversations in Redis: lookup and
+ *                                    store
+ *   ngx_http_anythingllm_auth.c      access phase: key, scope, rpm
+ *   ngx_http_anythingllm_cors.c      CORS preflight and headers
+ *   ngx_http_anythingllm_cache.c     shared-memory key cache,
+ *                                    revocations
+ *   ngx_http_anythingllm_redis.c     hiredis on nginx's event loop
+ *   ngx_http_anythingllm_redis_conf.c  anythingllm_redis, the names of
+ *                                    Redis keys
+ *   ngx_http_anythingllm_util.c      per-request helpers: context,
+ *                                    error answers, headers
  */
 
 
@@ -117,8 +128,14 @@ typedef enum {
 typedef struct ngx_http_anythingllm_redis_req_s
     ngx_http_anythingllm_redis_req_t;
 
+typedef struct ngx_http_anythingllm_ctx_s  ngx_http_anythingllm_ctx_t;
 
-typedef struct {
+/* the conversation lookup is answered: session_id and continuing set */
+typedef void (*ngx_http_anythingllm_conv_done_pt)(ngx_http_request_t *r,
+    ngx_http_anythingllm_ctx_t *ctx);
+
+
+struct ngx_http_anythingllm_ctx_s {
     /* auth (ngx_http_anythingllm_auth.c) */
     ngx_http_anythingllm_auth_result_e  auth_result;
     ngx_int_t                   auth_status;    /* verdict once known */
@@ -145,6 +162,7 @@ typedef struct {
     ngx_int_t                   openai_status;  /* verdict once known */
     alm_error_t                *openai_error;   /* verdict: this error */
     ngx_http_anythingllm_redis_req_t  *conv_pending; /* session lookup */
+    ngx_http_anythingllm_conv_done_pt  conv_done; /* lookup answered */
     unsigned                    openai_done:1;
     unsigned                    openai_waiting:1;
     unsigned                    body_read:1;
@@ -155,16 +173,35 @@ typedef struct {
     ngx_http_anythingllm_resp_e resp;
     void                       *filter;         /* filter's own state */
     alm_usage_t                 usage;
-} ngx_http_anythingllm_ctx_t;
+};
 
 
 extern ngx_module_t  ngx_http_anythingllm_module;
 
 
-/* ngx_http_anythingllm_module.c */
+/* ngx_http_anythingllm_redis_conf.c */
+
+char *ngx_http_anythingllm_redis(ngx_conf_t *cf, ngx_command_t *cmd,
+    void *conf);
+
+/*
+ * "<prefix><name>", then the digest when not NULL, in "pool" with
+ * "room" more bytes allocated after it for the caller to append.
+ */
+ngx_int_t ngx_http_anythingllm_redis_key(ngx_pool_t *pool,
+    ngx_str_t *prefix, const char *name, const char *digest, size_t room,
+    ngx_str_t *key);
+
+
+/* ngx_http_anythingllm_util.c */
 
 ngx_http_anythingllm_ctx_t *ngx_http_anythingllm_get_ctx(
     ngx_http_request_t *r);
+
+/* the body of an OpenAI-shaped error, ended by a newline, in "pool" */
+ngx_int_t ngx_http_anythingllm_error_body(ngx_pool_t *pool,
+    const char *message, const char *type, const char *param,
+    const char *code, ngx_str_t *body);
 
 /*
  * Sends an OpenAI-shaped error and returns what ngx_http_output_filter()
@@ -183,42 +220,85 @@ ngx_int_t ngx_http_anythingllm_error(ngx_http_request_t *r,
     const char *param, const char *code);
 ngx_int_t ngx_http_anythingllm_alm_error(ngx_http_request_t *r,
     alm_error_t *err);
-ngx_int_t ngx_http_anythingllm_add_cors(ngx_http_request_t *r);
+
+ngx_buf_t *ngx_http_anythingllm_body_buf(ngx_pool_t *pool, ngx_str_t *body);
+
 /* adds a response header; "key" must outlive the request */
 ngx_table_elt_t *ngx_http_anythingllm_push_header(ngx_http_request_t *r,
     const char *key, ngx_str_t *value);
-ngx_int_t ngx_http_anythingllm_set_header_in(ngx_http_request_t *r,
+
+ngx_table_elt_t *ngx_http_anythingllm_next_header(ngx_list_part_t **part,
+    ngx_uint_t *i);
+
+/* ngx_http_anythingllm_set_header() flags */
+#define NGX_HTTP_ANYTHINGLLM_HEADER_ADD   0x01  /* add one when none */
+#define NGX_HTTP_ANYTHINGLLM_HEADER_OUT   0x02  /* of the response */
+
+ngx_int_t ngx_http_anythingllm_set_header(ngx_http_request_t *r,
     ngx_table_elt_t **slot, const char *name, const char *lowcase,
-    ngx_str_t *value, ngx_uint_t add);
+    ngx_str_t *value, ngx_uint_t flags);
 ngx_int_t ngx_http_anythingllm_identity_encoding(ngx_http_request_t *r);
+
+ngx_int_t ngx_http_anythingllm_cleanup_add(ngx_pool_t *pool,
+    ngx_pool_cleanup_pt handler, void *data);
+/* free(p) when "pool" goes; NGX_ERROR: p is freed at once */
+ngx_int_t ngx_http_anythingllm_free_on_cleanup(ngx_pool_t *pool, void *p);
 
 
 /* ngx_http_anythingllm_redis.c */
 
+/* what Redis answered, read from hiredis's reply */
+
+typedef enum {
+    NGX_HTTP_ANYTHINGLLM_REDIS_NONE = 0,    /* error, timeout, disconnect */
+    NGX_HTTP_ANYTHINGLLM_REDIS_ERROR,       /* "str": the error, or "out
+                                               of memory" when the reply
+                                               could not be read */
+    NGX_HTTP_ANYTHINGLLM_REDIS_STRING,      /* "str" */
+    NGX_HTTP_ANYTHINGLLM_REDIS_INTEGER,     /* "integer" */
+    NGX_HTTP_ANYTHINGLLM_REDIS_ARRAY,       /* "elts", "nelts" */
+    NGX_HTTP_ANYTHINGLLM_REDIS_OTHER        /* nil, status */
+} ngx_http_anythingllm_redis_type_e;
+
+typedef struct {
+    ngx_http_anythingllm_redis_type_e  type;
+    ngx_str_t                   str;
+    long long                   integer;
+    ngx_str_t                  *elts;       /* an element not a string:
+                                               data NULL */
+    size_t                      nelts;
+} ngx_http_anythingllm_redis_reply_t;
+
 /*
- * Callback for a Redis command: "reply" is the hiredis redisReply,
- * or NULL on error, timeout or disconnect.  It runs at most once and
- * never after ngx_http_anythingllm_redis_cancel().
+ * Callback for a Redis command.  It runs at most once and never after
+ * ngx_http_anythingllm_redis_cancel(); the reply and its strings are
+ * only valid while it runs.
  */
 typedef void (*ngx_http_anythingllm_redis_handler_pt)(void *data,
-    void *reply);
+    ngx_http_anythingllm_redis_reply_t *reply);
 
-ngx_int_t ngx_http_anythingllm_redis_init_process(ngx_cycle_t *cycle);
+/*
+ * A message of the revocations channel, or NULL when the channel was
+ * subscribed again after it had been lost.
+ */
+typedef void (*ngx_http_anythingllm_redis_sub_pt)(
+    ngx_http_anythingllm_main_conf_t *amcf, ngx_str_t *message);
+
+ngx_int_t ngx_http_anythingllm_redis_init_process(ngx_cycle_t *cycle,
+    ngx_http_anythingllm_redis_sub_pt sub_handler);
 void ngx_http_anythingllm_redis_exit_process(ngx_cycle_t *cycle);
-ngx_uint_t ngx_http_anythingllm_redis_connected(void);
 
 /*
  * Sends a command (argv style) on the worker's connection (pipelined;
  * while it is being made, the command waits for it, within the same
  * timeout).  Returns a handle for _cancel(), or NULL when Redis is not
- * reachable now.  The handler may be NULL (no answer wanted).  The
- * reply is freed when the handler returns.
+ * reachable now.  The handler may be NULL (no answer wanted).
  */
 ngx_http_anythingllm_redis_req_t *ngx_http_anythingllm_redis_command(
     ngx_http_anythingllm_redis_handler_pt handler, void *data,
     int argc, const char **argv, const size_t *argvlen);
 void ngx_http_anythingllm_redis_cancel(
-    ngx_http_anythingllm_redis_req_t *rr);
+    ngx_http_anythingllm_redis_req_t **rrp);
 
 
 /* ngx_http_anythingllm_cache.c */
@@ -226,8 +306,8 @@ void ngx_http_anythingllm_redis_cancel(
 /* the zone made when anythingllm_auth is on without anythingllm_key_cache */
 #define NGX_HTTP_ANYTHINGLLM_CACHE_DEFAULT_SIZE  (10 * 1024 * 1024)
 
-ngx_int_t ngx_http_anythingllm_cache_init_zone(ngx_shm_zone_t *shm_zone,
-    void *data);
+char *ngx_http_anythingllm_key_cache(ngx_conf_t *cf, ngx_command_t *cmd,
+    void *conf);
 ngx_int_t ngx_http_anythingllm_cache_default_zone(ngx_conf_t *cf,
     ngx_http_anythingllm_main_conf_t *amcf);
 /*
@@ -244,9 +324,15 @@ void ngx_http_anythingllm_cache_put(ngx_shm_zone_t *zone,
     const ngx_http_anythingllm_key_t *key, time_t ttl, ngx_msec_t since);
 void ngx_http_anythingllm_cache_put_negative(ngx_shm_zone_t *zone,
     const char *digest, time_t ttl, ngx_msec_t since);
-void ngx_http_anythingllm_cache_revoke(ngx_shm_zone_t *zone,
-    const char *digest, ngx_msec_t hold);
-void ngx_http_anythingllm_cache_flush(ngx_shm_zone_t *zone);
+/* the handler of the revocations channel */
+void ngx_http_anythingllm_cache_revocation(
+    ngx_http_anythingllm_main_conf_t *amcf, ngx_str_t *message);
+
+
+/* ngx_http_anythingllm_cors.c */
+
+ngx_int_t ngx_http_anythingllm_preflight_handler(ngx_http_request_t *r);
+ngx_int_t ngx_http_anythingllm_add_cors(ngx_http_request_t *r);
 
 
 /* ngx_http_anythingllm_auth.c */
@@ -254,13 +340,31 @@ void ngx_http_anythingllm_cache_flush(ngx_shm_zone_t *zone);
 ngx_int_t ngx_http_anythingllm_access_handler(ngx_http_request_t *r);
 
 
+/* ngx_http_anythingllm_conv.c */
+
+/*
+ * Asks Redis for the session of the conversation the chat request
+ * continues.  NGX_AGAIN: asked, "done" runs with the answer;
+ * NGX_DECLINED: nothing to ask or Redis unreachable, a new session.
+ */
+ngx_int_t ngx_http_anythingllm_conv_lookup(ngx_http_request_t *r,
+    ngx_http_anythingllm_ctx_t *ctx, ngx_http_anythingllm_conv_done_pt done);
+
+/* the answer completed: remember its conversation (fire and forget) */
+void ngx_http_anythingllm_conv_store(ngx_http_request_t *r,
+    ngx_http_anythingllm_ctx_t *ctx);
+
+
 /* ngx_http_anythingllm_openai.c */
 
 ngx_int_t ngx_http_anythingllm_openai_handler(ngx_http_request_t *r);
 
-/* the answer completed: remember its conversation (fire and forget) */
-void ngx_http_anythingllm_openai_conv_store(ngx_http_request_t *r,
-    ngx_http_anythingllm_ctx_t *ctx);
+
+/* ngx_http_anythingllm_upstream.c */
+
+char *ngx_http_anythingllm_upstream_key(ngx_conf_t *cf, ngx_command_t *cmd,
+    void *conf);
+ngx_int_t ngx_http_anythingllm_precontent_handler(ngx_http_request_t *r);
 
 
 /* ngx_http_anythingllm_filter.c */

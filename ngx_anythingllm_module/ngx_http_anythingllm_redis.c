@@ -8,8 +8,8 @@
  *   - the command connection, shared by every request of the worker:
  *     commands are pipelined, their replies come back in order;
  *
- *   - the subscriber, which listens on "<prefix>revocations" and drops
- *     revoked digests from the shared key cache.
+ *   - the subscriber, which listens on "<prefix>revocations" and hands
+ *     every message to the handler given at init (the key cache's).
  *
  * hiredis 0.14 has no timeouts of its own: the connect and every
  * command are timed with nginx timers.  A command that times out means
@@ -23,6 +23,9 @@
  * inside redisAsyncHandleRead() and redisAsyncHandleWrite(); nothing
  * is touched after those calls, and the cleanup hook forgets the
  * context.
+ *
+ * hiredis's types stay in this file: callers get the replies as
+ * ngx_http_anythingllm_redis_reply_t.
  */
 
 
@@ -39,9 +42,6 @@
 #define NGX_HTTP_ANYTHINGLLM_REDIS_BACKOFF_MIN   100
 #define NGX_HTTP_ANYTHINGLLM_REDIS_BACKOFF_MAX   2000
 #define NGX_HTTP_ANYTHINGLLM_REDIS_FREE_MAX      256
-
-/* how long a revocation keeps older lookups out of the cache */
-#define NGX_HTTP_ANYTHINGLLM_REDIS_REVOKE_HOLD   1000
 
 /* a failure is logged as an error once, then at "info" until it heals */
 #define ngx_http_anythingllm_redis_level(conn)                              \
@@ -90,8 +90,9 @@ static void ngx_http_anythingllm_redis_schedule(
     ngx_http_anythingllm_redis_conn_t *conn);
 static void ngx_http_anythingllm_redis_reconnect_handler(ngx_event_t *ev);
 static void ngx_http_anythingllm_redis_timer_handler(ngx_event_t *ev);
-static void ngx_http_anythingllm_redis_read_handler(ngx_event_t *ev);
-static void ngx_http_anythingllm_redis_write_handler(ngx_event_t *ev);
+static void ngx_http_anythingllm_redis_io_handler(ngx_event_t *ev);
+static void ngx_http_anythingllm_redis_event(void *privdata,
+    ngx_int_t event, ngx_uint_t add);
 static void ngx_http_anythingllm_redis_add_read(void *privdata);
 static void ngx_http_anythingllm_redis_del_read(void *privdata);
 static void ngx_http_anythingllm_redis_add_write(void *privdata);
@@ -99,7 +100,10 @@ static void ngx_http_anythingllm_redis_del_write(void *privdata);
 static void ngx_http_anythingllm_redis_cleanup(void *privdata);
 static void ngx_http_anythingllm_redis_reply(redisAsyncContext *ac,
     void *reply, void *privdata);
-static void ngx_http_anythingllm_redis_init_reply(void *data, void *reply);
+static ngx_int_t ngx_http_anythingllm_redis_parse(redisReply *rp,
+    ngx_http_anythingllm_redis_reply_t *reply);
+static void ngx_http_anythingllm_redis_init_reply(void *data,
+    ngx_http_anythingllm_redis_reply_t *reply);
 static ngx_http_anythingllm_redis_req_t *ngx_http_anythingllm_redis_send(
     ngx_http_anythingllm_redis_conn_t *conn,
     ngx_http_anythingllm_redis_handler_pt handler, void *data, int argc,
@@ -120,10 +124,12 @@ static ngx_http_anythingllm_redis_conn_t   ngx_http_anythingllm_redis_sub;
 static ngx_queue_t                         ngx_http_anythingllm_redis_free;
 static ngx_uint_t                          ngx_http_anythingllm_redis_nfree;
 static ngx_uint_t                          ngx_http_anythingllm_redis_exiting;
+static ngx_http_anythingllm_redis_sub_pt   ngx_http_anythingllm_redis_on_sub;
 
 
 ngx_int_t
-ngx_http_anythingllm_redis_init_process(ngx_cycle_t *cycle)
+ngx_http_anythingllm_redis_init_process(ngx_cycle_t *cycle,
+    ngx_http_anythingllm_redis_sub_pt sub_handler)
 {
     ngx_uint_t                          i;
     ngx_http_anythingllm_redis_conn_t  *conn;
@@ -143,6 +149,7 @@ ngx_http_anythingllm_redis_init_process(ngx_cycle_t *cycle)
     }
 
     ngx_http_anythingllm_redis_conf = amcf;
+    ngx_http_anythingllm_redis_on_sub = sub_handler;
     ngx_http_anythingllm_redis_exiting = 0;
     ngx_queue_init(&ngx_http_anythingllm_redis_free);
 
@@ -236,16 +243,6 @@ ngx_http_anythingllm_redis_exit_process(ngx_cycle_t *cycle)
 }
 
 
-ngx_uint_t
-ngx_http_anythingllm_redis_connected(void)
-{
-    return ngx_http_anythingllm_redis_conf != NULL
-           && ngx_http_anythingllm_redis_cmd.ac != NULL
-           && ngx_http_anythingllm_redis_cmd.state
-              == NGX_HTTP_ANYTHINGLLM_REDIS_UP;
-}
-
-
 /*
  * While the connection is being made, commands wait in hiredis's buffer
  * (for the connect timeout at most); without a connection they fail.
@@ -274,13 +271,24 @@ ngx_http_anythingllm_redis_command(
  * A pending command cannot be taken back from hiredis: its callback
  * will run once the reply (or the end of the connection) comes.  The
  * handle stays with the worker until then, but calls nobody back.
+ * The caller's handle is cleared; a cleared one is let be.
  */
 
 void
-ngx_http_anythingllm_redis_cancel(ngx_http_anythingllm_redis_req_t *rr)
+ngx_http_anythingllm_redis_cancel(ngx_http_anythingllm_redis_req_t **rrp)
 {
+    ngx_http_anythingllm_redis_req_t  *rr;
+
+    rr = *rrp;
+
+    if (rr == NULL) {
+        return;
+    }
+
     rr->handler = NULL;
     rr->data = NULL;
+
+    *rrp = NULL;
 }
 
 
@@ -327,8 +335,8 @@ ngx_http_anythingllm_redis_connect(ngx_http_anythingllm_redis_conn_t *conn)
     }
 
     c->data = conn;
-    c->read->handler = ngx_http_anythingllm_redis_read_handler;
-    c->write->handler = ngx_http_anythingllm_redis_write_handler;
+    c->read->handler = ngx_http_anythingllm_redis_io_handler;
+    c->write->handler = ngx_http_anythingllm_redis_io_handler;
     c->read->log = log;
     c->write->log = log;
 
@@ -490,21 +498,20 @@ ngx_http_anythingllm_redis_prepare(ngx_http_anythingllm_redis_conn_t *conn)
 
 
 static void
-ngx_http_anythingllm_redis_init_reply(void *data, void *reply)
+ngx_http_anythingllm_redis_init_reply(void *data,
+    ngx_http_anythingllm_redis_reply_t *reply)
 {
-    redisReply                         *rp;
     ngx_http_anythingllm_redis_conn_t  *conn;
 
     conn = data;
-    rp = reply;
 
-    if (rp == NULL || rp->type != REDIS_REPLY_ERROR) {
+    if (reply->type != NGX_HTTP_ANYTHINGLLM_REDIS_ERROR) {
         return;
     }
 
     ngx_log_error(NGX_LOG_ERR, ngx_cycle->log, 0,
                   "anythingllm: redis %s connection: AUTH or SELECT "
-                  "failed: %*s", conn->name, (size_t) rp->len, rp->str);
+                  "failed: %V", conn->name, &reply->str);
 
     ngx_http_anythingllm_redis_broken(conn, NULL);
 }
@@ -586,6 +593,7 @@ ngx_http_anythingllm_redis_reply(redisAsyncContext *ac, void *reply,
     redisReply                             *rp;
     ngx_http_anythingllm_redis_req_t       *rr;
     ngx_http_anythingllm_redis_conn_t      *conn;
+    ngx_http_anythingllm_redis_reply_t      parsed;
     ngx_http_anythingllm_redis_handler_pt   handler;
 
     rr = privdata;
@@ -614,9 +622,101 @@ ngx_http_anythingllm_redis_reply(redisAsyncContext *ac, void *reply,
 
     ngx_http_anythingllm_redis_free_req(rr);
 
-    if (handler && !ngx_http_anythingllm_redis_exiting) {
-        handler(data, reply);
+    if (handler == NULL || ngx_http_anythingllm_redis_exiting) {
+        return;
     }
+
+    if (ngx_http_anythingllm_redis_parse(rp, &parsed) != NGX_OK) {
+        ngx_log_error(NGX_LOG_ERR, ngx_cycle->log, 0,
+                      "anythingllm: redis reply of %uz elements: "
+                      "out of memory", rp->elements);
+        ngx_str_set(&parsed.str, "out of memory");
+    }
+
+    handler(data, &parsed);
+
+    if (parsed.elts) {
+        ngx_free(parsed.elts);
+    }
+}
+
+
+/*
+ * The reply as the callers read it; its strings point into hiredis's
+ * reply, which is freed when the handler returns.  NGX_ERROR: no
+ * memory for the elements of an array, "reply" is an error then.
+ */
+
+static ngx_int_t
+ngx_http_anythingllm_redis_parse(redisReply *rp,
+    ngx_http_anythingllm_redis_reply_t *reply)
+{
+    size_t       i;
+    redisReply  *e;
+
+    ngx_memzero(reply, sizeof(ngx_http_anythingllm_redis_reply_t));
+
+    if (rp == NULL) {
+        reply->type = NGX_HTTP_ANYTHINGLLM_REDIS_NONE;
+        return NGX_OK;
+    }
+
+    switch (rp->type) {
+
+    case REDIS_REPLY_ERROR:
+    case REDIS_REPLY_STRING:
+        reply->type = (rp->type == REDIS_REPLY_ERROR)
+                      ? NGX_HTTP_ANYTHINGLLM_REDIS_ERROR
+                      : NGX_HTTP_ANYTHINGLLM_REDIS_STRING;
+
+        if (rp->str) {
+            reply->str.data = (u_char *) rp->str;
+            reply->str.len = rp->len;
+        }
+
+        return NGX_OK;
+
+    case REDIS_REPLY_INTEGER:
+        reply->type = NGX_HTTP_ANYTHINGLLM_REDIS_INTEGER;
+        reply->integer = rp->integer;
+        return NGX_OK;
+
+    case REDIS_REPLY_ARRAY:
+        break;
+
+    default:
+        reply->type = NGX_HTTP_ANYTHINGLLM_REDIS_OTHER;
+        return NGX_OK;
+    }
+
+    reply->type = NGX_HTTP_ANYTHINGLLM_REDIS_ARRAY;
+    reply->nelts = rp->elements;
+
+    if (rp->elements == 0) {
+        return NGX_OK;
+    }
+
+    reply->elts = ngx_alloc(rp->elements * sizeof(ngx_str_t),
+                            ngx_cycle->log);
+    if (reply->elts == NULL) {
+        reply->type = NGX_HTTP_ANYTHINGLLM_REDIS_ERROR;
+        reply->nelts = 0;
+        return NGX_ERROR;
+    }
+
+    for (i = 0; i < rp->elements; i++) {
+        e = rp->element[i];
+
+        if (e != NULL && e->type == REDIS_REPLY_STRING && e->str != NULL) {
+            reply->elts[i].data = (u_char *) e->str;
+            reply->elts[i].len = e->len;
+
+        } else {
+            ngx_str_null(&reply->elts[i]);
+        }
+    }
+
+    return NGX_OK;
 }
 
 
@@ -747,7 +847,7 @@ ngx_http_anythingllm_redis_reconnect_handler(ngx_event_t *ev)
 
 
 static void
-ngx_http_anythingllm_redis_read_handler(ngx_event_t *ev)
+ngx_http_anythingllm_redis_io_handler(ngx_event_t *ev)
 {
     ngx_connection_t                   *c;
     ngx_http_anythingllm_redis_conn_t  *conn;
@@ -761,24 +861,12 @@ ngx_http_anythingllm_redis_read_handler(ngx_event_t *ev)
 
     /* may free the context: nothing is touched afterwards */
 
-    redisAsyncHandleRead(conn->ac);
-}
+    if (ev->write) {
+        redisAsyncHandleWrite(conn->ac);
 
-
-static void
-ngx_http_anythingllm_redis_write_handler(ngx_event_t *ev)
-{
-    ngx_connection_t                   *c;
-    ngx_http_anythingllm_redis_conn_t  *conn;
-
-    c = ev->data;
-    conn = c->data;
-
-    if (conn->ac == NULL) {
-        return;
+    } else {
+        redisAsyncHandleRead(conn->ac);
     }
-
-    redisAsyncHandleWrite(conn->ac);
 }
 
 
@@ -788,66 +876,60 @@ ngx_http_anythingllm_redis_write_handler(ngx_event_t *ev)
  */
 
 static void
-ngx_http_anythingllm_redis_add_read(void *privdata)
+ngx_http_anythingllm_redis_event(void *privdata, ngx_int_t event,
+    ngx_uint_t add)
 {
+    ngx_event_t                        *ev;
     ngx_http_anythingllm_redis_conn_t  *conn = privdata;
 
-    if (conn->c == NULL || conn->c->read->active) {
+    if (conn->c == NULL) {
         return;
     }
 
-    if (ngx_add_event(conn->c->read, NGX_READ_EVENT, NGX_LEVEL_EVENT)
-        != NGX_OK)
-    {
-        ngx_log_error(NGX_LOG_ERR, ngx_cycle->log, 0,
-                      "anythingllm: redis %s: adding read event failed",
-                      conn->name);
+    ev = (event == NGX_READ_EVENT) ? conn->c->read : conn->c->write;
+
+    if (!add) {
+        if (ev->active) {
+            (void) ngx_del_event(ev, event, 0);
+        }
+
+        return;
     }
+
+    if (!ev->active && ngx_add_event(ev, event, NGX_LEVEL_EVENT) != NGX_OK) {
+        ngx_log_error(NGX_LOG_ERR, ngx_cycle->log, 0,
+                      "anythingllm: redis %s: adding %s event failed",
+                      conn->name,
+                      (event == NGX_READ_EVENT) ? "read" : "write");
+    }
+}
+
+
+static void
+ngx_http_anythingllm_redis_add_read(void *privdata)
+{
+    ngx_http_anythingllm_redis_event(privdata, NGX_READ_EVENT, 1);
 }
 
 
 static void
 ngx_http_anythingllm_redis_del_read(void *privdata)
 {
-    ngx_http_anythingllm_redis_conn_t  *conn = privdata;
-
-    if (conn->c == NULL || !conn->c->read->active) {
-        return;
-    }
-
-    (void) ngx_del_event(conn->c->read, NGX_READ_EVENT, 0);
+    ngx_http_anythingllm_redis_event(privdata, NGX_READ_EVENT, 0);
 }
 
 
 static void
 ngx_http_anythingllm_redis_add_write(void *privdata)
 {
-    ngx_http_anythingllm_redis_conn_t  *conn = privdata;
-
-    if (conn->c == NULL || conn->c->write->active) {
-        return;
-    }
-
-    if (ngx_add_event(conn->c->write, NGX_WRITE_EVENT, NGX_LEVEL_EVENT)
-        != NGX_OK)
-    {
-        ngx_log_error(NGX_LOG_ERR, ngx_cycle->log, 0,
-                      "anythingllm: redis %s: adding write event failed",
-                      conn->name);
-    }
+    ngx_http_anythingllm_redis_event(privdata, NGX_WRITE_EVENT, 1);
 }
 
 
 static void
 ngx_http_anythingllm_redis_del_write(void *privdata)
 {
-    ngx_http_anythingllm_redis_conn_t  *conn = privdata;
-
-    if (conn->c == NULL || !conn->c->write->active) {
-        return;
-    }
-
-    (void) ngx_del_event(conn->c->write, NGX_WRITE_EVENT, 0);
+    ngx_http_anythingllm_redis_event(privdata, NGX_WRITE_EVENT, 0);
 }
 
 
@@ -952,32 +1034,19 @@ ngx_http_anythingllm_redis_sub_auth(redisAsyncContext *ac, void *reply,
 
 
 /*
- * After the subscription is (re)established, positive entries of the
- * cache are dropped if this worker's subscriber was down at any time
- * since it started: a revocation published meanwhile reached nobody
- * here (Redis Pub/Sub does not keep messages), and only a flush bounds
- * the damage.  Lookups that started before the flush do not refill the
- * cache with what they read.  The flush is conservative: when another
- * worker of the same nginx stayed subscribed the whole time, it was
- * not needed, but it costs only a burst of lookups.  The first
- * subscription of a fresh worker does not flush: on a reload the old
- * workers stay subscribed until the new ones are, and a new nginx
- * starts with an empty zone.  A subscriber that hangs without its
- * connection breaking is not noticed; the "valid" time of the cache
- * is the bound then.
+ * The subscription confirmed, and every message of the channel, go to
+ * the handler: a confirmation only when this worker's subscriber was
+ * down at any time since it started (see the key cache's handler for
+ * what that means).
  */
 
 static void
 ngx_http_anythingllm_redis_sub_message(redisAsyncContext *ac, void *reply,
     void *privdata)
 {
-    u_char                              ch;
-    ngx_uint_t                          i;
+    ngx_str_t                           message;
     redisReply                         *rp, *type, *msg;
-    ngx_msec_t                          hold;
-    ngx_shm_zone_t                     *zone;
     ngx_http_anythingllm_redis_conn_t  *conn;
-    char                                digest[ALM_DIGEST_HEX_LEN];
 
     rp = reply;
     conn = privdata;
@@ -1003,7 +1072,6 @@ ngx_http_anythingllm_redis_sub_message(redisAsyncContext *ac, void *reply,
 
     type = rp->element[0];
     msg = rp->element[2];
-    zone = ngx_http_anythingllm_redis_conf->cache_zone;
 
     if (type->len == 9 && ngx_strncmp(type->str, "subscribe", 9) == 0) {
 
@@ -1015,12 +1083,9 @@ ngx_http_anythingllm_redis_sub_message(redisAsyncContext *ac, void *reply,
         conn->backoff = 0;
         conn->quiet = 0;
 
-        if (conn->was_down && zone) {
-            ngx_log_error(NGX_LOG_NOTICE, ngx_cycle->log, 0,
-                          "anythingllm: revocations channel subscribed "
-                          "again, valid keys dropped from the cache");
-
-            ngx_http_anythingllm_cache_flush(zone);
+        if (conn->was_down) {
+            ngx_http_anythingllm_redis_on_sub(
+                                       ngx_http_anythingllm_redis_conf, NULL);
         }
 
         conn->was_down = 0;
@@ -1028,55 +1093,14 @@ ngx_http_anythingllm_redis_sub_message(redisAsyncContext *ac, void *reply,
     }
 
     if (type->len != 7 || ngx_strncmp(type->str, "message", 7) != 0
-        || msg->type != REDIS_REPLY_STRING || zone == NULL)
+        || msg->type != REDIS_REPLY_STRING)
     {
         return;
     }
 
-    if (msg->len == 1 && msg->str[0] == '*') {
-        ngx_log_error(NGX_LOG_NOTICE, ngx_cycle->log, 0,
-                      "anythingllm: revocation of every key: valid keys "
-                      "dropped from the cache");
+    message.data = (u_char *) msg->str;
+    message.len = msg->len;
 
-        ngx_http_anythingllm_cache_flush(zone);
-        return;
-    }
-
-    if (msg->len != ALM_DIGEST_HEX_LEN) {
-        goto invalid;
-    }
-
-    /* the cache holds lowercase digests; some tools print uppercase */
-
-    for (i = 0; i < ALM_DIGEST_HEX_LEN; i++) {
-        ch = (u_char) msg->str[i];
-
-        if (ch >= 'A' && ch <= 'F') {
-            digest[i] = (char) (ch | 0x20);
-
-        } else if ((ch >= '0' && ch <= '9') || (ch >= 'a' && ch <= 'f')) {
-            digest[i] = (char) ch;
-
-        } else {
-            goto invalid;
-        }
-    }
-
-    ngx_log_debug2(NGX_LOG_DEBUG_HTTP, ngx_cycle->log, 0,
-                   "anythingllm: revoked key %*s",
-                   (size_t) ALM_KEY_ID_LEN, digest);
-
-    hold = ngx_http_anythingllm_redis_conf->redis_timeout
-           + NGX_HTTP_ANYTHINGLLM_REDIS_REVOKE_HOLD;
-
-    ngx_http_anythingllm_cache_revoke(zone, digest, hold);
-
-    return;
-
-invalid:
-
-    ngx_log_error(NGX_LOG_WARN, ngx_cycle->log, 0,
-                  "anythingllm: ignored revocation message of %uz bytes: "
-                  "a 64-digit hex digest or \"*\" expected",
-                  (size_t) msg->len);
+    ngx_http_anythingllm_redis_on_sub(ngx_http_anythingllm_redis_conf,
+                                           &message);
 }

@@ -1,0 +1,364 @@
+/*
+ * Copyright (C) ngx_anythingllm authors
+ *
+ * Conversations: a chat request whose earlier messages hash to a
+ * stored conversation continues that conversation's AnythingLLM
+ * session.  The lookup is an asynchronous Redis read-and-delete; the
+ * store, once the answer is complete, is fire and forget.
+ */
+
+
+#include <ngx_config.h>
+#include <ngx_core.h>
+#include <ngx_http.h>
+
+#include "ngx_http_anythingllm_module.h"
+
+
+#define NGX_HTTP_ANYTHINGLLM_SESSION_MAX  64
+
+/*
+ * Conversations in Redis: "<prefix>conv:<hex>" holds a session id and
+ * expires after anythingllm_conversation_ttl; the sorted set
+ * "<prefix>convs" holds every stored <hex>, scored by the time it was
+ * stored.  The set bounds the records to anythingllm_conversation_max:
+ * each store drops the entries older than the TTL, then the oldest
+ * records beyond the cap, and adds its own.  It all runs in one
+ * script, so no client ever sees the count above the cap.
+ *
+ * The SET is the script's first write on purpose: under maxmemory with
+ * "noeviction", Redis refuses a script's first write that needs memory
+ * (OOM, and the script changes nothing), but lets a script that has
+ * already written go on.  A full Redis thus gets no record, rather
+ * than one more.  Other keys (key records, rate-limit counters) are
+ * never touched.
+ *
+ * KEYS: record, index.  ARGV: session id, ttl, cap, now, <hex>, the
+ * records' key prefix "<prefix>conv:".
+ */
+
+#define NGX_HTTP_ANYTHINGLLM_STORE_SCRIPT                                     \
+    "local idx, now, ttl = KEYS[2], tonumber(ARGV[4]), tonumber(ARGV[2]) "   \
+    "redis.call('SET', KEYS[1], ARGV[1], 'EX', ttl) "                        \
+    "redis.call('ZREMRANGEBYSCORE', idx, '-inf', now - ttl) "                \
+    "local over = redis.call('ZCARD', idx) - tonumber(ARGV[3]) "             \
+    "if not redis.call('ZSCORE', idx, ARGV[5]) then over = over + 1 end "    \
+    "if over > 0 then "                                                      \
+    "local old = redis.call('ZRANGE', idx, 0, over - 1) "                    \
+    "for i = 1, #old do "                                                    \
+    "if old[i] ~= ARGV[5] then redis.call('DEL', ARGV[6] .. old[i]) end "    \
+    "end "                                                                   \
+    "redis.call('ZREMRANGEBYRANK', idx, 0, over - 1) "                       \
+    "end "                                                                   \
+    "redis.call('ZADD', idx, now, ARGV[5]) "                                 \
+    "redis.call('EXPIRE', idx, ttl) "                                        \
+    "return over"
+
+/*
+ * GETDEL for any Redis from 2.6 on, the index entry removed with the
+ * record.  KEYS: record, index.  ARGV: <hex>.
+ */
+
+#define NGX_HTTP_ANYTHINGLLM_TAKE_SCRIPT                                      \
+    "local v = redis.call('GET', KEYS[1]) "                                   \
+    "if v then redis.call('DEL', KEYS[1]) "                                   \
+    "redis.call('ZREM', KEYS[2], ARGV[1]) end return v"
+
+/* a failed store is logged at most this often (seconds) per worker */
+#define NGX_HTTP_ANYTHINGLLM_STORE_LOG_EVERY  60
+
+
+static ngx_int_t ngx_http_anythingllm_conv_eval(ngx_http_request_t *r,
+    const char *script, size_t script_len, const char *hex,
+    const char **argv, size_t *argvlen);
+static void ngx_http_anythingllm_conv_taken(void *data,
+    ngx_http_anythingllm_redis_reply_t *rep);
+static void ngx_http_anythingllm_conv_stored(void *data,
+    ngx_http_anythingllm_redis_reply_t *rep);
+
+
+/*
+ * <prefix>conv:<digest of the earlier messages>, read and deleted at
+ * once: a session goes on along one branch only.  Two conversations
+ * that began alike, or a turn sent again, cannot both continue it; the
+ * second starts a new session.
+ */
+
+ngx_int_t
+ngx_http_anythingllm_conv_lookup(ngx_http_request_t *r,
+    ngx_http_anythingllm_ctx_t *ctx, ngx_http_anythingllm_conv_done_pt done)
+{
+    const char                        *argv[6];
+    size_t                             argvlen[6];
+    alm_chat_req_t                    *chat;
+    ngx_http_anythingllm_main_conf_t  *amcf;
+
+    chat = ctx->chat;
+    amcf = ngx_http_get_module_main_conf(r, ngx_http_anythingllm_module);
+
+    if (!chat->has_history || amcf->redis_addr.len == 0
+        || amcf->conversation_ttl <= 0 || amcf->conversation_max == 0)
+    {
+        return NGX_DECLINED;
+    }
+
+    if (ngx_http_anythingllm_conv_eval(r, NGX_HTTP_ANYTHINGLLM_TAKE_SCRIPT,
+                                       sizeof(NGX_HTTP_ANYTHINGLLM_TAKE_SCRIPT)
+                                       - 1, chat->prefix_hex, argv, argvlen)
+        != NGX_OK)
+    {
+        return NGX_DECLINED;
+    }
+
+    argv[5] = chat->prefix_hex;
+    argvlen[5] = ALM_DIGEST_HEX_LEN;
+
+    ctx->conv_done = done;
+    ctx->conv_pending = ngx_http_anythingllm_redis_command(
+                                           ngx_http_anythingllm_conv_taken,
+                                           r, 6, argv, argvlen);
+
+    if (ctx->conv_pending == NULL) {
+        ngx_log_error(NGX_LOG_INFO, r->connection->log, 0,
+                      "anythingllm: conversation lookup not possible, "
+                      "Redis is unreachable: a new session is started");
+
+        return NGX_DECLINED;
+    }
+
+    return NGX_AGAIN;
+}
+
+
+/*
+ * The Redis reply to the conversation lookup.  The request is alive:
+ * its cleanup, set by the OpenAI handler before the body is read,
+ * cancels the command before the request goes away.
+ */
+
+static void
+ngx_http_anythingllm_conv_taken(void *data,
+    ngx_http_anythingllm_redis_reply_t *rep)
+{
+    ngx_http_request_t *r = data;
+
+    u_char                       ch;
+    size_t                       i;
+    ngx_connection_t            *c;
+    ngx_http_anythingllm_ctx_t  *ctx;
+
+    c = r->connection;
+    ctx = ngx_http_get_module_ctx(r, ngx_http_anythingllm_module);
+
+    ctx->conv_pending = NULL;
+
+    if (rep->type == NGX_HTTP_ANYTHINGLLM_REDIS_STRING && rep->str.len > 0
+        && rep->str.len <= NGX_HTTP_ANYTHINGLLM_SESSION_MAX)
+    {
+        for (i = 0; i < rep->str.len; i++) {
+            ch = rep->str.data[i];
+
+            if (!((ch >= '0' && ch <= '9') || (ch >= 'a' && ch <= 'z')
+                  || (ch >= 'A' && ch <= 'Z') || ch == '-'))
+            {
+                break;
+            }
+        }
+
+        if (i == rep->str.len) {
+            ctx->session_id.data = ngx_pnalloc(r->pool, rep->str.len);
+
+            if (ctx->session_id.data) {
+                ngx_memcpy(ctx->session_id.data, rep->str.data,
+                           rep->str.len);
+                ctx->session_id.len = rep->str.len;
+                ctx->continuing = 1;
+            }
+        }
+
+    } else if (rep->type == NGX_HTTP_ANYTHINGLLM_REDIS_NONE
+               || rep->type == NGX_HTTP_ANYTHINGLLM_REDIS_ERROR)
+    {
+        ngx_log_error(NGX_LOG_INFO, c->log, 0,
+                      "anythingllm: conversation lookup failed: "
+                      "a new session is started");
+    }
+
+    ngx_log_debug1(NGX_LOG_DEBUG_HTTP, c->log, 0,
+                   "anythingllm conversation %s",
+                   ctx->continuing ? "continued" : "not found");
+
+    ctx->conv_done(r, ctx);
+
+    ngx_http_run_posted_requests(c);
+}
+
+
+/*
+ * The first five words of both conversation scripts' EVAL: the script,
+ * and its two keys "<prefix>conv:<hex>" (the record) and "<prefix>convs"
+ * (the index).  The record's key ends with the hex digits, so that
+ * argv[3] with argvlen[3] - ALM_DIGEST_HEX_LEN is "<prefix>conv:".
+ */
+
+static ngx_int_t
+ngx_http_anythingllm_conv_eval(ngx_http_request_t *r, const char *script,
+    size_t script_len, const char *hex, const char **argv, size_t *argvlen)
+{
+    ngx_str_t                          record, index;
+    ngx_http_anythingllm_main_conf_t  *amcf;
+
+    amcf = ngx_http_get_module_main_conf(r, ngx_http_anythingllm_module);
+
+    if (ngx_http_anythingllm_redis_key(r->pool, &amcf->prefix, "conv:", hex,
+                                       0, &record)
+        != NGX_OK
+        || ngx_http_anythingllm_redis_key(r->pool, &amcf->prefix, "convs",
+                                          NULL, 0, &index)
+           != NGX_OK)
+    {
+        return NGX_ERROR;
+    }
+
+    argv[0] = "EVAL";
+    argvlen[0] = sizeof("EVAL") - 1;
+    argv[1] = script;
+    argvlen[1] = script_len;
+    argv[2] = "2";
+    argvlen[2] = 1;
+    argv[3] = (const char *) record.data;
+    argvlen[3] = record.len;
+    argv[4] = (const char *) index.data;
+    argvlen[4] = index.len;
+
+    return NGX_OK;
+}
+
+
+/*
+ * Stores "<prefix>conv:<digest of every message and the answer>" ->
+ * session id, so that the next turn of this conversation continues
+ * the session, within the cap of anythingllm_conversation_max (see
+ * NGX_HTTP_ANYTHINGLLM_STORE_SCRIPT).  Nothing waits for the reply: a
+ * store that fails leaves the next turn to the transcript.
+ */
+
+void
+ngx_http_anythingllm_conv_store(ngx_http_request_t *r,
+    ngx_http_anythingllm_ctx_t *ctx)
+{
+    u_char                            *p, hex[ALM_DIGEST_HEX_LEN];
+    u_char                             num[3 * NGX_TIME_T_LEN + 3];
+    const char                        *argv[11];
+    size_t                             argvlen[11];
+    ngx_http_anythingllm_main_conf_t  *amcf;
+
+    if (ctx->chat == NULL || ctx->session_id.len == 0 || ctx->conv_stored) {
+        return;
+    }
+
+    ctx->conv_stored = 1;
+
+    amcf = ngx_http_get_module_main_conf(r, ngx_http_anythingllm_module);
+
+    if (amcf->conversation_ttl <= 0 || amcf->conversation_max == 0
+        || amcf->redis_addr.len == 0
+        || ctx->session_id.len > NGX_HTTP_ANYTHINGLLM_SESSION_MAX)
+    {
+        return;
+    }
+
+    alm_conv_hash_hex(&ctx->chat->full, (char *) hex);
+
+    if (ngx_http_anythingllm_conv_eval(r, NGX_HTTP_ANYTHINGLLM_STORE_SCRIPT,
+                                   sizeof(NGX_HTTP_ANYTHINGLLM_STORE_SCRIPT)
+                                   - 1, (const char *) hex, argv, argvlen)
+        != NGX_OK)
+    {
+        return;
+    }
+
+    argv[5] = (const char *) ctx->session_id.data;
+    argvlen[5] = ctx->session_id.len;
+
+    /* ttl, cap and now, one after the other in num */
+
+    p = num;
+    argv[6] = (const char *) p;
+    p = ngx_sprintf(p, "%T", amcf->conversation_ttl);
+    argvlen[6] = p - (u_char *) argv[6];
+
+    argv[7] = (const char *) p;
+    p = ngx_sprintf(p, "%i", amcf->conversation_max);
+    argvlen[7] = p - (u_char *) argv[7];
+
+    argv[8] = (const char *) p;
+    p = ngx_sprintf(p, "%T", ngx_time());
+    argvlen[8] = p - (u_char *) argv[8];
+
+    argv[9] = (const char *) hex;
+    argvlen[9] = ALM_DIGEST_HEX_LEN;
+    argv[10] = argv[3];
+    argvlen[10] = argvlen[3] - ALM_DIGEST_HEX_LEN;
+
+    if (ngx_http_anythingllm_redis_command(ngx_http_anythingllm_conv_stored,
+                                           NULL, 11, argv, argvlen)
+        == NULL)
+    {
+        ngx_log_error(NGX_LOG_INFO, r->connection->log, 0,
+                      "anythingllm: conversation not stored, "
+                      "Redis is unreachable");
+        return;
+    }
+
+    ngx_log_debug2(NGX_LOG_DEBUG_HTTP, r->connection->log, 0,
+                   "anythingllm conversation stored: \"%*s\"",
+                   argvlen[3], argv[3]);
+}
+
+
+/*
+ * A store that Redis refused (an OOM error under maxmemory, a script
+ * error) or did not answer in time.  The client never learns of it;
+ * the operator does, once a minute per worker at most, since under a
+ * full Redis every completion fails alike.
+ */
+
+static void
+ngx_http_anythingllm_conv_stored(void *data,
+    ngx_http_anythingllm_redis_reply_t *rep)
+{
+    size_t       len;
+    time_t       now;
+    const char  *why;
+
+    static time_t  logged;
+
+    if (rep->type != NGX_HTTP_ANYTHINGLLM_REDIS_NONE
+        && rep->type != NGX_HTTP_ANYTHINGLLM_REDIS_ERROR)
+    {
+        return;
+    }
+
+    now = ngx_time();
+
+    if (logged && now - logged < NGX_HTTP_ANYTHINGLLM_STORE_LOG_EVERY) {
+        return;
+    }
+
+    logged = now;
+
+    if (rep->type == NGX_HTTP_ANYTHINGLLM_REDIS_ERROR) {
+        why = (const char *) rep->str.data;
+        len = ngx_min(rep->str.len, 200);
+
+    } else {
+        why = "no answer in time, or the connection was lost";
+        len = ngx_strlen(why);
+    }
+
+    ngx_log_error(NGX_LOG_WARN, ngx_cycle->log, 0,
+                  "anythingllm: conversations could not be stored "
+                  "(Redis: %*s); clients go on in transcript mode",
+                  len, why);
+}
