@@ -16,10 +16,10 @@ from lib.openai import assert_refused, error_of
 from lib.processes import UPSTREAM_KEY, key_digest
 
 
-# every path behind anythingllm_auth; %(server)s: a directive a test adds
-# to the server
+# every path behind anythingllm_auth; %(server)s: what a test adds to the
+# server (a directive, a location)
 AUTH = """
-    anythingllm_redis      @REDIS@ timeout=%(timeout)s%(redis)s;
+    anythingllm_redis      @REDIS@;
     anythingllm_key_cache zone=alm_keys:1m valid=%(valid)s invalid=%(invalid)s;
 
     server {
@@ -29,60 +29,20 @@ AUTH = """
         anythingllm_auth          on;
         %(server)s
 
-        location / {
-            proxy_pass          http://anythingllm;
-            proxy_http_version  1.1;
-            proxy_set_header    Connection "";
-        }
-    }
-"""
-
-
-def auth_nginx(nginx, redis_server, valid="30s", invalid="5s",
-               timeout="100ms", redis="", server="", **kw):
-    return nginx(AUTH % {"valid": valid, "invalid": invalid,
-                         "timeout": timeout, "redis": redis,
-                         "server": server}, redis=redis_server, **kw)
-
-
-# the full gateway, as conf/anythingllm.conf sets it up
-GATEWAY = """
-    anythingllm_redis      @REDIS@ timeout=100ms prefix=anythingllm:;
-    anythingllm_key_cache  zone=anythingllm_keys:10m valid=30s invalid=5s;
-    anythingllm_conversation_ttl  24h;
-
-    server {
-        listen  127.0.0.1:@PORT@;
-
-        anythingllm_upstream_key  UPSTREAM-KEY-0001-TEST;
-        anythingllm_auth          on;
-        anythingllm_cors          *;
-
         proxy_http_version  1.1;
         proxy_set_header    Connection "";
-        proxy_buffering     off;
-        proxy_read_timeout  600s;
-
-        location /v1/ {
-            anythingllm_openai  on;
-            proxy_pass          http://anythingllm;
-        }
-
-        location /api/v1/openai/ {
-            anythingllm_openai  on;
-            proxy_pass          http://anythingllm;
-        }
-
-        location /api/v1/ {
-            client_max_body_size  64m;
-            proxy_pass            http://anythingllm;
-        }
 
         location / {
-            return  404;
+            proxy_pass  http://anythingllm;
         }
     }
 """
+
+
+def auth_nginx(nginx, redis_server, valid="30s", invalid="5s", server="",
+               **kw):
+    return nginx(AUTH % {"valid": valid, "invalid": invalid,
+                         "server": server}, redis=redis_server, **kw)
 
 
 ALL_SCOPES = ("chat", "read", "documents", "admin")
@@ -245,6 +205,15 @@ def test_auth_workspace_list_filtered(nginx, redis_server, backend):
     r = n.get("/api/v1/workspaces/", headers=bearer("k-sales"))
     assert r.status == 200
     assert [w["slug"] for w in r.json()["workspaces"]] == ["sales"]
+
+
+def test_head_on_the_filtered_workspace_list(nginx, backend, redis_server):
+    n = auth_nginx(nginx, redis_server, server="proxy_buffering off;")
+    redis_server.add_key("sk-sales-read", scopes="read", workspaces="sales")
+    r = n.request("HEAD", "/api/v1/workspaces",
+                  headers={"Authorization": "Bearer sk-sales-read"})
+    assert r.status == 200
+    assert r.body == b""
 
 
 def test_auth_anythingllm_openai_routes_need_every_workspace(
@@ -459,28 +428,11 @@ def test_auth_variables_in_access_log(nginx, redis_server, backend):
 
 
 def test_auth_off_elsewhere(nginx, redis_server, backend):
-    n = nginx("""
-    anythingllm_redis      @REDIS@ timeout=100ms;
-    anythingllm_key_cache  zone=alm_keys:1m valid=30s invalid=5s;
-
-    server {
-        listen  127.0.0.1:@PORT@;
-
-        anythingllm_upstream_key  UPSTREAM-KEY-0001-TEST;
-        anythingllm_auth          on;
-
+    n = auth_nginx(nginx, redis_server, server="""
         location /api/v1/auth {
-            anythingllm_auth off;
-            proxy_pass http://anythingllm;
-        }
-
-        location / {
-            proxy_pass          http://anythingllm;
-            proxy_http_version  1.1;
-            proxy_set_header    Connection "";
-        }
-    }
-""", redis=redis_server)
+            anythingllm_auth  off;
+            proxy_pass        http://anythingllm;
+        }""")
     r = n.get("/api/v1/auth", headers=bearer(UPSTREAM_KEY))
     assert r.status == 200
     r = n.get("/api/v1/documents", headers=bearer(UPSTREAM_KEY))
@@ -624,22 +576,23 @@ def test_auth_openai_locations_need_chat(nginx, redis_server, backend):
     redis_server.add_key("k-chat", scopes="chat", workspaces="sales")
     redis_server.add_key("k-read", scopes="read,documents,admin",
                          workspaces="*")
-    n = nginx(GATEWAY, redis=redis_server)
+    n = auth_nginx(nginx, redis_server, server="""
+        location /v1/ {
+            anythingllm_openai  on;
+            proxy_pass          http://anythingllm;
+        }""")
+    hi = {"model": "sales", "messages": [{"role": "user", "content": "hi"}]}
 
     r = n.get("/v1/models", headers=bearer("k-read"))
     err = assert_refused(r, 403, "insufficient_scope")
     assert '"chat"' in err["message"]
-    r = n.post("/v1/chat/completions", headers=bearer("k-read"),
-               json={"model": "sales",
-                     "messages": [{"role": "user", "content": "hi"}]})
+    r = n.post("/v1/chat/completions", headers=bearer("k-read"), json=hi)
     assert_refused(r, 403, "insufficient_scope")
 
     r = n.get("/v1/models", headers=bearer("k-chat"))
     assert r.status == 200, r.text
     assert [m["id"] for m in r.json()["data"]] == ["sales"]
-    r = n.post("/v1/chat/completions", headers=bearer("k-chat"),
-               json={"model": "sales",
-                     "messages": [{"role": "user", "content": "hi"}]})
+    r = n.post("/v1/chat/completions", headers=bearer("k-chat"), json=hi)
     assert r.status == 200, r.text
     r = n.get("/v1/models")
     assert_refused(r, 401, "invalid_api_key")

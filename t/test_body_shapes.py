@@ -36,42 +36,37 @@ TEXT = ("h\u00e9llo w\u00f6rld \u2713 caf\u00e9 "
         "\u00fc\u00f1\u00ee\u00e7\u00f8d\u00e9")
 
 
-# %(extra)s: a directive a test adds to both locations; %(listen)s: a
-# second listen of the tests over HTTP/2
+# one location for each OpenAI base path (BASES); %(extra)s: a directive
+# a test adds to both
+LOCATION = """
+        location %(base)s/ {
+            anythingllm_openai        on;
+            anythingllm_upstream_key  UPSTREAM-KEY-0001-TEST;
+            %(extra)s
+            proxy_pass                http://anythingllm;
+        }
+"""
+
+# %(listen)s: a second listen of the tests over HTTP/2
 CONF = """
     anythingllm_redis  @REDIS@ timeout=500ms;
+
+    proxy_http_version  1.1;
+    proxy_set_header    Connection "";
+    proxy_buffering     off;
 
     server {
         listen  127.0.0.1:@PORT@;
         %(listen)s
-
-        location /v1/ {
-            anythingllm_openai        on;
-            anythingllm_upstream_key  UPSTREAM-KEY-0001-TEST;
-            %(extra)s
-            proxy_pass                http://anythingllm;
-            proxy_http_version        1.1;
-            proxy_set_header          Connection "";
-            proxy_buffering           off;
-            proxy_read_timeout        60s;
-        }
-
-        location /api/v1/openai/ {
-            anythingllm_openai        on;
-            anythingllm_upstream_key  UPSTREAM-KEY-0001-TEST;
-            %(extra)s
-            proxy_pass                http://anythingllm;
-            proxy_http_version        1.1;
-            proxy_set_header          Connection "";
-            proxy_buffering           off;
-            proxy_read_timeout        60s;
-        }
+%(locations)s
     }
 """
 
 
 def start(nginx, extra="", listen="", **params):
-    n = nginx(CONF % {"extra": extra, "listen": listen}, **params)
+    locations = "".join(LOCATION % {"base": base, "extra": extra}
+                        for base in BASES)
+    n = nginx(CONF % {"listen": listen, "locations": locations}, **params)
     n.pids_at_start = n.worker_pids()
     return n
 

@@ -18,57 +18,41 @@ from lib.processes import COMPILED_IN, MODULE, NGINX_BIN
 
 ORIGIN = "https://app.example"
 
-# the server of the full gateway, as conf/anythingllm.conf sets it up
-GATEWAY_SERVER = """
+# keys checked, CORS for every origin, the OpenAI routes under /v1/ and
+# AnythingLLM's API under /api/v1/; %s: what a test adds to http {}
+CONF = """
+    anythingllm_redis  @REDIS@;
+    %s
+
     server {
         listen  127.0.0.1:@PORT@;
 
-        anythingllm_upstream_key  UPSTREAM-KEY-0001-TEST;
         anythingllm_auth          on;
         anythingllm_cors          *;
-
-        proxy_http_version  1.1;
-        proxy_set_header    Connection "";
-        proxy_buffering     off;
-        proxy_read_timeout  600s;
+        anythingllm_upstream_key  UPSTREAM-KEY-0001-TEST;
+        proxy_http_version        1.1;
+        proxy_set_header          Connection "";
+        proxy_buffering           off;
 
         location /v1/ {
             anythingllm_openai  on;
             proxy_pass          http://anythingllm;
         }
 
-        location /api/v1/openai/ {
-            anythingllm_openai  on;
-            proxy_pass          http://anythingllm;
-        }
-
         location /api/v1/ {
-            client_max_body_size  64m;
-            proxy_pass            http://anythingllm;
-        }
-
-        location / {
-            return  404;
+            proxy_pass  http://anythingllm;
         }
     }
 """
 
-# the full gateway
-GATEWAY = """
-    anythingllm_redis      @REDIS@ timeout=100ms prefix=anythingllm:;
-    anythingllm_key_cache  zone=anythingllm_keys:10m valid=30s invalid=5s;
-    anythingllm_conversation_ttl  24h;
-""" + GATEWAY_SERVER
+GATEWAY = CONF % ""
 
-# the gateway, with gzip on for JSON
-GZIP_GATEWAY = """
+# with gzip on for JSON
+GZIP_GATEWAY = CONF % """
     gzip             on;
     gzip_min_length  1;
     gzip_types       application/json;
-
-    anythingllm_redis      @REDIS@ timeout=100ms prefix=anythingllm:;
-    anythingllm_key_cache  zone=anythingllm_keys:10m valid=30s invalid=5s;
-""" + GATEWAY_SERVER
+"""
 
 
 def nginx_v():

@@ -21,43 +21,24 @@ from lib.resp import RedisError
 
 CAP = 200
 
-# the full gateway, as conf/anythingllm.conf sets it up, with room for
-# CAP conversations and a Redis timeout of 500ms
+# keys checked on the OpenAI routes under /v1/, room for CAP
+# conversations kept a day, and a Redis timeout of 500ms
 GATEWAY = """
-    anythingllm_redis      @REDIS@ timeout=500ms prefix=anythingllm:;
-    anythingllm_key_cache  zone=anythingllm_keys:10m valid=30s invalid=5s;
+    anythingllm_redis             @REDIS@ timeout=500ms;
     anythingllm_conversation_ttl  24h;
     anythingllm_conversation_max  200;
 
     server {
         listen  127.0.0.1:@PORT@;
 
-        anythingllm_upstream_key  UPSTREAM-KEY-0001-TEST;
-        anythingllm_auth          on;
-        anythingllm_cors          *;
-
-        proxy_http_version  1.1;
-        proxy_set_header    Connection "";
-        proxy_buffering     off;
-        proxy_read_timeout  600s;
-
         location /v1/ {
-            anythingllm_openai  on;
-            proxy_pass          http://anythingllm;
-        }
-
-        location /api/v1/openai/ {
-            anythingllm_openai  on;
-            proxy_pass          http://anythingllm;
-        }
-
-        location /api/v1/ {
-            client_max_body_size  64m;
-            proxy_pass            http://anythingllm;
-        }
-
-        location / {
-            return  404;
+            anythingllm_openai        on;
+            anythingllm_upstream_key  UPSTREAM-KEY-0001-TEST;
+            anythingllm_auth          on;
+            proxy_pass                http://anythingllm;
+            proxy_http_version        1.1;
+            proxy_set_header          Connection "";
+            proxy_buffering           off;
         }
     }
 """

@@ -224,18 +224,7 @@ def test_auth_without_upstream_key_is_refused(nginx):
 
 def test_cors_headers_are_not_doubled(nginx, backend):
     # the backend sends Access-Control-Allow-Origin of its own on streams
-    n = nginx("""
-    server {
-        listen  127.0.0.1:@PORT@;
-
-        location /api/v1/ {
-            anythingllm_upstream_key UPSTREAM-KEY-0001-TEST;
-            anythingllm_cors https://app.example;
-            proxy_pass http://anythingllm;
-            proxy_buffering off;
-        }
-    }
-""")
+    n = nginx("anythingllm_cors  https://app.example;" + CONF)
     backend.script([chunk("hi", close=True)],
                    headers={"Access-Control-Allow-Origin": "*"})
     s = n.stream("POST", "/api/v1/workspace/sales/stream-chat",

@@ -23,37 +23,51 @@ import pytest
 from lib import helpers
 from lib.auth import (access_field, assert_workspace_forbidden, bearer,
                       logged)
-from lib.openai import assert_refused
+from lib.openai import BASES, assert_refused
 from lib.processes import RedisServer, key_digest
 
 
-# every path behind anythingllm_auth; %(server)s: a directive a test adds
-# to the server
+# one location for each OpenAI base path (BASES)
+OPENAI_LOCATION = """
+        location %s/ {
+            anythingllm_openai  on;
+            proxy_pass          http://anythingllm;
+        }
+"""
+
+# keys checked everywhere: AnythingLLM's API under /api/v1/ and the
+# gateway's own OpenAI routes; %(server)s: a directive a test adds to the
+# server
 AUTH = """
-    anythingllm_redis      @REDIS@ timeout=%(timeout)s%(redis)s;
+    anythingllm_redis      @REDIS@ timeout=%(timeout)s;
     anythingllm_key_cache zone=alm_keys:1m valid=%(valid)s invalid=%(invalid)s;
 
     server {
         listen  127.0.0.1:@PORT@;
 
-        anythingllm_upstream_key  UPSTREAM-KEY-0001-TEST;
         anythingllm_auth          on;
+        anythingllm_upstream_key  UPSTREAM-KEY-0001-TEST;
         %(server)s
 
-        location / {
-            proxy_pass          http://anythingllm;
-            proxy_http_version  1.1;
-            proxy_set_header    Connection "";
+        proxy_http_version  1.1;
+        proxy_set_header    Connection "";
+        proxy_buffering     off;
+
+        location /api/v1/ {
+            proxy_pass  http://anythingllm;
         }
+%(openai)s
     }
 """
 
 
 def auth_nginx(nginx, redis_server, valid="30s", invalid="5s",
-               timeout="100ms", redis="", server="", **kw):
+               timeout="100ms", server="", **kw):
     return nginx(AUTH % {"valid": valid, "invalid": invalid,
-                         "timeout": timeout, "redis": redis,
-                         "server": server}, redis=redis_server, **kw)
+                         "timeout": timeout, "server": server,
+                         "openai": "".join(OPENAI_LOCATION % base
+                                           for base in BASES)},
+                 redis=redis_server, **kw)
 
 
 # ---------------------------------------------------------------------------
@@ -299,46 +313,8 @@ def test_unknown_key_flood_keeps_valid_keys_cached(nginx, redis_server,
 
 ALL = "chat,read,documents,admin"
 
-# the full gateway, as conf/anythingllm.conf sets it up, with a Redis
-# timeout a loaded machine cannot exceed: a lookup that times out would
-# be a 503, not the answer under test
-GATEWAY = """
-    anythingllm_redis      @REDIS@ timeout=5s prefix=anythingllm:;
-    anythingllm_key_cache  zone=anythingllm_keys:10m valid=30s invalid=5s;
-    anythingllm_conversation_ttl  24h;
-
-    server {
-        listen  127.0.0.1:@PORT@;
-
-        anythingllm_upstream_key  UPSTREAM-KEY-0001-TEST;
-        anythingllm_auth          on;
-        anythingllm_cors          *;
-
-        proxy_http_version  1.1;
-        proxy_set_header    Connection "";
-        proxy_buffering     off;
-        proxy_read_timeout  600s;
-
-        location /v1/ {
-            anythingllm_openai  on;
-            proxy_pass          http://anythingllm;
-        }
-
-        location /api/v1/openai/ {
-            anythingllm_openai  on;
-            proxy_pass          http://anythingllm;
-        }
-
-        location /api/v1/ {
-            client_max_body_size  64m;
-            proxy_pass            http://anythingllm;
-        }
-
-        location / {
-            return  404;
-        }
-    }
-"""
+# the tests below give Redis a timeout a loaded machine cannot exceed: a
+# lookup that times out would be a 503, not the answer under test
 
 
 @pytest.mark.parametrize("value", ["alpha,*", "*,sales", "*, *", "sales,,",
@@ -347,7 +323,7 @@ GATEWAY = """
 def test_workspaces_that_do_not_parse_disable_the_key(nginx, redis_server,
                                                       backend, value):
     redis_server.add_key("k-odd", scopes=ALL, workspaces=value)
-    n = nginx(GATEWAY, redis=redis_server, log_level="info")
+    n = auth_nginx(nginx, redis_server, timeout="5s", log_level="info")
 
     backend.clear()
     for method, path, body in (
@@ -375,7 +351,7 @@ def test_workspaces_that_do_not_parse_disable_the_key(nginx, redis_server,
 def test_workspaces_star_is_every_workspace_everywhere(nginx, redis_server,
                                                        backend, value):
     redis_server.add_key("k-star", scopes=ALL, workspaces=value)
-    n = nginx(GATEWAY, redis=redis_server)
+    n = auth_nginx(nginx, redis_server, timeout="5s")
 
     # a slug route, an instance-wide route, the unfiltered list, the
     # pass-through OpenAI routes and the gateway's own models
@@ -404,7 +380,7 @@ def test_workspaces_star_is_every_workspace_everywhere(nginx, redis_server,
 
 def test_workspaces_list_with_blanks_is_a_list(nginx, redis_server, backend):
     redis_server.add_key("k-two", scopes=ALL, workspaces=" sales , support ")
-    n = nginx(GATEWAY, redis=redis_server)
+    n = auth_nginx(nginx, redis_server, timeout="5s")
     r = n.post("/api/v1/workspace/support/chat", json={"message": "hi"},
                headers=bearer("k-two"))
     assert r.status == 200, r.text

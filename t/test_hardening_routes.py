@@ -8,9 +8,9 @@
   a body it cannot parse; values out of OpenAI's ranges are refused
   naming the parameter, with OpenAI's code.
 
-The full gateway of conf/anythingllm.conf (auth on, both OpenAI base
-paths), a real redis-server, and the stand-in AnythingLLM, which records
-every request that reaches it: a refusal must leave it untouched.
+A gateway with auth on and both OpenAI base paths, a real redis-server,
+and the stand-in AnythingLLM, which records every request that reaches
+it: a refusal must leave it untouched.
 """
 
 import json
@@ -57,45 +57,36 @@ def ws_docpaths(backend, slug):
     return [d["docpath"] for d in r.json()["workspace"][0]["documents"]]
 
 
-# the full gateway, as conf/anythingllm.conf sets it up, with a Redis
+# one location for each OpenAI base path (BASES)
+LOCATION = """
+        location %s/ {
+            anythingllm_openai  on;
+            proxy_pass          http://anythingllm;
+        }
+"""
+
+# keys checked on AnythingLLM's API and the OpenAI routes, with a Redis
 # timeout that a loaded machine cannot exceed: a slow key lookup must not
 # turn a verdict into a 503
 GATEWAY = """
-    anythingllm_redis      @REDIS@ timeout=3s prefix=anythingllm:;
-    anythingllm_key_cache  zone=anythingllm_keys:10m valid=30s invalid=5s;
+    anythingllm_redis  @REDIS@ timeout=3s;
 
     server {
         listen  127.0.0.1:@PORT@;
 
-        anythingllm_upstream_key  UPSTREAM-KEY-0001-TEST;
         anythingllm_auth          on;
-        anythingllm_cors          *;
-
-        proxy_http_version  1.1;
-        proxy_set_header    Connection "";
-        proxy_buffering     off;
-        proxy_read_timeout  600s;
-
-        location /v1/ {
-            anythingllm_openai  on;
-            proxy_pass          http://anythingllm;
-        }
-
-        location /api/v1/openai/ {
-            anythingllm_openai  on;
-            proxy_pass          http://anythingllm;
-        }
+        anythingllm_upstream_key  UPSTREAM-KEY-0001-TEST;
+        proxy_http_version        1.1;
+        proxy_set_header          Connection "";
+        proxy_buffering           off;
+        proxy_read_timeout        600s;
 
         location /api/v1/ {
-            client_max_body_size  64m;
-            proxy_pass            http://anythingllm;
+            proxy_pass  http://anythingllm;
         }
-
-        location / {
-            return  404;
-        }
+%s
     }
-"""
+""" % "".join(LOCATION % base for base in BASES)
 
 
 @pytest.fixture

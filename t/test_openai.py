@@ -16,35 +16,29 @@ from lib.openai import BASES, answer_of, assistant, user
 from lib.processes import free_port
 
 
+# one location for each OpenAI base path (BASES); %(key)s, %(timeout)s,
+# and %(extra)s: a directive a test adds to both
+LOCATION = """
+        location %(base)s/ {
+            anythingllm_openai        on;
+            anythingllm_upstream_key  %(key)s;
+            %(extra)s
+            proxy_pass                http://anythingllm;
+            proxy_http_version        1.1;
+            proxy_set_header          Connection "";
+            proxy_buffering           off;
+            proxy_read_timeout        %(timeout)s;
+        }
+"""
+
 # %(redis)s: the anythingllm_redis line of the tests that keep
-# conversations; %(extra)s: a directive a test adds to both locations
+# conversations or check keys
 CONF = """
     %(redis)s
 
     server {
         listen  127.0.0.1:@PORT@;
-
-        location /v1/ {
-            anythingllm_openai        on;
-            anythingllm_upstream_key  %(key)s;
-            %(extra)s
-            proxy_pass                http://anythingllm;
-            proxy_http_version        1.1;
-            proxy_set_header          Connection "";
-            proxy_buffering           off;
-            proxy_read_timeout        %(timeout)s;
-        }
-
-        location /api/v1/openai/ {
-            anythingllm_openai        on;
-            anythingllm_upstream_key  %(key)s;
-            %(extra)s
-            proxy_pass                http://anythingllm;
-            proxy_http_version        1.1;
-            proxy_set_header          Connection "";
-            proxy_buffering           off;
-            proxy_read_timeout        %(timeout)s;
-        }
+%(locations)s
     }
 """
 
@@ -54,50 +48,12 @@ UUID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}"
                      r"-[0-9a-f]{12}$")
 
 
-# the full gateway, as conf/anythingllm.conf sets it up
-GATEWAY = """
-    anythingllm_redis      @REDIS@ timeout=100ms prefix=anythingllm:;
-    anythingllm_key_cache  zone=anythingllm_keys:10m valid=30s invalid=5s;
-    anythingllm_conversation_ttl  24h;
-
-    server {
-        listen  127.0.0.1:@PORT@;
-
-        anythingllm_upstream_key  UPSTREAM-KEY-0001-TEST;
-        anythingllm_auth          on;
-        anythingllm_cors          *;
-
-        proxy_http_version  1.1;
-        proxy_set_header    Connection "";
-        proxy_buffering     off;
-        proxy_read_timeout  600s;
-
-        location /v1/ {
-            anythingllm_openai  on;
-            proxy_pass          http://anythingllm;
-        }
-
-        location /api/v1/openai/ {
-            anythingllm_openai  on;
-            proxy_pass          http://anythingllm;
-        }
-
-        location /api/v1/ {
-            client_max_body_size  64m;
-            proxy_pass            http://anythingllm;
-        }
-
-        location / {
-            return  404;
-        }
-    }
-"""
-
-
 def start(nginx, redis=False, extra="", key="UPSTREAM-KEY-0001-TEST",
           timeout="600s", **kw):
-    return nginx(CONF % {"redis": REDIS if redis else "", "extra": extra,
-                         "key": key, "timeout": timeout}, **kw)
+    locations = "".join(LOCATION % {"base": base, "key": key, "extra": extra,
+                                    "timeout": timeout} for base in BASES)
+    return nginx(CONF % {"redis": REDIS if redis else "",
+                         "locations": locations}, **kw)
 
 
 def chat(gw, messages, model="sales", base="/v1", headers=None, **kw):
@@ -192,7 +148,7 @@ def test_model_by_id(nginx, backend, base):
 
 
 def test_models_follow_the_key(nginx, backend, redis_server):
-    n = nginx(GATEWAY)
+    n = start(nginx, redis=True, extra="anythingllm_auth on;")
     redis_server.add_key("sk-two", scopes="chat", workspaces="sales,support")
     redis_server.add_key("sk-all", scopes="chat", workspaces="*")
     two = {"Authorization": "Bearer sk-two"}
@@ -423,7 +379,7 @@ def test_chat_unknown_workspace(nginx, backend):
 
 
 def test_chat_workspace_of_the_key(nginx, backend, redis_server):
-    n = nginx(GATEWAY)
+    n = start(nginx, redis=True, extra="anythingllm_auth on;")
     redis_server.add_key("sk-sales", scopes="chat", workspaces="sales")
     h = {"Authorization": "Bearer sk-sales"}
     assert answer_of(chat(n, [user("hi")], headers=h))
@@ -689,7 +645,7 @@ def test_conversation_edited_answer_starts_anew(nginx, backend):
 
 def test_conversations_of_models_and_keys_apart(nginx, backend,
                                                 redis_server):
-    n = nginx(GATEWAY)
+    n = start(nginx, redis=True, extra="anythingllm_auth on;")
     redis_server.add_key("sk-one", scopes="chat", workspaces="*")
     redis_server.add_key("sk-two", scopes="chat", workspaces="*")
     one = {"Authorization": "Bearer sk-one"}

@@ -23,15 +23,14 @@ AUTH = """
 
     server {
         listen  127.0.0.1:@PORT@;
-
-        anythingllm_upstream_key  UPSTREAM-KEY-0001-TEST;
-        anythingllm_auth          on;
         %(server)s
 
         location / {
-            proxy_pass          http://anythingllm;
-            proxy_http_version  1.1;
-            proxy_set_header    Connection "";
+            anythingllm_auth          on;
+            anythingllm_upstream_key  UPSTREAM-KEY-0001-TEST;
+            proxy_pass                http://anythingllm;
+            proxy_http_version        1.1;
+            proxy_set_header          Connection "";
         }
     }
 """
@@ -379,12 +378,10 @@ def test_redis_only_used_where_configured(nginx, redis_server, backend):
     server {
         listen  127.0.0.1:@PORT@;
 
-        location /api/v1/ {
-            anythingllm_upstream_key UPSTREAM-KEY-0001-TEST;
-            proxy_pass http://anythingllm;
-            proxy_http_version 1.1;
-            proxy_set_header Connection "";
-            proxy_buffering off;
+        anythingllm_upstream_key  UPSTREAM-KEY-0001-TEST;
+
+        location / {
+            proxy_pass  http://anythingllm;
         }
     }
 """, redis=redis_server)
@@ -397,25 +394,6 @@ def test_redis_only_used_where_configured(nginx, redis_server, backend):
     assert "anythingllm:revocations" in \
         [c.decode() for c in redis_server.cmd("PUBSUB", "CHANNELS")]
     del n2
-
-
-# key checking without an upstream key; %s: the http-level lines under
-# test
-CONFIG_CHECK = """
-    %s
-
-    server {
-        listen  127.0.0.1:@PORT@;
-
-        anythingllm_auth  on;
-
-        location / {
-            proxy_pass          http://anythingllm;
-            proxy_http_version  1.1;
-            proxy_set_header    Connection "";
-        }
-    }
-"""
 
 
 def test_redis_config_errors(nginx, redis_server):
@@ -431,7 +409,7 @@ def test_redis_config_errors(nginx, redis_server):
             ("anythingllm_key_cache valid=1s;", "must have \"zone\""),
             ("anythingllm_key_cache zone=x:1m;\n"
              "    anythingllm_key_cache zone=y:1m;", "is duplicate")):
-        n = nginx(CONFIG_CHECK % http, start=False)
+        n = auth_nginx(nginx, None, http=http, start=False)
         ok, out = n.test_config()
         assert not ok, http
         assert msg in out, (http, out)

@@ -13,33 +13,30 @@ from lib.openai import assert_refused
 from lib.processes import key_digest
 
 
-# every path behind anythingllm_auth; %(server)s: a directive a test adds
-# to the server
+# keys checked on AnythingLLM's API; %(redis)s: more parameters of
+# anythingllm_redis
 AUTH = """
     anythingllm_redis      @REDIS@ timeout=%(timeout)s%(redis)s;
-    anythingllm_key_cache zone=alm_keys:1m valid=%(valid)s invalid=%(invalid)s;
+    anythingllm_key_cache  zone=alm_keys:1m valid=%(valid)s;
 
     server {
         listen  127.0.0.1:@PORT@;
 
-        anythingllm_upstream_key  UPSTREAM-KEY-0001-TEST;
-        anythingllm_auth          on;
-        %(server)s
-
-        location / {
-            proxy_pass          http://anythingllm;
-            proxy_http_version  1.1;
-            proxy_set_header    Connection "";
+        location /api/v1/ {
+            anythingllm_upstream_key  UPSTREAM-KEY-0001-TEST;
+            anythingllm_auth          on;
+            proxy_pass                http://anythingllm;
+            proxy_http_version        1.1;
+            proxy_set_header          Connection "";
         }
     }
 """
 
 
-def auth_nginx(nginx, redis_server, valid="30s", invalid="5s",
-               timeout="100ms", redis="", server="", **kw):
-    return nginx(AUTH % {"valid": valid, "invalid": invalid,
-                         "timeout": timeout, "redis": redis,
-                         "server": server}, redis=redis_server, **kw)
+def auth_nginx(nginx, redis_server, valid="30s", timeout="100ms", redis="",
+               **kw):
+    return nginx(AUTH % {"valid": valid, "timeout": timeout,
+                         "redis": redis}, redis=redis_server, **kw)
 
 
 def test_revocation_under_one_second(nginx, redis_server, backend):

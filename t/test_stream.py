@@ -17,32 +17,29 @@ from lib.openai import (BASES, abort, assert_failed, assert_success, chunk,
 from lib.processes import free_port
 
 
-# %(extra)s: a directive a test adds to both locations
+# one location for each OpenAI base path (BASES)
+LOCATION = """
+        location %s/ {
+            anythingllm_openai  on;
+            proxy_pass          http://anythingllm;
+        }
+"""
+
+# %(listen)s: a second listen of a test; %(extra)s: a directive a test
+# adds to the server
 CONF = """
     server {
         listen  127.0.0.1:@PORT@;
+        %(listen)s
 
-        location /v1/ {
-            anythingllm_openai        on;
-            anythingllm_upstream_key  UPSTREAM-KEY-0001-TEST;
-            %(extra)s
-            proxy_pass                http://anythingllm;
-            proxy_http_version        1.1;
-            proxy_set_header          Connection "";
-            proxy_buffering           off;
-            proxy_read_timeout        %(timeout)s;
-        }
+        anythingllm_upstream_key  UPSTREAM-KEY-0001-TEST;
+        %(extra)s
 
-        location /api/v1/openai/ {
-            anythingllm_openai        on;
-            anythingllm_upstream_key  UPSTREAM-KEY-0001-TEST;
-            %(extra)s
-            proxy_pass                http://anythingllm;
-            proxy_http_version        1.1;
-            proxy_set_header          Connection "";
-            proxy_buffering           off;
-            proxy_read_timeout        %(timeout)s;
-        }
+        proxy_http_version  1.1;
+        proxy_set_header    Connection "";
+        proxy_buffering     off;
+        proxy_read_timeout  %(timeout)s;
+%(locations)s
     }
 """
 
@@ -67,48 +64,10 @@ BUFFERED_CONF = """
 """
 
 
-# the full gateway, as conf/anythingllm.conf sets it up
-GATEWAY = """
-    anythingllm_redis      @REDIS@ timeout=100ms prefix=anythingllm:;
-    anythingllm_key_cache  zone=anythingllm_keys:10m valid=30s invalid=5s;
-    anythingllm_conversation_ttl  24h;
-
-    server {
-        listen  127.0.0.1:@PORT@;
-
-        anythingllm_upstream_key  UPSTREAM-KEY-0001-TEST;
-        anythingllm_auth          on;
-        anythingllm_cors          *;
-
-        proxy_http_version  1.1;
-        proxy_set_header    Connection "";
-        proxy_buffering     off;
-        proxy_read_timeout  600s;
-
-        location /v1/ {
-            anythingllm_openai  on;
-            proxy_pass          http://anythingllm;
-        }
-
-        location /api/v1/openai/ {
-            anythingllm_openai  on;
-            proxy_pass          http://anythingllm;
-        }
-
-        location /api/v1/ {
-            client_max_body_size  64m;
-            proxy_pass            http://anythingllm;
-        }
-
-        location / {
-            return  404;
-        }
-    }
-"""
-
-
-def start(nginx, extra="", timeout="600s", **kw):
-    return nginx(CONF % {"extra": extra, "timeout": timeout}, **kw)
+def start(nginx, extra="", timeout="600s", listen="", **kw):
+    return nginx(CONF % {"listen": listen, "extra": extra, "timeout": timeout,
+                         "locations": "".join(LOCATION % base
+                                              for base in BASES)}, **kw)
 
 
 # ---------------------------------------------------------------------------
@@ -465,25 +424,7 @@ def test_slow_reader_gets_everything(nginx, backend):
     its output waits, and loses nothing."""
     port = free_port()
     # a listener with a small send buffer: the client's slowness shows
-    n = nginx("""
-    server {
-        listen  127.0.0.1:%d sndbuf=4k;
-
-        location /v1/ {
-            anythingllm_openai        on;
-            anythingllm_upstream_key  UPSTREAM-KEY-0001-TEST;
-            proxy_pass                http://anythingllm;
-            proxy_http_version        1.1;
-            proxy_set_header          Connection "";
-            proxy_buffering           off;
-            proxy_read_timeout        600s;
-        }
-    }
-
-    server {
-        listen  127.0.0.1:@PORT@;
-    }
-""" % port)
+    n = start(nginx, listen="listen  127.0.0.1:%d sndbuf=4k;" % port)
     words = ["%04d%s " % (i, "z" * 300) for i in range(400)]
     backend.script(endpoint="stream-chat", events=[
         {"frames": [chunk(w) for w in words[i:i + 50]]}
@@ -569,12 +510,3 @@ def test_failed_stream_closes_the_upstream(nginx, backend):
     backend.wait_connections(streams=0, timeout=1)
     assert backend.connections()["aborted_streams"] >= 1
     s.close()
-
-
-def test_head_on_the_filtered_workspace_list(nginx, backend, redis_server):
-    n = nginx(GATEWAY)
-    redis_server.add_key("sk-sales-read", scopes="read", workspaces="sales")
-    r = n.request("HEAD", "/api/v1/workspaces",
-                  headers={"Authorization": "Bearer sk-sales-read"})
-    assert r.status == 200
-    assert r.body == b""

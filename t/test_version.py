@@ -8,56 +8,20 @@ from lib import helpers
 from lib.paths import REPO
 
 
-# the full gateway, as conf/anythingllm.conf sets it up
-GATEWAY = """
-    anythingllm_redis      @REDIS@ timeout=100ms prefix=anythingllm:;
-    anythingllm_key_cache  zone=anythingllm_keys:10m valid=30s invalid=5s;
-    anythingllm_conversation_ttl  24h;
+# both halves of the module on: keys checked everywhere, the OpenAI
+# routes under /v1/
+BOTH = """
+    anythingllm_redis  @REDIS@;
 
     server {
         listen  127.0.0.1:@PORT@;
 
-        anythingllm_upstream_key  UPSTREAM-KEY-0001-TEST;
         anythingllm_auth          on;
-        anythingllm_cors          *;
-
-        proxy_http_version  1.1;
-        proxy_set_header    Connection "";
-        proxy_buffering     off;
-        proxy_read_timeout  600s;
+        anythingllm_upstream_key  UPSTREAM-KEY-0001-TEST;
 
         location /v1/ {
             anythingllm_openai  on;
             proxy_pass          http://anythingllm;
-        }
-
-        location /api/v1/openai/ {
-            anythingllm_openai  on;
-            proxy_pass          http://anythingllm;
-        }
-
-        location /api/v1/ {
-            client_max_body_size  64m;
-            proxy_pass            http://anythingllm;
-        }
-
-        location / {
-            return  404;
-        }
-    }
-"""
-
-# the upstream key on every AnythingLLM route, nothing else of the module
-PROXY = """
-    server {
-        listen  127.0.0.1:@PORT@;
-
-        location /api/v1/ {
-            anythingllm_upstream_key UPSTREAM-KEY-0001-TEST;
-            proxy_pass http://anythingllm;
-            proxy_http_version 1.1;
-            proxy_set_header Connection "";
-            proxy_buffering off;
         }
     }
 """
@@ -80,7 +44,7 @@ def test_version_file_holds_one_version():
 
 
 def test_each_worker_logs_the_version_once(nginx):
-    n = nginx(GATEWAY, workers=2)
+    n = nginx(BOTH, workers=2)
     workers = n.worker_pids()
     assert len(workers) == 2
 
@@ -121,7 +85,17 @@ def test_openai_alone_counts_as_configured(nginx):
 
 def test_loaded_but_unused_logs_nothing(nginx):
     # neither auth nor openai anywhere: the module stays silent
-    n = nginx(PROXY, workers=1)
+    n = nginx("""
+    anythingllm_upstream_key  UPSTREAM-KEY-0001-TEST;
+
+    server {
+        listen  127.0.0.1:@PORT@;
+
+        location / {
+            proxy_pass  http://anythingllm;
+        }
+    }
+""", workers=1)
     r = n.get("/api/v1/workspaces")
     assert r.status == 200
     # the one worker answered, so it is past init_process
