@@ -22,6 +22,7 @@
  *                                    Redis keys
  *   ngx_http_anythingllm_util.c      per-request helpers: context,
  *                                    error answers, headers
+ *   ngx_http_anythingllm_metrics.c   the metrics zone and its answer
  */
 
 
@@ -65,6 +66,12 @@ typedef struct {
     /* anythingllm_conversation_ttl, anythingllm_conversation_max */
     time_t                      conversation_ttl;
     ngx_int_t                   conversation_max;
+
+    /* anythingllm_metrics_zone, anythingllm_metrics */
+    ngx_shm_zone_t             *metrics_zone;
+    void                       *metrics_sh;     /* in the zone */
+    ngx_slab_pool_t            *metrics_shpool;
+    ngx_flag_t                  metrics_used;   /* a location answers */
 } ngx_http_anythingllm_main_conf_t;
 
 
@@ -173,6 +180,10 @@ struct ngx_http_anythingllm_ctx_s {
     ngx_http_anythingllm_resp_e resp;
     void                       *filter;         /* filter's own state */
     alm_usage_t                 usage;
+    ngx_msec_t                  first_token;    /* ms after the request
+                                                   started; valid when
+                                                   first_token_set */
+    unsigned                    first_token_set:1;
 };
 
 
@@ -370,6 +381,62 @@ ngx_int_t ngx_http_anythingllm_precontent_handler(ngx_http_request_t *r);
 /* ngx_http_anythingllm_filter.c */
 
 ngx_int_t ngx_http_anythingllm_filter_init(ngx_conf_t *cf);
+
+
+/* ngx_http_anythingllm_metrics.c */
+
+/* the series without a key label: ngx_http_anythingllm_metrics_add() */
+typedef enum {
+    NGX_HTTP_ANYTHINGLLM_M_VERDICT = 0,     /* + auth_result_e */
+    NGX_HTTP_ANYTHINGLLM_M_SCOPE = 13,      /* + none, chat, read,
+                                               documents, admin */
+    NGX_HTTP_ANYTHINGLLM_M_UPSTREAM = 18,   /* + status class - 1 */
+    NGX_HTTP_ANYTHINGLLM_M_REDIS_COMMANDS = 23,
+    NGX_HTTP_ANYTHINGLLM_M_REDIS_ERRORS,
+    NGX_HTTP_ANYTHINGLLM_M_REDIS_TIMEOUTS,
+    NGX_HTTP_ANYTHINGLLM_M_REDIS_RECONNECTS,
+    NGX_HTTP_ANYTHINGLLM_M_CACHE_HITS,
+    NGX_HTTP_ANYTHINGLLM_M_CACHE_MISSES,
+    NGX_HTTP_ANYTHINGLLM_M_CACHE_EVICTIONS,
+    NGX_HTTP_ANYTHINGLLM_M_CACHE_ENTRIES,   /* gauge */
+    NGX_HTTP_ANYTHINGLLM_M_REVOCATIONS,
+    NGX_HTTP_ANYTHINGLLM_M_STREAMS_OPEN,    /* gauge */
+    NGX_HTTP_ANYTHINGLLM_M_STREAM_COMPLETE,
+    NGX_HTTP_ANYTHINGLLM_M_STREAM_UPSTREAM_ABORT,
+    NGX_HTTP_ANYTHINGLLM_M_STREAM_UPSTREAM_CUT,
+    NGX_HTTP_ANYTHINGLLM_M_STREAM_OVERSIZED,
+    NGX_HTTP_ANYTHINGLLM_M_STREAM_CLIENT_GONE,
+    NGX_HTTP_ANYTHINGLLM_M_MAX
+} ngx_http_anythingllm_m_e;
+
+/* the histograms: ngx_http_anythingllm_metrics_observe() */
+typedef enum {
+    NGX_HTTP_ANYTHINGLLM_H_REDIS = 0,       /* command round trip */
+    NGX_HTTP_ANYTHINGLLM_H_FIRST_TOKEN,
+    NGX_HTTP_ANYTHINGLLM_H_STREAM,          /* stream duration */
+    NGX_HTTP_ANYTHINGLLM_H_MAX
+} ngx_http_anythingllm_h_e;
+
+/* the bounds of a histogram's buckets and +Inf */
+#define NGX_HTTP_ANYTHINGLLM_H_BUCKETS  12
+
+/* indexed by ngx_http_anythingllm_auth_result_e */
+extern ngx_str_t  ngx_http_anythingllm_auth_results[];
+
+char *ngx_http_anythingllm_metrics_zone(ngx_conf_t *cf, ngx_command_t *cmd,
+    void *conf);
+char *ngx_http_anythingllm_metrics(ngx_conf_t *cf, ngx_command_t *cmd,
+    void *conf);
+ngx_int_t ngx_http_anythingllm_metrics_add_zone(ngx_conf_t *cf,
+    ngx_http_anythingllm_main_conf_t *amcf, size_t size);
+/* a worker takes the zone of its cycle: NULL when there is none */
+void ngx_http_anythingllm_metrics_init_process(
+    ngx_http_anythingllm_main_conf_t *amcf);
+ngx_int_t ngx_http_anythingllm_metrics_log_handler(ngx_http_request_t *r);
+/* no lock, no allocation: a no-op where no zone is configured */
+void ngx_http_anythingllm_metrics_add(ngx_uint_t metric, ngx_atomic_int_t n);
+void ngx_http_anythingllm_metrics_observe(ngx_uint_t histogram,
+    ngx_msec_t ms);
 
 
 #endif /* _NGX_HTTP_ANYTHINGLLM_MODULE_H_INCLUDED_ */

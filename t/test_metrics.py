@@ -1,0 +1,197 @@
+"""anythingllm_metrics: Prometheus' text format from shared memory, every
+worker's counts in one answer, kept across a reload; per-key series
+bounded by the zone, the least recently seen keys folded into
+key_id="other"."""
+
+import re
+
+from lib import helpers
+from lib.auth import bearer
+from lib.openai import user
+from lib.processes import key_digest
+
+
+# keys checked everywhere but /metrics, which only localhost may read;
+# %(zone)s: an anythingllm_metrics_zone line a test adds
+METRICS = """
+    anythingllm_redis      @REDIS@ timeout=2s;
+    anythingllm_key_cache  zone=alm_keys:1m valid=30s invalid=5s;
+    %(zone)s
+
+    server {
+        listen  127.0.0.1:@PORT@;
+
+        anythingllm_upstream_key  UPSTREAM-KEY-0001-TEST;
+        anythingllm_auth          on;
+
+        proxy_http_version  1.1;
+        proxy_set_header    Connection "";
+
+        location = /metrics {
+            anythingllm_auth  off;
+            allow             127.0.0.1;
+            deny              all;
+            anythingllm_metrics;
+        }
+
+        location /v1/ {
+            anythingllm_openai  on;
+            proxy_pass          http://anythingllm;
+        }
+
+        location / {
+            proxy_pass  http://anythingllm;
+        }
+    }
+"""
+
+SAMPLE = re.compile(r'^([a-z_]+)(?:\{(.*)\})? (\S+)$')
+LABEL = re.compile(r'([a-z_]+)="((?:[^"\\]|\\.)*)"')
+
+
+def metrics_nginx(nginx, redis_server, zone="", **kw):
+    return nginx(METRICS % {"zone": zone}, redis=redis_server, **kw)
+
+
+def scrape(n):
+    """{(name, frozenset(labels)): value} of one answer, its format
+    checked on the way: every sample's family has HELP and TYPE first."""
+    r = n.get("/metrics")
+    assert r.status == 200, r.text
+    assert r.headers["content-type"] == "text/plain; version=0.0.4"
+    typed = set()
+    out = {}
+    for line in r.text.splitlines():
+        if line.startswith("# TYPE "):
+            typed.add(line.split()[2])
+            continue
+        if line.startswith("# HELP ") or not line:
+            continue
+        m = SAMPLE.match(line)
+        assert m, line
+        name, labels, value = m.groups()
+        family = re.sub(r'_(bucket|sum|count)$', "", name)
+        assert name in typed or family in typed, line
+        key = (name, frozenset(LABEL.findall(labels or "")))
+        assert key not in out, line
+        out[key] = float(value)
+    return out
+
+
+def value(m, name, **labels):
+    return m.get((name, frozenset(labels.items())), 0)
+
+
+def keyed(m, name):
+    """{key_id: value} of a per-key family."""
+    return {dict(k[1])["key_id"]: v for k, v in m.items() if k[0] == name}
+
+
+def verdicts(m):
+    return {dict(k[1])["verdict"]: v for k, v in m.items()
+            if k[0] == "anythingllm_requests_total" and v}
+
+
+def test_counts_of_a_known_workload(nginx, redis_server, backend):
+    redis_server.add_key("k-alice", name='alice "A"', scopes="chat,read")
+    redis_server.add_key("k-bob", name="bob", scopes="read")
+    n = metrics_nginx(nginx, redis_server, workers=2)
+
+    # the answer before any traffic: every family there, at zero
+    m = scrape(n)
+    assert verdicts(m) == {}
+    assert value(m, "anythingllm_key_requests_total",
+                 key_id="other", key_name="") == 0
+
+    for _ in range(3):
+        assert n.get("/api/v1/auth", headers=bearer("k-alice")).status == 200
+    for _ in range(2):
+        assert n.get("/api/v1/workspaces",
+                     headers=bearer("k-bob")).status == 200
+    assert n.get("/api/v1/admin/users",
+                 headers=bearer("k-bob")).status == 403
+    assert n.get("/api/v1/auth").status == 401
+    assert n.get("/api/v1/auth", headers=bearer("k-nobody")).status == 401
+    chat = n.post("/v1/chat/completions", headers=bearer("k-alice"),
+                  json={"model": "sales", "messages": [user("hi")]})
+    assert chat.status == 200, chat.text
+    usage = chat.json()["usage"]
+
+    # the log phase runs after the answer is sent: wait for the last one
+    helpers.wait_until(
+        lambda: sum(verdicts(scrape(n)).values()) == 9, timeout=3)
+    m = scrape(n)
+
+    assert verdicts(m) == {"redis": 2, "cached": 4, "denied_scope": 1,
+                           "denied_missing": 1, "denied_unknown": 1}
+    scopes = {dict(k[1])["scope"]: v for k, v in m.items()
+              if k[0] == "anythingllm_requests_by_scope_total" and v}
+    assert scopes == {"none": 5, "read": 2, "admin": 1, "chat": 1}
+    assert value(m, "anythingllm_upstream_responses_total",
+                 code="2xx") == 6
+
+    alice = key_digest("k-alice")[:12]
+    bob = key_digest("k-bob")[:12]
+    assert keyed(m, "anythingllm_key_requests_total") == \
+        {alice: 4, bob: 3, "other": 0}
+    assert keyed(m, "anythingllm_key_refusals_total") == \
+        {alice: 0, bob: 1, "other": 0}
+    assert keyed(m, "anythingllm_key_prompt_tokens_total") == \
+        {alice: usage["prompt_tokens"], bob: 0, "other": 0}
+    assert keyed(m, "anythingllm_key_completion_tokens_total") == \
+        {alice: usage["completion_tokens"], bob: 0, "other": 0}
+    assert usage["prompt_tokens"] > 0 and usage["completion_tokens"] > 0
+    # the name is a label value: its quotes escaped
+    assert value(m, "anythingllm_key_requests_total", key_id=alice,
+                 key_name='alice \\"A\\"') == 4
+
+
+def test_counts_survive_a_reload(nginx, redis_server, backend):
+    redis_server.add_key("k-stay", name="stay")
+    n = metrics_nginx(nginx, redis_server, workers=2)
+    for _ in range(5):
+        assert n.get("/api/v1/auth", headers=bearer("k-stay")).status == 200
+    helpers.wait_until(
+        lambda: sum(verdicts(scrape(n)).values()) == 5, timeout=3)
+
+    n.reload()
+    assert n.get("/api/v1/auth", headers=bearer("k-stay")).status == 200
+    helpers.wait_until(
+        lambda: sum(verdicts(scrape(n)).values()) == 6, timeout=3)
+    m = scrape(n)
+    stay = key_digest("k-stay")[:12]
+    assert keyed(m, "anythingllm_key_requests_total") == \
+        {stay: 6, "other": 0}
+
+
+def test_many_keys_fold_into_other(nginx, redis_server, backend):
+    keys = ["k-many-%03d" % i for i in range(120)]
+    for k in keys:
+        redis_server.add_key(k, name=k)
+    n = metrics_nginx(nginx, redis_server,
+                      zone="anythingllm_metrics_zone 32k;", workers=2)
+    for k in keys:
+        assert n.get("/api/v1/auth", headers=bearer(k)).status == 200
+    helpers.wait_until(
+        lambda: sum(verdicts(scrape(n)).values()) == len(keys), timeout=3)
+
+    per_key = keyed(scrape(n), "anythingllm_key_requests_total")
+    # bounded by the zone (the README: 32k holds 64 keys), none lost
+    assert len(per_key) - 1 == 64, len(per_key)
+    assert sum(per_key.values()) == len(keys)
+    assert per_key["other"] == len(keys) - (len(per_key) - 1)
+    # the least recently seen went first: the last key is still its own
+    assert per_key[key_digest(keys[-1])[:12]] == 1
+
+    # a folded key seen again comes back as its own series
+    assert n.get("/api/v1/auth", headers=bearer(keys[0])).status == 200
+    helpers.wait_until(
+        lambda: key_digest(keys[0])[:12] in keyed(
+            scrape(n), "anythingllm_key_requests_total"), timeout=3)
+
+
+def test_only_get_and_head(nginx, redis_server, backend):
+    n = metrics_nginx(nginx, redis_server)
+    assert n.post("/metrics", json={}).status == 405
+    r = n.request("HEAD", "/metrics")
+    assert r.status == 200 and r.body == b""
