@@ -434,6 +434,10 @@ done:
 
     ngx_shmtx_unlock(&shpool->mutex);
 
+    ngx_http_anythingllm_metrics_add(rc == NGX_DECLINED
+                                     ? NGX_HTTP_ANYTHINGLLM_M_CACHE_MISSES
+                                     : NGX_HTTP_ANYTHINGLLM_M_CACHE_HITS, 1);
+
     return rc;
 }
 
@@ -728,6 +732,8 @@ ngx_http_anythingllm_cache_remove(ngx_http_anythingllm_cache_sh_t *sh,
     ngx_queue_remove(&cn->queue);
     ngx_rbtree_delete(&sh->rbtree, node);
     ngx_slab_free_locked(shpool, node);
+
+    ngx_http_anythingllm_metrics_add(NGX_HTTP_ANYTHINGLLM_M_CACHE_ENTRIES, -1);
 }
 
 
@@ -754,10 +760,14 @@ ngx_http_anythingllm_cache_expire(ngx_http_anythingllm_cache_sh_t *sh,
         q = ngx_queue_last(queue);
         cn = ngx_queue_data(q, ngx_http_anythingllm_cache_node_t, queue);
 
-        if (!(force && n == 0)
-            && (ngx_msec_int_t) (cn->until - ngx_current_msec) > 0)
-        {
-            break;
+        if ((ngx_msec_int_t) (cn->until - ngx_current_msec) > 0) {
+            if (!(force && n == 0)) {
+                break;
+            }
+
+            /* a live entry pushed out to make room */
+            ngx_http_anythingllm_metrics_add(
+                                 NGX_HTTP_ANYTHINGLLM_M_CACHE_EVICTIONS, 1);
         }
 
         ngx_http_anythingllm_cache_remove(sh, shpool, cn);
@@ -878,6 +888,8 @@ ngx_http_anythingllm_cache_insert(ngx_http_anythingllm_cache_sh_t *sh,
     }
 
     ngx_rbtree_insert(&sh->rbtree, node);
+
+    ngx_http_anythingllm_metrics_add(NGX_HTTP_ANYTHINGLLM_M_CACHE_ENTRIES, 1);
     ngx_queue_insert_head(ngx_http_anythingllm_cache_queue(sh, cn),
                           &cn->queue);
 }
@@ -916,6 +928,11 @@ ngx_http_anythingllm_cache_revocation(ngx_http_anythingllm_main_conf_t *amcf,
 
     if (zone == NULL) {
         return;
+    }
+
+    if (message) {
+        ngx_http_anythingllm_metrics_add(NGX_HTTP_ANYTHINGLLM_M_REVOCATIONS,
+                                         1);
     }
 
     if (message == NULL) {

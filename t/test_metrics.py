@@ -14,7 +14,7 @@ from lib.processes import key_digest
 # keys checked everywhere but /metrics, which only localhost may read;
 # %(zone)s: an anythingllm_metrics_zone line a test adds
 METRICS = """
-    anythingllm_redis      @REDIS@ timeout=2s;
+    anythingllm_redis      @REDIS@ timeout=%(timeout)s;
     anythingllm_key_cache  zone=alm_keys:1m valid=30s invalid=5s;
     %(zone)s
 
@@ -49,8 +49,9 @@ SAMPLE = re.compile(r'^([a-z_]+)(?:\{(.*)\})? (\S+)$')
 LABEL = re.compile(r'([a-z_]+)="((?:[^"\\]|\\.)*)"')
 
 
-def metrics_nginx(nginx, redis_server, zone="", **kw):
-    return nginx(METRICS % {"zone": zone}, redis=redis_server, **kw)
+def metrics_nginx(nginx, redis_server, zone="", timeout="2s", **kw):
+    return nginx(METRICS % {"zone": zone, "timeout": timeout},
+                 redis=redis_server, **kw)
 
 
 def scrape(n):
@@ -144,6 +145,49 @@ def test_counts_of_a_known_workload(nginx, redis_server, backend):
     # the name is a label value: its quotes escaped
     assert value(m, "anythingllm_key_requests_total", key_id=alice,
                  key_name='alice \\"A\\"') == 4
+
+    # the key cache: a miss for each key's first request, then hits (an
+    # unknown key's entry is a hit too); three entries, none pushed out
+    assert value(m, "anythingllm_key_cache_misses_total") == 3
+    assert value(m, "anythingllm_key_cache_hits_total") == 5
+    assert value(m, "anythingllm_key_cache_entries") == 3
+    assert value(m, "anythingllm_key_cache_evictions_total") == 0
+
+    # Redis: the three lookups and what the chat stored; each answered
+    # one is in the latency histogram, none failed
+    commands = value(m, "anythingllm_redis_commands_total")
+    assert commands >= 3
+    helpers.wait_until(lambda: value(
+        scrape(n), "anythingllm_redis_latency_seconds_count") == commands,
+        timeout=3)
+    m = scrape(n)
+    assert value(m, "anythingllm_redis_latency_seconds_bucket",
+                 le="+Inf") == commands
+    for name in ("errors", "timeouts", "reconnects"):
+        assert value(m, "anythingllm_redis_%s_total" % name) == 0, name
+    assert value(m, "anythingllm_revocations_total") == 0
+
+    # every worker that hears a revocation counts it
+    listeners = redis_server.revoke("k-bob")
+    assert listeners == 2
+    helpers.wait_until(lambda: value(
+        scrape(n), "anythingllm_revocations_total") == listeners, timeout=3)
+
+
+def test_redis_timeouts_and_reconnects(nginx, redis_server, backend):
+    redis_server.add_key("k-slow")
+    n = metrics_nginx(nginx, redis_server, timeout="100ms", workers=1)
+    n.allow(r"redis (command|subscriber) connection .* timed out")
+    redis_server.sleep(0.5)
+    assert n.get("/api/v1/auth", headers=bearer("k-slow")).status == 503
+    helpers.wait_until(lambda: value(
+        scrape(n), "anythingllm_redis_reconnects_total") >= 1, timeout=3)
+    m = scrape(n)
+    assert value(m, "anythingllm_redis_timeouts_total") >= 1
+    assert verdicts(m) == {"redis_error": 1}
+    # once Redis answers again, the key passes
+    helpers.wait_until(lambda: n.get(
+        "/api/v1/auth", headers=bearer("k-slow")).status == 200, timeout=5)
 
 
 def test_counts_survive_a_reload(nginx, redis_server, backend):
