@@ -478,6 +478,57 @@ ngx_http_anythingllm_metrics_observe(ngx_uint_t histogram, ngx_msec_t ms)
 }
 
 
+/* milliseconds since the request started, as $request_time counts */
+
+static ngx_msec_t
+ngx_http_anythingllm_metrics_elapsed(ngx_http_request_t *r)
+{
+    ngx_time_t      *tp;
+    ngx_msec_int_t   ms;
+
+    tp = ngx_timeofday();
+
+    ms = (ngx_msec_int_t) ((tp->sec - r->start_sec) * 1000
+                           + (tp->msec - r->start_msec));
+
+    return (ngx_msec_t) ngx_max(ms, 0);
+}
+
+
+void
+ngx_http_anythingllm_metrics_first_token(ngx_http_request_t *r,
+    ngx_http_anythingllm_ctx_t *ctx)
+{
+    if (ctx->first_token_set) {
+        return;
+    }
+
+    ctx->first_token = ngx_http_anythingllm_metrics_elapsed(r);
+    ctx->first_token_set = 1;
+
+    ngx_http_anythingllm_metrics_observe(NGX_HTTP_ANYTHINGLLM_H_FIRST_TOKEN,
+                                         ctx->first_token);
+}
+
+
+void
+ngx_http_anythingllm_metrics_stream_start(void)
+{
+    ngx_http_anythingllm_metrics_add(NGX_HTTP_ANYTHINGLLM_M_STREAMS_OPEN, 1);
+}
+
+
+void
+ngx_http_anythingllm_metrics_stream_end(ngx_http_request_t *r,
+    ngx_uint_t cause)
+{
+    ngx_http_anythingllm_metrics_add(NGX_HTTP_ANYTHINGLLM_M_STREAMS_OPEN, -1);
+    ngx_http_anythingllm_metrics_add(cause, 1);
+    ngx_http_anythingllm_metrics_observe(NGX_HTTP_ANYTHINGLLM_H_STREAM,
+                                     ngx_http_anythingllm_metrics_elapsed(r));
+}
+
+
 /*
  * The log phase: once per request the module handled, what its
  * context says.  A request with no context (the module stepped aside)

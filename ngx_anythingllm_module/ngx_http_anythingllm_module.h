@@ -437,6 +437,13 @@ ngx_int_t ngx_http_anythingllm_metrics_log_handler(ngx_http_request_t *r);
 void ngx_http_anythingllm_metrics_add(ngx_uint_t metric, ngx_atomic_int_t n);
 void ngx_http_anythingllm_metrics_observe(ngx_uint_t histogram,
     ngx_msec_t ms);
+/* the first token of a chat answer: $anythingllm_first_token_ms */
+void ngx_http_anythingllm_metrics_first_token(ngx_http_request_t *r,
+    ngx_http_anythingllm_ctx_t *ctx);
+/* a stream opens; it ends once, by "cause" (M_STREAM_*) */
+void ngx_http_anythingllm_metrics_stream_start(void);
+void ngx_http_anythingllm_metrics_stream_end(ngx_http_request_t *r,
+    ngx_uint_t cause);
 
 
 #endif /* _NGX_HTTP_ANYTHINGLLM_MODULE_H_INCLUDED_ */

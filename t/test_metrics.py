@@ -6,9 +6,9 @@ key_id="other"."""
 import re
 
 from lib import helpers
-from lib.auth import bearer
-from lib.openai import user
-from lib.processes import key_digest
+from lib.auth import access_field, bearer, wait_access_lines
+from lib.openai import abort, chunk, finalize, open_stream, user
+from lib.processes import LOG_FORMAT_MODULE, key_digest
 
 
 # keys checked everywhere but /metrics, which only localhost may read;
@@ -35,8 +35,10 @@ METRICS = """
         }
 
         location /v1/ {
-            anythingllm_openai  on;
-            proxy_pass          http://anythingllm;
+            anythingllm_openai          on;
+            anythingllm_max_frame_size  1k;
+            proxy_buffering             off;
+            proxy_pass                  http://anythingllm;
         }
 
         location / {
@@ -239,3 +241,52 @@ def test_only_get_and_head(nginx, redis_server, backend):
     assert n.post("/metrics", json={}).status == 405
     r = n.request("HEAD", "/metrics")
     assert r.status == 200 and r.body == b""
+
+
+def test_streams_by_how_they_end(nginx, redis_server, backend):
+    redis_server.add_key("k-stream", scopes="chat")
+    n = metrics_nginx(nginx, redis_server, workers=2,
+                      log_format=LOG_FORMAT_MODULE.replace(
+                          "';", " ft=$anythingllm_first_token_ms';"))
+    key = bearer("k-stream")
+    scripts = [
+        [chunk("Hel"), chunk("lo", close=True), finalize()],   # complete
+        [chunk("Hel"), abort()],                               # abort
+        [chunk("Hel"), chunk("lo")],                           # cut
+        [chunk("ok "), chunk("x" * 3000), chunk("", close=True),
+         finalize()],                                          # oversized
+    ]
+    for frames in scripts:
+        backend.script(endpoint="stream-chat",
+                       events=[{"frame": f} for f in frames])
+        s = open_stream(n, headers=key)
+        s.read_all()
+        assert s.done, s.text
+        s.close()
+
+    # a client that leaves mid-way; the stream counts as open until then
+    s = open_stream(n, "[slow] tell me a story", headers=key)
+    s.next_frame(timeout=3)
+    assert value(scrape(n), "anythingllm_streams_open") == 1
+    s.close()
+    backend.wait_connections(streams=0, open=0, timeout=3)
+
+    ended = "anythingllm_streams_ended_total"
+    helpers.wait_until(lambda: sum(
+        v for k, v in scrape(n).items() if k[0] == ended) == 5, timeout=3)
+    m = scrape(n)
+    assert {dict(k[1])["cause"]: v for k, v in m.items()
+            if k[0] == ended} == {"complete": 1, "upstream_abort": 1,
+                                  "upstream_cut": 1, "oversized_frame": 1,
+                                  "client_gone": 1}
+    assert value(m, "anythingllm_streams_open") == 0
+    assert value(m, "anythingllm_stream_duration_seconds_count") == 5
+    # every one of them sent some text first
+    assert value(m, "anythingllm_first_token_seconds_count") == 5
+    assert keyed(m, "anythingllm_key_requests_total") == \
+        {key_digest("k-stream")[:12]: 5, "other": 0}
+
+    lines = wait_access_lines(n, 5)
+    firsts = [access_field(l, "ft") for l in lines
+              if "/v1/chat/completions" in l]
+    assert len(firsts) == 5 and all(f.isdigit() for f in firsts), firsts
