@@ -62,11 +62,11 @@ typedef struct {
 
 
 typedef struct {
-    u_char                      color;
-    u_char                      name_len;
-    u_char                      id[ALM_KEY_ID_LEN];
+    ngx_str_node_t              sn;         /* sn.str: the key id, "id" */
     ngx_queue_t                 queue;
     ngx_http_anythingllm_metrics_counts_t  counts;
+    u_char                      name_len;
+    u_char                      id[ALM_KEY_ID_LEN];
     u_char                      name[NGX_HTTP_ANYTHINGLLM_METRICS_NAME_LEN];
 } ngx_http_anythingllm_metrics_node_t;
 
@@ -99,9 +99,6 @@ typedef struct {
 static ngx_int_t ngx_http_anythingllm_metrics_init_zone(
     ngx_shm_zone_t *shm_zone, void *data);
 static ngx_int_t ngx_http_anythingllm_metrics_handler(ngx_http_request_t *r);
-static void ngx_http_anythingllm_metrics_rbtree_insert(
-    ngx_rbtree_node_t *temp, ngx_rbtree_node_t *node,
-    ngx_rbtree_node_t *sentinel);
 static void ngx_http_anythingllm_metrics_key(ngx_http_request_t *r,
     ngx_http_anythingllm_ctx_t *ctx, ngx_uint_t refused);
 static ngx_http_anythingllm_metrics_node_t *
@@ -340,23 +337,12 @@ ngx_http_anythingllm_metrics_add_zone(ngx_conf_t *cf,
 {
     ngx_str_t  name = ngx_string("anythingllm_metrics");
 
-    amcf->metrics_zone = ngx_shared_memory_add(cf, &name, size,
-                                               &ngx_http_anythingllm_module);
-    if (amcf->metrics_zone == NULL) {
-        return NGX_ERROR;
-    }
+    amcf->metrics_zone = ngx_http_anythingllm_shm_add(cf, &name, size,
+                                   ngx_http_anythingllm_metrics_init_zone,
+                                   amcf,
+                                   "shared memory zone \"%V\" is already used");
 
-    if (amcf->metrics_zone->data) {
-        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
-                           "shared memory zone \"%V\" is already used",
-                           &name);
-        return NGX_ERROR;
-    }
-
-    amcf->metrics_zone->init = ngx_http_anythingllm_metrics_init_zone;
-    amcf->metrics_zone->data = amcf;
-
-    return NGX_OK;
+    return amcf->metrics_zone ? NGX_OK : NGX_ERROR;
 }
 
 
@@ -365,67 +351,37 @@ ngx_http_anythingllm_metrics_init_zone(ngx_shm_zone_t *shm_zone, void *data)
 {
     ngx_http_anythingllm_main_conf_t  *oamcf = data;
 
-    size_t                              len, size;
-    ngx_slab_pool_t                    *shpool;
+    ngx_int_t                           rc;
     ngx_http_anythingllm_metrics_sh_t  *sh;
     ngx_http_anythingllm_main_conf_t   *amcf;
 
     amcf = shm_zone->data;
 
-    if (oamcf) {
-        /* a reload: the counts go on */
-        amcf->metrics_sh = oamcf->metrics_sh;
-        amcf->metrics_shpool = oamcf->metrics_shpool;
-        return NGX_OK;
+    /* a reload: the counts go on */
+
+    rc = ngx_http_anythingllm_shm_init(shm_zone,
+                                    oamcf ? &oamcf->metrics : NULL,
+                                    sizeof(ngx_http_anythingllm_metrics_sh_t),
+                                    "anythingllm metrics", &amcf->metrics);
+    if (rc != NGX_DECLINED) {
+        return rc;
     }
 
-    shpool = (ngx_slab_pool_t *) shm_zone->shm.addr;
-
-    amcf->metrics_shpool = shpool;
-
-    if (shm_zone->shm.exists) {
-        amcf->metrics_sh = shpool->data;
-        return NGX_OK;
-    }
-
-    sh = ngx_slab_calloc(shpool, sizeof(ngx_http_anythingllm_metrics_sh_t));
-    if (sh == NULL) {
-        return NGX_ERROR;
-    }
-
-    shpool->data = sh;
-    amcf->metrics_sh = sh;
+    sh = amcf->metrics.sh;
 
     ngx_rbtree_init(&sh->rbtree, &sh->sentinel,
-                    ngx_http_anythingllm_metrics_rbtree_insert);
+                    ngx_str_rbtree_insert_value);
     ngx_queue_init(&sh->queue);
 
     /* half the zone, in slab slots of an entry */
 
-    len = offsetof(ngx_rbtree_node_t, color)
-          + sizeof(ngx_http_anythingllm_metrics_node_t);
-
-    for (size = 8; size < len; size <<= 1) { /* void */ }
-
-    sh->keys_max = shm_zone->shm.size / 2 / size;
+    sh->keys_max = shm_zone->shm.size / 2
+                   / ngx_http_anythingllm_shm_slot(
+                         sizeof(ngx_http_anythingllm_metrics_node_t));
 
     if (sh->keys_max == 0) {
         sh->keys_max = 1;
     }
-
-    len = sizeof(" in anythingllm metrics zone \"\"")
-          + shm_zone->shm.name.len;
-
-    shpool->log_ctx = ngx_slab_alloc(shpool, len);
-    if (shpool->log_ctx == NULL) {
-        return NGX_ERROR;
-    }
-
-    ngx_sprintf(shpool->log_ctx, " in anythingllm metrics zone \"%V\"%Z",
-                &shm_zone->shm.name);
-
-    /* a full zone folds its oldest keys into "other" */
-    shpool->log_nomem = 0;
 
     return NGX_OK;
 }
@@ -435,7 +391,7 @@ void
 ngx_http_anythingllm_metrics_init_process(
     ngx_http_anythingllm_main_conf_t *amcf)
 {
-    ngx_http_anythingllm_metrics_sh = amcf ? amcf->metrics_sh : NULL;
+    ngx_http_anythingllm_metrics_sh = amcf ? amcf->metrics.sh : NULL;
 }
 
 
@@ -626,8 +582,8 @@ ngx_http_anythingllm_metrics_key(ngx_http_request_t *r,
 
     amcf = ngx_http_get_module_main_conf(r, ngx_http_anythingllm_module);
 
-    sh = amcf->metrics_sh;
-    shpool = amcf->metrics_shpool;
+    sh = amcf->metrics.sh;
+    shpool = amcf->metrics.shpool;
 
     if (sh == NULL) {
         return;
@@ -656,7 +612,6 @@ ngx_http_anythingllm_metrics_fold(ngx_http_anythingllm_metrics_sh_t *sh,
     ngx_slab_pool_t *shpool)
 {
     ngx_queue_t                          *q;
-    ngx_rbtree_node_t                    *node;
     ngx_http_anythingllm_metrics_node_t  *mn;
 
     q = ngx_queue_last(&sh->queue);
@@ -669,11 +624,8 @@ ngx_http_anythingllm_metrics_fold(ngx_http_anythingllm_metrics_sh_t *sh,
     sh->other.prompt_tokens += mn->counts.prompt_tokens;
     sh->other.completion_tokens += mn->counts.completion_tokens;
 
-    node = (ngx_rbtree_node_t *)
-               ((u_char *) mn - offsetof(ngx_rbtree_node_t, color));
-
-    ngx_rbtree_delete(&sh->rbtree, node);
-    ngx_slab_free_locked(shpool, node);
+    ngx_rbtree_delete(&sh->rbtree, &mn->sn.node);
+    ngx_slab_free_locked(shpool, mn);
 
     sh->keys--;
 }
@@ -685,105 +637,58 @@ static ngx_http_anythingllm_metrics_node_t *
 ngx_http_anythingllm_metrics_lookup(ngx_http_anythingllm_metrics_sh_t *sh,
     ngx_slab_pool_t *shpool, ngx_http_anythingllm_key_t *key)
 {
-    size_t                                size;
     uint32_t                              hash;
-    ngx_int_t                             rc;
-    ngx_rbtree_node_t                    *node, *sentinel;
+    ngx_str_t                             id;
     ngx_http_anythingllm_metrics_node_t  *mn;
 
-    hash = ngx_crc32_short((u_char *) key->digest, ALM_KEY_ID_LEN);
+    id.data = (u_char *) key->digest;
+    id.len = ALM_KEY_ID_LEN;
 
-    node = sh->rbtree.root;
-    sentinel = sh->rbtree.sentinel;
+    hash = ngx_crc32_short(id.data, id.len);
 
-    while (node != sentinel) {
+    mn = (ngx_http_anythingllm_metrics_node_t *)
+             ngx_str_rbtree_lookup(&sh->rbtree, &id, hash);
 
-        if (hash != node->key) {
-            node = (hash < node->key) ? node->left : node->right;
-            continue;
-        }
-
-        mn = (ngx_http_anythingllm_metrics_node_t *) &node->color;
-
-        rc = ngx_memcmp(key->digest, mn->id, ALM_KEY_ID_LEN);
-
-        if (rc == 0) {
-            ngx_queue_remove(&mn->queue);
-            ngx_queue_insert_head(&sh->queue, &mn->queue);
-            return mn;
-        }
-
-        node = (rc < 0) ? node->left : node->right;
+    if (mn) {
+        ngx_queue_remove(&mn->queue);
+        ngx_queue_insert_head(&sh->queue, &mn->queue);
+        return mn;
     }
 
     if (sh->keys >= sh->keys_max) {
         ngx_http_anythingllm_metrics_fold(sh, shpool);
     }
 
-    size = offsetof(ngx_rbtree_node_t, color)
-           + sizeof(ngx_http_anythingllm_metrics_node_t);
+    mn = ngx_slab_alloc_locked(shpool,
+                               sizeof(ngx_http_anythingllm_metrics_node_t));
 
-    node = ngx_slab_alloc_locked(shpool, size);
-
-    while (node == NULL && sh->keys) {
+    while (mn == NULL && sh->keys) {
         ngx_http_anythingllm_metrics_fold(sh, shpool);
-        node = ngx_slab_alloc_locked(shpool, size);
+        mn = ngx_slab_alloc_locked(shpool,
+                                   sizeof(ngx_http_anythingllm_metrics_node_t));
     }
 
-    if (node == NULL) {
+    if (mn == NULL) {
         return NULL;
     }
 
-    mn = (ngx_http_anythingllm_metrics_node_t *) &node->color;
-
-    node->key = hash;
-    ngx_memcpy(mn->id, key->digest, ALM_KEY_ID_LEN);
+    ngx_memcpy(mn->id, id.data, ALM_KEY_ID_LEN);
     ngx_memzero(&mn->counts, sizeof(mn->counts));
+
+    /* the zone is mapped at one address in every process */
+    mn->sn.node.key = hash;
+    mn->sn.str.data = mn->id;
+    mn->sn.str.len = ALM_KEY_ID_LEN;
 
     mn->name_len = ngx_min(key->name.len,
                            NGX_HTTP_ANYTHINGLLM_METRICS_NAME_LEN);
     ngx_memcpy(mn->name, key->name.data, mn->name_len);
 
-    ngx_rbtree_insert(&sh->rbtree, node);
+    ngx_rbtree_insert(&sh->rbtree, &mn->sn.node);
     ngx_queue_insert_head(&sh->queue, &mn->queue);
     sh->keys++;
 
     return mn;
-}
-
-
-static void
-ngx_http_anythingllm_metrics_rbtree_insert(ngx_rbtree_node_t *temp,
-    ngx_rbtree_node_t *node, ngx_rbtree_node_t *sentinel)
-{
-    ngx_rbtree_node_t                    **p;
-    ngx_http_anythingllm_metrics_node_t   *mn, *mnt;
-
-    for ( ;; ) {
-
-        if (node->key != temp->key) {
-            p = (node->key < temp->key) ? &temp->left : &temp->right;
-
-        } else {
-            mn = (ngx_http_anythingllm_metrics_node_t *) &node->color;
-            mnt = (ngx_http_anythingllm_metrics_node_t *) &temp->color;
-
-            p = (ngx_memcmp(mn->id, mnt->id, ALM_KEY_ID_LEN) < 0)
-                ? &temp->left : &temp->right;
-        }
-
-        if (*p == sentinel) {
-            break;
-        }
-
-        temp = *p;
-    }
-
-    *p = node;
-    node->parent = temp;
-    node->left = sentinel;
-    node->right = sentinel;
-    ngx_rbt_red(node);
 }
 
 
@@ -815,19 +720,19 @@ ngx_http_anythingllm_metrics_handler(ngx_http_request_t *r)
     }
 
     amcf = ngx_http_get_module_main_conf(r, ngx_http_anythingllm_module);
-    sh = amcf->metrics_sh;
+    sh = amcf->metrics.sh;
 
     if (sh == NULL) {
         return NGX_HTTP_INTERNAL_SERVER_ERROR;
     }
 
-    ngx_shmtx_lock(&amcf->metrics_shpool->mutex);
+    ngx_shmtx_lock(&amcf->metrics.shpool->mutex);
 
-    keys = ngx_http_anythingllm_metrics_copy(sh, amcf->metrics_shpool,
+    keys = ngx_http_anythingllm_metrics_copy(sh, amcf->metrics.shpool,
                                              r->pool, &n);
     other = sh->other;
 
-    ngx_shmtx_unlock(&amcf->metrics_shpool->mutex);
+    ngx_shmtx_unlock(&amcf->metrics.shpool->mutex);
 
     if (keys == NULL) {
         return NGX_HTTP_INTERNAL_SERVER_ERROR;

@@ -23,6 +23,8 @@
  *   ngx_http_anythingllm_util.c      per-request helpers: context,
  *                                    error answers, headers
  *   ngx_http_anythingllm_metrics.c   the metrics zone and its answer
+ *   ngx_http_anythingllm_shm.c       the module's shared-memory zones:
+ *                                    added, found again on a reload
  */
 
 
@@ -43,6 +45,12 @@
 /* anythingllm_conversation_max: about 5 MB of Redis at this count */
 #define NGX_HTTP_ANYTHINGLLM_CONVERSATION_MAX  10000
 
+/* a shared-memory zone of the module: its data and slab pool */
+typedef struct {
+    void                       *sh;             /* shpool->data */
+    ngx_slab_pool_t            *shpool;
+} ngx_http_anythingllm_shm_t;
+
 typedef struct {
     /* anythingllm_redis */
     ngx_str_t                   redis_addr;     /* as written; empty: none */
@@ -60,8 +68,7 @@ typedef struct {
     ngx_shm_zone_t             *cache_zone;
     time_t                      cache_valid;
     time_t                      cache_invalid;
-    void                       *cache_sh;       /* in the zone */
-    ngx_slab_pool_t            *cache_shpool;
+    ngx_http_anythingllm_shm_t  cache;
 
     /* anythingllm_conversation_ttl, anythingllm_conversation_max */
     time_t                      conversation_ttl;
@@ -69,8 +76,7 @@ typedef struct {
 
     /* anythingllm_metrics_zone, anythingllm_metrics */
     ngx_shm_zone_t             *metrics_zone;
-    void                       *metrics_sh;     /* in the zone */
-    ngx_slab_pool_t            *metrics_shpool;
+    ngx_http_anythingllm_shm_t  metrics;
     ngx_flag_t                  metrics_used;   /* a location answers */
 } ngx_http_anythingllm_main_conf_t;
 
@@ -444,6 +450,25 @@ void ngx_http_anythingllm_metrics_first_token(ngx_http_request_t *r,
 void ngx_http_anythingllm_metrics_stream_start(void);
 void ngx_http_anythingllm_metrics_stream_end(ngx_http_request_t *r,
     ngx_uint_t cause);
+
+
+/* ngx_http_anythingllm_shm.c */
+
+/* NULL on error; "used": logged (with the name) when the name is taken */
+ngx_shm_zone_t *ngx_http_anythingllm_shm_add(ngx_conf_t *cf,
+    ngx_str_t *name, size_t size, ngx_shm_zone_init_pt init, void *data,
+    const char *used);
+/*
+ * For an init_zone handler: "shm" is set to the zone's data, the
+ * previous cycle's ("old", when not NULL) or the one already in the
+ * zone (NGX_OK), or a new zeroed block of "size" bytes for the caller
+ * to set up (NGX_DECLINED).  "what" names the zone in slab messages.
+ */
+ngx_int_t ngx_http_anythingllm_shm_init(ngx_shm_zone_t *shm_zone,
+    ngx_http_anythingllm_shm_t *old, size_t size, const char *what,
+    ngx_http_anythingllm_shm_t *shm);
+/* the slab slot an allocation of "len" bytes takes */
+size_t ngx_http_anythingllm_shm_slot(size_t len);
 
 
 #endif /* _NGX_HTTP_ANYTHINGLLM_MODULE_H_INCLUDED_ */

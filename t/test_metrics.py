@@ -269,11 +269,11 @@ def test_streams_by_how_they_end(nginx, redis_server, backend):
     s.next_frame(timeout=3)
     assert value(scrape(n), "anythingllm_streams_open") == 1
     s.close()
-    backend.wait_connections(streams=0, open=0, timeout=3)
 
+    # nginx notices the client left when it next writes to it
     ended = "anythingllm_streams_ended_total"
     helpers.wait_until(lambda: sum(
-        v for k, v in scrape(n).items() if k[0] == ended) == 5, timeout=3)
+        v for k, v in scrape(n).items() if k[0] == ended) == 5, timeout=10)
     m = scrape(n)
     assert {dict(k[1])["cause"]: v for k, v in m.items()
             if k[0] == ended} == {"complete": 1, "upstream_abort": 1,
