@@ -902,27 +902,50 @@ ngx_http_anythingllm_metrics_histograms(u_char *p,
 }
 
 
-/* a label value: backslash, double quote and newline escaped */
+/*
+ * A label value: backslash, double quote and newline escaped, and a
+ * byte that does not start valid UTF-8 (a name cut in the middle of a
+ * character, say) written as "?": the format wants UTF-8.
+ */
 
 static u_char *
 ngx_http_anythingllm_metrics_label(u_char *p, u_char *s, size_t len)
 {
-    u_char  *end;
+    u_char  *end, *next;
 
-    for (end = s + len; s < end; s++) {
+    end = s + len;
+
+    while (s < end) {
         switch (*s) {
+
         case '\\':
         case '"':
             *p++ = '\\';
-            *p++ = *s;
-            break;
+            *p++ = *s++;
+            continue;
+
         case '\n':
             *p++ = '\\';
             *p++ = 'n';
-            break;
-        default:
-            *p++ = *s;
+            s++;
+            continue;
         }
+
+        if (*s < 0x80) {
+            *p++ = *s++;
+            continue;
+        }
+
+        next = s;
+
+        if (ngx_utf8_decode(&next, end - s) > 0x10ffff) {
+            *p++ = '?';
+            s++;
+            continue;
+        }
+
+        p = ngx_cpymem(p, s, next - s);
+        s = next;
     }
 
     return p;

@@ -3,11 +3,14 @@ worker's counts in one answer, kept across a reload; per-key series
 bounded by the zone, the least recently seen keys folded into
 key_id="other"."""
 
+import json
+import os
 import re
 
 from lib import helpers
 from lib.auth import access_field, bearer, wait_access_lines
 from lib.openai import abort, chunk, finalize, open_stream, user
+from lib.paths import REPO
 from lib.processes import LOG_FORMAT_MODULE, key_digest
 
 
@@ -290,3 +293,49 @@ def test_streams_by_how_they_end(nginx, redis_server, backend):
     firsts = [access_field(l, "ft") for l in lines
               if "/v1/chat/completions" in l]
     assert len(firsts) == 5 and all(f.isdigit() for f in firsts), firsts
+
+
+def test_key_names_as_label_values(nginx, redis_server, backend):
+    # cut to 64 bytes, here in the middle of the "é": that byte is a "?"
+    redis_server.add_key("k-long", name="x" * 63 + "é")
+    redis_server.add_key("k-line", name="a\\b\nc")
+    n = metrics_nginx(nginx, redis_server)
+    for k in ("k-long", "k-line"):
+        assert n.get("/api/v1/auth", headers=bearer(k)).status == 200
+    helpers.wait_until(
+        lambda: sum(verdicts(scrape(n)).values()) == 2, timeout=3)
+    m = scrape(n)
+    assert value(m, "anythingllm_key_requests_total",
+                 key_id=key_digest("k-long")[:12],
+                 key_name="x" * 63 + "?") == 1
+    assert value(m, "anythingllm_key_requests_total",
+                 key_id=key_digest("k-line")[:12],
+                 key_name="a\\\\b\\nc") == 1
+
+
+def test_json_access_log_of_the_example(nginx, redis_server, backend):
+    """conf/metrics.conf's log_format: one JSON object per request, with
+    every variable of the module."""
+    with open(os.path.join(REPO, "conf", "metrics.conf")) as f:
+        conf = f.read()
+    fmt = re.search(r"(?ms)^    log_format  anythingllm_json .*?';$",
+                    conf).group(0)
+    redis_server.add_key("k-json", name="json", scopes="chat")
+    n = metrics_nginx(nginx, redis_server, log_format=fmt.replace(
+        "anythingllm_json", "alm"))
+    chat = n.post("/v1/chat/completions", headers=bearer("k-json"),
+                  json={"model": "sales", "messages": [user("hi")]})
+    assert chat.status == 200, chat.text
+    line = json.loads(wait_access_lines(n, 1)[-1])
+    usage = chat.json()["usage"]
+    assert line["key_id"] == key_digest("k-json")[:12]
+    assert line["key_name"] == "json"
+    assert line["auth_result"] == "redis"
+    assert line["workspace"] == "sales"
+    assert line["prompt_tokens"] == str(usage["prompt_tokens"])
+    assert line["completion_tokens"] == str(usage["completion_tokens"])
+    assert line["first_token_ms"].isdigit()
+    # every variable the README lists
+    with open(os.path.join(REPO, "README.md")) as f:
+        documented = set(re.findall(r"`\$(anythingllm_\w+)`", f.read()))
+    assert set(re.findall(r"\$(anythingllm_\w+)", fmt)) == documented
