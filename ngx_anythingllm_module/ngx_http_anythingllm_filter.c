@@ -441,12 +441,8 @@ ngx_http_anythingllm_stream_body(ngx_http_request_t *r,
         }
 
         if (fctx->sse.done) {
-            fctx->end = alm_sse_succeeded(&fctx->sse)
-                        ? NGX_HTTP_ANYTHINGLLM_M_STREAM_COMPLETE
-                        : fctx->sse.too_long
-                        ? NGX_HTTP_ANYTHINGLLM_M_STREAM_OVERSIZED
-                        : cut ? NGX_HTTP_ANYTHINGLLM_M_STREAM_UPSTREAM_CUT
-                        : NGX_HTTP_ANYTHINGLLM_M_STREAM_UPSTREAM_ABORT;
+            fctx->end = ngx_http_anythingllm_metrics_stream_cause(
+                                                        &fctx->sse, cut);
 
             if (ngx_http_anythingllm_stream_ended(r, fctx) != NGX_OK) {
                 return NGX_ERROR;

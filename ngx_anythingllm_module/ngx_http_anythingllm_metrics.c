@@ -474,6 +474,24 @@ ngx_http_anythingllm_metrics_stream_start(void)
 }
 
 
+ngx_uint_t
+ngx_http_anythingllm_metrics_stream_cause(alm_sse_t *sse, ngx_uint_t cut)
+{
+    if (alm_sse_succeeded(sse)) {
+        return NGX_HTTP_ANYTHINGLLM_M_STREAM_COMPLETE;
+    }
+
+    if (sse->too_long) {
+        return NGX_HTTP_ANYTHINGLLM_M_STREAM_OVERSIZED;
+    }
+
+    /* an "abort" frame, or the stream broke off or ended early */
+
+    return cut ? NGX_HTTP_ANYTHINGLLM_M_STREAM_UPSTREAM_CUT
+               : NGX_HTTP_ANYTHINGLLM_M_STREAM_UPSTREAM_ABORT;
+}
+
+
 void
 ngx_http_anythingllm_metrics_stream_end(ngx_http_request_t *r,
     ngx_uint_t cause)

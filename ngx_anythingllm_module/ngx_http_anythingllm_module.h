@@ -448,6 +448,9 @@ void ngx_http_anythingllm_metrics_first_token(ngx_http_request_t *r,
     ngx_http_anythingllm_ctx_t *ctx);
 /* a stream opens; it ends once, by "cause" (M_STREAM_*) */
 void ngx_http_anythingllm_metrics_stream_start(void);
+/* how an ended stream ended; "cut": not by a frame of AnythingLLM's */
+ngx_uint_t ngx_http_anythingllm_metrics_stream_cause(alm_sse_t *sse,
+    ngx_uint_t cut);
 void ngx_http_anythingllm_metrics_stream_end(ngx_http_request_t *r,
     ngx_uint_t cause);
 
