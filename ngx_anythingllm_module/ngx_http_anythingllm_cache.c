@@ -77,6 +77,7 @@ typedef struct {
     ngx_queue_t                 unknown;    /* unknown, likewise */
     ngx_uint_t                  unknown_n;
     ngx_uint_t                  unknown_max;
+    ngx_uint_t                  entries;    /* of every kind */
     ngx_msec_t                  flushed;
 } ngx_http_anythingllm_cache_sh_t;
 
@@ -300,6 +301,22 @@ ngx_http_anythingllm_cache_add_zone(ngx_conf_t *cf,
                                        amcf, used);
 
     return amcf->cache_zone ? NGX_OK : NGX_ERROR;
+}
+
+
+/*
+ * The entries of the zone now, for the metrics: read without the lock,
+ * as one word.  A zone a reload replaced starts from none.
+ */
+
+ngx_atomic_uint_t
+ngx_http_anythingllm_cache_entries(ngx_http_anythingllm_main_conf_t *amcf)
+{
+    ngx_http_anythingllm_cache_sh_t  *sh;
+
+    sh = amcf->cache.sh;
+
+    return sh ? *(volatile ngx_uint_t *) &sh->entries : 0;
 }
 
 
@@ -694,7 +711,7 @@ ngx_http_anythingllm_cache_remove(ngx_http_anythingllm_cache_sh_t *sh,
     ngx_rbtree_delete(&sh->rbtree, node);
     ngx_slab_free_locked(shpool, node);
 
-    ngx_http_anythingllm_metrics_add(NGX_HTTP_ANYTHINGLLM_M_CACHE_ENTRIES, -1);
+    sh->entries--;
 }
 
 
@@ -850,7 +867,7 @@ ngx_http_anythingllm_cache_insert(ngx_http_anythingllm_cache_sh_t *sh,
 
     ngx_rbtree_insert(&sh->rbtree, node);
 
-    ngx_http_anythingllm_metrics_add(NGX_HTTP_ANYTHINGLLM_M_CACHE_ENTRIES, 1);
+    sh->entries++;
     ngx_queue_insert_head(ngx_http_anythingllm_cache_queue(sh, cn),
                           &cn->queue);
 }

@@ -108,7 +108,8 @@ static ngx_http_anythingllm_metrics_key_t *
     ngx_http_anythingllm_metrics_copy(ngx_http_anythingllm_metrics_sh_t *sh,
     ngx_slab_pool_t *shpool, ngx_pool_t *pool, ngx_uint_t *n);
 static u_char *ngx_http_anythingllm_metrics_globals(u_char *p,
-    ngx_http_anythingllm_metrics_sh_t *sh);
+    ngx_http_anythingllm_metrics_sh_t *sh,
+    ngx_http_anythingllm_main_conf_t *amcf);
 static u_char *ngx_http_anythingllm_metrics_histograms(u_char *p,
     ngx_http_anythingllm_metrics_sh_t *sh);
 static u_char *ngx_http_anythingllm_metrics_keys(u_char *p,
@@ -118,6 +119,14 @@ static u_char *ngx_http_anythingllm_metrics_keys(u_char *p,
 
 /* the zone of this cycle, taken by every worker when it starts */
 static ngx_http_anythingllm_metrics_sh_t  *ngx_http_anythingllm_metrics_sh;
+
+/*
+ * Gauges that live with what they measure (the key cache's entries):
+ * another zone may not outlive a reload as this one does, so they are
+ * read when the metrics are answered rather than kept here.
+ */
+static ngx_http_anythingllm_metrics_read_pt
+    ngx_http_anythingllm_metrics_reads[NGX_HTTP_ANYTHINGLLM_M_MAX];
 
 
 /* indexed by ngx_http_anythingllm_auth_result_e */
@@ -384,6 +393,14 @@ ngx_http_anythingllm_metrics_init_zone(ngx_shm_zone_t *shm_zone, void *data)
     }
 
     return NGX_OK;
+}
+
+
+void
+ngx_http_anythingllm_metrics_gauge(ngx_uint_t metric,
+    ngx_http_anythingllm_metrics_read_pt read)
+{
+    ngx_http_anythingllm_metrics_reads[metric] = read;
 }
 
 
@@ -769,7 +786,7 @@ ngx_http_anythingllm_metrics_handler(ngx_http_request_t *r)
         return NGX_HTTP_INTERNAL_SERVER_ERROR;
     }
 
-    p = ngx_http_anythingllm_metrics_globals(b->last, sh);
+    p = ngx_http_anythingllm_metrics_globals(b->last, sh, amcf);
     p = ngx_http_anythingllm_metrics_histograms(p, sh);
     p = ngx_http_anythingllm_metrics_keys(p, keys, n, &other);
 
@@ -845,7 +862,8 @@ ngx_http_anythingllm_metrics_family(u_char *p, const char *name,
 
 static u_char *
 ngx_http_anythingllm_metrics_globals(u_char *p,
-    ngx_http_anythingllm_metrics_sh_t *sh)
+    ngx_http_anythingllm_metrics_sh_t *sh,
+    ngx_http_anythingllm_main_conf_t *amcf)
 {
     ngx_uint_t                      i;
     ngx_atomic_uint_t               v;
@@ -859,7 +877,8 @@ ngx_http_anythingllm_metrics_globals(u_char *p,
                                                     m->help);
         }
 
-        v = sh->count[i];
+        v = ngx_http_anythingllm_metrics_reads[i]
+            ? ngx_http_anythingllm_metrics_reads[i](amcf) : sh->count[i];
 
         if (i < NGX_HTTP_ANYTHINGLLM_M_SCOPE) {
             if (i == NGX_HTTP_ANYTHINGLLM_M_VERDICT) {

@@ -374,6 +374,9 @@ ngx_http_anythingllm_init(ngx_conf_t *cf)
 
     *h = ngx_http_anythingllm_metrics_log_handler;
 
+    ngx_http_anythingllm_metrics_gauge(NGX_HTTP_ANYTHINGLLM_M_CACHE_ENTRIES,
+                                       ngx_http_anythingllm_cache_entries);
+
     return ngx_http_anythingllm_filter_init(cf);
 }
 

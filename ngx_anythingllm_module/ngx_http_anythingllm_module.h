@@ -341,6 +341,9 @@ void ngx_http_anythingllm_cache_put(ngx_shm_zone_t *zone,
     const ngx_http_anythingllm_key_t *key, time_t ttl, ngx_msec_t since);
 void ngx_http_anythingllm_cache_put_negative(ngx_shm_zone_t *zone,
     const char *digest, time_t ttl, ngx_msec_t since);
+/* entries in the zone now */
+ngx_atomic_uint_t ngx_http_anythingllm_cache_entries(
+    ngx_http_anythingllm_main_conf_t *amcf);
 /* the handler of the revocations channel */
 void ngx_http_anythingllm_cache_revocation(
     ngx_http_anythingllm_main_conf_t *amcf, ngx_str_t *message);
@@ -404,7 +407,7 @@ typedef enum {
     NGX_HTTP_ANYTHINGLLM_M_CACHE_HITS,
     NGX_HTTP_ANYTHINGLLM_M_CACHE_MISSES,
     NGX_HTTP_ANYTHINGLLM_M_CACHE_EVICTIONS,
-    NGX_HTTP_ANYTHINGLLM_M_CACHE_ENTRIES,   /* gauge */
+    NGX_HTTP_ANYTHINGLLM_M_CACHE_ENTRIES,   /* gauge, read */
     NGX_HTTP_ANYTHINGLLM_M_REVOCATIONS,
     NGX_HTTP_ANYTHINGLLM_M_STREAMS_OPEN,    /* gauge */
     NGX_HTTP_ANYTHINGLLM_M_STREAM_COMPLETE,
@@ -429,12 +432,18 @@ typedef enum {
 /* indexed by ngx_http_anythingllm_auth_result_e */
 extern ngx_str_t  ngx_http_anythingllm_auth_results[];
 
+/* a gauge read from another zone when the metrics are answered */
+typedef ngx_atomic_uint_t (*ngx_http_anythingllm_metrics_read_pt)(
+    ngx_http_anythingllm_main_conf_t *amcf);
+
 char *ngx_http_anythingllm_metrics_zone(ngx_conf_t *cf, ngx_command_t *cmd,
     void *conf);
 char *ngx_http_anythingllm_metrics(ngx_conf_t *cf, ngx_command_t *cmd,
     void *conf);
 ngx_int_t ngx_http_anythingllm_metrics_add_zone(ngx_conf_t *cf,
     ngx_http_anythingllm_main_conf_t *amcf, size_t size);
+void ngx_http_anythingllm_metrics_gauge(ngx_uint_t metric,
+    ngx_http_anythingllm_metrics_read_pt read);
 /* a worker takes the zone of its cycle: NULL when there is none */
 void ngx_http_anythingllm_metrics_init_process(
     ngx_http_anythingllm_main_conf_t *amcf);

@@ -213,6 +213,24 @@ def test_counts_survive_a_reload(nginx, redis_server, backend):
         {stay: 6, "other": 0}
 
 
+def test_cache_entries_of_the_zone_in_use(nginx, redis_server, backend):
+    for k in ("k-e1", "k-e2"):
+        redis_server.add_key(k)
+    n = metrics_nginx(nginx, redis_server)
+    for k in ("k-e1", "k-e2"):
+        assert n.get("/api/v1/auth", headers=bearer(k)).status == 200
+    assert value(scrape(n), "anythingllm_key_cache_entries") == 2
+
+    # a reload that resizes the cache makes a new, empty zone: the gauge
+    # is of that zone, while the counters go on
+    n.reload(conf=n.conf.replace("zone=alm_keys:1m", "zone=alm_keys:2m"))
+    m = scrape(n)
+    assert value(m, "anythingllm_key_cache_entries") == 0
+    assert value(m, "anythingllm_key_cache_misses_total") == 2
+    assert n.get("/api/v1/auth", headers=bearer("k-e1")).status == 200
+    assert value(scrape(n), "anythingllm_key_cache_entries") == 1
+
+
 def test_many_keys_fold_into_other(nginx, redis_server, backend):
     keys = ["k-many-%03d" % i for i in range(120)]
     for k in keys:
