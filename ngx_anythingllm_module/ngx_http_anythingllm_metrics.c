@@ -14,12 +14,14 @@
  *     gauge) and the buckets, sums and counts of the histograms.  They
  *     are changed with ngx_atomic_fetch_add() and never locked: a
  *     scrape may see one counter a request ahead of another, never a
- *     torn value.
+ *     torn value.  The key cache's entries are not kept here but read
+ *     from the cache's own zone when the metrics are answered (see
+ *     ngx_http_anythingllm_metrics_gauge()).
  *
- *   - the per-key series: an rbtree of fixed-size entries (key id,
- *     name, requests, refusals, prompt and completion tokens) keyed by
- *     the CRC32 of the key id, and a queue from the most to the least
- *     recently seen.  Entries are changed under the zone's mutex, held
+ *   - the per-key series: an ngx_str_rbtree of fixed-size entries (key
+ *     id, name, requests, refusals, prompt and completion tokens) keyed
+ *     by the CRC32 of the key id, and a queue from the most to the
+ *     least recently seen.  Entries are changed under the zone's mutex, held
  *     for one lookup and four additions per request that carries a
  *     key.  At most keys_max entries live at once (half the zone, in
  *     slab slots of an entry); making room for a new key folds the
@@ -29,11 +31,17 @@
  *
  * Counting is done once per request, in the log phase, from the
  * request's context (the verdict, the route's scope, the key, the
- * usage), and by the files that see the events themselves through
- * ngx_http_anythingllm_metrics_add() and _observe(): these go through
- * a pointer to the zone that every worker takes at process start, so
- * no configuration is looked up on the way.  Nothing is allocated on
- * the hot path.
+ * usage, AnythingLLM's status), and by the files that see the events
+ * themselves through ngx_http_anythingllm_metrics_add() and
+ * _observe(): Redis commands, errors, timeouts, reconnects and round
+ * trips in ngx_http_anythingllm_redis.c; cache hits, misses, evictions
+ * and revocation messages in ngx_http_anythingllm_cache.c; streams
+ * opened, ended (by cause) and the first token in
+ * ngx_http_anythingllm_filter.c.  These go through a pointer to the
+ * zone that every worker takes at process start, so no configuration
+ * is looked up on the way, and cost nothing where no zone is
+ * configured.  Nothing is allocated on the hot path: a cached key's
+ * request adds four atomic increments and one locked lookup.
  *
  * A reload that keeps the zone's size hands the new cycle the old
  * zone (init_zone gets the old configuration in "data"): the counts go
