@@ -79,18 +79,18 @@ $sudo apt-get install -y -qq --no-install-recommends $missing >/dev/null
 # Debian's prometheus starts its service when installed, unless the
 # machine forbids it (policy-rc.d, as in containers).  If this install
 # started it, stop it and keep it from starting at boot: a system
-# Prometheus would scrape, write and hold port 9090 for nothing.
+# Prometheus would scrape, write and hold port 9090 for nothing.  Only
+# that service runs as the user the package creates; a Prometheus the
+# tests run is left alone.
 case " $missing " in
     *" prometheus "*)
-        if [ -d /run/systemd/system ]; then
-            if systemctl is-active --quiet prometheus.service; then
+        if pgrep -u prometheus -x prometheus >/dev/null 2>&1; then
+            if [ -d /run/systemd/system ]; then
                 $sudo systemctl disable --now prometheus.service
+            else
+                $sudo /etc/init.d/prometheus stop
+                $sudo update-rc.d prometheus disable
             fi
-        elif [ -x /etc/init.d/prometheus ] \
-             && /etc/init.d/prometheus status >/dev/null 2>&1
-        then
-            $sudo /etc/init.d/prometheus stop
-            $sudo update-rc.d prometheus disable
         fi
         ;;
 esac

@@ -9,7 +9,7 @@ import pytest
 
 from lib import helpers
 from lib.processes import PREFIX, flat, key_digest
-from test_metrics import keyed, scrape, verdicts
+from lib.metrics import keyed, scrape, verdicts
 
 KEYS = 100000
 WARMUP = 20000

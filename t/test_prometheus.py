@@ -18,11 +18,46 @@ from lib.auth import bearer
 from lib.openai import chunk, finalize, open_stream
 from lib.paths import REPO
 from lib.processes import Service, free_port, key_digest, stop_process
-from test_metrics import METRICS, keyed, scrape, value, verdicts
+from lib.metrics import keyed, scrape, value, verdicts
 
 PROMETHEUS = os.environ.get("ALM_PROMETHEUS", "/usr/bin/prometheus")
 PROMTOOL = os.environ.get("ALM_PROMTOOL", "/usr/bin/promtool")
 DASHBOARD = os.path.join(REPO, "conf", "grafana-dashboard.json")
+
+# the gateway as conf/anythingllm.conf sets it up, metrics location
+# included
+GATEWAY = """
+    anythingllm_redis         @REDIS@ timeout=2s;
+    anythingllm_key_cache     zone=alm_keys:1m valid=30s invalid=5s;
+    anythingllm_metrics_zone  1m;
+
+    server {
+        listen  127.0.0.1:@PORT@;
+
+        anythingllm_upstream_key  UPSTREAM-KEY-0001-TEST;
+        anythingllm_auth          on;
+
+        proxy_http_version  1.1;
+        proxy_set_header    Connection "";
+        proxy_buffering     off;
+
+        location = /metrics {
+            anythingllm_auth  off;
+            allow             127.0.0.1;
+            deny              all;
+            anythingllm_metrics;
+        }
+
+        location /v1/ {
+            anythingllm_openai  on;
+            proxy_pass          http://anythingllm;
+        }
+
+        location /api/v1/ {
+            proxy_pass  http://anythingllm;
+        }
+    }
+"""
 
 # what the dashboard's variables stand for, to run its queries here
 DASHBOARD_VARS = {"$__rate_interval": "1m", "$__range": "5m",
@@ -171,8 +206,7 @@ def workload(n, redis_server, backend):
 
 def test_prometheus_reads_the_workload(nginx, redis_server, backend,
                                        prometheus):
-    n = nginx(METRICS % {"zone": "", "timeout": "2s"}, redis=redis_server,
-              workers=2)
+    n = nginx(GATEWAY, redis=redis_server, workers=2)
     n.allow(r"redis (command|subscriber) connection .* (lost|failed)")
     workload(n, redis_server, backend)
 
@@ -260,7 +294,7 @@ def test_promtool_checks_the_exposition(nginx, redis_server, backend):
     """promtool check metrics (stdin) on an answer with every family,
     per-key series among them."""
     redis_server.add_key("k-lint", name='lint "x"', scopes="chat")
-    n = nginx(METRICS % {"zone": "", "timeout": "2s"}, redis=redis_server)
+    n = nginx(GATEWAY, redis=redis_server)
     assert n.get("/api/v1/auth", headers=bearer("k-lint")).status == 200
     assert n.get("/api/v1/auth", headers=bearer("k-none")).status == 401
     helpers.wait_until(
@@ -312,7 +346,7 @@ def test_grafana_dashboard(nginx, redis_server, backend, prometheus):
             assert t["datasource"]["uid"] == "${datasource}", t
             assert t["expr"] and t["refId"], t
 
-    n = nginx(METRICS % {"zone": "", "timeout": "2s"}, redis=redis_server)
+    n = nginx(GATEWAY, redis=redis_server)
     exposed = {name for name, _ in scrape(n)}
     used = set()
     for e in exprs:
