@@ -8,8 +8,8 @@ import time
 import pytest
 
 from lib import helpers
-from lib.processes import PREFIX, flat, key_digest
 from lib.metrics import keyed, scrape, verdicts
+from lib.processes import PREFIX, flat, key_digest
 
 KEYS = 100000
 WARMUP = 20000
@@ -113,9 +113,10 @@ def rss(pid):
 def settled(n, total):
     """The answer once every request is counted (the log phase comes
     after the answer is sent)."""
-    return helpers.wait_until(
-        lambda: (lambda m: sum(verdicts(m).values()) == total and m)(
-            scrape(n)), timeout=10)
+    def counted():
+        m = scrape(n)
+        return m if sum(verdicts(m).values()) == total else None
+    return helpers.wait_until(counted, timeout=10)
 
 
 @pytest.mark.slow
