@@ -1,14 +1,18 @@
 #!/bin/bash
 # Installs the Debian packages one task of the project needs, when
 # missing.  Idempotent; needs root (or sudo) only when something is
-# missing.  It never stops, disables or reconfigures a service.
+# missing.  It never stops, disables or reconfigures a service, but for
+# the one Prometheus server its own install may have started (the tests
+# run Prometheus themselves, and only promtool and the binary are
+# wanted).
 #
 #   dev/install-deps.sh build   building the module (make build)
 #   dev/install-deps.sh bench   build + wrk and redis (make bench)
 #   dev/install-deps.sh test    everything the test suites need:
 #                               build + bench + test tools, the
 #                               sources' build deps for the nginx
-#                               build matrix, Perl for nginx-tests
+#                               build matrix, Perl for nginx-tests,
+#                               Prometheus and promtool
 #   dev/install-deps.sh deb     build + Debian's packaging tools
 #                               (make deb)
 
@@ -23,7 +27,7 @@ bench_pkgs="$build_pkgs wrk redis-server"
 test_pkgs="$bench_pkgs redis-tools python3-pytest python3-aiohttp
            libcmocka-dev clang libclang-rt-14-dev gcc make curl
            nodejs npm libpcre2-dev zlib1g-dev perl
-           libnginx-mod-http-perl"
+           libnginx-mod-http-perl prometheus"
 
 deb_pkgs="$build_pkgs build-essential debhelper dpkg-dev lintian"
 
@@ -71,3 +75,22 @@ export DEBIAN_FRONTEND=noninteractive
 $sudo apt-get update -qq
 # shellcheck disable=SC2086
 $sudo apt-get install -y -qq --no-install-recommends $missing >/dev/null
+
+# Debian's prometheus starts its service when installed, unless the
+# machine forbids it (policy-rc.d, as in containers).  If this install
+# started it, stop it and keep it from starting at boot: a system
+# Prometheus would scrape, write and hold port 9090 for nothing.  Only
+# that service runs as the user the package creates; a Prometheus the
+# tests run is left alone.
+case " $missing " in
+    *" prometheus "*)
+        if pgrep -u prometheus -x prometheus >/dev/null 2>&1; then
+            if [ -d /run/systemd/system ]; then
+                $sudo systemctl disable --now prometheus.service
+            else
+                $sudo /etc/init.d/prometheus stop
+                $sudo update-rc.d prometheus disable
+            fi
+        fi
+        ;;
+esac

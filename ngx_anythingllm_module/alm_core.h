@@ -524,6 +524,7 @@ typedef struct {
     unsigned            closed:1;       /* a close:true answer frame */
     unsigned            done:1;         /* [DONE] was emitted */
     unsigned            failed:1;       /* ended with an error frame */
+    unsigned            too_long:1;     /* failed: a frame over "cap" */
     unsigned            skip_line:1;    /* skipping a non-data line */
     alm_usage_t         usage;
 } alm_sse_t;

@@ -164,6 +164,15 @@ alm_sse_fail(alm_sse_t *s, alm_buf_t *o, const char *message)
 }
 
 
+static void
+alm_sse_too_long(alm_sse_t *s, alm_buf_t *o)
+{
+    alm_sse_fail(s, o, ALM_SSE_TOO_LONG);
+
+    s->too_long = 1;
+}
+
+
 /* ------------------------------------------------------------------ */
 /* input frames                                                       */
 
@@ -283,7 +292,7 @@ alm_sse_line(alm_sse_t *s, alm_buf_t *o, const char *p, size_t len)
     }
 
     if (len > s->cap) {
-        alm_sse_fail(s, o, ALM_SSE_TOO_LONG);
+        alm_sse_too_long(s, o);
         return;
     }
 
@@ -410,7 +419,7 @@ alm_sse_feed(alm_sse_t *s, const char *p, size_t len)
 
         } else if (s->len + n > s->cap) {
             s->len = 0;
-            alm_sse_fail(s, o, ALM_SSE_TOO_LONG);
+            alm_sse_too_long(s, o);
 
         } else {
             memcpy(s->buf + s->len, p, n);
@@ -448,7 +457,7 @@ alm_sse_feed(alm_sse_t *s, const char *p, size_t len)
             s->skip_line = 1;
 
         } else if (n > s->cap) {
-            alm_sse_fail(s, o, ALM_SSE_TOO_LONG);
+            alm_sse_too_long(s, o);
 
         } else {
             memcpy(s->buf, p, n);

@@ -77,6 +77,7 @@ typedef struct {
     ngx_queue_t                 unknown;    /* unknown, likewise */
     ngx_uint_t                  unknown_n;
     ngx_uint_t                  unknown_max;
+    ngx_uint_t                  entries;    /* of every kind */
     ngx_msec_t                  flushed;
 } ngx_http_anythingllm_cache_sh_t;
 
@@ -230,36 +231,22 @@ ngx_http_anythingllm_cache_init_zone(ngx_shm_zone_t *shm_zone, void *data)
 {
     ngx_http_anythingllm_main_conf_t  *oamcf = data;
 
-    size_t                             len, size;
-    ngx_slab_pool_t                   *shpool;
+    ngx_int_t                          rc;
     ngx_http_anythingllm_cache_sh_t   *sh;
     ngx_http_anythingllm_main_conf_t  *amcf;
 
     amcf = shm_zone->data;
 
-    if (oamcf) {
-        /* a reload: the entries survive */
-        amcf->cache_sh = oamcf->cache_sh;
-        amcf->cache_shpool = oamcf->cache_shpool;
-        return NGX_OK;
+    /* a reload: the entries survive */
+
+    rc = ngx_http_anythingllm_shm_init(shm_zone, oamcf ? &oamcf->cache : NULL,
+                                       sizeof(ngx_http_anythingllm_cache_sh_t),
+                                       "anythingllm key cache", &amcf->cache);
+    if (rc != NGX_DECLINED) {
+        return rc;
     }
 
-    shpool = (ngx_slab_pool_t *) shm_zone->shm.addr;
-
-    amcf->cache_shpool = shpool;
-
-    if (shm_zone->shm.exists) {
-        amcf->cache_sh = shpool->data;
-        return NGX_OK;
-    }
-
-    sh = ngx_slab_alloc(shpool, sizeof(ngx_http_anythingllm_cache_sh_t));
-    if (sh == NULL) {
-        return NGX_ERROR;
-    }
-
-    shpool->data = sh;
-    amcf->cache_sh = sh;
+    sh = amcf->cache.sh;
 
     ngx_rbtree_init(&sh->rbtree, &sh->sentinel,
                     ngx_http_anythingllm_cache_rbtree_insert);
@@ -269,31 +256,16 @@ ngx_http_anythingllm_cache_init_zone(ngx_shm_zone_t *shm_zone, void *data)
 
     /* a quarter of the zone, counted in slab slots of an unknown entry */
 
-    len = offsetof(ngx_rbtree_node_t, color)
-          + offsetof(ngx_http_anythingllm_cache_node_t, data);
-
-    for (size = 8; size < len; size <<= 1) { /* void */ }
-
     sh->unknown_n = 0;
-    sh->unknown_max = shm_zone->shm.size / 4 / size;
+    sh->unknown_max = shm_zone->shm.size / 4
+                      / ngx_http_anythingllm_shm_slot(
+                            offsetof(ngx_rbtree_node_t, color)
+                            + offsetof(ngx_http_anythingllm_cache_node_t,
+                                       data));
 
     if (sh->unknown_max == 0) {
         sh->unknown_max = 1;
     }
-
-    len = sizeof(" in anythingllm key cache zone \"\"")
-          + shm_zone->shm.name.len;
-
-    shpool->log_ctx = ngx_slab_alloc(shpool, len);
-    if (shpool->log_ctx == NULL) {
-        return NGX_ERROR;
-    }
-
-    ngx_sprintf(shpool->log_ctx, " in anythingllm key cache zone \"%V\"%Z",
-                &shm_zone->shm.name);
-
-    /* a full zone is the normal case: the oldest entries make room */
-    shpool->log_nomem = 0;
 
     return NGX_OK;
 }
@@ -324,21 +296,27 @@ ngx_http_anythingllm_cache_add_zone(ngx_conf_t *cf,
     ngx_http_anythingllm_main_conf_t *amcf, ngx_str_t *name, size_t size,
     const char *used)
 {
-    amcf->cache_zone = ngx_shared_memory_add(cf, name, size,
-                                             &ngx_http_anythingllm_module);
-    if (amcf->cache_zone == NULL) {
-        return NGX_ERROR;
-    }
+    amcf->cache_zone = ngx_http_anythingllm_shm_add(cf, name, size,
+                                       ngx_http_anythingllm_cache_init_zone,
+                                       amcf, used);
 
-    if (amcf->cache_zone->data) {
-        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0, used, name);
-        return NGX_ERROR;
-    }
+    return amcf->cache_zone ? NGX_OK : NGX_ERROR;
+}
 
-    amcf->cache_zone->init = ngx_http_anythingllm_cache_init_zone;
-    amcf->cache_zone->data = amcf;
 
-    return NGX_OK;
+/*
+ * The entries of the zone now, for the metrics: read without the lock,
+ * as one word.  A zone a reload replaced starts from none.
+ */
+
+ngx_atomic_uint_t
+ngx_http_anythingllm_cache_entries(ngx_http_anythingllm_main_conf_t *amcf)
+{
+    ngx_http_anythingllm_cache_sh_t  *sh;
+
+    sh = amcf->cache.sh;
+
+    return sh ? *(volatile ngx_uint_t *) &sh->entries : 0;
 }
 
 
@@ -351,11 +329,11 @@ ngx_http_anythingllm_cache_lock(ngx_shm_zone_t *zone,
     ngx_http_anythingllm_main_conf_t  *amcf;
 
     amcf = zone->data;
-    *shpool = amcf->cache_shpool;
+    *shpool = amcf->cache.shpool;
 
     ngx_shmtx_lock(&(*shpool)->mutex);
 
-    return amcf->cache_sh;
+    return amcf->cache.sh;
 }
 
 
@@ -433,6 +411,10 @@ ngx_http_anythingllm_cache_get(ngx_shm_zone_t *zone, const char *digest,
 done:
 
     ngx_shmtx_unlock(&shpool->mutex);
+
+    ngx_http_anythingllm_metrics_add(rc == NGX_DECLINED
+                                     ? NGX_HTTP_ANYTHINGLLM_M_CACHE_MISSES
+                                     : NGX_HTTP_ANYTHINGLLM_M_CACHE_HITS, 1);
 
     return rc;
 }
@@ -728,6 +710,8 @@ ngx_http_anythingllm_cache_remove(ngx_http_anythingllm_cache_sh_t *sh,
     ngx_queue_remove(&cn->queue);
     ngx_rbtree_delete(&sh->rbtree, node);
     ngx_slab_free_locked(shpool, node);
+
+    sh->entries--;
 }
 
 
@@ -754,10 +738,14 @@ ngx_http_anythingllm_cache_expire(ngx_http_anythingllm_cache_sh_t *sh,
         q = ngx_queue_last(queue);
         cn = ngx_queue_data(q, ngx_http_anythingllm_cache_node_t, queue);
 
-        if (!(force && n == 0)
-            && (ngx_msec_int_t) (cn->until - ngx_current_msec) > 0)
-        {
-            break;
+        if ((ngx_msec_int_t) (cn->until - ngx_current_msec) > 0) {
+            if (!(force && n == 0)) {
+                break;
+            }
+
+            /* a live entry pushed out to make room */
+            ngx_http_anythingllm_metrics_add(
+                                 NGX_HTTP_ANYTHINGLLM_M_CACHE_EVICTIONS, 1);
         }
 
         ngx_http_anythingllm_cache_remove(sh, shpool, cn);
@@ -878,6 +866,8 @@ ngx_http_anythingllm_cache_insert(ngx_http_anythingllm_cache_sh_t *sh,
     }
 
     ngx_rbtree_insert(&sh->rbtree, node);
+
+    sh->entries++;
     ngx_queue_insert_head(ngx_http_anythingllm_cache_queue(sh, cn),
                           &cn->queue);
 }
@@ -916,6 +906,11 @@ ngx_http_anythingllm_cache_revocation(ngx_http_anythingllm_main_conf_t *amcf,
 
     if (zone == NULL) {
         return;
+    }
+
+    if (message) {
+        ngx_http_anythingllm_metrics_add(NGX_HTTP_ANYTHINGLLM_M_REVOCATIONS,
+                                         1);
     }
 
     if (message == NULL) {

@@ -54,6 +54,8 @@ typedef struct {
     size_t                      cap;
     size_t                      max;
     ngx_uint_t                  status;     /* of the answer received */
+    ngx_uint_t                  end;        /* M_STREAM_*: how it ended,
+                                               0 while it goes on */
 
     unsigned                    stream:1;
     unsigned                    error:1;    /* answer is an error */
@@ -292,11 +294,14 @@ ngx_http_anythingllm_stream_header(ngx_http_request_t *r,
 
     if (ngx_http_anythingllm_cleanup_add(r->pool,
                                          ngx_http_anythingllm_stream_free,
-                                         &fctx->sse)
+                                         fctx)
         != NGX_OK)
     {
         return NGX_ERROR;
     }
+
+    /* counted open until the cleanup, whatever ends it */
+    ngx_http_anythingllm_metrics_stream_start();
 
     meta.id = (const char *) ctx->completion_id.data;
     meta.id_len = ctx->completion_id.len;
@@ -359,7 +364,7 @@ ngx_http_anythingllm_stream_body(ngx_http_request_t *r,
 {
     int           arc;
     ngx_int_t     rc;
-    ngx_uint_t    last, flush;
+    ngx_uint_t    last, flush, cut;
     ngx_buf_t    *b;
     ngx_chain_t  *cl, *hl;
 
@@ -405,6 +410,13 @@ ngx_http_anythingllm_stream_body(ngx_http_request_t *r,
 
     if (!fctx->done) {
 
+        if (fctx->sse.got_text) {
+            ngx_http_anythingllm_metrics_first_token(r, fctx->ctx);
+        }
+
+        /* not ended by a frame: whatever ends it now is a cut */
+        cut = !fctx->sse.done;
+
         if (last) {
             arc = alm_sse_finish(&fctx->sse, 0);
 
@@ -429,6 +441,9 @@ ngx_http_anythingllm_stream_body(ngx_http_request_t *r,
         }
 
         if (fctx->sse.done) {
+            fctx->end = ngx_http_anythingllm_metrics_stream_cause(
+                                                        &fctx->sse, cut);
+
             if (ngx_http_anythingllm_stream_ended(r, fctx) != NGX_OK) {
                 return NGX_ERROR;
             }
@@ -918,6 +933,7 @@ ngx_http_anythingllm_whole_translate(ngx_http_request_t *r,
                                            &len, err);
         if (json) {
             ngx_http_anythingllm_conv_store(r, ctx);
+            ngx_http_anythingllm_metrics_first_token(r, ctx);
         }
 
         break;
@@ -1120,10 +1136,18 @@ ngx_http_anythingllm_workspace_list(ngx_http_anythingllm_ctx_t *ctx,
 }
 
 
+/* the request goes: a stream that did not end was left by its client */
+
 static void
 ngx_http_anythingllm_stream_free(void *data)
 {
-    alm_sse_free(data);
+    ngx_http_anythingllm_filter_ctx_t *fctx = data;
+
+    alm_sse_free(&fctx->sse);
+
+    ngx_http_anythingllm_metrics_stream_end(fctx->request,
+                         fctx->end ? fctx->end
+                                   : NGX_HTTP_ANYTHINGLLM_M_STREAM_CLIENT_GONE);
 }
 
 

@@ -123,6 +123,20 @@ static ngx_command_t  ngx_http_anythingllm_commands[] = {
       offsetof(ngx_http_anythingllm_loc_conf_t, max_response),
       NULL },
 
+    { ngx_string("anythingllm_metrics_zone"),
+      NGX_HTTP_MAIN_CONF|NGX_CONF_TAKE1,
+      ngx_http_anythingllm_metrics_zone,
+      NGX_HTTP_MAIN_CONF_OFFSET,
+      0,
+      NULL },
+
+    { ngx_string("anythingllm_metrics"),
+      NGX_HTTP_LOC_CONF|NGX_CONF_NOARGS|NGX_CONF_TAKE1,
+      ngx_http_anythingllm_metrics,
+      NGX_HTTP_LOC_CONF_OFFSET,
+      0,
+      NULL },
+
       ngx_null_command
 };
 
@@ -164,7 +178,8 @@ enum {
     NGX_HTTP_ANYTHINGLLM_VAR_WORKSPACE,
     NGX_HTTP_ANYTHINGLLM_VAR_AUTH_RESULT,
     NGX_HTTP_ANYTHINGLLM_VAR_PROMPT_TOKENS,
-    NGX_HTTP_ANYTHINGLLM_VAR_COMPLETION_TOKENS
+    NGX_HTTP_ANYTHINGLLM_VAR_COMPLETION_TOKENS,
+    NGX_HTTP_ANYTHINGLLM_VAR_FIRST_TOKEN_MS
 };
 
 
@@ -195,26 +210,12 @@ static ngx_http_variable_t  ngx_http_anythingllm_vars[] = {
       NGX_HTTP_ANYTHINGLLM_VAR_COMPLETION_TOKENS,
       NGX_HTTP_VAR_NOCACHEABLE, 0 },
 
+    { ngx_string("anythingllm_first_token_ms"), NULL,
+      ngx_http_anythingllm_variable,
+      NGX_HTTP_ANYTHINGLLM_VAR_FIRST_TOKEN_MS,
+      NGX_HTTP_VAR_NOCACHEABLE, 0 },
+
       ngx_http_null_variable
-};
-
-
-/* indexed by ngx_http_anythingllm_auth_result_e */
-
-static ngx_str_t  ngx_http_anythingllm_auth_results[] = {
-    ngx_string("none"),
-    ngx_string("cached"),
-    ngx_string("redis"),
-    ngx_string("fail_open"),
-    ngx_string("denied_missing"),
-    ngx_string("denied_unknown"),
-    ngx_string("denied_expired"),
-    ngx_string("denied_disabled"),
-    ngx_string("denied_scope"),
-    ngx_string("denied_workspace"),
-    ngx_string("denied_path"),
-    ngx_string("rate_limited"),
-    ngx_string("redis_error")
 };
 
 
@@ -292,6 +293,15 @@ ngx_http_anythingllm_variable(ngx_http_request_t *r,
         s = ngx_http_anythingllm_auth_results[ctx->auth_result];
         break;
 
+    case NGX_HTTP_ANYTHINGLLM_VAR_FIRST_TOKEN_MS:
+        if (!ctx->first_token_set) {
+            v->not_found = 1;
+            return NGX_OK;
+        }
+
+        n = (long) ctx->first_token;
+        goto number;
+
     default: /* tokens */
         if (!ctx->usage.present) {
             v->not_found = 1;
@@ -300,6 +310,8 @@ ngx_http_anythingllm_variable(ngx_http_request_t *r,
 
         n = (data == NGX_HTTP_ANYTHINGLLM_VAR_PROMPT_TOKENS)
             ? ctx->usage.prompt_tokens : ctx->usage.completion_tokens;
+
+    number:
 
         p = ngx_pnalloc(r->pool, NGX_INT64_LEN);
         if (p == NULL) {
@@ -354,6 +366,16 @@ ngx_http_anythingllm_init(ngx_conf_t *cf)
     }
 
     *h = ngx_http_anythingllm_precontent_handler;
+
+    h = ngx_array_push(&cmcf->phases[NGX_HTTP_LOG_PHASE].handlers);
+    if (h == NULL) {
+        return NGX_ERROR;
+    }
+
+    *h = ngx_http_anythingllm_metrics_log_handler;
+
+    ngx_http_anythingllm_metrics_gauge(NGX_HTTP_ANYTHINGLLM_M_CACHE_ENTRIES,
+                                       ngx_http_anythingllm_cache_entries);
 
     return ngx_http_anythingllm_filter_init(cf);
 }
@@ -416,6 +438,15 @@ ngx_http_anythingllm_init_main_conf(ngx_conf_t *cf, void *conf)
                                        "revocations", NULL, 0,
                                        &amcf->revocations)
         != NGX_OK)
+    {
+        return NGX_CONF_ERROR;
+    }
+
+    /* a location answers metrics: the zone it reads, 1m unless sized */
+
+    if (amcf->metrics_used && amcf->metrics_zone == NULL
+        && ngx_http_anythingllm_metrics_add_zone(cf, amcf, 1024 * 1024)
+           != NGX_OK)
     {
         return NGX_CONF_ERROR;
     }
@@ -569,6 +600,10 @@ static ngx_int_t
 ngx_http_anythingllm_init_process(ngx_cycle_t *cycle)
 {
     ngx_http_anythingllm_log_version(cycle);
+
+    ngx_http_anythingllm_metrics_init_process(
+        ngx_http_cycle_get_module_main_conf(cycle,
+                                            ngx_http_anythingllm_module));
 
     return ngx_http_anythingllm_redis_init_process(cycle,
                                         ngx_http_anythingllm_cache_revocation);

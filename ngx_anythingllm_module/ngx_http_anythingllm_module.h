@@ -22,6 +22,9 @@
  *                                    Redis keys
  *   ngx_http_anythingllm_util.c      per-request helpers: context,
  *                                    error answers, headers
+ *   ngx_http_anythingllm_metrics.c   the metrics zone and its answer
+ *   ngx_http_anythingllm_shm.c       the module's shared-memory zones:
+ *                                    added, found again on a reload
  */
 
 
@@ -42,6 +45,12 @@
 /* anythingllm_conversation_max: about 5 MB of Redis at this count */
 #define NGX_HTTP_ANYTHINGLLM_CONVERSATION_MAX  10000
 
+/* a shared-memory zone of the module: its data and slab pool */
+typedef struct {
+    void                       *sh;             /* shpool->data */
+    ngx_slab_pool_t            *shpool;
+} ngx_http_anythingllm_shm_t;
+
 typedef struct {
     /* anythingllm_redis */
     ngx_str_t                   redis_addr;     /* as written; empty: none */
@@ -59,12 +68,16 @@ typedef struct {
     ngx_shm_zone_t             *cache_zone;
     time_t                      cache_valid;
     time_t                      cache_invalid;
-    void                       *cache_sh;       /* in the zone */
-    ngx_slab_pool_t            *cache_shpool;
+    ngx_http_anythingllm_shm_t  cache;
 
     /* anythingllm_conversation_ttl, anythingllm_conversation_max */
     time_t                      conversation_ttl;
     ngx_int_t                   conversation_max;
+
+    /* anythingllm_metrics_zone, anythingllm_metrics */
+    ngx_shm_zone_t             *metrics_zone;
+    ngx_http_anythingllm_shm_t  metrics;
+    ngx_flag_t                  metrics_used;   /* a location answers */
 } ngx_http_anythingllm_main_conf_t;
 
 
@@ -173,6 +186,10 @@ struct ngx_http_anythingllm_ctx_s {
     ngx_http_anythingllm_resp_e resp;
     void                       *filter;         /* filter's own state */
     alm_usage_t                 usage;
+    ngx_msec_t                  first_token;    /* ms after the request
+                                                   started; valid when
+                                                   first_token_set */
+    unsigned                    first_token_set:1;
 };
 
 
@@ -324,6 +341,9 @@ void ngx_http_anythingllm_cache_put(ngx_shm_zone_t *zone,
     const ngx_http_anythingllm_key_t *key, time_t ttl, ngx_msec_t since);
 void ngx_http_anythingllm_cache_put_negative(ngx_shm_zone_t *zone,
     const char *digest, time_t ttl, ngx_msec_t since);
+/* entries in the zone now */
+ngx_atomic_uint_t ngx_http_anythingllm_cache_entries(
+    ngx_http_anythingllm_main_conf_t *amcf);
 /* the handler of the revocations channel */
 void ngx_http_anythingllm_cache_revocation(
     ngx_http_anythingllm_main_conf_t *amcf, ngx_str_t *message);
@@ -370,6 +390,97 @@ ngx_int_t ngx_http_anythingllm_precontent_handler(ngx_http_request_t *r);
 /* ngx_http_anythingllm_filter.c */
 
 ngx_int_t ngx_http_anythingllm_filter_init(ngx_conf_t *cf);
+
+
+/* ngx_http_anythingllm_metrics.c */
+
+/* the series without a key label: ngx_http_anythingllm_metrics_add() */
+typedef enum {
+    NGX_HTTP_ANYTHINGLLM_M_VERDICT = 0,     /* + auth_result_e */
+    NGX_HTTP_ANYTHINGLLM_M_SCOPE = 13,      /* + none, chat, read,
+                                               documents, admin */
+    NGX_HTTP_ANYTHINGLLM_M_UPSTREAM = 18,   /* + status class - 1 */
+    NGX_HTTP_ANYTHINGLLM_M_REDIS_COMMANDS = 23,
+    NGX_HTTP_ANYTHINGLLM_M_REDIS_ERRORS,
+    NGX_HTTP_ANYTHINGLLM_M_REDIS_TIMEOUTS,
+    NGX_HTTP_ANYTHINGLLM_M_REDIS_RECONNECTS,
+    NGX_HTTP_ANYTHINGLLM_M_CACHE_HITS,
+    NGX_HTTP_ANYTHINGLLM_M_CACHE_MISSES,
+    NGX_HTTP_ANYTHINGLLM_M_CACHE_EVICTIONS,
+    NGX_HTTP_ANYTHINGLLM_M_CACHE_ENTRIES,   /* gauge, read */
+    NGX_HTTP_ANYTHINGLLM_M_REVOCATIONS,
+    NGX_HTTP_ANYTHINGLLM_M_STREAMS_OPEN,    /* gauge */
+    NGX_HTTP_ANYTHINGLLM_M_STREAM_COMPLETE,
+    NGX_HTTP_ANYTHINGLLM_M_STREAM_UPSTREAM_ABORT,
+    NGX_HTTP_ANYTHINGLLM_M_STREAM_UPSTREAM_CUT,
+    NGX_HTTP_ANYTHINGLLM_M_STREAM_OVERSIZED,
+    NGX_HTTP_ANYTHINGLLM_M_STREAM_CLIENT_GONE,
+    NGX_HTTP_ANYTHINGLLM_M_MAX
+} ngx_http_anythingllm_m_e;
+
+/* the histograms: ngx_http_anythingllm_metrics_observe() */
+typedef enum {
+    NGX_HTTP_ANYTHINGLLM_H_REDIS = 0,       /* command round trip */
+    NGX_HTTP_ANYTHINGLLM_H_FIRST_TOKEN,
+    NGX_HTTP_ANYTHINGLLM_H_STREAM,          /* stream duration */
+    NGX_HTTP_ANYTHINGLLM_H_MAX
+} ngx_http_anythingllm_h_e;
+
+/* the bounds of a histogram's buckets and +Inf */
+#define NGX_HTTP_ANYTHINGLLM_H_BUCKETS  12
+
+/* indexed by ngx_http_anythingllm_auth_result_e */
+extern ngx_str_t  ngx_http_anythingllm_auth_results[];
+
+/* a gauge read from another zone when the metrics are answered */
+typedef ngx_atomic_uint_t (*ngx_http_anythingllm_metrics_read_pt)(
+    ngx_http_anythingllm_main_conf_t *amcf);
+
+char *ngx_http_anythingllm_metrics_zone(ngx_conf_t *cf, ngx_command_t *cmd,
+    void *conf);
+char *ngx_http_anythingllm_metrics(ngx_conf_t *cf, ngx_command_t *cmd,
+    void *conf);
+ngx_int_t ngx_http_anythingllm_metrics_add_zone(ngx_conf_t *cf,
+    ngx_http_anythingllm_main_conf_t *amcf, size_t size);
+void ngx_http_anythingllm_metrics_gauge(ngx_uint_t metric,
+    ngx_http_anythingllm_metrics_read_pt read);
+/* a worker takes the zone of its cycle: NULL when there is none */
+void ngx_http_anythingllm_metrics_init_process(
+    ngx_http_anythingllm_main_conf_t *amcf);
+ngx_int_t ngx_http_anythingllm_metrics_log_handler(ngx_http_request_t *r);
+/* no lock, no allocation: a no-op where no zone is configured */
+void ngx_http_anythingllm_metrics_add(ngx_uint_t metric, ngx_atomic_int_t n);
+void ngx_http_anythingllm_metrics_observe(ngx_uint_t histogram,
+    ngx_msec_t ms);
+/* the first token of a chat answer: $anythingllm_first_token_ms */
+void ngx_http_anythingllm_metrics_first_token(ngx_http_request_t *r,
+    ngx_http_anythingllm_ctx_t *ctx);
+/* a stream opens; it ends once, by "cause" (M_STREAM_*) */
+void ngx_http_anythingllm_metrics_stream_start(void);
+/* how an ended stream ended; "cut": not by a frame of AnythingLLM's */
+ngx_uint_t ngx_http_anythingllm_metrics_stream_cause(alm_sse_t *sse,
+    ngx_uint_t cut);
+void ngx_http_anythingllm_metrics_stream_end(ngx_http_request_t *r,
+    ngx_uint_t cause);
+
+
+/* ngx_http_anythingllm_shm.c */
+
+/* NULL on error; "used": logged (with the name) when the name is taken */
+ngx_shm_zone_t *ngx_http_anythingllm_shm_add(ngx_conf_t *cf,
+    ngx_str_t *name, size_t size, ngx_shm_zone_init_pt init, void *data,
+    const char *used);
+/*
+ * For an init_zone handler: "shm" is set to the zone's data, the
+ * previous cycle's ("old", when not NULL) or the one already in the
+ * zone (NGX_OK), or a new zeroed block of "size" bytes for the caller
+ * to set up (NGX_DECLINED).  "what" names the zone in slab messages.
+ */
+ngx_int_t ngx_http_anythingllm_shm_init(ngx_shm_zone_t *shm_zone,
+    ngx_http_anythingllm_shm_t *old, size_t size, const char *what,
+    ngx_http_anythingllm_shm_t *shm);
+/* the slab slot an allocation of "len" bytes takes */
+size_t ngx_http_anythingllm_shm_slot(size_t len);
 
 
 #endif /* _NGX_HTTP_ANYTHINGLLM_MODULE_H_INCLUDED_ */

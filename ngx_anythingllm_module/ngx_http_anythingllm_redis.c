@@ -555,6 +555,8 @@ ngx_http_anythingllm_redis_send(ngx_http_anythingllm_redis_conn_t *conn,
 
     ngx_queue_insert_tail(&conn->pending, &rr->queue);
 
+    ngx_http_anythingllm_metrics_add(NGX_HTTP_ANYTHINGLLM_M_REDIS_COMMANDS, 1);
+
     /* a command in flight holds a graceful shutdown until it ends */
 
     conn->timer.cancelable = 0;
@@ -590,6 +592,7 @@ ngx_http_anythingllm_redis_reply(redisAsyncContext *ac, void *reply,
     void *privdata)
 {
     void                                   *data;
+    ngx_msec_t                              sent;
     redisReply                             *rp;
     ngx_http_anythingllm_redis_req_t       *rr;
     ngx_http_anythingllm_redis_conn_t      *conn;
@@ -612,9 +615,21 @@ ngx_http_anythingllm_redis_reply(redisAsyncContext *ac, void *reply,
         /* the context is going away: nothing more may be sent on it */
         conn->state = NGX_HTTP_ANYTHINGLLM_REDIS_DOWN;
 
-    } else if (rp->type != REDIS_REPLY_ERROR) {
-        conn->backoff = 0;
-        conn->quiet = 0;
+    } else {
+        /* the deadline is the time sent plus the timeout */
+        sent = rr->deadline - ngx_http_anythingllm_redis_conf->redis_timeout;
+
+        ngx_http_anythingllm_metrics_observe(NGX_HTTP_ANYTHINGLLM_H_REDIS,
+                                             ngx_current_msec - sent);
+
+        if (rp->type != REDIS_REPLY_ERROR) {
+            conn->backoff = 0;
+            conn->quiet = 0;
+
+        } else {
+            ngx_http_anythingllm_metrics_add(
+                                 NGX_HTTP_ANYTHINGLLM_M_REDIS_ERRORS, 1);
+        }
     }
 
     handler = rr->handler;
@@ -734,6 +749,8 @@ ngx_http_anythingllm_redis_timer_handler(ngx_event_t *ev)
     }
 
     if (conn->state != NGX_HTTP_ANYTHINGLLM_REDIS_UP) {
+        ngx_http_anythingllm_metrics_add(NGX_HTTP_ANYTHINGLLM_M_REDIS_TIMEOUTS,
+                                         1);
         ngx_http_anythingllm_redis_broken(conn, "connect timed out");
         return;
     }
@@ -753,6 +770,7 @@ ngx_http_anythingllm_redis_timer_handler(ngx_event_t *ev)
         return;
     }
 
+    ngx_http_anythingllm_metrics_add(NGX_HTTP_ANYTHINGLLM_M_REDIS_TIMEOUTS, 1);
     ngx_http_anythingllm_redis_broken(conn, "command timed out");
 }
 
@@ -818,6 +836,9 @@ ngx_http_anythingllm_redis_schedule(ngx_http_anythingllm_redis_conn_t *conn)
     ngx_log_debug2(NGX_LOG_DEBUG_EVENT, ngx_cycle->log, 0,
                    "anythingllm: redis %s reconnect in %M ms",
                    conn->name, conn->backoff);
+
+    ngx_http_anythingllm_metrics_add(NGX_HTTP_ANYTHINGLLM_M_REDIS_RECONNECTS,
+                                     1);
 
     ngx_add_timer(&conn->reconnect, conn->backoff);
 }
