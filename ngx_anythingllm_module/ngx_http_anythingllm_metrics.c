@@ -746,7 +746,6 @@ ngx_http_anythingllm_metrics_handler(ngx_http_request_t *r)
     ngx_int_t                            rc;
     ngx_buf_t                           *b;
     ngx_uint_t                           n;
-    ngx_chain_t                          out;
     ngx_http_anythingllm_metrics_sh_t   *sh;
     ngx_http_anythingllm_metrics_key_t  *keys;
     ngx_http_anythingllm_main_conf_t    *amcf;
@@ -808,16 +807,7 @@ ngx_http_anythingllm_metrics_handler(ngx_http_request_t *r)
                 "text/plain; version=0.0.4");
     r->headers_out.content_type_len = sizeof("text/plain") - 1;
 
-    rc = ngx_http_send_header(r);
-
-    if (rc == NGX_ERROR || rc > NGX_OK || r->header_only) {
-        return rc;
-    }
-
-    out.buf = b;
-    out.next = NULL;
-
-    return ngx_http_output_filter(r, &out);
+    return ngx_http_anythingllm_send_buf(r, b);
 }
 
 

@@ -97,10 +97,8 @@ ngx_http_anythingllm_send_error(ngx_http_request_t *r, ngx_uint_t status,
     const char *message, const char *type, const char *param,
     const char *code)
 {
-    ngx_int_t     rc;
-    ngx_str_t     body;
-    ngx_buf_t    *b;
-    ngx_chain_t   out;
+    ngx_str_t   body;
+    ngx_buf_t  *b;
 
     if (ngx_http_anythingllm_error_body(r->pool, message, type, param, code,
                                         &body)
@@ -131,6 +129,18 @@ ngx_http_anythingllm_send_error(ngx_http_request_t *r, ngx_uint_t status,
     ngx_http_clear_accept_ranges(r);
     ngx_http_clear_last_modified(r);
     ngx_http_clear_etag(r);
+
+    return ngx_http_anythingllm_send_buf(r, b);
+}
+
+
+/* the headers as set, then b as the whole body */
+
+ngx_int_t
+ngx_http_anythingllm_send_buf(ngx_http_request_t *r, ngx_buf_t *b)
+{
+    ngx_int_t     rc;
+    ngx_chain_t   out;
 
     rc = ngx_http_send_header(r);
 
