@@ -58,7 +58,16 @@ typedef struct {
     unsigned           global;     /* needs a key allowed every workspace */
     const char        *slug;       /* workspace slug in the path, or NULL */
     size_t             slug_len;
+    unsigned           chat;       /* alm_chat_call_e: a native chat */
 } alm_route_t;
+
+
+/* the native chat calls, whose answers carry AnythingLLM's usage */
+typedef enum {
+    ALM_CHAT_NONE = 0,
+    ALM_CHAT_WHOLE,             /* .../chat: one JSON answer */
+    ALM_CHAT_STREAM             /* .../stream-chat: SSE frames */
+} alm_chat_call_e;
 
 
 /*
@@ -106,6 +115,9 @@ typedef struct {
  * see.  update-pin stays with the slug: AnythingLLM pins only a
  * document already in that workspace.  AUTH, WORKSPACES, NONE and
  * BAD are never global.
+ *
+ * "chat" tells the chat calls of a workspace or a thread (POST
+ * chat, stream-chat) from every other route (ALM_CHAT_NONE).
  */
 void alm_route_classify(const char *method, size_t method_len,
     const char *path, size_t path_len, alm_route_t *rt);
@@ -449,6 +461,26 @@ typedef struct {
     size_t             model_len;
     time_t             created;
 } alm_completion_meta_t;
+
+
+/*
+ * The usage of a native chat answer as it passes.  A whole answer:
+ * alm_usage_answer() on its body (1 when "metrics" had a count).  A
+ * stream: alm_usage_scan() on every piece, in order; s->usage holds
+ * the counts of the last frame that had some.  "buf" (of "size"
+ * bytes) holds one line at a time; a longer line is passed over.
+ */
+typedef struct {
+    char               *buf;
+    size_t              size;
+    size_t              len;
+    unsigned            skip;
+    alm_usage_t         usage;
+} alm_usage_scan_t;
+
+int alm_usage_answer(const char *json, size_t len, alm_usage_t *usage);
+void alm_usage_scan_init(alm_usage_scan_t *s, char *buf, size_t size);
+void alm_usage_scan(alm_usage_scan_t *s, const char *p, size_t len);
 
 
 /*

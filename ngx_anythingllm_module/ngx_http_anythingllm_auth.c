@@ -176,6 +176,7 @@ ngx_http_anythingllm_auth_start(ngx_http_request_t *r,
         rt.global = 0;
         rt.slug = NULL;
         rt.slug_len = 0;
+        rt.chat = ALM_CHAT_NONE;
 
     } else {
         alm_route_classify((const char *) r->method_name.data,
@@ -208,6 +209,7 @@ ngx_http_anythingllm_auth_start(ngx_http_request_t *r,
     }
 
     ctx->auth_route = rt.kind;
+    ctx->native_chat = rt.chat;
 
     /*
      * Routes that reach the whole instance: those that name no

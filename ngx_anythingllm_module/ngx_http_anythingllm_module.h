@@ -165,6 +165,7 @@ struct ngx_http_anythingllm_ctx_s {
     unsigned                    auth_cleanup:1; /* cleanups are set */
     unsigned                    rate_refused:1; /* Redis refused INCR */
     unsigned                    key_replaced:1; /* upstream key is set */
+    unsigned                    native_chat:2;  /* alm_chat_call_e */
 
     /* openai (ngx_http_anythingllm_openai.c) */
     alm_chat_req_t             *chat;
@@ -190,6 +191,9 @@ struct ngx_http_anythingllm_ctx_s {
                                                    started; valid when
                                                    first_token_set */
     unsigned                    first_token_set:1;
+
+    /* usage (ngx_http_anythingllm_usage.c) */
+    void                       *usage_read;     /* native answer read */
 };
 
 
@@ -380,6 +384,12 @@ void ngx_http_anythingllm_conv_store(ngx_http_request_t *r,
 ngx_int_t ngx_http_anythingllm_openai_handler(ngx_http_request_t *r);
 
 
+/* ngx_http_anythingllm_usage.c */
+
+ngx_int_t ngx_http_anythingllm_usage_filter_init(ngx_conf_t *cf);
+ngx_int_t ngx_http_anythingllm_usage_log_handler(ngx_http_request_t *r);
+
+
 /* ngx_http_anythingllm_upstream.c */
 
 char *ngx_http_anythingllm_upstream_key(ngx_conf_t *cf, ngx_command_t *cmd,
@@ -415,6 +425,7 @@ typedef enum {
     NGX_HTTP_ANYTHINGLLM_M_STREAM_UPSTREAM_CUT,
     NGX_HTTP_ANYTHINGLLM_M_STREAM_OVERSIZED,
     NGX_HTTP_ANYTHINGLLM_M_STREAM_CLIENT_GONE,
+    NGX_HTTP_ANYTHINGLLM_M_USAGE_ERRORS,    /* usage not counted */
     NGX_HTTP_ANYTHINGLLM_M_MAX
 } ngx_http_anythingllm_m_e;
 

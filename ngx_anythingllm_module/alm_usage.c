@@ -1,0 +1,146 @@
+/*
+ * Copyright (C) ngx_anythingllm authors
+ *
+ * The usage of AnythingLLM's native chat answers, read as they pass:
+ * the "metrics" object of a whole answer, or of the stream's frames
+ * (the last one that has counts wins: finalizeResponseStream, or an
+ * agent's usageMetrics).  Nothing here changes the bytes it is given.
+ */
+
+
+#include <string.h>
+
+#include "alm_json.h"
+
+
+static void alm_usage_line(alm_usage_scan_t *s, const char *p, size_t len);
+static int alm_usage_names_metrics(const char *p, size_t len);
+
+
+void
+alm_usage_scan_init(alm_usage_scan_t *s, char *buf, size_t size)
+{
+    memset(s, 0, sizeof(alm_usage_scan_t));
+
+    s->buf = buf;
+    s->size = size;
+}
+
+
+int
+alm_usage_answer(const char *json, size_t len, alm_usage_t *usage)
+{
+    int     found;
+    cJSON  *root;
+
+    memset(usage, 0, sizeof(alm_usage_t));
+
+    root = cJSON_ParseWithLength(json, len);
+    if (root == NULL) {
+        return 0;
+    }
+
+    found = alm_usage_read(cJSON_GetObjectItemCaseSensitive(root, "metrics"),
+                           usage);
+
+    cJSON_Delete(root);
+
+    return found;
+}
+
+
+/*
+ * SSE lines are gathered in s->buf; a line longer than the buffer is
+ * passed over whole (it cannot be the short final frame's JSON read
+ * right anyway), so that memory stays bounded by the buffer.
+ */
+
+void
+alm_usage_scan(alm_usage_scan_t *s, const char *p, size_t len)
+{
+    size_t       n;
+    const char  *nl;
+
+    while (len) {
+        nl = memchr(p, '\n', len);
+        n = nl ? (size_t) (nl - p) : len;
+
+        if (!s->skip) {
+            if (s->len + n > s->size) {
+                s->skip = 1;
+
+            } else {
+                memcpy(s->buf + s->len, p, n);
+                s->len += n;
+            }
+        }
+
+        if (nl == NULL) {
+            return;
+        }
+
+        if (!s->skip) {
+            alm_usage_line(s, s->buf, s->len);
+        }
+
+        s->len = 0;
+        s->skip = 0;
+
+        p = nl + 1;
+        len -= n + 1;
+    }
+}
+
+
+static void
+alm_usage_line(alm_usage_scan_t *s, const char *p, size_t len)
+{
+    alm_usage_t  usage;
+
+    if (len && p[len - 1] == '\r') {
+        len--;
+    }
+
+    if (len < 5 || memcmp(p, "data:", 5) != 0) {
+        return;
+    }
+
+    p += 5;
+    len -= 5;
+
+    /* most frames are tokens: only those naming metrics are parsed */
+
+    if (!alm_usage_names_metrics(p, len)) {
+        return;
+    }
+
+    if (alm_usage_answer(p, len, &usage)) {
+        s->usage = usage;
+    }
+}
+
+
+static int
+alm_usage_names_metrics(const char *p, size_t len)
+{
+    size_t       n;
+    const char  *q;
+
+    n = sizeof("\"metrics\"") - 1;
+
+    while (len >= n) {
+        q = memchr(p, '"', len - n + 1);
+        if (q == NULL) {
+            return 0;
+        }
+
+        if (memcmp(q, "\"metrics\"", n) == 0) {
+            return 1;
+        }
+
+        len -= (size_t) (q - p) + 1;
+        p = q + 1;
+    }
+
+    return 0;
+}
