@@ -4,11 +4,13 @@ on the OpenAI routes and AnythingLLM's own chat routes, stream or not;
 native answers pass unchanged."""
 
 import json
+import subprocess
 import time
 
 from lib import helpers
 from lib.auth import bearer
 from lib.openai import chunk, finalize, user
+from lib.paths import KEYS_TOOL
 from lib.processes import key_digest
 
 
@@ -135,6 +137,17 @@ def test_every_chat_route_counts_what_anythingllm_reported(
                  "completion_tokens": total[1]}
     ttl = redis_server.cmd("TTL", day_key("k-usage"))
     assert 365 * 86400 < ttl <= 400 * 86400
+
+    # the key tool reads the same counters
+    p = subprocess.run([KEYS_TOOL, "--redis", redis_server.addr, "usage",
+                        "-", "--days", "1", "--json"], input="k-usage\n",
+                       capture_output=True, text=True, timeout=30)
+    assert p.returncode == 0, p.stderr
+    u = json.loads(p.stdout)
+    assert u["total"] == {"requests": 6, "prompt_tokens": total[0],
+                          "completion_tokens": total[1],
+                          "total_tokens": total[0] + total[1]}
+    assert u["keys"][0]["name"] == "usage"
 
 
 def test_native_answers_pass_unchanged(nginx, redis_server, backend):
