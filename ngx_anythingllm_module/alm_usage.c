@@ -144,3 +144,91 @@ alm_usage_names_metrics(const char *p, size_t len)
 
     return 0;
 }
+
+
+static const char  *alm_auth_added[] = {
+    "id", "name", "scopes", "workspaces", "limits", "usage", NULL
+};
+
+
+char *
+alm_auth_answer(const char *json, size_t len, const alm_key_info_t *key,
+    size_t *out_len)
+{
+    size_t        i;
+    cJSON        *root, *item;
+    alm_buf_t     b;
+    const char   *sep;
+
+    root = cJSON_ParseWithLength(json, len);
+
+    if (!cJSON_IsObject(root)
+        || !cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(root,
+                                                          "authenticated")))
+    {
+        cJSON_Delete(root);
+        return NULL;
+    }
+
+    memset(&b, 0, sizeof(alm_buf_t));
+    sep = "{";
+
+    for (item = root->child; item; item = item->next) {
+
+        for (i = 0; alm_auth_added[i]; i++) {
+            if (strcmp(item->string, alm_auth_added[i]) == 0) {
+                break;
+            }
+        }
+
+        if (alm_auth_added[i]) {
+            continue;
+        }
+
+        alm_buf_str(&b, sep);
+        alm_json_string(&b, item->string);
+        alm_buf_raw(&b, ":", 1);
+        alm_json_value(&b, item);
+        sep = ",";
+    }
+
+    cJSON_Delete(root);
+
+    alm_buf_str(&b, sep);
+    alm_buf_str(&b, "\"id\":\"");
+    alm_buf_raw(&b, key->id, ALM_KEY_ID_LEN);
+    alm_buf_str(&b, "\",\"name\":\"");
+    alm_buf_esc(&b, key->name, key->name_len);
+    alm_buf_str(&b, "\",\"scopes\":");
+    alm_scopes_json(&b, key->scopes);
+    alm_buf_str(&b, ",\"workspaces\":");
+    alm_workspaces_json(&b, key->workspaces, key->workspaces_len);
+    alm_buf_str(&b, ",\"limits\":{\"rpm\":");
+    alm_buf_int(&b, key->rpm);
+    alm_buf_str(&b, ",\"tpm\":");
+    alm_buf_int(&b, key->tpm);
+    alm_buf_str(&b, ",\"tpd\":");
+    alm_buf_int(&b, key->tpd);
+    alm_buf_str(&b, "},\"usage\":");
+
+    if (key->usage_known) {
+        alm_buf_str(&b, "{\"date\":");
+        alm_buf_json_str(&b, key->date);
+        alm_buf_str(&b, ",\"requests\":");
+        alm_buf_int(&b, key->requests);
+        alm_buf_str(&b, ",\"prompt_tokens\":");
+        alm_buf_int(&b, key->prompt_tokens);
+        alm_buf_str(&b, ",\"completion_tokens\":");
+        alm_buf_int(&b, key->completion_tokens);
+        alm_buf_str(&b, ",\"total_tokens\":");
+        alm_buf_int(&b, key->prompt_tokens + key->completion_tokens);
+        alm_buf_str(&b, "}");
+
+    } else {
+        alm_buf_str(&b, "null");
+    }
+
+    alm_buf_str(&b, "}");
+
+    return alm_buf_take(&b, out_len);
+}

@@ -101,6 +101,8 @@ static const struct {
 } ngx_http_anythingllm_keyrec_fields[] = {
     { ALM_KEYREC_RPM, "rpm", "" },
     { ALM_KEYREC_EXPIRES, "expires", "" },
+    { ALM_KEYREC_TPM, "tpm", "" },
+    { ALM_KEYREC_TPD, "tpd", "" },
     { ALM_KEYREC_WORKSPACES, "workspaces",
       " (\"*\" mixed with slugs, or not a comma list of valid slugs)" }
 };
@@ -568,8 +570,13 @@ ngx_http_anythingllm_auth_rate_done(void *data,
     } else if (rp->type != NGX_HTTP_ANYTHINGLLM_REDIS_INTEGER) {
         ngx_http_anythingllm_auth_rate_refused(r, ctx, rp);
 
-    } else if (rp->integer > (long long) ctx->key.rpm) {
-        ctx->auth_result = NGX_HTTP_ANYTHINGLLM_AUTH_RATE_LIMITED;
+    } else {
+        ctx->rate_counted = 1;
+        ctx->rate_used = (rp->integer > 0) ? (ngx_uint_t) rp->integer : 0;
+
+        if (rp->integer > (long long) ctx->key.rpm) {
+            ctx->auth_result = NGX_HTTP_ANYTHINGLLM_AUTH_RATE_LIMITED;
+        }
     }
 
     ngx_http_anythingllm_auth_resume(r);
@@ -1048,6 +1055,10 @@ ngx_http_anythingllm_auth_parse(ngx_http_request_t *r,
     key->scopes = rec.scopes;
     key->rpm = (rec.rpm > (int64_t) NGX_MAX_INT_T_VALUE)
                ? (ngx_uint_t) NGX_MAX_INT_T_VALUE : (ngx_uint_t) rec.rpm;
+    key->tpm = (rec.tpm > (int64_t) NGX_MAX_INT_T_VALUE)
+               ? (ngx_uint_t) NGX_MAX_INT_T_VALUE : (ngx_uint_t) rec.tpm;
+    key->tpd = (rec.tpd > (int64_t) NGX_MAX_INT_T_VALUE)
+               ? (ngx_uint_t) NGX_MAX_INT_T_VALUE : (ngx_uint_t) rec.tpd;
     key->expires = (rec.expires > (int64_t) NGX_MAX_TIME_T_VALUE)
                    ? (time_t) NGX_MAX_TIME_T_VALUE : (time_t) rec.expires;
     key->disabled = rec.disabled ? 1 : 0;

@@ -367,6 +367,15 @@ ngx_http_anythingllm_init(ngx_conf_t *cf)
 
     *h = ngx_http_anythingllm_precontent_handler;
 
+    /* registered last, run first: a refused chat reads no body */
+
+    h = ngx_array_push(&cmcf->phases[NGX_HTTP_PRECONTENT_PHASE].handlers);
+    if (h == NULL) {
+        return NGX_ERROR;
+    }
+
+    *h = ngx_http_anythingllm_usage_handler;
+
     h = ngx_array_push(&cmcf->phases[NGX_HTTP_LOG_PHASE].handlers);
     if (h == NULL) {
         return NGX_ERROR;

@@ -122,10 +122,22 @@ typedef struct {
     unsigned                    scopes;
     ngx_str_t                   workspaces;     /* "*" or comma list */
     ngx_uint_t                  rpm;
+    ngx_uint_t                  tpm;            /* tokens a minute */
+    ngx_uint_t                  tpd;            /* tokens a UTC day */
     time_t                      expires;
     unsigned                    disabled:1;
     unsigned                    valid:1;        /* digest is set */
 } ngx_http_anythingllm_key_t;
+
+
+/* a key's use read from Redis before its request goes upstream */
+
+typedef struct {
+    int64_t                     requests;       /* today's (UTC) */
+    int64_t                     prompt_tokens;
+    int64_t                     completion_tokens;
+    int64_t                     minute_tokens;  /* this minute's */
+} ngx_http_anythingllm_used_t;
 
 
 typedef enum {
@@ -166,6 +178,8 @@ struct ngx_http_anythingllm_ctx_s {
     unsigned                    rate_refused:1; /* Redis refused INCR */
     unsigned                    key_replaced:1; /* upstream key is set */
     unsigned                    native_chat:2;  /* alm_chat_call_e */
+    unsigned                    rate_counted:1; /* rate_used is set */
+    ngx_uint_t                  rate_used;      /* requests this minute */
 
     /* openai (ngx_http_anythingllm_openai.c) */
     alm_chat_req_t             *chat;
@@ -194,6 +208,13 @@ struct ngx_http_anythingllm_ctx_s {
 
     /* usage (ngx_http_anythingllm_usage.c) */
     void                       *usage_read;     /* native answer read */
+    ngx_http_anythingllm_used_t used;           /* valid when used_known */
+    ngx_http_anythingllm_redis_req_t  *used_pending;
+    time_t                      used_retry;     /* a token limit refused */
+    unsigned                    used_asked:1;
+    unsigned                    used_known:1;
+    unsigned                    used_refused:1;
+    unsigned                    used_cleanup:1;
 };
 
 
@@ -387,6 +408,8 @@ ngx_int_t ngx_http_anythingllm_openai_handler(ngx_http_request_t *r);
 /* ngx_http_anythingllm_usage.c */
 
 ngx_int_t ngx_http_anythingllm_usage_filter_init(ngx_conf_t *cf);
+/* precontent: a key's use read, a chat over its token limit refused */
+ngx_int_t ngx_http_anythingllm_usage_handler(ngx_http_request_t *r);
 ngx_int_t ngx_http_anythingllm_usage_log_handler(ngx_http_request_t *r);
 
 
