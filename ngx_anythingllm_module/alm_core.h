@@ -482,14 +482,16 @@ typedef struct {
  * The usage of a native chat answer as it passes.  A whole answer:
  * alm_usage_answer() on its body (1 when "metrics" had a count).  A
  * stream: alm_usage_scan() on every piece, in order; s->usage holds
- * the counts of the last frame that had some.  "buf" (of "size"
- * bytes) holds one line at a time; a longer line is passed over.
+ * the counts of the last frame that had some, s->pieces the number
+ * of text frames.  "buf" (of "size" bytes) holds one line at a time;
+ * a longer line is passed over.
  */
 typedef struct {
     char               *buf;
     size_t              size;
     size_t              len;
     unsigned            skip;
+    unsigned long       pieces;         /* textResponseChunk frames */
     alm_usage_t         usage;
 } alm_usage_scan_t;
 
@@ -593,6 +595,7 @@ typedef struct {
     int                 include_usage;
     alm_conv_hash_t    *conv;           /* answer text fed here, or NULL */
     alm_buf_t           out;            /* output, kept between calls */
+    unsigned long       pieces;         /* content deltas emitted */
 
     /* state */
     unsigned            sent_role:1;

@@ -14,7 +14,7 @@
 
 
 static void alm_usage_line(alm_usage_scan_t *s, const char *p, size_t len);
-static int alm_usage_names_metrics(const char *p, size_t len);
+static int alm_usage_names(const char *p, size_t len, const char *name);
 
 
 void
@@ -110,7 +110,11 @@ alm_usage_line(alm_usage_scan_t *s, const char *p, size_t len)
 
     /* most frames are tokens: only those naming metrics are parsed */
 
-    if (!alm_usage_names_metrics(p, len)) {
+    if (!alm_usage_names(p, len, "\"metrics\"")) {
+        if (alm_usage_names(p, len, "\"textResponseChunk\"")) {
+            s->pieces++;
+        }
+
         return;
     }
 
@@ -120,13 +124,15 @@ alm_usage_line(alm_usage_scan_t *s, const char *p, size_t len)
 }
 
 
+/* "name" (quoted) is in the frame, as a string somewhere */
+
 static int
-alm_usage_names_metrics(const char *p, size_t len)
+alm_usage_names(const char *p, size_t len, const char *name)
 {
     size_t       n;
     const char  *q;
 
-    n = sizeof("\"metrics\"") - 1;
+    n = strlen(name);
 
     while (len >= n) {
         q = memchr(p, '"', len - n + 1);
@@ -134,7 +140,7 @@ alm_usage_names_metrics(const char *p, size_t len)
             return 0;
         }
 
-        if (memcmp(q, "\"metrics\"", n) == 0) {
+        if (memcmp(q, name, n) == 0) {
             return 1;
         }
 

@@ -201,6 +201,7 @@ struct ngx_http_anythingllm_ctx_s {
     ngx_http_anythingllm_resp_e resp;
     void                       *filter;         /* filter's own state */
     alm_usage_t                 usage;
+    ngx_uint_t                  pieces;         /* text pieces streamed */
     ngx_msec_t                  first_token;    /* ms after the request
                                                    started; valid when
                                                    first_token_set */

@@ -262,6 +262,8 @@ ngx_http_anythingllm_usage_read(ngx_http_request_t *r,
             ctx->usage = ur->scan.usage;
         }
 
+        ctx->pieces = ur->scan.pieces;
+
         return;
     }
 
@@ -303,6 +305,7 @@ ngx_int_t
 ngx_http_anythingllm_usage_log_handler(ngx_http_request_t *r)
 {
     int                                 n;
+    long                                completion;
     u_char                             *p, num[2 * NGX_INT64_LEN];
     ngx_str_t                           day, minute;
     const char                         *argv[9];
@@ -340,6 +343,18 @@ ngx_http_anythingllm_usage_log_handler(ngx_http_request_t *r)
         return NGX_OK;
     }
 
+    /*
+     * A stream the client left before AnythingLLM's last frame has no
+     * counts: what was generated until then is its text pieces, each
+     * of them a token as the stream sends them.
+     */
+
+    completion = ctx->usage.completion_tokens;
+
+    if (!ctx->usage.present && ctx->pieces) {
+        completion = (long) ctx->pieces;
+    }
+
     /* a key without a tpm needs no minute counter */
 
     n = ctx->key.tpm ? 2 : 1;
@@ -361,7 +376,7 @@ ngx_http_anythingllm_usage_log_handler(ngx_http_request_t *r)
     argvlen[3 + n] = p - (u_char *) argv[3 + n];
 
     argv[4 + n] = (const char *) p;
-    p = ngx_sprintf(p, "%l", ctx->usage.completion_tokens);
+    p = ngx_sprintf(p, "%l", completion);
     argvlen[4 + n] = p - (u_char *) argv[4 + n];
 
     argv[5 + n] = NGX_HTTP_ANYTHINGLLM_USAGE_TTL;

@@ -211,3 +211,23 @@ def test_redis_failure_never_fails_the_answer(nginx, redis_server, backend):
     finally:
         redis_server.cmd("CONFIG", "SET", "maxmemory", "0")
     assert counters(redis_server, "k-usage")["requests"] == 1
+
+
+def test_a_stream_left_mid_way_counts_what_was_generated(
+        nginx, redis_server, backend):
+    redis_server.add_key("k-usage", name="usage", scopes="chat,read")
+    n = nginx(USAGE, redis=redis_server)
+    h = bearer("k-usage")
+    for path in ("/api/v1/workspace/sales/stream-chat", "/v1/chat/completions"):
+        backend.script(endpoint="stream-chat", events=[
+            {"frame": chunk("one")}, {"frame": chunk(" two")},
+            {"frame": chunk(" three")}, {"wait": "never"},
+            {"frame": finalize(prompt=50, completion=3)}])
+        body = {"message": "x"} if path.startswith("/api") else {
+            "model": "sales", "stream": True, "messages": [user("x")]}
+        s = helpers.StreamReader("POST", n.url + path, json=body, headers=h)
+        s.read_until(b"three")
+        s.close()
+    # three pieces each; AnythingLLM's counts never came
+    c = wait_counters(redis_server, "k-usage", 2)
+    assert c == {"requests": 2, "prompt_tokens": 0, "completion_tokens": 6}
