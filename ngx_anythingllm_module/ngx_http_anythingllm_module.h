@@ -14,6 +14,8 @@
  *   ngx_http_anythingllm_conv.c      conversations in Redis: lookup and
  *                                    store
  *   ngx_http_anythingllm_auth.c      access phase: key, scope, rpm
+ *   ngx_http_anythingllm_usage.c     usage in Redis, token limits,
+ *                                    rate-limit headers, the auth answer
  *   ngx_http_anythingllm_cors.c      CORS preflight and headers
  *   ngx_http_anythingllm_cache.c     shared-memory key cache,
  *                                    revocations
