@@ -725,27 +725,17 @@ static ngx_int_t
 ngx_http_anythingllm_auth_set_cleanup(ngx_http_request_t *r,
     ngx_http_anythingllm_ctx_t *ctx)
 {
-    ngx_http_cleanup_t  *hcln;
-
     if (ctx->auth_cleanup) {
         return NGX_OK;
     }
 
-    if (ngx_http_anythingllm_cleanup_add(r->pool,
+    if (ngx_http_anythingllm_cleanup_request(r,
                                          ngx_http_anythingllm_auth_cleanup,
                                          ctx)
         != NGX_OK)
     {
         return NGX_ERROR;
     }
-
-    hcln = ngx_http_cleanup_add(r, 0);
-    if (hcln == NULL) {
-        return NGX_ERROR;
-    }
-
-    hcln->handler = ngx_http_anythingllm_auth_cleanup;
-    hcln->data = ctx;
 
     ctx->auth_cleanup = 1;
 

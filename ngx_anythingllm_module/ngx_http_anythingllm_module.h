@@ -286,6 +286,9 @@ ngx_int_t ngx_http_anythingllm_identity_encoding(ngx_http_request_t *r);
 
 ngx_int_t ngx_http_anythingllm_cleanup_add(ngx_pool_t *pool,
     ngx_pool_cleanup_pt handler, void *data);
+/* handler(data) when the request is terminated and when its pool goes */
+ngx_int_t ngx_http_anythingllm_cleanup_request(ngx_http_request_t *r,
+    ngx_pool_cleanup_pt handler, void *data);
 /* free(p) when "pool" goes; NGX_ERROR: p is freed at once */
 ngx_int_t ngx_http_anythingllm_free_on_cleanup(ngx_pool_t *pool, void *p);
 

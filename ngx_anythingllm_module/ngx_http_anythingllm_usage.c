@@ -508,7 +508,6 @@ ngx_http_anythingllm_usage_ask(ngx_http_request_t *r,
     ngx_str_t                          day, minute;
     const char                        *argv[5];
     size_t                             argvlen[5];
-    ngx_http_cleanup_t                *hcln;
     ngx_http_anythingllm_main_conf_t  *amcf;
 
     amcf = ngx_http_get_module_main_conf(r, ngx_http_anythingllm_module);
@@ -524,21 +523,13 @@ ngx_http_anythingllm_usage_ask(ngx_http_request_t *r,
     /* a pending reply must not reach a request that is gone */
 
     if (!ctx->used_cleanup) {
-        if (ngx_http_anythingllm_cleanup_add(r->pool,
+        if (ngx_http_anythingllm_cleanup_request(r,
                                        ngx_http_anythingllm_usage_cleanup,
                                        ctx)
             != NGX_OK)
         {
             return NGX_HTTP_INTERNAL_SERVER_ERROR;
         }
-
-        hcln = ngx_http_cleanup_add(r, 0);
-        if (hcln == NULL) {
-            return NGX_HTTP_INTERNAL_SERVER_ERROR;
-        }
-
-        hcln->handler = ngx_http_anythingllm_usage_cleanup;
-        hcln->data = ctx;
 
         ctx->used_cleanup = 1;
     }

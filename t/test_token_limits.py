@@ -9,32 +9,11 @@ from lib import helpers
 from lib.auth import bearer
 from lib.openai import assert_refused, user
 from lib.processes import key_digest
+from test_usage import USAGE
 
 
-LIMITS = """
-    anythingllm_redis      @REDIS@ timeout=2s;
-    anythingllm_key_cache  zone=alm_keys:1m valid=30s invalid=5s;
-
-    server {
-        listen  127.0.0.1:@PORT@;
-
-        anythingllm_upstream_key  UPSTREAM-KEY-0001-TEST;
-        anythingllm_auth          on;
-
-        proxy_http_version  1.1;
-        proxy_set_header    Connection "";
-        proxy_buffering     off;
-
-        location /v1/ {
-            anythingllm_openai  on;
-            proxy_pass          http://anythingllm;
-        }
-
-        location /api/v1/ {
-            proxy_pass  http://anythingllm;
-        }
-    }
-"""
+# the gateway of the usage tests: its answers are the ones limited
+LIMITS = USAGE
 
 DURATION = re.compile(r"^(?:(\d+)h)?(?:(\d+)m(?!s))?(?:(\d+)s)?(?:(\d+)ms)?$")
 
