@@ -86,35 +86,23 @@ def test_every_chat_route_counts_what_anythingllm_reported(
     h = bearer("k-usage")
     total = [0, 0]
 
-    # native workspace chat
-    r = n.post("/api/v1/workspace/sales/chat",
-               json={"message": "hello there"}, headers=h)
-    assert r.status == 200, r.text
-    m = r.json()["metrics"]
-    add(total, m["prompt_tokens"], m["completion_tokens"])
-
-    # native workspace stream
-    r = n.post("/api/v1/workspace/sales/stream-chat",
-               json={"message": "tell me more"}, headers=h)
-    assert r.status == 200, r.text
-    m = metrics_of_frames(r.text)
-    assert m, r.text
-    add(total, m["prompt_tokens"], m["completion_tokens"])
-
-    # a thread: made (not a chat), then chat and stream-chat
+    # a thread to chat in (made by a route that counts nothing)
     r = n.post("/api/v1/workspace/sales/thread/new",
                json={"name": "T", "slug": "t1"}, headers=h)
     assert r.status == 200, r.text
-    r = n.post("/api/v1/workspace/sales/thread/t1/chat",
-               json={"message": "one"}, headers=h)
-    assert r.status == 200, r.text
-    m = r.json()["metrics"]
-    add(total, m["prompt_tokens"], m["completion_tokens"])
-    r = n.post("/api/v1/workspace/sales/thread/t1/stream-chat",
-               json={"message": "two words"}, headers=h)
-    assert r.status == 200, r.text
-    m = metrics_of_frames(r.text)
-    add(total, m["prompt_tokens"], m["completion_tokens"])
+
+    # native chat and stream-chat, of the workspace and of the thread
+    for base in ("/api/v1/workspace/sales",
+                 "/api/v1/workspace/sales/thread/t1"):
+        for call, text in (("chat", "hello there"),
+                           ("stream-chat", "tell me more")):
+            r = n.post("%s/%s" % (base, call), json={"message": text},
+                       headers=h)
+            assert r.status == 200, r.text
+            m = r.json()["metrics"] if call == "chat" \
+                else metrics_of_frames(r.text)
+            assert m, r.text
+            add(total, m["prompt_tokens"], m["completion_tokens"])
 
     # OpenAI, whole and stream (with the usage chunk)
     r = n.post("/v1/chat/completions", headers=h,
@@ -218,7 +206,8 @@ def test_a_stream_left_mid_way_counts_what_was_generated(
     redis_server.add_key("k-usage", name="usage", scopes="chat,read")
     n = nginx(USAGE, redis=redis_server)
     h = bearer("k-usage")
-    for path in ("/api/v1/workspace/sales/stream-chat", "/v1/chat/completions"):
+    for path in ("/api/v1/workspace/sales/stream-chat",
+                 "/v1/chat/completions"):
         backend.script(endpoint="stream-chat", events=[
             {"frame": chunk("one")}, {"frame": chunk(" two")},
             {"frame": chunk(" three")}, {"wait": "never"},
