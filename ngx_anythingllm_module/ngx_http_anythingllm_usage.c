@@ -322,7 +322,10 @@ ngx_http_anythingllm_usage_log_handler(ngx_http_request_t *r)
 
     ctx = ngx_http_get_module_ctx(r, ngx_http_anythingllm_module);
 
+    /* a key let through with Redis away is not known to be ours */
+
     if (ctx == NULL || !ctx->key.valid || r->upstream == NULL
+        || ctx->auth_result == NGX_HTTP_ANYTHINGLLM_AUTH_FAIL_OPEN
         || r->headers_out.status != NGX_HTTP_OK
         || (ctx->native_chat == ALM_CHAT_NONE
             && ctx->resp != NGX_HTTP_ANYTHINGLLM_RESP_CHAT
