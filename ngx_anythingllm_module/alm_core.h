@@ -58,7 +58,16 @@ typedef struct {
     unsigned           global;     /* needs a key allowed every workspace */
     const char        *slug;       /* workspace slug in the path, or NULL */
     size_t             slug_len;
+    unsigned           chat;       /* alm_chat_call_e: a native chat */
 } alm_route_t;
+
+
+/* the native chat calls, whose answers carry AnythingLLM's usage */
+typedef enum {
+    ALM_CHAT_NONE = 0,
+    ALM_CHAT_WHOLE,             /* .../chat: one JSON answer */
+    ALM_CHAT_STREAM             /* .../stream-chat: SSE frames */
+} alm_chat_call_e;
 
 
 /*
@@ -106,6 +115,9 @@ typedef struct {
  * see.  update-pin stays with the slug: AnythingLLM pins only a
  * document already in that workspace.  AUTH, WORKSPACES, NONE and
  * BAD are never global.
+ *
+ * "chat" tells the chat calls of a workspace or a thread (POST
+ * chat, stream-chat) from every other route (ALM_CHAT_NONE).
  */
 void alm_route_classify(const char *method, size_t method_len,
     const char *path, size_t path_len, alm_route_t *rt);
@@ -169,6 +181,17 @@ typedef enum {
 
 alm_ws_kind_e alm_workspaces_kind(const char *list, size_t list_len);
 
+/* forward: the growable writer, below */
+typedef struct alm_buf_s  alm_buf_t;
+
+/*
+ * A key's workspaces as JSON: "*" for ALM_WS_ALL, an array of the
+ * slugs of an ALM_WS_LIST, [] for anything else; its scopes as an
+ * array of names (ALM_SCOPE_* order).
+ */
+void alm_workspaces_json(alm_buf_t *b, const char *list, size_t list_len);
+void alm_scopes_json(alm_buf_t *b, unsigned scopes);
+
 /*
  * 1 when "slug" is allowed by a workspace list: an ALM_WS_ALL list, or
  * an ALM_WS_LIST one that holds the slug (compared exactly).  An
@@ -191,6 +214,8 @@ typedef struct {
 #define ALM_KEYREC_RPM         0x01
 #define ALM_KEYREC_EXPIRES     0x02
 #define ALM_KEYREC_WORKSPACES  0x04
+#define ALM_KEYREC_TPM         0x08
+#define ALM_KEYREC_TPD         0x10
 
 
 typedef struct {
@@ -198,6 +223,8 @@ typedef struct {
     alm_str_t     workspaces;
     unsigned      scopes;         /* ALM_SCOPE_* */
     int64_t       rpm;            /* 0: no limit */
+    int64_t       tpm;            /* tokens a minute, 0: no limit */
+    int64_t       tpd;            /* tokens a day (UTC), 0: no limit */
     int64_t       expires;        /* unix seconds, 0: never */
     int           disabled;
     unsigned      malformed;      /* ALM_KEYREC_* */
@@ -208,8 +235,8 @@ typedef struct {
  * Reads a key record, "n" strings alternating field and value as
  * HGETALL answers them (a last field without a value is ignored; a
  * pair with a NULL data is skipped).  Known fields: name, scopes
- * (alm_scopes_parse()), workspaces (alm_workspaces_kind()), rpm and
- * expires (decimal digits up to INT64_MAX, empty meaning 0), disabled
+ * (alm_scopes_parse()), workspaces (alm_workspaces_kind()), rpm, tpm,
+ * tpd and expires (decimal digits up to INT64_MAX, empty meaning 0), disabled
  * (empty or "0" is enabled, anything else disabled); others are
  * ignored, a repeated field counts last.  A missing field means no
  * name, no scope, no workspace, no limit, never, enabled.
@@ -252,12 +279,12 @@ size_t alm_json_escape(char *out, const char *s, size_t len);
  * the writer checks it once, at the end (alm_buf_take()).
  */
 
-typedef struct {
+struct alm_buf_s {
     char       *data;
     size_t      len;
     size_t      cap;
     int         nomem;
-} alm_buf_t;
+};
 
 void alm_buf_raw(alm_buf_t *b, const char *p, size_t n);
 /* a NUL-terminated string, as it is */
@@ -452,6 +479,58 @@ typedef struct {
 
 
 /*
+ * The usage of a native chat answer as it passes.  A whole answer:
+ * alm_usage_answer() on its body (1 when "metrics" had a count).  A
+ * stream: alm_usage_scan() on every piece, in order; s->usage holds
+ * the counts of the last frame that had some, s->pieces the number
+ * of text frames.  "buf" (of "size" bytes) holds one line at a time;
+ * a longer line is passed over.
+ */
+typedef struct {
+    char               *buf;
+    size_t              size;
+    size_t              len;
+    unsigned            skip;
+    unsigned long       pieces;         /* textResponseChunk frames */
+    alm_usage_t         usage;
+} alm_usage_scan_t;
+
+int alm_usage_answer(const char *json, size_t len, alm_usage_t *usage);
+void alm_usage_scan_init(alm_usage_scan_t *s, char *buf, size_t size);
+void alm_usage_scan(alm_usage_scan_t *s, const char *p, size_t len);
+
+
+/* a key as GET /api/v1/auth shows it to its holder */
+typedef struct {
+    const char         *id;             /* ALM_KEY_ID_LEN hex digits */
+    const char         *name;
+    size_t              name_len;
+    unsigned            scopes;
+    const char         *workspaces;
+    size_t              workspaces_len;
+    int64_t             rpm;
+    int64_t             tpm;
+    int64_t             tpd;
+    const char         *date;           /* YYYY-MM-DD, UTC */
+    int                 usage_known;    /* else "usage" is null */
+    int64_t             requests;       /* of the day */
+    int64_t             prompt_tokens;
+    int64_t             completion_tokens;
+} alm_key_info_t;
+
+/*
+ * AnythingLLM's answer to GET /api/v1/auth, an object with
+ * "authenticated": true, with the key's "id", "name", "scopes",
+ * "workspaces", "limits" and today's "usage" added (fields of those
+ * names in the answer are replaced).  malloc'd, or NULL when the
+ * answer is not such an object or memory ran out: it then passes as
+ * it is.
+ */
+char *alm_auth_answer(const char *json, size_t len,
+    const alm_key_info_t *key, size_t *out_len);
+
+
+/*
  * Translates a non-stream workspace chat answer (200) into a
  * chat.completion object (with AnythingLLM's "sources" kept, and
  * usage from "metrics": zeros and usage->present 0 when absent).  On
@@ -516,6 +595,7 @@ typedef struct {
     int                 include_usage;
     alm_conv_hash_t    *conv;           /* answer text fed here, or NULL */
     alm_buf_t           out;            /* output, kept between calls */
+    unsigned long       pieces;         /* content deltas emitted */
 
     /* state */
     unsigned            sent_role:1;

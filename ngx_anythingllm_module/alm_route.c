@@ -107,6 +107,7 @@ alm_route_set(alm_route_t *rt, alm_route_kind_e kind, unsigned scope)
         rt->global = 0;
         rt->slug = NULL;
         rt->slug_len = 0;
+        rt->chat = ALM_CHAT_NONE;
     }
 }
 
@@ -150,6 +151,8 @@ alm_route_workspace(alm_route_t *rt, alm_method_e m, alm_seg_t *seg,
 
         if (alm_seg_in(&seg[2], alm_chat_words)) {
             alm_route_set(rt, ALM_ROUTE_API, ALM_SCOPE_CHAT);
+            rt->chat = alm_seg_is(&seg[2], "chat") ? ALM_CHAT_WHOLE
+                                                   : ALM_CHAT_STREAM;
             return;
         }
 
@@ -191,6 +194,12 @@ alm_route_workspace(alm_route_t *rt, alm_method_e m, alm_seg_t *seg,
                     || alm_seg_in(&seg[4], alm_chat_words))))
         {
             alm_route_set(rt, ALM_ROUTE_API, ALM_SCOPE_CHAT);
+
+            if (n == 5 && alm_seg_in(&seg[4], alm_chat_words)) {
+                rt->chat = alm_seg_is(&seg[4], "chat") ? ALM_CHAT_WHOLE
+                                                       : ALM_CHAT_STREAM;
+            }
+
             return;
         }
     }
@@ -322,6 +331,7 @@ alm_route_classify(const char *method, size_t method_len, const char *path,
     rt->global = 0;
     rt->slug = NULL;
     rt->slug_len = 0;
+    rt->chat = ALM_CHAT_NONE;
 
     if (path_len < 8 || path[0] != '/' || path[7] != '/') {
         return;

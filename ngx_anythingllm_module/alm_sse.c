@@ -113,6 +113,7 @@ alm_sse_content(alm_sse_t *s, alm_buf_t *o, const char *text)
 
     alm_sse_delta(s, o, text, len);
     s->got_text = 1;
+    s->pieces++;
 }
 
 

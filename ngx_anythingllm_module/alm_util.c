@@ -398,6 +398,14 @@ alm_key_record_parse(const alm_str_t *pairs, size_t n, alm_key_record_t *rec)
             alm_key_record_int(v, &rec->rpm, &rec->malformed,
                                ALM_KEYREC_RPM);
 
+        } else if (alm_field_is(f, "tpm")) {
+            alm_key_record_int(v, &rec->tpm, &rec->malformed,
+                               ALM_KEYREC_TPM);
+
+        } else if (alm_field_is(f, "tpd")) {
+            alm_key_record_int(v, &rec->tpd, &rec->malformed,
+                               ALM_KEYREC_TPD);
+
         } else if (alm_field_is(f, "expires")) {
             alm_key_record_int(v, &rec->expires, &rec->malformed,
                                ALM_KEYREC_EXPIRES);
@@ -618,4 +626,61 @@ alm_conv_hash_hex(const alm_conv_hash_t *h, char hex[ALM_DIGEST_HEX_LEN])
     alm_conv_load(h, &ctx);
     SHA256_Final(md, &ctx);
     alm_hex(md, ALM_DIGEST_LEN, hex);
+}
+
+
+void
+alm_scopes_json(alm_buf_t *b, unsigned scopes)
+{
+    size_t              i;
+    const char         *sep;
+    static const char  *names[] = { "chat", "read", "documents", "admin" };
+
+    sep = "[";
+
+    for (i = 0; i < sizeof(names) / sizeof(names[0]); i++) {
+        if (scopes & (1u << i)) {
+            alm_buf_str(b, sep);
+            alm_buf_json_str(b, names[i]);
+            sep = ",";
+        }
+    }
+
+    alm_buf_str(b, sep[0] == '[' ? "[]" : "]");
+}
+
+
+void
+alm_workspaces_json(alm_buf_t *b, const char *list, size_t list_len)
+{
+    size_t       n;
+    const char  *pos, *end, *item, *sep;
+
+    switch (alm_workspaces_kind(list, list_len)) {
+
+    case ALM_WS_ALL:
+        alm_buf_str(b, "\"*\"");
+        return;
+
+    case ALM_WS_LIST:
+        break;
+
+    default:
+        alm_buf_str(b, "[]");
+        return;
+    }
+
+    pos = list;
+    end = list + list_len;
+    sep = "[";
+
+    while (alm_ws_next(&pos, end, &item, &n)) {
+        alm_buf_str(b, sep);
+        alm_buf_raw(b, "\"", 1);
+        alm_buf_esc(b, item, n);
+        alm_buf_raw(b, "\"", 1);
+        sep = ",";
+    }
+
+    alm_buf_str(b, sep[0] == '[' ? "[]" : "]");
 }

@@ -101,6 +101,8 @@ static const struct {
 } ngx_http_anythingllm_keyrec_fields[] = {
     { ALM_KEYREC_RPM, "rpm", "" },
     { ALM_KEYREC_EXPIRES, "expires", "" },
+    { ALM_KEYREC_TPM, "tpm", "" },
+    { ALM_KEYREC_TPD, "tpd", "" },
     { ALM_KEYREC_WORKSPACES, "workspaces",
       " (\"*\" mixed with slugs, or not a comma list of valid slugs)" }
 };
@@ -176,6 +178,7 @@ ngx_http_anythingllm_auth_start(ngx_http_request_t *r,
         rt.global = 0;
         rt.slug = NULL;
         rt.slug_len = 0;
+        rt.chat = ALM_CHAT_NONE;
 
     } else {
         alm_route_classify((const char *) r->method_name.data,
@@ -208,6 +211,7 @@ ngx_http_anythingllm_auth_start(ngx_http_request_t *r,
     }
 
     ctx->auth_route = rt.kind;
+    ctx->native_chat = rt.chat;
 
     /*
      * Routes that reach the whole instance: those that name no
@@ -566,8 +570,13 @@ ngx_http_anythingllm_auth_rate_done(void *data,
     } else if (rp->type != NGX_HTTP_ANYTHINGLLM_REDIS_INTEGER) {
         ngx_http_anythingllm_auth_rate_refused(r, ctx, rp);
 
-    } else if (rp->integer > (long long) ctx->key.rpm) {
-        ctx->auth_result = NGX_HTTP_ANYTHINGLLM_AUTH_RATE_LIMITED;
+    } else {
+        ctx->rate_counted = 1;
+        ctx->rate_used = (rp->integer > 0) ? (ngx_uint_t) rp->integer : 0;
+
+        if (rp->integer > (long long) ctx->key.rpm) {
+            ctx->auth_result = NGX_HTTP_ANYTHINGLLM_AUTH_RATE_LIMITED;
+        }
     }
 
     ngx_http_anythingllm_auth_resume(r);
@@ -716,27 +725,17 @@ static ngx_int_t
 ngx_http_anythingllm_auth_set_cleanup(ngx_http_request_t *r,
     ngx_http_anythingllm_ctx_t *ctx)
 {
-    ngx_http_cleanup_t  *hcln;
-
     if (ctx->auth_cleanup) {
         return NGX_OK;
     }
 
-    if (ngx_http_anythingllm_cleanup_add(r->pool,
+    if (ngx_http_anythingllm_cleanup_request(r,
                                          ngx_http_anythingllm_auth_cleanup,
                                          ctx)
         != NGX_OK)
     {
         return NGX_ERROR;
     }
-
-    hcln = ngx_http_cleanup_add(r, 0);
-    if (hcln == NULL) {
-        return NGX_ERROR;
-    }
-
-    hcln->handler = ngx_http_anythingllm_auth_cleanup;
-    hcln->data = ctx;
 
     ctx->auth_cleanup = 1;
 
@@ -1046,6 +1045,10 @@ ngx_http_anythingllm_auth_parse(ngx_http_request_t *r,
     key->scopes = rec.scopes;
     key->rpm = (rec.rpm > (int64_t) NGX_MAX_INT_T_VALUE)
                ? (ngx_uint_t) NGX_MAX_INT_T_VALUE : (ngx_uint_t) rec.rpm;
+    key->tpm = (rec.tpm > (int64_t) NGX_MAX_INT_T_VALUE)
+               ? (ngx_uint_t) NGX_MAX_INT_T_VALUE : (ngx_uint_t) rec.tpm;
+    key->tpd = (rec.tpd > (int64_t) NGX_MAX_INT_T_VALUE)
+               ? (ngx_uint_t) NGX_MAX_INT_T_VALUE : (ngx_uint_t) rec.tpd;
     key->expires = (rec.expires > (int64_t) NGX_MAX_TIME_T_VALUE)
                    ? (time_t) NGX_MAX_TIME_T_VALUE : (time_t) rec.expires;
     key->disabled = rec.disabled ? 1 : 0;

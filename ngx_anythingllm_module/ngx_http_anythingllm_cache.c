@@ -64,6 +64,8 @@ typedef struct {
     ngx_msec_t                  stamp;      /* when its news was read */
     time_t                      expires;    /* the key's, unix time */
     ngx_uint_t                  rpm;
+    ngx_uint_t                  tpm;
+    ngx_uint_t                  tpd;
     u_char                      digest[ALM_DIGEST_HEX_LEN];
     u_char                      data[1];    /* name, then workspaces */
 } ngx_http_anythingllm_cache_node_t;
@@ -403,6 +405,8 @@ ngx_http_anythingllm_cache_get(ngx_shm_zone_t *zone, const char *digest,
     key->workspaces.len = cn->workspaces_len;
     key->scopes = cn->scopes;
     key->rpm = cn->rpm;
+    key->tpm = cn->tpm;
+    key->tpd = cn->tpd;
     key->expires = cn->expires;
     key->disabled = cn->disabled ? 1 : 0;
 
@@ -492,6 +496,8 @@ ngx_http_anythingllm_cache_put(ngx_shm_zone_t *zone,
     cn->stamp = since;
     cn->expires = key->expires;
     cn->rpm = key->rpm;
+    cn->tpm = key->tpm;
+    cn->tpd = key->tpd;
 
     p = cn->data;
 
@@ -813,6 +819,8 @@ ngx_http_anythingllm_cache_alloc(ngx_http_anythingllm_cache_sh_t *sh,
     cn->stamp = 0;
     cn->expires = 0;
     cn->rpm = 0;
+    cn->tpm = 0;
+    cn->tpd = 0;
 
     return cn;
 }

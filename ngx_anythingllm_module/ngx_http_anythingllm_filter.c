@@ -440,6 +440,8 @@ ngx_http_anythingllm_stream_body(ngx_http_request_t *r,
             fctx->ctx->usage = fctx->sse.usage;
         }
 
+        fctx->ctx->pieces = fctx->sse.pieces;
+
         if (fctx->sse.done) {
             fctx->end = ngx_http_anythingllm_metrics_stream_cause(
                                                         &fctx->sse, cut);

@@ -223,7 +223,10 @@ static ngx_http_anythingllm_metric_t  ngx_http_anythingllm_series[] = {
       "Chat streams being answered now.", NULL },
     ALM_STREAM_END("complete"), ALM_STREAM_END("upstream_abort"),
     ALM_STREAM_END("upstream_cut"), ALM_STREAM_END("oversized_frame"),
-    ALM_STREAM_END("client_gone")
+    ALM_STREAM_END("client_gone"),
+
+    { "anythingllm_usage_errors_total", "counter",
+      "Chat answers whose usage Redis did not count.", NULL }
 };
 
 

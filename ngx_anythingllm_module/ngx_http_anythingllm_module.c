@@ -367,6 +367,15 @@ ngx_http_anythingllm_init(ngx_conf_t *cf)
 
     *h = ngx_http_anythingllm_precontent_handler;
 
+    /* registered last, run first: a refused chat reads no body */
+
+    h = ngx_array_push(&cmcf->phases[NGX_HTTP_PRECONTENT_PHASE].handlers);
+    if (h == NULL) {
+        return NGX_ERROR;
+    }
+
+    *h = ngx_http_anythingllm_usage_handler;
+
     h = ngx_array_push(&cmcf->phases[NGX_HTTP_LOG_PHASE].handlers);
     if (h == NULL) {
         return NGX_ERROR;
@@ -374,8 +383,21 @@ ngx_http_anythingllm_init(ngx_conf_t *cf)
 
     *h = ngx_http_anythingllm_metrics_log_handler;
 
+    h = ngx_array_push(&cmcf->phases[NGX_HTTP_LOG_PHASE].handlers);
+    if (h == NULL) {
+        return NGX_ERROR;
+    }
+
+    *h = ngx_http_anythingllm_usage_log_handler;
+
     ngx_http_anythingllm_metrics_gauge(NGX_HTTP_ANYTHINGLLM_M_CACHE_ENTRIES,
                                        ngx_http_anythingllm_cache_entries);
+
+    /* the usage filter sees native chat answers after the others */
+
+    if (ngx_http_anythingllm_usage_filter_init(cf) != NGX_OK) {
+        return NGX_ERROR;
+    }
 
     return ngx_http_anythingllm_filter_init(cf);
 }

@@ -14,6 +14,8 @@
  *   ngx_http_anythingllm_conv.c      conversations in Redis: lookup and
  *                                    store
  *   ngx_http_anythingllm_auth.c      access phase: key, scope, rpm
+ *   ngx_http_anythingllm_usage.c     usage in Redis, token limits,
+ *                                    rate-limit headers, the auth answer
  *   ngx_http_anythingllm_cors.c      CORS preflight and headers
  *   ngx_http_anythingllm_cache.c     shared-memory key cache,
  *                                    revocations
@@ -122,10 +124,22 @@ typedef struct {
     unsigned                    scopes;
     ngx_str_t                   workspaces;     /* "*" or comma list */
     ngx_uint_t                  rpm;
+    ngx_uint_t                  tpm;            /* tokens a minute */
+    ngx_uint_t                  tpd;            /* tokens a UTC day */
     time_t                      expires;
     unsigned                    disabled:1;
     unsigned                    valid:1;        /* digest is set */
 } ngx_http_anythingllm_key_t;
+
+
+/* a key's use read from Redis before its request goes upstream */
+
+typedef struct {
+    int64_t                     requests;       /* today's (UTC) */
+    int64_t                     prompt_tokens;
+    int64_t                     completion_tokens;
+    int64_t                     minute_tokens;  /* this minute's */
+} ngx_http_anythingllm_used_t;
 
 
 typedef enum {
@@ -165,6 +179,9 @@ struct ngx_http_anythingllm_ctx_s {
     unsigned                    auth_cleanup:1; /* cleanups are set */
     unsigned                    rate_refused:1; /* Redis refused INCR */
     unsigned                    key_replaced:1; /* upstream key is set */
+    unsigned                    native_chat:2;  /* alm_chat_call_e */
+    unsigned                    rate_counted:1; /* rate_used is set */
+    ngx_uint_t                  rate_used;      /* requests this minute */
 
     /* openai (ngx_http_anythingllm_openai.c) */
     alm_chat_req_t             *chat;
@@ -186,10 +203,21 @@ struct ngx_http_anythingllm_ctx_s {
     ngx_http_anythingllm_resp_e resp;
     void                       *filter;         /* filter's own state */
     alm_usage_t                 usage;
+    ngx_uint_t                  pieces;         /* text pieces streamed */
     ngx_msec_t                  first_token;    /* ms after the request
                                                    started; valid when
                                                    first_token_set */
     unsigned                    first_token_set:1;
+
+    /* usage (ngx_http_anythingllm_usage.c) */
+    void                       *usage_read;     /* native answer read */
+    ngx_http_anythingllm_used_t used;           /* valid when used_known */
+    ngx_http_anythingllm_redis_req_t  *used_pending;
+    time_t                      used_retry;     /* a token limit refused */
+    unsigned                    used_asked:1;
+    unsigned                    used_known:1;
+    unsigned                    used_refused:1;
+    unsigned                    used_cleanup:1;
 };
 
 
@@ -259,6 +287,9 @@ ngx_int_t ngx_http_anythingllm_set_header(ngx_http_request_t *r,
 ngx_int_t ngx_http_anythingllm_identity_encoding(ngx_http_request_t *r);
 
 ngx_int_t ngx_http_anythingllm_cleanup_add(ngx_pool_t *pool,
+    ngx_pool_cleanup_pt handler, void *data);
+/* handler(data) when the request is terminated and when its pool goes */
+ngx_int_t ngx_http_anythingllm_cleanup_request(ngx_http_request_t *r,
     ngx_pool_cleanup_pt handler, void *data);
 /* free(p) when "pool" goes; NGX_ERROR: p is freed at once */
 ngx_int_t ngx_http_anythingllm_free_on_cleanup(ngx_pool_t *pool, void *p);
@@ -382,6 +413,14 @@ void ngx_http_anythingllm_conv_store(ngx_http_request_t *r,
 ngx_int_t ngx_http_anythingllm_openai_handler(ngx_http_request_t *r);
 
 
+/* ngx_http_anythingllm_usage.c */
+
+ngx_int_t ngx_http_anythingllm_usage_filter_init(ngx_conf_t *cf);
+/* precontent: a key's use read, a chat over its token limit refused */
+ngx_int_t ngx_http_anythingllm_usage_handler(ngx_http_request_t *r);
+ngx_int_t ngx_http_anythingllm_usage_log_handler(ngx_http_request_t *r);
+
+
 /* ngx_http_anythingllm_upstream.c */
 
 char *ngx_http_anythingllm_upstream_key(ngx_conf_t *cf, ngx_command_t *cmd,
@@ -417,6 +456,7 @@ typedef enum {
     NGX_HTTP_ANYTHINGLLM_M_STREAM_UPSTREAM_CUT,
     NGX_HTTP_ANYTHINGLLM_M_STREAM_OVERSIZED,
     NGX_HTTP_ANYTHINGLLM_M_STREAM_CLIENT_GONE,
+    NGX_HTTP_ANYTHINGLLM_M_USAGE_ERRORS,    /* usage not counted */
     NGX_HTTP_ANYTHINGLLM_M_MAX
 } ngx_http_anythingllm_m_e;
 

@@ -345,6 +345,34 @@ ngx_http_anythingllm_cleanup_add(ngx_pool_t *pool,
 }
 
 
+/*
+ * Runs handler(data) when the request's pool is destroyed and, before
+ * that, when the request is terminated: what a pending Redis reply
+ * needs so as never to reach a request that is gone.
+ */
+
+ngx_int_t
+ngx_http_anythingllm_cleanup_request(ngx_http_request_t *r,
+    ngx_pool_cleanup_pt handler, void *data)
+{
+    ngx_http_cleanup_t  *hcln;
+
+    if (ngx_http_anythingllm_cleanup_add(r->pool, handler, data) != NGX_OK) {
+        return NGX_ERROR;
+    }
+
+    hcln = ngx_http_cleanup_add(r, 0);
+    if (hcln == NULL) {
+        return NGX_ERROR;
+    }
+
+    hcln->handler = handler;
+    hcln->data = data;
+
+    return NGX_OK;
+}
+
+
 /* for what the core allocates with malloc() and hands over */
 
 ngx_int_t

@@ -789,3 +789,83 @@ def test_key_from_a_terminal_is_not_echoed(redis_server):
     assert stored(redis_server, info["digest"])["disabled"] == "1"
     assert info["key"].encode() not in seen
     assert info["key"] not in out + err
+
+
+def put_usage(redis, digest, day, requests, prompt, completion,
+              prefix="anythingllm:"):
+    redis.cmd("HSET", "%susage:%s:%s" % (prefix, digest, day),
+              "requests", requests, "prompt_tokens", prompt,
+              "completion_tokens", completion)
+
+
+def test_tpm_tpd_options(redis_server):
+    info = create(redis_server, "--name", "tok", "--tpm", "1000",
+                  "--tpd", "50000")
+    rec = stored(redis_server, info["digest"])
+    assert (rec["tpm"], rec["tpd"]) == ("1000", "50000")
+    assert (info["tpm"], info["tpd"]) == (1000, 50000)
+    p = run(redis_server, "set", info["id"], "--tpm", "0", "--tpd", "7")
+    assert p.returncode == 0, p.stderr
+    assert re.search(r"^tpm:\s+0 \(no limit\)$", p.stdout, re.M)
+    assert re.search(r"^tpd:\s+7$", p.stdout, re.M)
+    rec = stored(redis_server, info["digest"])
+    assert (rec["tpm"], rec["tpd"]) == ("0", "7")
+    for bad in ("-1", "x", "1.5", "٣"):
+        assert run(redis_server, "set", info["id"], "--tpm",
+                   bad).returncode == 2
+        assert run(redis_server, "create", "--name", "b", "--tpd",
+                   bad).returncode == 2
+
+
+def test_usage(redis_server):
+    a = create(redis_server, "--name", "alpha")
+    b = create(redis_server, "--name", "beta")
+    now = time.time()
+    today = time.strftime("%Y%m%d", time.gmtime(now))
+    yesterday = time.strftime("%Y%m%d", time.gmtime(now - 86400))
+    old = time.strftime("%Y%m%d", time.gmtime(now - 10 * 86400))
+    put_usage(redis_server, a["digest"], today, 3, 100, 20)
+    put_usage(redis_server, a["digest"], yesterday, 1, 7, 2)
+    put_usage(redis_server, a["digest"], old, 9, 900, 90)
+    put_usage(redis_server, b["digest"], today, 2, 10, 5)
+
+    p = run(redis_server, "usage", "--json")
+    assert p.returncode == 0, p.stderr
+    u = json.loads(p.stdout)
+    assert u["days"] == 7
+    assert [k["name"] for k in u["keys"]] == ["alpha", "beta"]
+    alpha = u["keys"][0]
+    assert alpha["id"] == a["id"]
+    assert [d["date"] for d in alpha["days"]] == [
+        "%s-%s-%s" % (d[:4], d[4:6], d[6:]) for d in (yesterday, today)]
+    assert alpha["days"][1] == {"date": alpha["days"][1]["date"],
+                                "requests": 3, "prompt_tokens": 100,
+                                "completion_tokens": 20,
+                                "total_tokens": 120}
+    assert alpha["total"] == {"requests": 4, "prompt_tokens": 107,
+                              "completion_tokens": 22, "total_tokens": 129}
+    assert u["total"] == {"requests": 6, "prompt_tokens": 117,
+                          "completion_tokens": 27, "total_tokens": 144}
+
+    # one key, by id; the older day within --days
+    p = run(redis_server, "usage", a["id"], "--days", "11", "--json")
+    u = json.loads(p.stdout)
+    assert [k["id"] for k in u["keys"]] == [a["id"]]
+    assert u["total"]["requests"] == 13
+
+    p = run(redis_server, "usage", "--days", "1")
+    assert p.returncode == 0, p.stderr
+    assert re.search(r"^%s  alpha$" % a["id"], p.stdout, re.M)
+    assert re.search(r"^  total\s+3\s+100\s+20\s+120$", p.stdout, re.M)
+    assert "all keys, last 1 day: 5 requests, 110 prompt + 25 completion " \
+        "= 135 tokens" in p.stdout
+
+    # a revoked key's counters stay readable by its digest
+    assert run(redis_server, "revoke", a["id"]).returncode == 0
+    u = json.loads(run(redis_server, "usage", a["digest"], "--json").stdout)
+    assert u["keys"][0]["total"]["requests"] == 4
+    assert u["keys"][0]["name"] == ""
+
+    assert run(redis_server, "usage", "--days", "0").returncode == 2
+    assert run(redis_server, "usage", "--days", "x").returncode == 2
+    assert run(redis_server, "usage", "ffffff").returncode == 1

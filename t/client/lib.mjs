@@ -22,12 +22,15 @@ export const REDIS = need('ALM_REDIS');
 export const KEYS_TOOL = need('ALM_KEYS_TOOL');
 export const KEY_FULL = need('ALM_KEY_FULL');
 
-// a key of its own: scopes, workspaces and rpm as asked
-export function createKey({ scopes = 'chat', workspaces = '*', rpm = 0 } = {}) {
+// a key of its own: scopes, workspaces and limits as asked
+export function createKey({
+  scopes = 'chat', workspaces = '*', rpm = 0, tpm = 0, tpd = 0,
+} = {}) {
   const name = `client-test-${randomBytes(4).toString('hex')}`;
   const out = execFileSync(KEYS_TOOL, [
     '--redis', REDIS, 'create', '--name', name, '--scopes', scopes,
-    '--workspaces', workspaces, '--rpm', String(rpm), '--json',
+    '--workspaces', workspaces, '--rpm', String(rpm), '--tpm', String(tpm),
+    '--tpd', String(tpd), '--json',
   ], { encoding: 'utf8', stdio: ['ignore', 'pipe', 'pipe'] });
   const key = JSON.parse(out.trim().split('\n')[0]).key;
   if (!key) {

@@ -175,6 +175,43 @@ for (const baseURL of BASE_URLS) {
         && e.status === 429 && Number(e.headers.get('retry-after')) > 0);
     });
 
+    test('x-ratelimit-* headers, and RateLimitError past the token limit',
+      async () => {
+        const ai = client(baseURL, createKey({ scopes: 'chat', rpm: 50,
+          tpd: 20 }));
+        const ask = () => ai.chat.completions.create({
+          model: 'sales', messages: [{ role: 'user', content: 'hi there' }],
+        });
+        const { data, response } = await ask().withResponse();
+        const h = response.headers;
+        assert.equal(h.get('x-ratelimit-limit-requests'), '50');
+        assert.equal(h.get('x-ratelimit-remaining-requests'), '49');
+        assert.match(h.get('x-ratelimit-reset-requests'), /^(\d+ms|\d+s)$/);
+        assert.equal(h.get('x-ratelimit-limit-tokens'), '20');
+        assert.equal(h.get('x-ratelimit-remaining-tokens'), '20');
+        assert.match(h.get('x-ratelimit-reset-tokens'),
+          /^((\d+h)?(\d+m)?\d+s|\d+ms)$/);
+        assert.ok(data.usage.total_tokens > 0);
+
+        // answers are counted as they are logged; once the day's tokens
+        // reach 20 the next chat is refused for tokens
+        const refused = await waitFor(async () => {
+          try {
+            await ask();
+            return null;
+          } catch (e) {
+            return e;
+          }
+        }, 3000, 'a refusal for tokens');
+        assert.ok(refused instanceof OpenAI.RateLimitError);
+        assert.equal(refused.status, 429);
+        assert.equal(refused.code, 'rate_limit_exceeded');
+        assert.equal(refused.type, 'tokens');
+        assert.ok(Number(refused.headers.get('retry-after')) > 0);
+        assert.equal(refused.headers.get('x-ratelimit-remaining-tokens'),
+          '0');
+      });
+
     test('BadRequestError for what workspace chat cannot do', async () => {
       const ai = client(baseURL);
       await assert.rejects(ai.chat.completions.create({

@@ -348,6 +348,49 @@ test_oai_route(void **state)
 }
 
 
+/* the native chat calls, whose usage is read as they pass */
+
+static void
+test_route_chat_calls(void **state)
+{
+    size_t       i;
+    alm_route_t  rt;
+
+    static const struct {
+        const char  *method;
+        const char  *path;
+        unsigned     chat;
+    } cases[] = {
+        { "POST", "/api/v1/workspace/foo/chat", ALM_CHAT_WHOLE },
+        { "POST", "/api/v1/Workspace/foo/Chat/", ALM_CHAT_WHOLE },
+        { "POST", "/api/v1/workspace/foo/stream-chat", ALM_CHAT_STREAM },
+        { "POST", "/api/v1/workspace/foo/thread/t-1/chat", ALM_CHAT_WHOLE },
+        { "POST", "/api/v1/workspace/foo/thread/t-1/stream-chat",
+          ALM_CHAT_STREAM },
+        { "POST", "/api/v1/workspace/foo/thread/new", ALM_CHAT_NONE },
+        { "POST", "/api/v1/workspace/foo/thread/t-1/update", ALM_CHAT_NONE },
+        { "DELETE", "/api/v1/workspace/foo/thread/t-1", ALM_CHAT_NONE },
+        { "GET", "/api/v1/workspace/foo/chat", ALM_CHAT_NONE },
+        { "POST", "/api/v1/workspace/foo/chats", ALM_CHAT_NONE },
+        { "POST", "/api/v1/workspace/f o/chat", ALM_CHAT_NONE },
+        { "POST", "/api/v1/openai/chat/completions", ALM_CHAT_NONE },
+        { "GET", "/api/v1/auth", ALM_CHAT_NONE },
+    };
+
+    (void) state;
+
+    for (i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
+        alm_route_classify(cases[i].method, strlen(cases[i].method),
+                           cases[i].path, strlen(cases[i].path), &rt);
+
+        if (rt.chat != cases[i].chat) {
+            fail_msg("%s %s: chat %u, want %u", cases[i].method,
+                     cases[i].path, rt.chat, cases[i].chat);
+        }
+    }
+}
+
+
 int
 main(void)
 {
@@ -356,6 +399,7 @@ main(void)
         cmocka_unit_test(test_route_long_slug),
         cmocka_unit_test(test_route_length_bound),
         cmocka_unit_test(test_oai_route),
+        cmocka_unit_test(test_route_chat_calls),
     };
 
     return cmocka_run_group_tests_name("route", tests, NULL, NULL);
