@@ -271,12 +271,13 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     }
 
     if (rec.malformed & ~(ALM_KEYREC_RPM | ALM_KEYREC_EXPIRES
-                          | ALM_KEYREC_WORKSPACES))
+                          | ALM_KEYREC_WORKSPACES | ALM_KEYREC_TPM
+                          | ALM_KEYREC_TPD))
     {
         abort();
     }
 
-    if (rec.rpm < 0 || rec.expires < 0
+    if (rec.rpm < 0 || rec.expires < 0 || rec.tpm < 0 || rec.tpd < 0
         || (rec.scopes & ~(ALM_SCOPE_CHAT | ALM_SCOPE_READ
                            | ALM_SCOPE_DOCUMENTS | ALM_SCOPE_ADMIN)))
     {
