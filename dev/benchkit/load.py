@@ -129,8 +129,9 @@ def answer(case, ports):
 
 
 def check(cases, ports):
-    """Each case answers what it should, before anything is timed: a
-    case that failed fast would look fast."""
+    """Each case answers what it should, before anything is timed (a
+    case that failed fast would look fast), and where a key is checked
+    an unknown key is refused."""
     whole = "".join(answers.tokens())
     for case in cases:
         status, text = answer(case, ports)
@@ -148,6 +149,12 @@ def check(cases, ports):
             ok = ok and whole.split()[-1] in text
         else:
             ok = ok and '"slug":"sales"' in text
+        if ok and case[3]:
+            # and a key the checks do not know is refused
+            status, text = answer(case[:3] + ("sk-alm-bench-unknown-"
+                                              + "0" * 32,) + case[4:],
+                                  ports)
+            ok = status in (401, 403)
         if not ok:
             raise SystemExit("bench: %s answers %d, not what it should:"
                              "\n%s" % (name, status, text[:500]))
