@@ -6,7 +6,6 @@ auth_request case.  Every nginx runs one worker."""
 import os
 import resource
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -16,9 +15,11 @@ from . import answers
 
 TOP = os.path.dirname(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__))))
-MODULE = os.path.join(TOP, "build", "module",
-                      "ngx_http_anythingllm_module.so")
-NGINX = "/usr/sbin/nginx"
+
+# the process helpers the tests use
+sys.path.insert(0, os.path.join(TOP, "t"))
+from lib import processes  # noqa: E402
+
 UPSTREAM_KEY = "UPSTREAM-BENCH-KEY"
 
 # the locations of a proxied request; streams need proxy_buffering off
@@ -30,20 +31,15 @@ PROXY = """
             proxy_read_timeout 600s;"""
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+free_port = processes.free_port
 
 
 def wait_port(port, timeout=15):
     deadline = time.time() + timeout
     while time.time() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), 0.2).close()
+        if processes.port_open(port):
             return
-        except OSError:
-            time.sleep(0.05)
+        time.sleep(0.05)
     sys.exit("bench: nothing listens on %d" % port)
 
 
@@ -170,12 +166,7 @@ class Stack:
         return p
 
     def stop(self, p):
-        p.terminate()
-        try:
-            p.wait(10)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
+        processes.stop_process(p, 10)
         if p in self.procs:
             self.procs.remove(p)
 
@@ -184,16 +175,19 @@ class Stack:
             self.stop(p)
         shutil.rmtree(self.work, ignore_errors=True)
 
-    def nginx(self, name, body, connections=4096, nofile=None):
-        """Starts an nginx with one worker; returns its process (the
-        master, in the foreground)."""
+    def nginx(self, name, body, connections=4096, nofile=None,
+              module=True):
+        """Starts an nginx with one worker, the module loaded (the
+        tests' ALM_NGINX and ALM_MODULE apply); returns its process
+        (the master, in the foreground)."""
         d = os.path.join(self.work, name)
         os.makedirs(os.path.join(d, "logs"))
         head = "user root;\n" if os.geteuid() == 0 else ""
         if nofile:
             head += "worker_rlimit_nofile %d;\n" % nofile
-        conf = """%sload_module %s;
-worker_processes 1;
+        if module:
+            head += processes.load_module_line() + "\n"
+        conf = """%sworker_processes 1;
 error_log logs/error.log error;
 pid logs/nginx.pid;
 events { worker_connections %d; }
@@ -203,16 +197,16 @@ http {
     proxy_temp_path %s/tmp;
 %s
 }
-""" % (head, MODULE, connections, d, d, body)
+""" % (head, connections, d, d, body)
         path = os.path.join(d, "nginx.conf")
         with open(path, "w") as f:
             f.write(conf)
-        return self.spawn([NGINX, "-p", d, "-c", path,
+        return self.spawn([processes.NGINX_BIN, "-p", d, "-c", path,
                            "-g", "daemon off;"])
 
     def redis(self):
         port = free_port()
-        self.spawn(["redis-server", "--port", str(port),
+        self.spawn([processes.REDIS_BIN, "--port", str(port),
                     "--bind", "127.0.0.1", "--save", "",
                     "--appendonly", "no", "--dir", self.work],
                    stdout=subprocess.DEVNULL)
@@ -251,7 +245,8 @@ http {
         ports["keysvc"] = self.keysvc(ports["redis"])
         files = os.path.join(self.work, "answers")
         os.makedirs(files)
-        self.nginx("backend", backend_conf(ports["be"], files))
+        self.nginx("backend", backend_conf(ports["be"], files),
+                   module=False)
         for name, valid in (("gw", "600s"), ("nocache", "0")):
             self.nginx(name, gateway_conf(ports["redis"], ports["be"],
                                           ports["keysvc"], ports[name],
@@ -261,20 +256,7 @@ http {
         return ports
 
 
-def worker_pids(master):
-    """The worker processes of an nginx master."""
-    pids = []
-    for d in os.listdir("/proc"):
-        if not d.isdigit():
-            continue
-        try:
-            with open("/proc/%s/stat" % d) as f:
-                stat = f.read()
-        except OSError:
-            continue
-        if int(stat.rsplit(")", 1)[1].split()[1]) == master:
-            pids.append(int(d))
-    return pids
+worker_pids = processes.worker_pids
 
 
 def rss_kib(pids):
