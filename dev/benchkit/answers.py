@@ -70,20 +70,23 @@ def chat_answer(n=TOKENS):
                       separators=(",", ":"))
 
 
+def _workspace():
+    return {"id": 1, "name": "Sales", "slug": SLUG,
+            "createdAt": "2026-01-01T00:00:00.000Z", "openAiTemp": 0.7,
+            "openAiHistory": 20, "chatMode": "chat", "documents": [],
+            "threads": []}
+
+
 def workspaces():
-    return json.dumps({"workspaces": [
-        {"id": 1, "name": "Sales", "slug": SLUG,
-         "createdAt": "2026-01-01T00:00:00.000Z",
-         "openAiTemp": 0.7, "openAiHistory": 20, "chatMode": "chat",
-         "documents": [], "threads": []}]}, separators=(",", ":"))
+    """GET /api/v1/workspaces"""
+    return json.dumps({"workspaces": [_workspace()]},
+                      separators=(",", ":"))
 
 
 def workspace():
-    return json.dumps({"workspace": [
-        {"id": 1, "name": "Sales", "slug": SLUG,
-         "createdAt": "2026-01-01T00:00:00.000Z",
-         "openAiTemp": 0.7, "openAiHistory": 20, "chatMode": "chat",
-         "documents": [], "threads": []}]}, separators=(",", ":"))
+    """GET /api/v1/workspace/sales: an array, as AnythingLLM has it"""
+    return json.dumps({"workspace": [_workspace()]},
+                      separators=(",", ":"))
 
 
 def openai_request(stream):
