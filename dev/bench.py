@@ -50,7 +50,7 @@ CONNS = int(os.environ.get("BENCH_CONNECTIONS", "32"))
 STREAMS = int(os.environ.get("BENCH_STREAMS", "10000"))
 ALL = load.NAMES + ["reframe", "memory"]
 
-# issue 11's targets: (case, the ratio's floor or None, what is shown)
+# the performance targets: case: (the ratio's floor, as shown)
 TARGETS = {
     "auth": (0.97, ">= 0.97"),
     "auth-nocache": (0.80, ">= 0.80"),
