@@ -79,7 +79,8 @@ async def open_stream(port, request):
         if b"data:" in seen:
             return writer
         writer.close()
-    except (OSError, asyncio.IncompleteReadError):
+    except (OSError, asyncio.IncompleteReadError,
+            asyncio.LimitOverrunError):
         pass
     return None
 
