@@ -95,7 +95,7 @@ def rounds(work, cases, ports, reframe):
             tries.append(("reframe",
                           lambda: (run_reframe(reframe), None, 0)))
         # each round starts one case later: no case always goes first
-        k = r % len(tries)
+        k = r % len(tries) if tries else 0
         for name, try_ in tries[k:] + tries[:k]:
             value, p99, bad = try_()
             old = best.get(name, (0.0, None, 0))

@@ -24,13 +24,13 @@ from . import answers, stack
 WARM = 50
 
 
-def gateway_conf(redis_port, slow_port, port):
+def gateway_conf(redis_port, slow_port, port, workers):
     return """
     anythingllm_redis 127.0.0.1:%d;
     anythingllm_key_cache zone=keys:10m valid=600s;
     upstream be { server 127.0.0.1:%d; }
     server {
-        listen 127.0.0.1:%d backlog=4096;
+        listen 127.0.0.1:%d backlog=4096%s;
         location /plain/ { rewrite ^/plain(/.*)$ $1 break; %s }
         location /v1/ {
             anythingllm_upstream_key %s;
@@ -38,7 +38,8 @@ def gateway_conf(redis_port, slow_port, port):
             anythingllm_openai on;
             %s
         }
-    }""" % (redis_port, slow_port, port, stack.PROXY,
+    }""" % (redis_port, slow_port, port,
+            " reuseport" if workers > 1 else "", stack.PROXY,
             stack.UPSTREAM_KEY, stack.PROXY)
 
 
@@ -73,23 +74,30 @@ def release(p):
 
 
 def measure_one(st, name, redis_port, slow_port, streams, path, key,
-                body):
-    """KiB per stream of one way, with a gateway of its own."""
+                body, limit):
+    """KiB per stream of one way, with a gateway of its own.  A worker
+    needs two descriptors a stream: when the limit does not allow that
+    many, more workers share the streams (reuseport spreads them), with
+    room for an uneven share; their memory is summed."""
     port = stack.free_port()
-    fds = 2 * streams + 256
-    master = st.nginx(name, gateway_conf(redis_port, slow_port, port),
-                      connections=fds, nofile=fds + 256)
+    workers = 1
+    while 2 * streams * 1.2 / workers + 512 > limit:
+        workers += 1
+    fds = min(limit, int(2 * streams * 1.2 / workers) + 512)
+    master = st.nginx(name, gateway_conf(redis_port, slow_port, port,
+                                         workers),
+                      connections=fds, nofile=fds, workers=workers)
     stack.wait_port(port)
     try:
         # first requests allocate once for good: keep them out
         c, _ = hold(port, path, WARM, key, body)
         release(c)
         time.sleep(0.5)
-        workers = stack.worker_pids(master.pid)
-        before = stack.rss_kib(workers)
+        pids = stack.worker_pids(master.pid)
+        before = stack.rss_kib(pids)
         c, n = hold(port, path, streams, key, body)
         time.sleep(1)
-        after = stack.rss_kib(workers)
+        after = stack.rss_kib(pids)
         release(c)
     finally:
         st.stop(master)
@@ -115,10 +123,11 @@ def measure(st, redis_port, streams):
         plain = measure_one(st, "mem-plain", redis_port, slow_port,
                             streams,
                             "/plain/api/v1/workspace/sales/stream-chat",
-                            None, answers.workspace_request())
+                            None, answers.workspace_request(), have)
         openai = measure_one(st, "mem-openai", redis_port, slow_port,
                              streams, "/v1/chat/completions",
-                             answers.KEY, answers.openai_request(True))
+                             answers.KEY, answers.openai_request(True),
+                             have)
     finally:
         st.stop(backend)
     return {"plain": plain, "openai": openai}

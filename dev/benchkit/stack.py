@@ -44,15 +44,14 @@ def wait_port(port, timeout=15):
 
 
 def raise_fd_limit(want):
-    """As many descriptors as the memory case needs, for this process
-    and every process it starts; returns the soft limit now set."""
+    """Up to want descriptors (the hard limit bounds it), for this
+    process and every process it starts; returns the limit now set."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft >= want:
         return soft
-    if hard < want and os.geteuid() == 0:
-        hard = want
-    resource.setrlimit(resource.RLIMIT_NOFILE, (min(want, hard), hard))
-    return min(want, hard)
+    want = min(want, hard) if hard != resource.RLIM_INFINITY else want
+    resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+    return want
 
 
 def q(s):
@@ -176,7 +175,7 @@ class Stack:
         shutil.rmtree(self.work, ignore_errors=True)
 
     def nginx(self, name, body, connections=4096, nofile=None,
-              module=True):
+              module=True, workers=1):
         """Starts an nginx with one worker, the module loaded (the
         tests' ALM_NGINX and ALM_MODULE apply); returns its process
         (the master, in the foreground)."""
@@ -187,7 +186,7 @@ class Stack:
             head += "worker_rlimit_nofile %d;\n" % nofile
         if module:
             head += processes.load_module_line() + "\n"
-        conf = """%sworker_processes 1;
+        conf = """%sworker_processes %d;
 error_log logs/error.log error;
 pid logs/nginx.pid;
 events { worker_connections %d; }
@@ -197,7 +196,7 @@ http {
     proxy_temp_path %s/tmp;
 %s
 }
-""" % (head, connections, d, d, body)
+""" % (head, workers, connections, d, d, body)
         path = os.path.join(d, "nginx.conf")
         with open(path, "w") as f:
             f.write(conf)
