@@ -13,7 +13,9 @@
 #                   target; FUZZ_TARGETS="fuzz_route ..." picks some
 #   make soak       10 minutes (SOAK_SECONDS) of mixed traffic, reloads
 #                   and Redis restarts; checks logs, RSS and fds
-#   make bench      gateway overhead as ratios against plain nginx
+#   make bench      the performance report: ratios to plain nginx, p99,
+#                   the re-framer, memory per stream (BENCH_* settings:
+#                   dev/bench.py)
 #   make deb        the Debian package libnginx-mod-http-anythingllm
 
 PYTHON      ?= /usr/bin/python3
