@@ -9,6 +9,8 @@ the key service; wrk drives with 2 threads.  Cases (benchkit/load.py):
   key           + anythingllm_upstream_key
   auth          + anythingllm_auth on, a cached key (no Redis round trip)
   auth-nocache  the same with the key cache off (valid=0): Redis each time
+  auth-metrics  auth with metrics counted (anythingllm_metrics_zone):
+                compared with auth, so its ratio is the metrics' cost
   auth-rpm      a cached key with an rpm that never refuses
   auth_request  nginx's auth_request to a key service on the same Redis,
                 the way without this module (benchkit/keysvc.py): the
@@ -54,6 +56,7 @@ ALL = load.NAMES + ["reframe", "memory"]
 TARGETS = {
     "auth": (0.97, ">= 0.97"),
     "auth-nocache": (0.80, ">= 0.80"),
+    "auth-metrics": (0.97, ">= 0.97"),
     "auth-rpm": (0.90, ">= 0.90"),
     "openai": (0.80, ">= 0.80"),
     "stream": (0.60, ">= 0.60"),

@@ -21,6 +21,8 @@ CASES = [
      "plain"),
     ("auth-nocache", "nocache", "/api/v1/workspace/sales", answers.KEY,
      None, "plain"),
+    ("auth-metrics", "metrics", "/api/v1/workspace/sales", answers.KEY,
+     None, "auth"),
     ("auth-rpm", "gw", "/api/v1/workspace/sales", answers.RPM_KEY, None,
      "plain"),
     ("auth_request", "gw", "/ar/api/v1/workspace/sales", answers.KEY,

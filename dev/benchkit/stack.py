@@ -100,13 +100,15 @@ def backend_conf(port, files):
             q(answers.workspace()), q(answers.workspaces()))
 
 
-def gateway_conf(redis_port, be_port, ks_port, port, valid):
+def gateway_conf(redis_port, be_port, ks_port, port, valid, extra=""):
     """One location a case, all proxying to the same backend.  The
-    key cache zone is the http level's, so the uncached case has a
-    gateway of its own (valid=0), otherwise identical."""
+    key cache zone and the metrics zone are the http level's, so the
+    uncached case (valid=0) and the metrics case (extra: the metrics
+    zone) have gateways of their own, otherwise identical."""
     return """
     anythingllm_redis 127.0.0.1:%d;
     anythingllm_key_cache zone=keys:10m valid=%s;
+    %s
     upstream be { server 127.0.0.1:%d; keepalive 64; }
     upstream keysvc { server 127.0.0.1:%d; keepalive 64; }
     server {
@@ -147,7 +149,7 @@ def gateway_conf(redis_port, be_port, ks_port, port, valid):
             proxy_set_header X-Original-URI $uri;
             proxy_set_header X-Original-Method $request_method;
         }
-    }""" % (redis_port, valid, be_port, ks_port, port,
+    }""" % (redis_port, valid, extra, be_port, ks_port, port,
             PROXY, UPSTREAM_KEY, PROXY, UPSTREAM_KEY, PROXY,
             UPSTREAM_KEY, PROXY, UPSTREAM_KEY, PROXY)
 
@@ -240,16 +242,19 @@ http {
         """Redis, the backend, the key service and both gateways;
         returns the ports as a dict."""
         ports = {"redis": self.redis(), "be": free_port(),
-                 "gw": free_port(), "nocache": free_port()}
+                 "gw": free_port(), "nocache": free_port(),
+                 "metrics": free_port()}
         ports["keysvc"] = self.keysvc(ports["redis"])
         files = os.path.join(self.work, "answers")
         os.makedirs(files)
         self.nginx("backend", backend_conf(ports["be"], files),
                    module=False)
-        for name, valid in (("gw", "600s"), ("nocache", "0")):
+        for name, valid, extra in (
+                ("gw", "600s", ""), ("nocache", "0", ""),
+                ("metrics", "600s", "anythingllm_metrics_zone 1m;")):
             self.nginx(name, gateway_conf(ports["redis"], ports["be"],
                                           ports["keysvc"], ports[name],
-                                          valid))
+                                          valid, extra))
         for p in ports.values():
             wait_port(p)
         return ports
