@@ -849,6 +849,7 @@ ngx_http_anythingllm_usage_auth_send(ngx_http_request_t *r,
 
     ur->auth = 0;
     json = NULL;
+    len = 0;
 
     if (!ur->too_long && ur->len) {
         ngx_gmtime(ngx_time(), &tm);
