@@ -261,6 +261,32 @@ def test_a_stream_left_mid_way_counts_what_was_generated(
     assert c == {"requests": 2, "prompt_tokens": 0, "completion_tokens": 6}
 
 
+def test_a_stream_whose_end_has_no_counts_counts_its_pieces(
+        nginx, redis_server, backend):
+    redis_server.add_key("k-usage", name="usage", scopes="chat,read")
+    n = nginx(USAGE, redis=redis_server)
+    h = bearer("k-usage")
+    no_counts = finalize()
+    del no_counts["metrics"]
+    empty_counts = finalize(metrics={})
+    sent = 0
+    for end in (no_counts, empty_counts):
+        for path in ("/api/v1/workspace/sales/stream-chat",
+                     "/v1/chat/completions"):
+            backend.script(endpoint="stream-chat", events=[
+                {"frame": chunk("one")}, {"frame": chunk(" two")},
+                {"frame": chunk(" three", close=True)}, {"frame": end}])
+            body = {"message": "x"} if path.startswith("/api") else {
+                "model": "sales", "stream": True, "messages": [user("x")]}
+            r = n.post(path, json=body, headers=h)
+            assert r.status == 200, r.text
+            assert "three" in r.text
+            sent += 1
+    # three pieces each, as for a stream left before its end
+    c = wait_counters(redis_server, "k-usage", sent)
+    assert c == {"requests": 4, "prompt_tokens": 0, "completion_tokens": 12}
+
+
 def test_tpm_refuses_once_reached_and_recovers(nginx, redis_server, backend):
     redis_server.add_key("k-tpm", scopes="chat,read", tpm=1000)
     n = nginx(USAGE, redis=redis_server)
@@ -417,3 +443,30 @@ def test_auth_shows_the_key_its_own_record_and_use(nginx, redis_server,
     assert key_digest("k-me")[:12] not in r.text
     assert key_digest("k-other") not in r.text
     assert "k-other" not in r.text
+
+
+def test_auth_answers_that_are_not_the_echo_pass_as_they_were(
+        nginx, redis_server, backend):
+    redis_server.add_key("k-me", name="me", scopes="read,chat")
+    n = nginx(USAGE, redis=redis_server)
+    answers = [
+        (200, {"body": "upstream says hi"}),
+        (200, {"body": '{"authenticated": tru'}),
+        (200, {"json": {"authenticated": False}}),
+        (200, {"json": ["authenticated", True]}),
+        (403, {"json": {"error": "No valid api key found."}}),
+        (200, {"body": ""}),
+    ]
+    for status, answer in answers:
+        backend.script(path="/api/v1/auth", status=status, **answer)
+        direct = helpers.get(backend.url + "/api/v1/auth",
+                             headers=bearer(backend.api_key))
+        backend.script(path="/api/v1/auth", status=status, **answer)
+        via = n.get("/api/v1/auth", headers=bearer("k-me"))
+        assert via.status == direct.status == status
+        assert via.body == direct.body, answer
+        assert via.headers["content-length"] == str(len(direct.body))
+        assert key_digest("k-me")[:12] not in via.text
+    # and the echo itself is enriched again afterwards
+    r = n.get("/api/v1/auth", headers=bearer("k-me"))
+    assert r.status == 200 and r.json()["name"] == "me"
