@@ -19,7 +19,9 @@
  *   ngx_http_anythingllm_cors.c      CORS preflight and headers
  *   ngx_http_anythingllm_cache.c     shared-memory key cache,
  *                                    revocations
- *   ngx_http_anythingllm_redis.c     hiredis on nginx's event loop
+ *   ngx_http_anythingllm_redis.c     the Redis connections of a worker
+ *   ngx_http_anythingllm_sentinel.c  Redis Sentinel: the primary found
+ *   ngx_http_anythingllm_redis_io.c  hiredis on nginx's event loop
  *   ngx_http_anythingllm_redis_conf.c  anythingllm_redis, the names of
  *                                    Redis keys
  *   ngx_http_anythingllm_util.c      per-request helpers: context,
