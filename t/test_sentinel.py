@@ -364,15 +364,48 @@ def test_sentinels_down(nginx, sentinel_group, backend):
     assert unexplained_errors(n2) == []
 
 
-def keys_tool(g, *args, stdin=None):
+def keys_tool(g, *args, stdin=None, acl=True):
+    """The key tool on the group; acl: as the README's ACL users."""
     env = dict(os.environ)
-    env.update({"ANYTHINGLLM_REDIS_PASSWORD": "keys-secret",
-                "ANYTHINGLLM_SENTINEL_PASSWORD": "sentinel-secret"})
-    return subprocess.run(
-        [PYTHON, KEYS_TOOL, "--sentinel", g.sentinel_list, "--master",
-         MASTER, "--user", "anythingllm-keys",
-         "--sentinel-user", "anythingllm-sentinel"] + list(args),
-        input=stdin, capture_output=True, text=True, env=env, timeout=30)
+    cmd = [PYTHON, KEYS_TOOL, "--sentinel", g.sentinel_list, "--master",
+           MASTER]
+    if acl:
+        env.update({"ANYTHINGLLM_REDIS_PASSWORD": "keys-secret",
+                    "ANYTHINGLLM_SENTINEL_PASSWORD": "sentinel-secret"})
+        cmd += ["--user", "anythingllm-keys",
+                "--sentinel-user", "anythingllm-sentinel"]
+    return subprocess.run(cmd + list(args), input=stdin,
+                          capture_output=True, text=True, env=env,
+                          timeout=30)
+
+
+def test_keys_tool_sentinel_options(sentinel_group):
+    def tool(*args):
+        return subprocess.run([PYTHON, KEYS_TOOL] + list(args),
+                              capture_output=True, text=True, timeout=30)
+
+    r = tool("--master", MASTER, "list")
+    assert r.returncode == 2 and "go together" in r.stderr, r.stderr
+    r = tool("--sentinel", "127.0.0.1:1,127.0.0.1:2", "--master", MASTER,
+             "list")
+    assert r.returncode == 1, r.stderr
+    assert "no sentinel named the primary" in r.stderr, r.stderr
+
+    # a sentinel down is skipped; the key lands on the primary
+    g = sentinel_group()
+    g.sentinels[0].stop()
+    r = keys_tool(g, "create", "--name", "via-sentinel", acl=False)
+    assert r.returncode == 0, r.stderr
+    key = re.search(r"^key:\s+(\S+)", r.stdout, re.M).group(1)
+    assert g.primary().hgetall(g.primary().key_name(key))["name"] \
+        == "via-sentinel"
+
+    # a group name the sentinels do not know
+    r = subprocess.run([PYTHON, KEYS_TOOL, "--sentinel", g.sentinel_list,
+                        "--master", "nosuch", "list"],
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 1 and "does not know master" in r.stderr, \
+        r.stderr
 
 
 def test_least_privilege_acl_users(nginx, sentinel_group, backend):
@@ -448,3 +481,30 @@ def test_least_privilege_acl_users(nginx, sentinel_group, backend):
         lambda: "redis refused the command INCR to user "
         "\"anythingllm-gateway\"" in n.error_log(), timeout=3,
         message="the refused command was not logged")
+
+
+def test_acl_user_on_a_single_redis(nginx, redis_server, backend):
+    with open(os.path.join(REPO, "README.md")) as f:
+        rules = [w.replace("<password>", "gateway-secret")
+                 for w in acl_rules(f.read(), "anythingllm-gateway")]
+    redis_server.cmd("ACL", "SETUSER", "anythingllm-gateway", *rules)
+    redis_server.add_key("k-acl", scopes="read", rpm=100)
+    conf = GATEWAY.replace(
+        "sentinel=%(sentinels)s master=%(master)s",
+        "@REDIS@ user=anythingllm-gateway password=%(password)s")
+    conf = conf.replace("anythingllm_key_cache  zone=alm_keys:1m",
+                        "anythingllm_key_cache  zone=alm_keys%(n)d:1m")
+
+    n = nginx(conf % {"password": "gateway-secret", "timeout": 500,
+                      "extra": "", "n": 1}, redis=redis_server)
+    helpers.wait_until(lambda: auth(n, "k-acl")[0].status == 200, timeout=5)
+    clients = redis_server.cmd("CLIENT", "LIST").decode()
+    assert "user=anythingllm-gateway" in clients
+
+    # a wrong password: refused at AUTH, logged, uncached keys get 503
+    bad = nginx(conf % {"password": "wrong", "timeout": 500, "extra": "",
+                        "n": 2}, redis=redis_server)
+    r, _ = auth(bad, "k-acl")
+    assert_refused(r, 503, None, type_="server_error")
+    helpers.wait_until(lambda: "AUTH or SELECT failed: WRONGPASS"
+                       in bad.error_log(), timeout=5)
