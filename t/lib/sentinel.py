@@ -17,8 +17,7 @@ import subprocess
 import time
 
 from lib import helpers, resp
-from lib.processes import (REDIS_BIN, RedisServer, Service, free_port,
-                           stop_process)
+from lib.processes import REDIS_BIN, RedisServer, Service, free_port
 
 
 MASTER = "alm-primary"
@@ -266,8 +265,3 @@ def acl_rules(readme_text, user):
                   % re.escape(user), text, re.M)
     assert m, "README has no ACL SETUSER rule for %s" % user
     return m.group(1).split()
-
-
-def stop_all(procs):
-    for p in procs:
-        stop_process(p.proc)
