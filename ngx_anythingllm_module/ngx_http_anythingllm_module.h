@@ -19,7 +19,9 @@
  *   ngx_http_anythingllm_cors.c      CORS preflight and headers
  *   ngx_http_anythingllm_cache.c     shared-memory key cache,
  *                                    revocations
- *   ngx_http_anythingllm_redis.c     hiredis on nginx's event loop
+ *   ngx_http_anythingllm_redis.c     the Redis connections of a worker
+ *   ngx_http_anythingllm_sentinel.c  Redis Sentinel: the primary found
+ *   ngx_http_anythingllm_redis_io.c  hiredis on nginx's event loop
  *   ngx_http_anythingllm_redis_conf.c  anythingllm_redis, the names of
  *                                    Redis keys
  *   ngx_http_anythingllm_util.c      per-request helpers: context,
@@ -53,14 +55,30 @@ typedef struct {
     ngx_slab_pool_t            *shpool;
 } ngx_http_anythingllm_shm_t;
 
+/* an IP literal and port of anythingllm_redis */
+typedef struct {
+    ngx_str_t                   addr;           /* as written */
+    u_char                     *host;           /* IP literal, NUL */
+    ngx_int_t                   port;
+} ngx_http_anythingllm_redis_addr_t;
+
 typedef struct {
     /* anythingllm_redis */
-    ngx_str_t                   redis_addr;     /* as written; empty: none */
+    ngx_str_t                   redis_addr;     /* as written (the
+                                                   sentinel= list for a
+                                                   Sentinel group);
+                                                   empty: none */
     ngx_str_t                   redis_unix;     /* unix socket path, NUL */
     ngx_str_t                   redis_host;     /* IP literal, NUL */
     ngx_int_t                   redis_port;
     ngx_int_t                   redis_db;
+    ngx_str_t                   redis_user;     /* ACL user, or none */
     ngx_str_t                   redis_password;
+    ngx_array_t                *sentinels;      /* of redis_addr_t; NULL:
+                                                   a single address */
+    ngx_str_t                   redis_master;   /* the group's name */
+    ngx_str_t                   sentinel_user;
+    ngx_str_t                   sentinel_password;
     ngx_msec_t                  redis_timeout;
     ngx_str_t                   prefix;
     ngx_str_t                   revocations;    /* "<prefix>revocations" */

@@ -11,6 +11,15 @@
  *   - the subscriber, which listens on "<prefix>revocations" and hands
  *     every message to the handler given at init (the key cache's).
  *
+ * Both go to the configured address, or, for a Sentinel group, to the
+ * primary the sentinels name (ngx_http_anythingllm_sentinel.c).  Then
+ * the command connection asks ROLE and serves nothing until the server
+ * says it is the master; the subscriber follows it there.  The
+ * primary is asked for again after the command connection fails, a
+ * READONLY answer (a demoted primary) or a ROLE that is not "master";
+ * a +switch-master message moves both connections at once.  While the
+ * primary is being looked for, commands fail at once.
+ *
  * hiredis 0.14 has no timeouts of its own: the connect and every
  * command are timed with nginx timers.  A command that times out means
  * the connection can no longer be trusted (its replies would come late
@@ -18,13 +27,8 @@
  * callback with a NULL reply, and a new connection is tried with a
  * backoff.  While there is no connection, commands fail at once.
  *
- * hiredis closes the socket itself: the nginx connection that wraps it
- * is only ever freed, never closed.  hiredis may free its context
- * inside redisAsyncHandleRead() and redisAsyncHandleWrite(); nothing
- * is touched after those calls, and the cleanup hook forgets the
- * context.
- *
- * hiredis's types stay in this file: callers get the replies as
+ * The event loop side of hiredis is ngx_http_anythingllm_redis_io.c.
+ * hiredis's types stay in the Redis files: callers get the replies as
  * ngx_http_anythingllm_redis_reply_t.
  */
 
@@ -33,41 +37,19 @@
 #include <ngx_core.h>
 #include <ngx_http.h>
 
-#include <hiredis/hiredis.h>
-#include <hiredis/async.h>
-
 #include "ngx_http_anythingllm_module.h"
+#include "ngx_http_anythingllm_redis_io.h"
 
 
 #define NGX_HTTP_ANYTHINGLLM_REDIS_BACKOFF_MIN   100
 #define NGX_HTTP_ANYTHINGLLM_REDIS_BACKOFF_MAX   2000
 #define NGX_HTTP_ANYTHINGLLM_REDIS_FREE_MAX      256
 
-/* a failure is logged as an error once, then at "info" until it heals */
-#define ngx_http_anythingllm_redis_level(conn)                              \
-    ((conn)->quiet ? (ngx_uint_t) NGX_LOG_INFO : (ngx_uint_t) NGX_LOG_ERR)
+/* a Sentinel group: asking the sentinels again costs little */
+#define NGX_HTTP_ANYTHINGLLM_REDIS_SENTINEL_BACKOFF_MAX  1000
 
-
-typedef enum {
-    NGX_HTTP_ANYTHINGLLM_REDIS_DOWN = 0,
-    NGX_HTTP_ANYTHINGLLM_REDIS_CONNECTING,
-    NGX_HTTP_ANYTHINGLLM_REDIS_UP
-} ngx_http_anythingllm_redis_state_e;
-
-
-typedef struct {
-    redisAsyncContext          *ac;
-    ngx_connection_t           *c;
-    ngx_event_t                 timer;      /* connect or command timeout */
-    ngx_event_t                 reconnect;
-    ngx_queue_t                 pending;    /* commands in flight */
-    ngx_msec_t                  backoff;
-    ngx_uint_t                  state;
-    const char                 *name;
-    unsigned                    subscriber:1;
-    unsigned                    was_down:1; /* revocations may be lost */
-    unsigned                    quiet:1;    /* failure already logged */
-} ngx_http_anythingllm_redis_conn_t;
+#define ngx_http_anythingllm_redis_sentinel()                               \
+    (ngx_http_anythingllm_redis_conf->sentinels != NULL)
 
 
 struct ngx_http_anythingllm_redis_req_s {
@@ -75,7 +57,18 @@ struct ngx_http_anythingllm_redis_req_s {
     ngx_http_anythingllm_redis_handler_pt   handler;
     void                                   *data;
     ngx_msec_t                              deadline;
+    u_char                                  cmd[
+                                        NGX_HTTP_ANYTHINGLLM_REDIS_CMD_LEN];
 };
+
+
+/* the primary of a Sentinel group, as the sentinels last named it */
+
+typedef struct {
+    u_char                      host[NGX_INET6_ADDRSTRLEN + 1];
+    ngx_int_t                   port;
+    unsigned                    known:1;
+} ngx_http_anythingllm_redis_primary_t;
 
 
 static void ngx_http_anythingllm_redis_connect(
@@ -90,18 +83,17 @@ static void ngx_http_anythingllm_redis_schedule(
     ngx_http_anythingllm_redis_conn_t *conn);
 static void ngx_http_anythingllm_redis_reconnect_handler(ngx_event_t *ev);
 static void ngx_http_anythingllm_redis_timer_handler(ngx_event_t *ev);
-static void ngx_http_anythingllm_redis_io_handler(ngx_event_t *ev);
-static void ngx_http_anythingllm_redis_event(void *privdata,
-    ngx_int_t event, ngx_uint_t add);
-static void ngx_http_anythingllm_redis_add_read(void *privdata);
-static void ngx_http_anythingllm_redis_del_read(void *privdata);
-static void ngx_http_anythingllm_redis_add_write(void *privdata);
-static void ngx_http_anythingllm_redis_del_write(void *privdata);
-static void ngx_http_anythingllm_redis_cleanup(void *privdata);
+static void ngx_http_anythingllm_redis_gone(
+    ngx_http_anythingllm_redis_conn_t *conn);
+static void ngx_http_anythingllm_redis_lost(
+    ngx_http_anythingllm_redis_conn_t *conn);
+static void ngx_http_anythingllm_redis_role_reply(void *data,
+    ngx_http_anythingllm_redis_reply_t *reply);
+static void ngx_http_anythingllm_redis_found(const u_char *host,
+    ngx_int_t port, ngx_uint_t switched);
+static void ngx_http_anythingllm_redis_unfound(void);
 static void ngx_http_anythingllm_redis_reply(redisAsyncContext *ac,
     void *reply, void *privdata);
-static ngx_int_t ngx_http_anythingllm_redis_parse(redisReply *rp,
-    ngx_http_anythingllm_redis_reply_t *reply);
 static void ngx_http_anythingllm_redis_init_reply(void *data,
     ngx_http_anythingllm_redis_reply_t *reply);
 static ngx_http_anythingllm_redis_req_t *ngx_http_anythingllm_redis_send(
@@ -125,6 +117,7 @@ static ngx_queue_t                         ngx_http_anythingllm_redis_free;
 static ngx_uint_t                          ngx_http_anythingllm_redis_nfree;
 static ngx_uint_t                          ngx_http_anythingllm_redis_exiting;
 static ngx_http_anythingllm_redis_sub_pt   ngx_http_anythingllm_redis_on_sub;
+static ngx_http_anythingllm_redis_primary_t  ngx_http_anythingllm_redis_primary;
 
 
 ngx_int_t
@@ -152,6 +145,14 @@ ngx_http_anythingllm_redis_init_process(ngx_cycle_t *cycle,
     ngx_http_anythingllm_redis_on_sub = sub_handler;
     ngx_http_anythingllm_redis_exiting = 0;
     ngx_queue_init(&ngx_http_anythingllm_redis_free);
+    ngx_memzero(&ngx_http_anythingllm_redis_primary,
+                sizeof(ngx_http_anythingllm_redis_primary_t));
+
+    if (amcf->sentinels) {
+        ngx_http_anythingllm_sentinel_init(amcf,
+                                           ngx_http_anythingllm_redis_found,
+                                           ngx_http_anythingllm_redis_unfound);
+    }
 
     for (i = 0; i < 2; i++) {
         conn = (i == 0) ? &ngx_http_anythingllm_redis_cmd
@@ -161,6 +162,7 @@ ngx_http_anythingllm_redis_init_process(ngx_cycle_t *cycle,
 
         conn->subscriber = (i == 1);
         conn->name = conn->subscriber ? "subscriber" : "command";
+        conn->gone = ngx_http_anythingllm_redis_gone;
 
         ngx_queue_init(&conn->pending);
 
@@ -177,6 +179,12 @@ ngx_http_anythingllm_redis_init_process(ngx_cycle_t *cycle,
         /* the subscriber needs no connection when nothing is cached */
 
         if (conn->subscriber && amcf->cache_zone == NULL) {
+            continue;
+        }
+
+        /* in a Sentinel group it follows the command connection */
+
+        if (conn->subscriber && amcf->sentinels) {
             continue;
         }
 
@@ -208,6 +216,8 @@ ngx_http_anythingllm_redis_exit_process(ngx_cycle_t *cycle)
     /* pending callbacks still run below, but call no request back */
 
     ngx_http_anythingllm_redis_exiting = 1;
+
+    ngx_http_anythingllm_sentinel_exit();
 
     for (i = 0; i < 2; i++) {
         conn = (i == 0) ? &ngx_http_anythingllm_redis_cmd
@@ -261,6 +271,15 @@ ngx_http_anythingllm_redis_command(
         return NULL;
     }
 
+    /* nothing goes to a server of a group before it says it is primary */
+
+    if (ngx_http_anythingllm_redis_sentinel()
+        && ngx_http_anythingllm_redis_cmd.state
+           != NGX_HTTP_ANYTHINGLLM_REDIS_UP)
+    {
+        return NULL;
+    }
+
     return ngx_http_anythingllm_redis_send(&ngx_http_anythingllm_redis_cmd,
                                            handler, data, argc, argv,
                                            argvlen);
@@ -295,83 +314,53 @@ ngx_http_anythingllm_redis_cancel(ngx_http_anythingllm_redis_req_t **rrp)
 static void
 ngx_http_anythingllm_redis_connect(ngx_http_anythingllm_redis_conn_t *conn)
 {
-    ngx_log_t                         *log;
-    ngx_connection_t                  *c;
-    redisAsyncContext                 *ac;
-    ngx_http_anythingllm_main_conf_t  *amcf;
+    ngx_int_t                              rc;
+    ngx_http_anythingllm_main_conf_t      *amcf;
+    ngx_http_anythingllm_redis_primary_t  *pr;
 
     amcf = ngx_http_anythingllm_redis_conf;
-    log = ngx_cycle->log;
+    pr = &ngx_http_anythingllm_redis_primary;
 
-    if (amcf->redis_unix.len) {
-        ac = redisAsyncConnectUnix((const char *) amcf->redis_unix.data);
+    if (amcf->sentinels) {
+
+        if (conn->subscriber) {
+            /* only to where the command connection is up */
+            if (ngx_http_anythingllm_redis_cmd.state
+                != NGX_HTTP_ANYTHINGLLM_REDIS_UP)
+            {
+                return;
+            }
+
+        } else if (!pr->known) {
+            /* the answer comes back to ngx_http_anythingllm_redis_found() */
+            ngx_http_anythingllm_sentinel_discover();
+            return;
+        }
+
+        rc = ngx_http_anythingllm_redis_io_connect(conn, (char *) pr->host,
+                                   (int) pr->port, NULL,
+                                   ngx_http_anythingllm_redis_connected_cb);
 
     } else {
-        ac = redisAsyncConnect((const char *) amcf->redis_host.data,
-                               (int) amcf->redis_port);
+        rc = ngx_http_anythingllm_redis_io_connect(conn,
+                                   (char *) amcf->redis_host.data,
+                                   (int) amcf->redis_port,
+                                   amcf->redis_unix.len
+                                   ? (char *) amcf->redis_unix.data : NULL,
+                                   ngx_http_anythingllm_redis_connected_cb);
     }
 
-    if (ac == NULL) {
-        ngx_log_error(NGX_LOG_ERR, log, 0,
-                      "anythingllm: redis %s connection to \"%V\" failed: "
-                      "out of memory", conn->name, &amcf->redis_addr);
-        goto failed;
+    if (rc != NGX_OK) {
+        conn->was_down = 1;
+        ngx_http_anythingllm_redis_lost(conn);
+        ngx_http_anythingllm_redis_schedule(conn);
+        return;
     }
-
-    if (ac->err) {
-        ngx_log_error(ngx_http_anythingllm_redis_level(conn), log, 0,
-                      "anythingllm: redis %s connection to \"%V\" "
-                      "failed: %s", conn->name, &amcf->redis_addr,
-                      ac->errstr);
-        conn->quiet = 1;
-        redisAsyncFree(ac);
-        goto failed;
-    }
-
-    c = ngx_get_connection(ac->c.fd, log);
-    if (c == NULL) {
-        redisAsyncFree(ac);
-        goto failed;
-    }
-
-    c->data = conn;
-    c->read->handler = ngx_http_anythingllm_redis_io_handler;
-    c->write->handler = ngx_http_anythingllm_redis_io_handler;
-    c->read->log = log;
-    c->write->log = log;
-
-    conn->ac = ac;
-    conn->c = c;
-    conn->state = NGX_HTTP_ANYTHINGLLM_REDIS_CONNECTING;
-
-    ac->data = conn;
-    ac->ev.data = conn;
-    ac->ev.addRead = ngx_http_anythingllm_redis_add_read;
-    ac->ev.delRead = ngx_http_anythingllm_redis_del_read;
-    ac->ev.addWrite = ngx_http_anythingllm_redis_add_write;
-    ac->ev.delWrite = ngx_http_anythingllm_redis_del_write;
-    ac->ev.cleanup = ngx_http_anythingllm_redis_cleanup;
-
-    /* asks for the first write event, which tells the connect's result */
-
-    (void) redisAsyncSetConnectCallback(ac,
-                                     ngx_http_anythingllm_redis_connected_cb);
 
     conn->timer.cancelable = 1;
     ngx_add_timer(&conn->timer, amcf->redis_timeout);
 
     ngx_http_anythingllm_redis_prepare(conn);
-
-    ngx_log_debug2(NGX_LOG_DEBUG_EVENT, log, 0,
-                   "anythingllm: redis %s connecting, fd:%d",
-                   conn->name, c->fd);
-
-    return;
-
-failed:
-
-    conn->was_down = 1;
-    ngx_http_anythingllm_redis_schedule(conn);
 }
 
 
@@ -397,8 +386,7 @@ ngx_http_anythingllm_redis_connected_cb(const redisAsyncContext *cac,
         ngx_log_error(ngx_http_anythingllm_redis_level(conn),
                       ngx_cycle->log, 0,
                       "anythingllm: redis %s connection to \"%V\" "
-                      "failed: %s", conn->name,
-                      &ngx_http_anythingllm_redis_conf->redis_addr,
+                      "failed: %s", conn->name, &conn->addr,
                       ac->errstr);
         conn->quiet = 1;
         return;
@@ -407,8 +395,11 @@ ngx_http_anythingllm_redis_connected_cb(const redisAsyncContext *cac,
     ngx_log_debug1(NGX_LOG_DEBUG_EVENT, ngx_cycle->log, 0,
                    "anythingllm: redis %s connected", conn->name);
 
-    if (conn->subscriber) {
-        /* stays "connecting", with its timer, until SUBSCRIBE is confirmed */
+    if (conn->subscriber || ngx_http_anythingllm_redis_sentinel()) {
+        /*
+         * stays "connecting", with its timer, until SUBSCRIBE is
+         * confirmed, or ROLE says "master"
+         */
         return;
     }
 
@@ -438,35 +429,44 @@ ngx_http_anythingllm_redis_connected_cb(const redisAsyncContext *cac,
  * The first commands of a connection, queued at once: hiredis sends
  * them as soon as the socket connects, before anything queued later.
  * A failure of AUTH or SELECT breaks the connection, which fails the
- * commands behind.
+ * commands behind.  In a Sentinel group ROLE comes last: the connection
+ * serves once the server says it is the master.
  */
 
 static void
 ngx_http_anythingllm_redis_prepare(ngx_http_anythingllm_redis_conn_t *conn)
 {
     u_char                            *p;
-    size_t                             argvlen[2];
-    const char                        *argv[2];
+    int                                argc;
+    size_t                             argvlen[3];
+    const char                        *argv[3];
     ngx_http_anythingllm_main_conf_t  *amcf;
     u_char                             db[NGX_INT_T_LEN];
 
     amcf = ngx_http_anythingllm_redis_conf;
 
     if (amcf->redis_password.len) {
-        argv[0] = "AUTH";
-        argvlen[0] = sizeof("AUTH") - 1;
-        argv[1] = (const char *) amcf->redis_password.data;
-        argvlen[1] = amcf->redis_password.len;
+        argc = 0;
+        argv[argc] = "AUTH";
+        argvlen[argc++] = sizeof("AUTH") - 1;
+
+        if (amcf->redis_user.len) {
+            argv[argc] = (const char *) amcf->redis_user.data;
+            argvlen[argc++] = amcf->redis_user.len;
+        }
+
+        argv[argc] = (const char *) amcf->redis_password.data;
+        argvlen[argc++] = amcf->redis_password.len;
 
         if (conn->subscriber) {
             (void) redisAsyncCommandArgv(conn->ac,
                                          ngx_http_anythingllm_redis_sub_auth,
-                                         conn, 2, argv, argvlen);
+                                         conn, argc, argv, argvlen);
 
         } else {
             (void) ngx_http_anythingllm_redis_send(conn,
                                      ngx_http_anythingllm_redis_init_reply,
-                                     conn, 2, argv, argvlen);
+                                     conn, argc, argv, argvlen);
         }
     }
 
@@ -494,6 +494,15 @@ ngx_http_anythingllm_redis_prepare(ngx_http_anythingllm_redis_conn_t *conn)
                                      ngx_http_anythingllm_redis_init_reply,
                                      conn, 2, argv, argvlen);
     }
+
+    if (amcf->sentinels) {
+        argv[0] = "ROLE";
+        argvlen[0] = sizeof("ROLE") - 1;
+
+        (void) ngx_http_anythingllm_redis_send(conn,
+                                     ngx_http_anythingllm_redis_role_reply,
+                                     conn, 1, argv, argvlen);
+    }
 }
 
 
@@ -510,10 +519,101 @@ ngx_http_anythingllm_redis_init_reply(void *data,
     }
 
     ngx_log_error(NGX_LOG_ERR, ngx_cycle->log, 0,
-                  "anythingllm: redis %s connection: AUTH or SELECT "
-                  "failed: %V", conn->name, &reply->str);
+                  "anythingllm: redis %s connection to \"%V\": AUTH or "
+                  "SELECT failed: %V", conn->name, &conn->addr, &reply->str);
 
+    ngx_http_anythingllm_redis_lost(conn);
     ngx_http_anythingllm_redis_broken(conn, NULL);
+}
+
+
+/*
+ * ROLE, last of a new connection to a server of a Sentinel group: it
+ * serves only as "master"; anything else, and the sentinels are asked
+ * again.
+ */
+
+static void
+ngx_http_anythingllm_redis_role_reply(void *data,
+    ngx_http_anythingllm_redis_reply_t *reply)
+{
+    ngx_str_t                           role;
+    ngx_msec_int_t                      left;
+    ngx_http_anythingllm_redis_req_t   *rr;
+    ngx_http_anythingllm_redis_conn_t  *conn, *sub;
+
+    conn = data;
+
+    if (reply->type == NGX_HTTP_ANYTHINGLLM_REDIS_NONE || conn->ac == NULL) {
+        return;
+    }
+
+    ngx_str_null(&role);
+
+    if (reply->type == NGX_HTTP_ANYTHINGLLM_REDIS_ARRAY && reply->nelts) {
+        role = reply->elts[0];
+    }
+
+    if (role.len != 6 || ngx_strncmp(role.data, "master", 6) != 0) {
+        ngx_log_error(ngx_http_anythingllm_redis_level(conn),
+                      ngx_cycle->log, 0,
+                      "anythingllm: redis %V is not the primary of \"%V\" "
+                      "(ROLE: %V), asking the sentinels again", &conn->addr,
+                      &ngx_http_anythingllm_redis_conf->redis_master,
+                      role.len ? &role : &reply->str);
+        conn->quiet = 1;
+
+        ngx_http_anythingllm_redis_lost(conn);
+        ngx_http_anythingllm_redis_broken(conn, NULL);
+        return;
+    }
+
+    ngx_log_error(NGX_LOG_NOTICE, ngx_cycle->log, 0,
+                  "anythingllm: redis primary of \"%V\" is %V",
+                  &ngx_http_anythingllm_redis_conf->redis_master,
+                  &conn->addr);
+
+    conn->state = NGX_HTTP_ANYTHINGLLM_REDIS_UP;
+    conn->backoff = 0;
+    conn->quiet = 0;
+
+    if (conn->timer.timer_set) {
+        ngx_del_timer(&conn->timer);
+    }
+
+    if (!ngx_queue_empty(&conn->pending)) {
+        rr = ngx_queue_data(ngx_queue_head(&conn->pending),
+                            ngx_http_anythingllm_redis_req_t, queue);
+
+        left = (ngx_msec_int_t) (rr->deadline - ngx_current_msec);
+
+        conn->timer.cancelable = 0;
+        ngx_add_timer(&conn->timer, left > 0 ? (ngx_msec_t) left : 1);
+    }
+
+    /* the revocations are heard from the same server */
+
+    sub = &ngx_http_anythingllm_redis_sub;
+
+    if (ngx_http_anythingllm_redis_conf->cache_zone == NULL) {
+        return;
+    }
+
+    if (sub->ac
+        && (sub->addr.len != conn->addr.len
+            || ngx_strncmp(sub->addr.data, conn->addr.data, sub->addr.len)
+               != 0))
+    {
+        ngx_http_anythingllm_redis_broken(sub, NULL);
+    }
+
+    if (sub->ac == NULL) {
+        if (sub->reconnect.timer_set) {
+            ngx_del_timer(&sub->reconnect);
+        }
+
+        ngx_add_timer(&sub->reconnect, 1);
+    }
 }
 
 
@@ -544,6 +644,9 @@ ngx_http_anythingllm_redis_send(ngx_http_anythingllm_redis_conn_t *conn,
     rr->data = data;
     rr->deadline = ngx_current_msec
                    + ngx_http_anythingllm_redis_conf->redis_timeout;
+
+    ngx_cpystrn(rr->cmd, (u_char *) argv[0],
+                ngx_min(argvlen[0] + 1, NGX_HTTP_ANYTHINGLLM_REDIS_CMD_LEN));
 
     if (redisAsyncCommandArgv(conn->ac, ngx_http_anythingllm_redis_reply, rr,
                               argc, argv, argvlen)
@@ -622,13 +725,16 @@ ngx_http_anythingllm_redis_reply(redisAsyncContext *ac, void *reply,
         ngx_http_anythingllm_metrics_observe(NGX_HTTP_ANYTHINGLLM_H_REDIS,
                                              ngx_current_msec - sent);
 
-        if (rp->type != REDIS_REPLY_ERROR) {
-            conn->backoff = 0;
-            conn->quiet = 0;
-
-        } else {
+        if (rp->type == REDIS_REPLY_ERROR) {
             ngx_http_anythingllm_metrics_add(
                                  NGX_HTTP_ANYTHINGLLM_M_REDIS_ERRORS, 1);
+            ngx_http_anythingllm_redis_refused(ngx_http_anythingllm_redis_conf,
+                                               rr->cmd, rp);
+
+        } else if (conn->state == NGX_HTTP_ANYTHINGLLM_REDIS_UP) {
+            /* a server of a group heals once ROLE says "master" */
+            conn->backoff = 0;
+            conn->quiet = 0;
         }
     }
 
@@ -637,7 +743,32 @@ ngx_http_anythingllm_redis_reply(redisAsyncContext *ac, void *reply,
 
     ngx_http_anythingllm_redis_free_req(rr);
 
-    if (handler == NULL || ngx_http_anythingllm_redis_exiting) {
+    if (ngx_http_anythingllm_redis_exiting) {
+        return;
+    }
+
+    /*
+     * A primary demoted under an open connection answers writes with
+     * READONLY: in a Sentinel group the sentinels are asked again (the
+     * handler still gets this answer; hiredis frees the context once
+     * this callback returns, and the commands behind get no answer).
+     */
+
+    if (rp && rp->type == REDIS_REPLY_ERROR && rp->len >= 8
+        && ngx_strncmp(rp->str, "READONLY", 8) == 0
+        && ngx_http_anythingllm_redis_sentinel() && conn->ac == ac)
+    {
+        ngx_log_error(NGX_LOG_ERR, ngx_cycle->log, 0,
+                      "anythingllm: redis %V answered READONLY: no longer "
+                      "the primary of \"%V\", asking the sentinels again",
+                      &conn->addr,
+                      &ngx_http_anythingllm_redis_conf->redis_master);
+
+        ngx_http_anythingllm_redis_lost(conn);
+        ngx_http_anythingllm_redis_broken(conn, NULL);
+    }
+
+    if (handler == NULL) {
         return;
     }
 
@@ -653,85 +784,6 @@ ngx_http_anythingllm_redis_reply(redisAsyncContext *ac, void *reply,
     if (parsed.elts) {
         ngx_free(parsed.elts);
     }
-}
-
-
-/*
- * The reply as the callers read it; its strings point into hiredis's
- * reply, which is freed when the handler returns.  NGX_ERROR: no
- * memory for the elements of an array, "reply" is an error then.
- */
-
-static ngx_int_t
-ngx_http_anythingllm_redis_parse(redisReply *rp,
-    ngx_http_anythingllm_redis_reply_t *reply)
-{
-    size_t       i;
-    redisReply  *e;
-
-    ngx_memzero(reply, sizeof(ngx_http_anythingllm_redis_reply_t));
-
-    if (rp == NULL) {
-        reply->type = NGX_HTTP_ANYTHINGLLM_REDIS_NONE;
-        return NGX_OK;
-    }
-
-    switch (rp->type) {
-
-    case REDIS_REPLY_ERROR:
-    case REDIS_REPLY_STRING:
-        reply->type = (rp->type == REDIS_REPLY_ERROR)
-                      ? NGX_HTTP_ANYTHINGLLM_REDIS_ERROR
-                      : NGX_HTTP_ANYTHINGLLM_REDIS_STRING;
-
-        if (rp->str) {
-            reply->str.data = (u_char *) rp->str;
-            reply->str.len = rp->len;
-        }
-
-        return NGX_OK;
-
-    case REDIS_REPLY_INTEGER:
-        reply->type = NGX_HTTP_ANYTHINGLLM_REDIS_INTEGER;
-        reply->integer = rp->integer;
-        return NGX_OK;
-
-    case REDIS_REPLY_ARRAY:
-        break;
-
-    default:
-        reply->type = NGX_HTTP_ANYTHINGLLM_REDIS_OTHER;
-        return NGX_OK;
-    }
-
-    reply->type = NGX_HTTP_ANYTHINGLLM_REDIS_ARRAY;
-    reply->nelts = rp->elements;
-
-    if (rp->elements == 0) {
-        return NGX_OK;
-    }
-
-    reply->elts = ngx_alloc(rp->elements * sizeof(ngx_str_t),
-                            ngx_cycle->log);
-    if (reply->elts == NULL) {
-        reply->type = NGX_HTTP_ANYTHINGLLM_REDIS_ERROR;
-        reply->nelts = 0;
-        return NGX_ERROR;
-    }
-
-    for (i = 0; i < rp->elements; i++) {
-        e = rp->element[i];
-
-        if (e != NULL && e->type == REDIS_REPLY_STRING && e->str != NULL) {
-            reply->elts[i].data = (u_char *) e->str;
-            reply->elts[i].len = e->len;
-
-        } else {
-            ngx_str_null(&reply->elts[i]);
-        }
-    }
-
-    return NGX_OK;
 }
 
 
@@ -751,6 +803,7 @@ ngx_http_anythingllm_redis_timer_handler(ngx_event_t *ev)
     if (conn->state != NGX_HTTP_ANYTHINGLLM_REDIS_UP) {
         ngx_http_anythingllm_metrics_add(NGX_HTTP_ANYTHINGLLM_M_REDIS_TIMEOUTS,
                                          1);
+        ngx_http_anythingllm_redis_lost(conn);
         ngx_http_anythingllm_redis_broken(conn, "connect timed out");
         return;
     }
@@ -771,6 +824,7 @@ ngx_http_anythingllm_redis_timer_handler(ngx_event_t *ev)
     }
 
     ngx_http_anythingllm_metrics_add(NGX_HTTP_ANYTHINGLLM_M_REDIS_TIMEOUTS, 1);
+    ngx_http_anythingllm_redis_lost(conn);
     ngx_http_anythingllm_redis_broken(conn, "command timed out");
 }
 
@@ -797,7 +851,7 @@ ngx_http_anythingllm_redis_broken(ngx_http_anythingllm_redis_conn_t *conn,
         ngx_log_error(NGX_LOG_ERR, ngx_cycle->log, 0,
                       "anythingllm: redis %s connection to \"%V\": %s "
                       "(timeout %M ms), reconnecting", conn->name,
-                      &ngx_http_anythingllm_redis_conf->redis_addr, reason,
+                      &conn->addr, reason,
                       ngx_http_anythingllm_redis_conf->redis_timeout);
     }
 
@@ -819,18 +873,23 @@ ngx_http_anythingllm_redis_broken(ngx_http_anythingllm_redis_conn_t *conn,
 static void
 ngx_http_anythingllm_redis_schedule(ngx_http_anythingllm_redis_conn_t *conn)
 {
+    ngx_msec_t  max;
+
     if (ngx_http_anythingllm_redis_exiting || ngx_exiting || ngx_quit
         || ngx_terminate || conn->reconnect.timer_set)
     {
         return;
     }
 
+    max = ngx_http_anythingllm_redis_sentinel()
+          ? NGX_HTTP_ANYTHINGLLM_REDIS_SENTINEL_BACKOFF_MAX
+          : NGX_HTTP_ANYTHINGLLM_REDIS_BACKOFF_MAX;
+
     if (conn->backoff == 0) {
         conn->backoff = NGX_HTTP_ANYTHINGLLM_REDIS_BACKOFF_MIN;
 
     } else {
-        conn->backoff = ngx_min(conn->backoff * 2,
-                                NGX_HTTP_ANYTHINGLLM_REDIS_BACKOFF_MAX);
+        conn->backoff = ngx_min(conn->backoff * 2, max);
     }
 
     ngx_log_debug2(NGX_LOG_DEBUG_EVENT, ngx_cycle->log, 0,
@@ -867,164 +926,120 @@ ngx_http_anythingllm_redis_reconnect_handler(ngx_event_t *ev)
 }
 
 
+/* hiredis gave a connection up by itself: lost, refused, closed */
+
 static void
-ngx_http_anythingllm_redis_io_handler(ngx_event_t *ev)
+ngx_http_anythingllm_redis_gone(ngx_http_anythingllm_redis_conn_t *conn)
 {
-    ngx_connection_t                   *c;
-    ngx_http_anythingllm_redis_conn_t  *conn;
+    /*
+     * also before the connection counted as up: a refused AUTH, SELECT
+     * or SUBSCRIBE ends here, and only errstr tells why
+     */
 
-    c = ev->data;
-    conn = c->data;
+    ngx_log_error(ngx_http_anythingllm_redis_level(conn), ngx_cycle->log, 0,
+                  "anythingllm: redis %s connection to \"%V\" "
+                  "%s: %s, reconnecting", conn->name, &conn->addr,
+                  conn->state == NGX_HTTP_ANYTHINGLLM_REDIS_UP
+                      ? "lost" : "failed",
+                  conn->ac->errstr[0] ? conn->ac->errstr : "closed");
+    conn->quiet = 1;
 
-    if (conn->ac == NULL) {
-        return;
+    conn->ac = NULL;
+    conn->state = NGX_HTTP_ANYTHINGLLM_REDIS_DOWN;
+    conn->was_down = 1;
+
+    if (conn->timer.timer_set) {
+        ngx_del_timer(&conn->timer);
     }
 
-    /* may free the context: nothing is touched afterwards */
+    ngx_http_anythingllm_redis_lost(conn);
+    ngx_http_anythingllm_redis_schedule(conn);
+}
 
-    if (ev->write) {
-        redisAsyncHandleWrite(conn->ac);
 
-    } else {
-        redisAsyncHandleRead(conn->ac);
+/*
+ * The command connection of a Sentinel group failed, or its server is
+ * no primary: the next attempt asks the sentinels first.
+ */
+
+static void
+ngx_http_anythingllm_redis_lost(ngx_http_anythingllm_redis_conn_t *conn)
+{
+    if (ngx_http_anythingllm_redis_sentinel() && !conn->subscriber) {
+        ngx_http_anythingllm_redis_primary.known = 0;
     }
 }
 
 
 /*
- * The events are level-triggered: hiredis reads at most 16k at a time,
- * and what is left must be reported again.
+ * The sentinels named the primary.  A new address moves both
+ * connections there at once; the same one only starts the command
+ * connection when it waits.
  */
 
 static void
-ngx_http_anythingllm_redis_event(void *privdata, ngx_int_t event,
-    ngx_uint_t add)
+ngx_http_anythingllm_redis_found(const u_char *host, ngx_int_t port,
+    ngx_uint_t switched)
 {
-    ngx_event_t                        *ev;
-    ngx_http_anythingllm_redis_conn_t  *conn = privdata;
+    ngx_uint_t                             same;
+    ngx_http_anythingllm_redis_conn_t     *cmd, *sub;
+    ngx_http_anythingllm_redis_primary_t  *pr;
 
-    if (conn->c == NULL) {
+    pr = &ngx_http_anythingllm_redis_primary;
+    cmd = &ngx_http_anythingllm_redis_cmd;
+    sub = &ngx_http_anythingllm_redis_sub;
+
+    if (ngx_http_anythingllm_redis_exiting) {
         return;
     }
 
-    ev = (event == NGX_READ_EVENT) ? conn->c->read : conn->c->write;
+    same = pr->known && pr->port == port
+           && ngx_strcmp(pr->host, host) == 0;
 
-    if (!add) {
-        if (ev->active) {
-            (void) ngx_del_event(ev, event, 0);
-        }
-
+    if (same && cmd->state != NGX_HTTP_ANYTHINGLLM_REDIS_DOWN) {
         return;
     }
 
-    if (!ev->active && ngx_add_event(ev, event, NGX_LEVEL_EVENT) != NGX_OK) {
-        ngx_log_error(NGX_LOG_ERR, ngx_cycle->log, 0,
-                      "anythingllm: redis %s: adding %s event failed",
-                      conn->name,
-                      (event == NGX_READ_EVENT) ? "read" : "write");
-    }
-}
+    ngx_cpystrn(pr->host, (u_char *) host, sizeof(pr->host));
+    pr->port = port;
+    pr->known = 1;
 
+    if (!same) {
+        if (cmd->ac) {
+            ngx_log_error(NGX_LOG_WARN, ngx_cycle->log, 0,
+                          "anythingllm: redis primary of \"%V\" moved from "
+                          "%V to %s:%i, reconnecting",
+                          &ngx_http_anythingllm_redis_conf->redis_master,
+                          &cmd->addr, pr->host, port);
 
-static void
-ngx_http_anythingllm_redis_add_read(void *privdata)
-{
-    ngx_http_anythingllm_redis_event(privdata, NGX_READ_EVENT, 1);
-}
-
-
-static void
-ngx_http_anythingllm_redis_del_read(void *privdata)
-{
-    ngx_http_anythingllm_redis_event(privdata, NGX_READ_EVENT, 0);
-}
-
-
-static void
-ngx_http_anythingllm_redis_add_write(void *privdata)
-{
-    ngx_http_anythingllm_redis_event(privdata, NGX_WRITE_EVENT, 1);
-}
-
-
-static void
-ngx_http_anythingllm_redis_del_write(void *privdata)
-{
-    ngx_http_anythingllm_redis_event(privdata, NGX_WRITE_EVENT, 0);
-}
-
-
-/*
- * Called by hiredis whenever it frees the context (on error, on EOF,
- * after redisAsyncFree()), after the pending callbacks have run and
- * just before it closes the socket.
- */
-
-static void
-ngx_http_anythingllm_redis_cleanup(void *privdata)
-{
-    ngx_connection_t                   *c;
-    ngx_http_anythingllm_redis_conn_t  *conn = privdata;
-
-    c = conn->c;
-
-    if (c) {
-        if (c->read->active) {
-            (void) ngx_del_event(c->read, NGX_READ_EVENT, NGX_CLOSE_EVENT);
+            ngx_http_anythingllm_redis_broken(cmd, NULL);
         }
 
-        if (c->write->active) {
-            (void) ngx_del_event(c->write, NGX_WRITE_EVENT, NGX_CLOSE_EVENT);
+        if (sub->ac) {
+            ngx_http_anythingllm_redis_broken(sub, NULL);
         }
-
-        if (c->read->posted) {
-            ngx_delete_posted_event(c->read);
-        }
-
-        if (c->write->posted) {
-            ngx_delete_posted_event(c->write);
-        }
-
-        c->read->closed = 1;
-        c->write->closed = 1;
-
-        ngx_free_connection(c);
-
-        /* hiredis closes the socket */
-        c->fd = (ngx_socket_t) -1;
-
-        conn->c = NULL;
     }
 
-    if (conn->ac) {
-
-        /* hiredis gave the connection up by itself */
-
-        /*
-         * also before the connection counted as up: a refused AUTH,
-         * SELECT or SUBSCRIBE ends here, and only errstr tells why
-         */
-
-        ngx_log_error(ngx_http_anythingllm_redis_level(conn),
-                      ngx_cycle->log, 0,
-                      "anythingllm: redis %s connection to \"%V\" "
-                      "%s: %s, reconnecting", conn->name,
-                      &ngx_http_anythingllm_redis_conf->redis_addr,
-                      conn->state == NGX_HTTP_ANYTHINGLLM_REDIS_UP
-                          ? "lost" : "failed",
-                      conn->ac->errstr[0] ? conn->ac->errstr : "closed");
-        conn->quiet = 1;
-
-        conn->ac = NULL;
-        conn->state = NGX_HTTP_ANYTHINGLLM_REDIS_DOWN;
-        conn->was_down = 1;
-
-        if (conn->timer.timer_set) {
-            ngx_del_timer(&conn->timer);
-        }
-
-        ngx_http_anythingllm_redis_schedule(conn);
+    if (switched) {
+        cmd->backoff = 0;
     }
+
+    /* once the previous context is released */
+
+    if (cmd->reconnect.timer_set) {
+        ngx_del_timer(&cmd->reconnect);
+    }
+
+    ngx_add_timer(&cmd->reconnect, 1);
+}
+
+
+/* no sentinel answered: another round after the backoff */
+
+static void
+ngx_http_anythingllm_redis_unfound(void)
+{
+    ngx_http_anythingllm_redis_schedule(&ngx_http_anythingllm_redis_cmd);
 }
 
 

@@ -6,6 +6,8 @@ AnythingLLM stand-in (t/backend.py) and nginx with the module.
     backend          the stand-in AnythingLLM on a free port
     backend_factory  more stand-ins: backend_factory(api_key=...)
     nginx            a factory: nginx(conf, ...) -> Nginx
+    sentinel_group   a factory: a primary, a replica and three sentinels
+                     (t/lib/sentinel.py), started and ready
 
 The environment variables that pick the binaries are described in
 t/lib/processes.py.
@@ -45,6 +47,23 @@ def backend_factory(tmp_path_factory):
     yield make
     for b in made:
         b.stop()
+
+
+@pytest.fixture
+def sentinel_group(tmp_path_factory):
+    """Factory: sentinel_group(auth_user=None, auth_pass=None) ->
+    SentinelGroup, started, its sentinels agreed on the group."""
+    from lib.sentinel import SentinelGroup
+    made = []
+
+    def make(**kw):
+        g = SentinelGroup(tmp_path_factory.mktemp("sentinel"), **kw)
+        made.append(g)
+        g.start()
+        return g
+    yield make
+    for g in made:
+        g.stop()
 
 
 @pytest.fixture
