@@ -4,9 +4,9 @@
  * The shared-memory key cache: what Redis said about a key digest,
  * shared by all workers.  It holds digests, never keys.
  *
- * Entries are kept in a red-black tree keyed by a CRC32 of the digest
- * (the whole digest is compared) and in one of two LRU queues.  Three
- * kinds:
+ * Entries are kept in a red-black tree keyed by the digest's first 8
+ * hex digits (the whole digest is compared) and in one of two LRU
+ * queues.  Three kinds:
  *
  *   valid     the key's record (name, scopes, workspaces, rpm, expires,
  *             disabled), kept for "valid" seconds; the key's own
@@ -408,7 +408,7 @@ ngx_http_anythingllm_cache_get(ngx_shm_zone_t *zone, const char *digest,
         return NGX_DECLINED;
     }
 
-    hash = ngx_crc32_short((u_char *) digest, ALM_DIGEST_HEX_LEN);
+    hash = ngx_http_anythingllm_cache_hash((u_char *) digest);
 
     sh = ngx_http_anythingllm_cache_lock(zone, &shpool);
 
@@ -521,7 +521,7 @@ ngx_http_anythingllm_cache_put(ngx_shm_zone_t *zone,
         return;
     }
 
-    hash = ngx_crc32_short((u_char *) key->digest, ALM_DIGEST_HEX_LEN);
+    hash = ngx_http_anythingllm_cache_hash((u_char *) key->digest);
 
     sh = ngx_http_anythingllm_cache_lock(zone, &shpool);
 
@@ -614,7 +614,7 @@ ngx_http_anythingllm_cache_mark(ngx_shm_zone_t *zone, const char *digest,
         return;
     }
 
-    hash = ngx_crc32_short((u_char *) digest, ALM_DIGEST_HEX_LEN);
+    hash = ngx_http_anythingllm_cache_hash((u_char *) digest);
 
     sh = ngx_http_anythingllm_cache_lock(zone, &shpool);
 

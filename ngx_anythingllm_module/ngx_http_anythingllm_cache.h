@@ -68,6 +68,31 @@ typedef struct {
 } ngx_http_anythingllm_cache_sh_t;
 
 
+/*
+ * The tree's key of a digest.  A digest is SHA-256 in lowercase hex:
+ * its first 8 digits are as uniform as any hash of it, and a client
+ * cannot choose them.  (A CRC32 of all 64 digits cost five times the
+ * rest of a cached key's lookup.)
+ */
+
+static ngx_inline uint32_t
+ngx_http_anythingllm_cache_hash(const u_char *digest)
+{
+    u_char      c;
+    uint32_t    h;
+    ngx_uint_t  i;
+
+    h = 0;
+
+    for (i = 0; i < 8; i++) {
+        c = digest[i];
+        h = (h << 4) | (uint32_t) ((c <= '9') ? c - '0' : c - 'a' + 10);
+    }
+
+    return h;
+}
+
+
 /* the zone locked: its tree and queues, the entries' leases */
 ngx_http_anythingllm_cache_sh_t *ngx_http_anythingllm_cache_lock(
     ngx_shm_zone_t *zone, ngx_slab_pool_t **shpool);

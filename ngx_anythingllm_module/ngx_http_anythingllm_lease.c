@@ -46,7 +46,7 @@ ngx_http_anythingllm_lease_entry(ngx_http_anythingllm_cache_sh_t *sh,
     uint32_t                            hash;
     ngx_http_anythingllm_cache_node_t  *cn;
 
-    hash = ngx_crc32_short((u_char *) digest, ALM_DIGEST_HEX_LEN);
+    hash = ngx_http_anythingllm_cache_hash((u_char *) digest);
 
     cn = ngx_http_anythingllm_cache_lookup(sh, (u_char *) digest, hash);
 
