@@ -28,6 +28,7 @@
 
 #include "ngx_http_anythingllm_module.h"
 
+
 #define ngx_http_anythingllm_auth_passed(res)                                \
     ((res) == NGX_HTTP_ANYTHINGLLM_AUTH_CACHED                               \
      || (res) == NGX_HTTP_ANYTHINGLLM_AUTH_REDIS                             \

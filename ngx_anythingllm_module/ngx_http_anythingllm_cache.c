@@ -349,6 +349,11 @@ ngx_http_anythingllm_cache_unlock(ngx_shm_zone_t *zone,
 }
 
 
+/*
+ * Counts of a lease given back, while their minute lasts.  Unanswered:
+ * one lost (Redis away) leaves Redis's count higher than what was
+ * admitted, never lower.
+ */
 
 void
 ngx_http_anythingllm_cache_lease_return(ngx_http_anythingllm_main_conf_t *amcf,
