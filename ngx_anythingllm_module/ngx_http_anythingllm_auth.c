@@ -13,16 +13,12 @@
  *      worker's Redis connection; the request waits without blocking
  *      the worker;
  *   4. disabled, expired, scope, workspace;
- *   5. with rpm > 0: "INCR <prefix>rl:<digest>:<unix minute>" and
- *      "EXPIRE ... 120", one count per minute for every nginx that
- *      shares the Redis.
+ *   5. with rpm > 0: the minute's count, one for every nginx that
+ *      shares the Redis (ngx_http_anythingllm_rate.c).
  *
  * When Redis cannot be reached, a cached key keeps working (its rate
  * is then not counted); an uncached one gets 503, or passes with full
- * rights under anythingllm_auth_fail_open.  When Redis answers the
- * rate counter with an error (OOM, MISCONF, READONLY, NOAUTH...), the
- * request of a rate-limited key gets 503, or passes under
- * anythingllm_auth_fail_open: a limit is never lifted silently.
+ * rights under anythingllm_auth_fail_open.
  */
 
 
@@ -32,8 +28,6 @@
 
 #include "ngx_http_anythingllm_module.h"
 
-
-#define NGX_HTTP_ANYTHINGLLM_RL_EXPIRE  "120"
 
 #define ngx_http_anythingllm_auth_passed(res)                                \
     ((res) == NGX_HTTP_ANYTHINGLLM_AUTH_CACHED                               \
@@ -52,13 +46,6 @@ static ngx_int_t ngx_http_anythingllm_auth_redis_key(ngx_http_request_t *r,
     ngx_str_t *key);
 static void ngx_http_anythingllm_auth_lookup_done(void *data,
     ngx_http_anythingllm_redis_reply_t *reply);
-static ngx_int_t ngx_http_anythingllm_auth_rate(ngx_http_request_t *r,
-    ngx_http_anythingllm_ctx_t *ctx);
-static void ngx_http_anythingllm_auth_rate_done(void *data,
-    ngx_http_anythingllm_redis_reply_t *reply);
-static void ngx_http_anythingllm_auth_rate_refused(ngx_http_request_t *r,
-    ngx_http_anythingllm_ctx_t *ctx, ngx_http_anythingllm_redis_reply_t *rp);
-static ngx_uint_t ngx_http_anythingllm_auth_log_due(ngx_uint_t *missed);
 static void ngx_http_anythingllm_auth_unreachable(ngx_http_request_t *r,
     ngx_http_anythingllm_ctx_t *ctx);
 static ngx_int_t ngx_http_anythingllm_auth_wait(ngx_http_request_t *r,
@@ -82,16 +69,6 @@ static ngx_int_t ngx_http_anythingllm_auth_keep(ngx_http_request_t *r,
 static ngx_http_anythingllm_key_t *ngx_http_anythingllm_auth_kept(
     ngx_http_request_t *r);
 static void ngx_http_anythingllm_auth_kept_cleanup(void *data);
-
-
-/*
- * Errors answered by Redis come with every request while they last:
- * each worker logs them at most once a second, with the count of the
- * ones it left out.
- */
-
-static time_t      ngx_http_anythingllm_auth_logged;
-static ngx_uint_t  ngx_http_anythingllm_auth_missed;
 
 
 static const struct {
@@ -371,7 +348,7 @@ ngx_http_anythingllm_auth_lookup_done(void *data,
     }
 
     if (rp->type != NGX_HTTP_ANYTHINGLLM_REDIS_ARRAY) {
-        if (ngx_http_anythingllm_auth_log_due(&missed)) {
+        if (ngx_http_anythingllm_rate_log_due(&missed)) {
             if (rp->type == NGX_HTTP_ANYTHINGLLM_REDIS_ERROR) {
                 why = rp->str;
 
@@ -484,172 +461,7 @@ ngx_http_anythingllm_auth_judge(ngx_http_request_t *r,
         return NGX_OK;
     }
 
-    return ngx_http_anythingllm_auth_rate(r, ctx);
-}
-
-
-/*
- * A fixed window per minute of the wall clock, counted in Redis; the
- * nginx instances sharing a Redis should keep their clocks in step.
- * When Redis cannot be reached, the request passes uncounted, as a
- * cached key does; when Redis answers with an error, see rate_refused.
- */
-
-static ngx_int_t
-ngx_http_anythingllm_auth_rate(ngx_http_request_t *r,
-    ngx_http_anythingllm_ctx_t *ctx)
-{
-    u_char                            *p;
-    time_t                             now;
-    ngx_str_t                          name;
-    size_t                             argvlen[3];
-    const char                        *argv[3];
-    ngx_http_anythingllm_redis_req_t  *rr;
-
-    if (ngx_http_anythingllm_auth_redis_key(r, ctx, "rl:",
-                                            sizeof(":") - 1 + NGX_TIME_T_LEN,
-                                            &name)
-        != NGX_OK)
-    {
-        return NGX_ERROR;
-    }
-
-    now = ngx_time();
-
-    p = ngx_sprintf(name.data + name.len, ":%T", now / 60);
-
-    argv[1] = (const char *) name.data;
-    argvlen[1] = p - name.data;
-
-    argv[0] = "INCR";
-    argvlen[0] = sizeof("INCR") - 1;
-
-    rr = ngx_http_anythingllm_redis_command(
-                                         ngx_http_anythingllm_auth_rate_done,
-                                         r, 2, argv, argvlen);
-    if (rr == NULL) {
-        ngx_log_error(NGX_LOG_INFO, r->connection->log, 0,
-                      "anythingllm: rate of key %*s not counted: "
-                      "redis unreachable",
-                      (size_t) ALM_KEY_ID_LEN, ctx->key.digest);
-        return NGX_OK;
-    }
-
-    argv[0] = "EXPIRE";
-    argvlen[0] = sizeof("EXPIRE") - 1;
-    argv[2] = NGX_HTTP_ANYTHINGLLM_RL_EXPIRE;
-    argvlen[2] = sizeof(NGX_HTTP_ANYTHINGLLM_RL_EXPIRE) - 1;
-
-    (void) ngx_http_anythingllm_redis_command(NULL, NULL, 3, argv, argvlen);
-
-    ctx->retry_after = 60 - now % 60;
-
-    return ngx_http_anythingllm_auth_wait(r, ctx, rr);
-}
-
-
-static void
-ngx_http_anythingllm_auth_rate_done(void *data,
-    ngx_http_anythingllm_redis_reply_t *rp)
-{
-    ngx_http_request_t *r = data;
-
-    ngx_http_anythingllm_ctx_t  *ctx;
-
-    ctx = ngx_http_get_module_ctx(r, ngx_http_anythingllm_module);
-
-    ctx->pending = NULL;
-    ctx->auth_waiting = 0;
-
-    if (rp->type == NGX_HTTP_ANYTHINGLLM_REDIS_NONE) {
-        ngx_log_error(NGX_LOG_INFO, r->connection->log, 0,
-                      "anythingllm: rate of key %*s not counted: "
-                      "redis unreachable",
-                      (size_t) ALM_KEY_ID_LEN, ctx->key.digest);
-
-    } else if (rp->type != NGX_HTTP_ANYTHINGLLM_REDIS_INTEGER) {
-        ngx_http_anythingllm_auth_rate_refused(r, ctx, rp);
-
-    } else {
-        ctx->rate_counted = 1;
-        ctx->rate_used = (rp->integer > 0) ? (ngx_uint_t) rp->integer : 0;
-
-        if (rp->integer > (long long) ctx->key.rpm) {
-            ctx->auth_result = NGX_HTTP_ANYTHINGLLM_AUTH_RATE_LIMITED;
-        }
-    }
-
-    ngx_http_anythingllm_auth_resume(r);
-}
-
-
-/*
- * Redis is there but will not count (out of memory under noeviction,
- * a failed save with stop-writes-on-bgsave-error, a read-only replica,
- * a password set since the connection was made): passing would lift
- * every limit for as long as that lasts, so the request is treated as
- * with an unreachable Redis for an uncached key.
- */
-
-static void
-ngx_http_anythingllm_auth_rate_refused(ngx_http_request_t *r,
-    ngx_http_anythingllm_ctx_t *ctx, ngx_http_anythingllm_redis_reply_t *rp)
-{
-    ngx_str_t                         why;
-    ngx_uint_t                        missed;
-    ngx_http_anythingllm_loc_conf_t  *alcf;
-
-    alcf = ngx_http_get_module_loc_conf(r, ngx_http_anythingllm_module);
-
-    if (rp->type == NGX_HTTP_ANYTHINGLLM_REDIS_ERROR
-        && rp->str.data != NULL)
-    {
-        why = rp->str;
-
-    } else {
-        ngx_str_set(&why, "unexpected reply");
-    }
-
-    if (ngx_http_anythingllm_auth_log_due(&missed)) {
-        ngx_log_error(NGX_LOG_ERR, r->connection->log, 0,
-                      "anythingllm: rate of key %*s cannot be counted: "
-                      "%V; %s (%ui more redis errors in the last second)",
-                      (size_t) ALM_KEY_ID_LEN, ctx->key.digest, &why,
-                      alcf->auth_fail_open == 1
-                      ? "let through (anythingllm_auth_fail_open)"
-                      : "refused with 503",
-                      missed);
-    }
-
-    if (alcf->auth_fail_open == 1) {
-        return;
-    }
-
-    ctx->auth_result = NGX_HTTP_ANYTHINGLLM_AUTH_REDIS_ERROR;
-    ctx->rate_refused = 1;
-}
-
-
-/* 1 when this worker may log a Redis error now; *missed: left out since */
-
-static ngx_uint_t
-ngx_http_anythingllm_auth_log_due(ngx_uint_t *missed)
-{
-    time_t  now;
-
-    now = ngx_time();
-
-    if (now == ngx_http_anythingllm_auth_logged) {
-        ngx_http_anythingllm_auth_missed++;
-        return 0;
-    }
-
-    *missed = ngx_http_anythingllm_auth_missed;
-
-    ngx_http_anythingllm_auth_logged = now;
-    ngx_http_anythingllm_auth_missed = 0;
-
-    return 1;
+    return ngx_http_anythingllm_rate_check(r, ctx);
 }
 
 

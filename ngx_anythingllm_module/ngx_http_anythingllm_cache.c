@@ -4,9 +4,9 @@
  * The shared-memory key cache: what Redis said about a key digest,
  * shared by all workers.  It holds digests, never keys.
  *
- * Entries are kept in a red-black tree keyed by a CRC32 of the digest
- * (the whole digest is compared) and in one of two LRU queues.  Three
- * kinds:
+ * Entries are kept in a red-black tree keyed by the digest's first 8
+ * hex digits (the whole digest is compared) and in one of two LRU
+ * queues.  Three kinds:
  *
  *   valid     the key's record (name, scopes, workspaces, rpm, expires,
  *             disabled), kept for "valid" seconds; the key's own
@@ -30,6 +30,12 @@
  *
  * The revocations channel's messages come here from the Redis
  * subscriber of ngx_http_anythingllm_redis.c.
+ *
+ * A valid entry of a key with a large enough rpm also holds the lease
+ * of the minute's quota that this nginx took from Redis (see
+ * ngx_http_anythingllm_rate.c): every worker admits from it under the
+ * zone's lock.  An entry that goes (revoked, changed, expired, pushed
+ * out) gives what is left of its lease back to Redis.
  */
 
 
@@ -38,11 +44,8 @@
 #include <ngx_http.h>
 
 #include "ngx_http_anythingllm_module.h"
+#include "ngx_http_anythingllm_cache.h"
 
-
-#define NGX_HTTP_ANYTHINGLLM_CACHE_VALID     1
-#define NGX_HTTP_ANYTHINGLLM_CACHE_UNKNOWN   2
-#define NGX_HTTP_ANYTHINGLLM_CACHE_REVOKED   3
 
 /* a record larger than this is used but not cached */
 #define NGX_HTTP_ANYTHINGLLM_CACHE_MAX_DATA  65536
@@ -50,38 +53,15 @@
 /* how long a revocation keeps older lookups out of the cache */
 #define NGX_HTTP_ANYTHINGLLM_CACHE_REVOKE_HOLD  1000
 
-
-typedef struct {
-    u_char                      color;
-    u_char                      kind;
-    u_char                      disabled;
-    u_char                      pad;
-    uint32_t                    scopes;
-    uint32_t                    name_len;
-    uint32_t                    workspaces_len;
-    ngx_queue_t                 queue;
-    ngx_msec_t                  until;      /* the entry's own expiry */
-    ngx_msec_t                  stamp;      /* when its news was read */
-    time_t                      expires;    /* the key's, unix time */
-    ngx_uint_t                  rpm;
-    ngx_uint_t                  tpm;
-    ngx_uint_t                  tpd;
-    u_char                      digest[ALM_DIGEST_HEX_LEN];
-    u_char                      data[1];    /* name, then workspaces */
-} ngx_http_anythingllm_cache_node_t;
+/* the leases of entries dropped under the lock, given back after it */
+#define NGX_HTTP_ANYTHINGLLM_CACHE_RETURNS  16
 
 
 typedef struct {
-    ngx_rbtree_t                rbtree;
-    ngx_rbtree_node_t           sentinel;
-    ngx_queue_t                 queue;      /* valid and revoked, most
-                                               recently used first */
-    ngx_queue_t                 unknown;    /* unknown, likewise */
-    ngx_uint_t                  unknown_n;
-    ngx_uint_t                  unknown_max;
-    ngx_uint_t                  entries;    /* of every kind */
-    ngx_msec_t                  flushed;
-} ngx_http_anythingllm_cache_sh_t;
+    char                        digest[ALM_DIGEST_HEX_LEN];
+    time_t                      minute;
+    ngx_uint_t                  n;
+} ngx_http_anythingllm_cache_return_t;
 
 
 #define ngx_http_anythingllm_cache_queue(sh, cn)                             \
@@ -89,8 +69,6 @@ typedef struct {
      ? &(sh)->unknown : &(sh)->queue)
 
 
-static ngx_http_anythingllm_cache_sh_t *ngx_http_anythingllm_cache_lock(
-    ngx_shm_zone_t *zone, ngx_slab_pool_t **shpool);
 static ngx_int_t ngx_http_anythingllm_cache_add_zone(ngx_conf_t *cf,
     ngx_http_anythingllm_main_conf_t *amcf, ngx_str_t *name, size_t size,
     const char *used);
@@ -106,9 +84,6 @@ static ngx_http_anythingllm_cache_node_t *ngx_http_anythingllm_cache_make(
 static void ngx_http_anythingllm_cache_rbtree_insert(
     ngx_rbtree_node_t *temp, ngx_rbtree_node_t *node,
     ngx_rbtree_node_t *sentinel);
-static ngx_http_anythingllm_cache_node_t *ngx_http_anythingllm_cache_lookup(
-    ngx_http_anythingllm_cache_sh_t *sh, const u_char *digest,
-    uint32_t hash);
 static void ngx_http_anythingllm_cache_remove(
     ngx_http_anythingllm_cache_sh_t *sh, ngx_slab_pool_t *shpool,
     ngx_http_anythingllm_cache_node_t *cn);
@@ -126,6 +101,18 @@ static void ngx_http_anythingllm_cache_insert(
     ngx_http_anythingllm_cache_sh_t *sh,
     ngx_http_anythingllm_cache_node_t *cn, const u_char *digest,
     uint32_t hash);
+
+
+/*
+ * The leases of the entries removed while the lock is held: the worker
+ * sends them back to Redis once it has let the lock go.  More at once
+ * than there is room for are lost: Redis's count of those minutes
+ * stays higher than what was admitted, never lower.
+ */
+
+static ngx_http_anythingllm_cache_return_t
+    ngx_http_anythingllm_cache_returns[NGX_HTTP_ANYTHINGLLM_CACHE_RETURNS];
+static ngx_uint_t  ngx_http_anythingllm_cache_nreturns;
 
 
 /* anythingllm_key_cache zone=NAME:SIZE [valid=30s] [invalid=5s]; */
@@ -324,7 +311,7 @@ ngx_http_anythingllm_cache_entries(ngx_http_anythingllm_main_conf_t *amcf)
 
 /* the zone's tree and queues, locked */
 
-static ngx_http_anythingllm_cache_sh_t *
+ngx_http_anythingllm_cache_sh_t *
 ngx_http_anythingllm_cache_lock(ngx_shm_zone_t *zone,
     ngx_slab_pool_t **shpool)
 {
@@ -336,6 +323,72 @@ ngx_http_anythingllm_cache_lock(ngx_shm_zone_t *zone,
     ngx_shmtx_lock(&(*shpool)->mutex);
 
     return amcf->cache.sh;
+}
+
+
+/* lets the lock go, then gives back the leases of the entries dropped */
+
+void
+ngx_http_anythingllm_cache_unlock(ngx_shm_zone_t *zone,
+    ngx_slab_pool_t *shpool)
+{
+    ngx_uint_t                            i, n;
+    ngx_http_anythingllm_cache_return_t  *ret;
+
+    ngx_shmtx_unlock(&shpool->mutex);
+
+    n = ngx_http_anythingllm_cache_nreturns;
+    ngx_http_anythingllm_cache_nreturns = 0;
+
+    for (i = 0; i < n; i++) {
+        ret = &ngx_http_anythingllm_cache_returns[i];
+
+        ngx_http_anythingllm_cache_lease_return(zone->data, ret->digest,
+                                                ret->minute, ret->n);
+    }
+}
+
+
+/*
+ * Counts of a lease given back, while their minute lasts.  Unanswered:
+ * one lost (Redis away) leaves Redis's count higher than what was
+ * admitted, never lower.
+ */
+
+void
+ngx_http_anythingllm_cache_lease_return(ngx_http_anythingllm_main_conf_t *amcf,
+    const char *digest, time_t minute, ngx_uint_t n)
+{
+    u_char      *p, *name;
+    size_t       argvlen[3];
+    const char  *argv[3];
+    u_char       num[NGX_INT_T_LEN];
+
+    name = ngx_alloc(amcf->prefix.len + sizeof("rl::") - 1
+                     + ALM_DIGEST_HEX_LEN + NGX_TIME_T_LEN, ngx_cycle->log);
+    if (name == NULL) {
+        return;
+    }
+
+    p = ngx_sprintf(name, "%Vrl:%*s:%T", &amcf->prefix,
+                    (size_t) ALM_DIGEST_HEX_LEN, digest, minute);
+
+    argv[0] = "DECRBY";
+    argvlen[0] = sizeof("DECRBY") - 1;
+    argv[1] = (const char *) name;
+    argvlen[1] = p - name;
+    argv[2] = (const char *) num;
+    argvlen[2] = ngx_sprintf(num, "%ui", n) - num;
+
+    /* hiredis has copied the command when this returns */
+
+    (void) ngx_http_anythingllm_redis_command(NULL, NULL, 3, argv, argvlen);
+
+    ngx_free(name);
+
+    ngx_log_debug3(NGX_LOG_DEBUG_HTTP, ngx_cycle->log, 0,
+                   "anythingllm: %ui of the lease of key %*s given back",
+                   n, (size_t) ALM_KEY_ID_LEN, digest);
 }
 
 
@@ -360,7 +413,7 @@ ngx_http_anythingllm_cache_get(ngx_shm_zone_t *zone, const char *digest,
         return NGX_DECLINED;
     }
 
-    hash = ngx_crc32_short((u_char *) digest, ALM_DIGEST_HEX_LEN);
+    hash = ngx_http_anythingllm_cache_hash((u_char *) digest);
 
     sh = ngx_http_anythingllm_cache_lock(zone, &shpool);
 
@@ -414,7 +467,7 @@ ngx_http_anythingllm_cache_get(ngx_shm_zone_t *zone, const char *digest,
 
 done:
 
-    ngx_shmtx_unlock(&shpool->mutex);
+    ngx_http_anythingllm_cache_unlock(zone, shpool);
 
     ngx_http_anythingllm_metrics_add(rc == NGX_DECLINED
                                      ? NGX_HTTP_ANYTHINGLLM_M_CACHE_MISSES
@@ -473,7 +526,7 @@ ngx_http_anythingllm_cache_put(ngx_shm_zone_t *zone,
         return;
     }
 
-    hash = ngx_crc32_short((u_char *) key->digest, ALM_DIGEST_HEX_LEN);
+    hash = ngx_http_anythingllm_cache_hash((u_char *) key->digest);
 
     sh = ngx_http_anythingllm_cache_lock(zone, &shpool);
 
@@ -498,6 +551,7 @@ ngx_http_anythingllm_cache_put(ngx_shm_zone_t *zone,
     cn->rpm = key->rpm;
     cn->tpm = key->tpm;
     cn->tpd = key->tpd;
+    cn->gen = ++sh->gen;
 
     p = cn->data;
 
@@ -513,7 +567,7 @@ ngx_http_anythingllm_cache_put(ngx_shm_zone_t *zone,
 
 done:
 
-    ngx_shmtx_unlock(&shpool->mutex);
+    ngx_http_anythingllm_cache_unlock(zone, shpool);
 }
 
 
@@ -565,7 +619,7 @@ ngx_http_anythingllm_cache_mark(ngx_shm_zone_t *zone, const char *digest,
         return;
     }
 
-    hash = ngx_crc32_short((u_char *) digest, ALM_DIGEST_HEX_LEN);
+    hash = ngx_http_anythingllm_cache_hash((u_char *) digest);
 
     sh = ngx_http_anythingllm_cache_lock(zone, &shpool);
 
@@ -580,7 +634,7 @@ ngx_http_anythingllm_cache_mark(ngx_shm_zone_t *zone, const char *digest,
         ngx_http_anythingllm_cache_insert(sh, cn, (u_char *) digest, hash);
     }
 
-    ngx_shmtx_unlock(&shpool->mutex);
+    ngx_http_anythingllm_cache_unlock(zone, shpool);
 }
 
 
@@ -615,7 +669,7 @@ ngx_http_anythingllm_cache_flush(ngx_shm_zone_t *zone)
         }
     }
 
-    ngx_shmtx_unlock(&shpool->mutex);
+    ngx_http_anythingllm_cache_unlock(zone, shpool);
 }
 
 
@@ -660,7 +714,7 @@ ngx_http_anythingllm_cache_rbtree_insert(ngx_rbtree_node_t *temp,
 }
 
 
-static ngx_http_anythingllm_cache_node_t *
+ngx_http_anythingllm_cache_node_t *
 ngx_http_anythingllm_cache_lookup(ngx_http_anythingllm_cache_sh_t *sh,
     const u_char *digest, uint32_t hash)
 {
@@ -704,13 +758,28 @@ static void
 ngx_http_anythingllm_cache_remove(ngx_http_anythingllm_cache_sh_t *sh,
     ngx_slab_pool_t *shpool, ngx_http_anythingllm_cache_node_t *cn)
 {
-    ngx_rbtree_node_t  *node;
+    ngx_rbtree_node_t                    *node;
+    ngx_http_anythingllm_cache_return_t  *ret;
 
     node = (ngx_rbtree_node_t *)
                ((u_char *) cn - offsetof(ngx_rbtree_node_t, color));
 
     if (cn->kind == NGX_HTTP_ANYTHINGLLM_CACHE_UNKNOWN) {
         sh->unknown_n--;
+    }
+
+    /* a lease of a minute gone needs no giving back: its count expires */
+
+    if (cn->kind == NGX_HTTP_ANYTHINGLLM_CACHE_VALID && cn->lease_left
+        && cn->lease_minute == ngx_time() / 60
+        && ngx_http_anythingllm_cache_nreturns
+           < NGX_HTTP_ANYTHINGLLM_CACHE_RETURNS)
+    {
+        ret = ngx_http_anythingllm_cache_returns
+              + ngx_http_anythingllm_cache_nreturns++;
+        ngx_memcpy(ret->digest, cn->digest, ALM_DIGEST_HEX_LEN);
+        ret->minute = cn->lease_minute;
+        ret->n = cn->lease_left;
     }
 
     ngx_queue_remove(&cn->queue);
@@ -813,6 +882,12 @@ ngx_http_anythingllm_cache_alloc(ngx_http_anythingllm_cache_sh_t *sh,
     cn = (ngx_http_anythingllm_cache_node_t *) &node->color;
 
     cn->disabled = 0;
+    cn->lease = 0;
+    cn->lease_minute = 0;
+    cn->lease_left = 0;
+    cn->lease_top = 0;
+    cn->lease_size = 1;
+    cn->gen = 0;
     cn->scopes = 0;
     cn->name_len = 0;
     cn->workspaces_len = 0;

@@ -14,6 +14,10 @@
  *   ngx_http_anythingllm_conv.c      conversations in Redis: lookup and
  *                                    store
  *   ngx_http_anythingllm_auth.c      access phase: key, scope, rpm
+ *   ngx_http_anythingllm_rate.c      the rpm: counted in Redis, or from
+ *                                    a lease of the minute's quota
+ *   ngx_http_anythingllm_lease.c     the leases, in the key cache's
+ *                                    entries
  *   ngx_http_anythingllm_usage.c     usage in Redis, token limits,
  *                                    rate-limit headers, the auth answer
  *   ngx_http_anythingllm_cors.c      CORS preflight and headers
@@ -175,6 +179,9 @@ typedef struct ngx_http_anythingllm_redis_req_s
 
 typedef struct ngx_http_anythingllm_ctx_s  ngx_http_anythingllm_ctx_t;
 
+typedef struct ngx_http_anythingllm_rate_fetch_s
+    ngx_http_anythingllm_rate_fetch_t;
+
 /* the conversation lookup is answered: session_id and continuing set */
 typedef void (*ngx_http_anythingllm_conv_done_pt)(ngx_http_request_t *r,
     ngx_http_anythingllm_ctx_t *ctx);
@@ -199,7 +206,9 @@ struct ngx_http_anythingllm_ctx_s {
     unsigned                    key_replaced:1; /* upstream key is set */
     unsigned                    native_chat:2;  /* alm_chat_call_e */
     unsigned                    rate_counted:1; /* rate_used is set */
+    unsigned                    rate_cleanup:1; /* its cleanup is set */
     ngx_uint_t                  rate_used;      /* requests this minute */
+    ngx_http_anythingllm_rate_fetch_t  *lease_wait; /* lease awaited */
 
     /* openai (ngx_http_anythingllm_openai.c) */
     alm_chat_req_t             *chat;
@@ -392,12 +401,63 @@ void ngx_http_anythingllm_cache_put(ngx_shm_zone_t *zone,
     const ngx_http_anythingllm_key_t *key, time_t ttl, ngx_msec_t since);
 void ngx_http_anythingllm_cache_put_negative(ngx_shm_zone_t *zone,
     const char *digest, time_t ttl, ngx_msec_t since);
+/* "DECRBY <prefix>rl:<digest>:<minute> n", unanswered */
+void ngx_http_anythingllm_cache_lease_return(
+    ngx_http_anythingllm_main_conf_t *amcf, const char *digest,
+    time_t minute, ngx_uint_t n);
 /* entries in the zone now */
 ngx_atomic_uint_t ngx_http_anythingllm_cache_entries(
     ngx_http_anythingllm_main_conf_t *amcf);
 /* the handler of the revocations channel */
 void ngx_http_anythingllm_cache_revocation(
     ngx_http_anythingllm_main_conf_t *amcf, ngx_str_t *message);
+
+
+/* ngx_http_anythingllm_lease.c */
+
+/*
+ * A key's rpm counted from a lease of the minute's quota, held in the
+ * key's cache entry (see ngx_http_anythingllm_rate.c).
+ */
+
+typedef enum {
+    NGX_HTTP_ANYTHINGLLM_LEASE_COUNT = 0,   /* no lease: count alone */
+    NGX_HTTP_ANYTHINGLLM_LEASE_TAKEN,       /* admitted from the lease */
+    NGX_HTTP_ANYTHINGLLM_LEASE_FETCH,       /* empty: fetch one, wait */
+    NGX_HTTP_ANYTHINGLLM_LEASE_SPENT        /* the minute is spent */
+} ngx_http_anythingllm_lease_e;
+
+typedef struct {
+    ngx_http_anythingllm_lease_e  verdict;
+    time_t                      minute;     /* in: the current minute */
+    ngx_uint_t                  size;       /* a lease to fetch, or 0 */
+    ngx_uint_t                  used;       /* TAKEN: the minute's count
+                                               as far as it is known */
+    ngx_uint_t                  gen;        /* the entry's generation */
+} ngx_http_anythingllm_lease_t;
+
+/* what a lease fetch tells the entry: ngx_http_anythingllm_lease_credit() */
+#define NGX_HTTP_ANYTHINGLLM_LEASE_FAILED  0x01  /* Redis did not count */
+#define NGX_HTTP_ANYTHINGLLM_LEASE_FULL    0x02  /* granted whole */
+#define NGX_HTTP_ANYTHINGLLM_LEASE_LAST    0x04  /* the count reached rpm */
+
+/* the largest lease: a share of a key's rpm, and at most this many */
+#define NGX_HTTP_ANYTHINGLLM_LEASE_SHARE   100
+#define NGX_HTTP_ANYTHINGLLM_LEASE_MAX     1000
+
+void ngx_http_anythingllm_lease_take(ngx_shm_zone_t *zone,
+    const ngx_http_anythingllm_key_t *key,
+    ngx_http_anythingllm_lease_t *lease);
+/*
+ * A fetch of "size" answered: "left" admissions more, numbered up to
+ * "top"; returns what the entry could not take (to be given back).
+ */
+ngx_uint_t ngx_http_anythingllm_lease_credit(ngx_shm_zone_t *zone,
+    const char *digest, ngx_uint_t gen, time_t minute, ngx_uint_t size,
+    ngx_uint_t left, ngx_uint_t top, ngx_uint_t flags);
+/* a request of a leased key counted alone: "count", its number */
+void ngx_http_anythingllm_lease_seen(ngx_shm_zone_t *zone,
+    const char *digest, time_t minute, ngx_uint_t count);
 
 
 /* ngx_http_anythingllm_cors.c */
@@ -409,6 +469,19 @@ ngx_int_t ngx_http_anythingllm_add_cors(ngx_http_request_t *r);
 /* ngx_http_anythingllm_auth.c */
 
 ngx_int_t ngx_http_anythingllm_access_handler(ngx_http_request_t *r);
+
+
+/* ngx_http_anythingllm_rate.c */
+
+/*
+ * The key's rpm, once its record allows the request: NGX_OK with the
+ * verdict in ctx, NGX_AGAIN while Redis is asked (the request is
+ * resumed then), NGX_ERROR.
+ */
+ngx_int_t ngx_http_anythingllm_rate_check(ngx_http_request_t *r,
+    ngx_http_anythingllm_ctx_t *ctx);
+/* 1 when this worker may log a Redis error now; *missed: left out since */
+ngx_uint_t ngx_http_anythingllm_rate_log_due(ngx_uint_t *missed);
 
 
 /* ngx_http_anythingllm_conv.c */
