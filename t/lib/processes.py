@@ -236,15 +236,32 @@ class RedisServer(Service):
     def sleep(self, seconds):
         """DEBUG SLEEP in the background: Redis stops answering meanwhile.
         Returns the thread (join() it to wait for the end)."""
+        connected = threading.Event()
+
         def run():
             c = resp.connect(self.host, self.port, timeout=seconds + 10)
+            connected.set()
             try:
                 c.cmd("DEBUG", "SLEEP", str(seconds))
             finally:
                 c.close()
         t = threading.Thread(target=run, daemon=True)
         t.start()
-        time.sleep(0.05)
+        assert connected.wait(5), "no connection for DEBUG SLEEP"
+        # back only once Redis is asleep: a PING then goes unanswered
+        deadline = time.monotonic() + min(seconds, 2.0) / 2
+        while time.monotonic() < deadline:
+            try:
+                p = resp.connect(self.host, self.port, timeout=0.05)
+            except resp.Failure:
+                break
+            try:
+                p.cmd("PING")
+            except (resp.Failure, OSError):
+                break
+            finally:
+                p.close()
+            time.sleep(0.005)
         return t
 
     def key_name(self, key=None, digest=None, prefix=None):
