@@ -628,6 +628,12 @@ int alm_frame_read(const char *text, size_t len, alm_frame_t *f);
 size_t alm_frame_str_decode(const alm_frame_str_t *str, char *out,
     size_t cap);
 
+/*
+ * Room for n more bytes in a writer (alm_json.c): where to write them,
+ * the caller then adding n to b->len; NULL when memory ran out.
+ */
+char *alm_buf_room(alm_buf_t *b, size_t n);
+
 
 /*
  * Output sink: called with each produced piece, in order.  Returns

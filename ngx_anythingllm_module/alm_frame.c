@@ -23,6 +23,10 @@
 #include <stdlib.h>
 #include <string.h>
 
+#if (__SSE2__)
+#include <emmintrin.h>
+#endif
+
 #include "alm_core.h"
 
 
@@ -99,6 +103,55 @@ alm_frame_special(uint64_t v)
             | ((b - ALM_FRAME_BYTES(1)) & ~b)
             | v)
            & ALM_FRAME_BYTES(0x80)) != 0;
+}
+
+
+/*
+ * The first byte from p on that is not a plain string byte, or end:
+ * most of a frame's strings are plain throughout.
+ */
+
+static const unsigned char *
+alm_scan_plain(const unsigned char *p, const unsigned char *end)
+{
+    uint64_t   v;
+#if (__SSE2__)
+    int        m;
+    __m128i    x;
+
+    /* compared as signed bytes, those from 0x80 up are below 0x20 */
+
+    while (end - p >= 16) {
+        x = _mm_loadu_si128((const __m128i *) p);
+        m = _mm_movemask_epi8(
+                _mm_or_si128(
+                    _mm_or_si128(_mm_cmpeq_epi8(x, _mm_set1_epi8('"')),
+                                 _mm_cmpeq_epi8(x, _mm_set1_epi8('\\'))),
+                    _mm_cmplt_epi8(x, _mm_set1_epi8(0x20))));
+
+        if (m) {
+            return p + __builtin_ctz((unsigned) m);
+        }
+
+        p += 16;
+    }
+#endif
+
+    while (end - p >= 8) {
+        memcpy(&v, p, 8);
+
+        if (alm_frame_special(v)) {
+            break;
+        }
+
+        p += 8;
+    }
+
+    while (p < end && alm_frame_class[*p] == ALM_C_PLAIN) {
+        p++;
+    }
+
+    return p;
 }
 
 
@@ -186,7 +239,6 @@ alm_scan_u(const unsigned char *p, const unsigned char *end,
 static int
 alm_scan_string(alm_scan_t *s, alm_frame_str_t *str)
 {
-    uint64_t              v;
     unsigned              flags;
     size_t                n;
     unsigned long         cp;
@@ -199,21 +251,7 @@ alm_scan_string(alm_scan_t *s, alm_frame_str_t *str)
 
     for ( ;; ) {
 
-        /* the common bytes, eight at a time */
-
-        while (end - p >= 8) {
-            memcpy(&v, p, 8);
-
-            if (alm_frame_special(v)) {
-                break;
-            }
-
-            p += 8;
-        }
-
-        while (p < end && alm_frame_class[*p] == ALM_C_PLAIN) {
-            p++;
-        }
+        p = alm_scan_plain(p, end);
 
         if (p >= end) {
             return 0;
@@ -414,10 +452,15 @@ value:
     switch (*s->p) {
 
     case 'n':
+        if (s->end - s->p < 4 || memcmp(s->p, "null", 4) != 0) {
+            return 0;
+        }
+
+        s->p += 4;
+        break;
+
     case 't':
-        if (s->end - s->p < 4
-            || memcmp(s->p, *s->p == 'n' ? "null" : "true", 4) != 0)
-        {
+        if (s->end - s->p < 4 || memcmp(s->p, "true", 4) != 0) {
             return 0;
         }
 
@@ -569,7 +612,7 @@ static int
 alm_frame_name(const alm_frame_str_t *name, const alm_frame_name_t *names)
 {
     int          i;
-    size_t       len;
+    size_t       len, k;
     const char  *p;
     char         buf[ALM_FRAME_NAME_MAX + 4];
 
@@ -582,9 +625,15 @@ alm_frame_name(const alm_frame_str_t *name, const alm_frame_name_t *names)
     }
 
     for (i = 0; names[i].len; i++) {
-        if (names[i].len == len && names[i].name[0] == p[0]
-            && memcmp(names[i].name, p, len) == 0)
-        {
+        if (names[i].len != len) {
+            continue;
+        }
+
+        for (k = 0; k < len && names[i].name[k] == p[k]; k++) {
+            /* void */
+        }
+
+        if (k == len) {
             return i;
         }
     }

@@ -104,12 +104,53 @@ alm_sse_chunk_tail(alm_sse_t *s, alm_buf_t *o, int stop)
 }
 
 
+/*
+ * The common chunk, a text that is its own escape after the first:
+ * its pieces copied into room made once.
+ */
+
+static void
+alm_sse_delta_plain(alm_sse_t *s, alm_buf_t *o, const char *text,
+    size_t len)
+{
+    char                   *p;
+    size_t                  n, tail;
+    static const char       open[] = "{\"index\":0,\"delta\":{\"content\":\"";
+    static const char       close[] = "\"}" ALM_SSE_TAIL "null}]}\n\n";
+    static const char       close_usage[] = "\"}" ALM_SSE_TAIL "null}]"
+                                            ",\"usage\":null}\n\n";
+
+    tail = s->include_usage ? sizeof(close_usage) - 1 : sizeof(close) - 1;
+    n = s->head.len + sizeof(open) - 1 + len + tail;
+
+    p = alm_buf_room(o, n);
+    if (p == NULL) {
+        return;
+    }
+
+    memcpy(p, s->head.data, s->head.len);
+    p += s->head.len;
+    memcpy(p, open, sizeof(open) - 1);
+    p += sizeof(open) - 1;
+    memcpy(p, text, len);
+    p += len;
+    memcpy(p, s->include_usage ? close_usage : close, tail);
+
+    o->len += n;
+}
+
+
 /* "plain": the text is its own JSON escape (printable ASCII) */
 
 static void
 alm_sse_delta(alm_sse_t *s, alm_buf_t *o, const char *text, size_t len,
     int plain)
 {
+    if (plain && s->sent_role && s->head.len) {
+        alm_sse_delta_plain(s, o, text, len);
+        return;
+    }
+
     alm_sse_chunk_head(s, o);
 
     if (!s->sent_role) {
@@ -473,7 +514,11 @@ alm_sse_kind(const char *p, size_t len)
 {
     size_t  n;
 
-    n = len < 5 ? len : 5;
+    if (len >= 5) {
+        return memcmp(p, "data:", 5) == 0 ? ALM_LINE_DATA : ALM_LINE_OTHER;
+    }
+
+    n = len;
 
     if (memcmp(p, "data:", n) != 0) {
         return ALM_LINE_OTHER;
