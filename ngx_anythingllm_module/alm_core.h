@@ -580,7 +580,8 @@ char *alm_workspaces_to_models(const char *json, size_t len,
  * One stream-chat frame's JSON read without building a tree
  * (alm_frame.c): alm_frame_read() returns 1 when cJSON would parse
  * the text as an object, and then fills the first member of each name
- * looked for, as cJSON_GetObjectItemCaseSensitive() would find it.
+ * looked for, as cJSON_GetObjectItemCaseSensitive() would find it (a
+ * string or a count only where "strings" or "count_found" says so).
  * Strings stay where they lie in the text (between their quotes); a
  * string with ALM_FRAME_STR_ESCAPED (a backslash or a NUL) is read
  * through alm_frame_str_decode(), one with ALM_FRAME_STR_RAW holds

@@ -625,7 +625,7 @@ alm_frame_name(const alm_frame_str_t *name, const alm_frame_name_t *names)
     }
 
     for (i = 0; names[i].len; i++) {
-        if (names[i].len != len) {
+        if (names[i].len != len || names[i].name[0] != p[0]) {
             continue;
         }
 
@@ -771,7 +771,13 @@ alm_frame_read(const char *text, size_t len, alm_frame_t *f)
     alm_scan_t       s;
     alm_frame_str_t  name;
 
-    memset(f, 0, sizeof(alm_frame_t));
+    /* the rest is read only where these say it was set */
+
+    f->strings = 0;
+    f->close = 0;
+    f->metrics = 0;
+    f->count_seen = 0;
+    f->count_found = 0;
 
     if (!alm_frame_class_ready) {
         alm_frame_class_init();
