@@ -630,6 +630,13 @@ size_t alm_frame_str_decode(const alm_frame_str_t *str, char *out,
     size_t cap);
 
 /*
+ * 1 when none of the n bytes at p would end or change a JSON string (a
+ * quote, a backslash, a byte below 0x20); ALM_FRAME_STR_RAW is then
+ * set in *flags when one is 0x80 or more.
+ */
+int alm_frame_plain(const char *p, size_t n, unsigned *flags);
+
+/*
  * Room for n more bytes in a writer (alm_json.c): where to write them,
  * the caller then adding n to b->len; NULL when memory ran out.
  */
@@ -656,6 +663,11 @@ typedef struct {
     alm_conv_hash_t    *conv;           /* answer text fed here, or NULL */
     alm_buf_t           out;            /* output, kept between calls */
     alm_buf_t           head;           /* every chunk's start, made once */
+    char               *shape;          /* the last text chunk frame read
+                                           whole, less its text: malloc */
+    size_t              shape_head;     /* bytes before the text */
+    size_t              shape_tail;     /* bytes from its closing quote */
+    unsigned            shape_close:1;  /* that frame had close:true */
     unsigned long       pieces;         /* content deltas emitted */
 
     /* state */

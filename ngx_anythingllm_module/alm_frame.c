@@ -940,3 +940,32 @@ alm_frame_str_decode(const alm_frame_str_t *str, char *out, size_t cap)
 
     return w;
 }
+
+
+int
+alm_frame_plain(const char *p, size_t n, unsigned *flags)
+{
+    const unsigned char  *q, *end;
+
+    if (!alm_frame_class_ready) {
+        alm_frame_class_init();
+    }
+
+    q = (const unsigned char *) p;
+    end = q + n;
+
+    for ( ;; ) {
+        q = alm_scan_plain(q, end);
+
+        if (q == end) {
+            return 1;
+        }
+
+        if (alm_frame_class[*q] != ALM_C_HIGH) {
+            return 0;
+        }
+
+        *flags |= ALM_FRAME_STR_RAW;
+        q++;
+    }
+}

@@ -47,6 +47,7 @@ typedef enum {
 
 #define ALM_SSE_TAIL       ",\"logprobs\":null,\"finish_reason\":"
 #define ALM_SSE_TMP        512     /* texts decoded on the stack */
+#define ALM_SSE_SHAPE_MAX  512     /* a token frame, less its text */
 
 
 /*
@@ -439,12 +440,94 @@ alm_sse_abort(alm_sse_t *s, alm_buf_t *o, const alm_frame_t *f)
 }
 
 
+/*
+ * AnythingLLM writes every token frame of an answer alike but for its
+ * text.  A frame made of the last text chunk frame read whole, with
+ * another text between the same bytes, reads the same way if the new
+ * text cannot end or change the string (no quote, backslash or control
+ * byte): every other byte, and so every member, is the same.  Such a
+ * frame is acted on without being read again.
+ */
+
+static int
+alm_sse_same_shape(alm_sse_t *s, alm_buf_t *o, const char *p, size_t len)
+{
+    size_t           head, tail;
+    alm_frame_str_t  text;
+
+    head = s->shape_head;
+    tail = s->shape_tail;
+
+    if (len < head + tail
+        || memcmp(p, s->shape, head) != 0
+        || memcmp(p + len - tail, s->shape + head, tail) != 0)
+    {
+        return 0;
+    }
+
+    text.p = p + head;
+    text.len = len - head - tail;
+    text.flags = 0;
+
+    if (!alm_frame_plain(text.p, text.len, &text.flags)) {
+        return 0;
+    }
+
+    s->got_chunk = 1;
+    alm_sse_content(s, o, &text);
+
+    if (s->shape_close) {
+        s->closed = 1;
+    }
+
+    return 1;
+}
+
+
+static void
+alm_sse_shape_keep(alm_sse_t *s, const char *p, size_t len,
+    const alm_frame_str_t *text, int close)
+{
+    size_t  head, tail;
+
+    if (text->flags & ALM_FRAME_STR_ESCAPED) {
+        return;
+    }
+
+    head = text->p - p;
+    tail = len - head - text->len;
+
+    if (head + tail > ALM_SSE_SHAPE_MAX) {
+        return;
+    }
+
+    if (s->shape == NULL) {
+        s->shape = malloc(ALM_SSE_SHAPE_MAX);
+        if (s->shape == NULL) {
+            /* only slower */
+            return;
+        }
+    }
+
+    memcpy(s->shape, p, head);
+    memcpy(s->shape + head, text->p + text->len, tail);
+
+    s->shape_head = head;
+    s->shape_tail = tail;
+    s->shape_close = close ? 1 : 0;
+}
+
+
 static void
 alm_sse_frame(alm_sse_t *s, alm_buf_t *o, const char *p, size_t len)
 {
     alm_frame_t             f;
     alm_sse_type_e          type;
     const alm_frame_str_t  *text;
+
+    if (s->shape_tail && alm_sse_same_shape(s, o, p, len)) {
+        return;
+    }
 
     /* a frame that is not a JSON object tells nothing: skipped */
 
@@ -465,6 +548,10 @@ alm_sse_frame(alm_sse_t *s, alm_buf_t *o, const char *p, size_t len)
     switch (type) {
 
     case ALM_SSE_CHUNK:
+        if (text) {
+            alm_sse_shape_keep(s, p, len, text, f.close);
+        }
+
         s->got_chunk = 1;
         alm_sse_content(s, o, text);
 
@@ -751,6 +838,8 @@ alm_sse_free(alm_sse_t *s)
 {
     alm_buf_free(&s->out);
     alm_buf_free(&s->head);
+    free(s->shape);
+    s->shape = NULL;
 }
 
 

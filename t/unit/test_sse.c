@@ -1044,6 +1044,44 @@ test_usage_counts(void **state)
 }
 
 
+/*
+ * Token frames alike but for their text are acted on without being
+ * read again; a text that could end or change its string, or another
+ * byte that differs, has the frame read whole.
+ */
+
+static void
+test_same_shape(void **state)
+{
+    (void) state;
+
+    check_stream(F_CHUNK("a", "false") F_CHUNK("b", "false")
+                 F_CHUNK("", "false")
+                 F_CHUNK("caf\xc3\xa9 \xff", "false")
+                 F_CHUNK("q\\\"x", "false")
+                 F_CHUNK("t\tu", "false")
+                 F_CHUNK("\",\"type\":\"abort", "false")
+                 F_CHUNK("c\",\"textResponse\":\"d", "false")
+                 F_CHUNK("e", "false")
+                 "data: {\"uuid\":\"u2\",\"sources\":[],\"type\":"
+                 "\"textResponseChunk\",\"textResponse\":\"f\",\"close\":"
+                 "false,\"error\":false}\n\n"
+                 F_CHUNK("g", "true"), 0, 4096, 0,
+                 CONTENT(ROLE, "a") CONTENT("", "b")
+                 CONTENT("", "caf\xc3\xa9 \\ufffd") CONTENT("", "q\\\"x")
+                 CONTENT("", "t\\tu") CONTENT("", "c")
+                 CONTENT("", "e") CONTENT("", "f") CONTENT("", "g")
+                 STOP DONE, 1);
+
+    /* the frame of the last shape ends an answer as it would read */
+    check_stream(F_CHUNK("a", "true") F_CHUNK("b", "true"), 0, 4096, 0,
+                 CONTENT(ROLE, "a") CONTENT("", "b") STOP DONE, 1);
+
+    check_stream(F_CHUNK("a", "false") F_CHUNK("b", "false"), 0, 4096, 0,
+                 CONTENT(ROLE, "a") CONTENT("", "b") ERROR(EARLY), 0);
+}
+
+
 int
 main(void)
 {
@@ -1068,6 +1106,7 @@ main(void)
         cmocka_unit_test(test_frame_depth),
         cmocka_unit_test(test_long_escaped),
         cmocka_unit_test(test_usage_counts),
+        cmocka_unit_test(test_same_shape),
     };
 
     return cmocka_run_group_tests_name("sse", tests, NULL, NULL);
