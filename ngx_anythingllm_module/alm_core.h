@@ -577,6 +577,73 @@ char *alm_workspaces_to_models(const char *json, size_t len,
 /* the SSE re-framer                                                  */
 
 /*
+ * One stream-chat frame's JSON read without building a tree
+ * (alm_frame.c): alm_frame_read() returns 1 when cJSON would parse
+ * the text as an object, and then fills the first member of each name
+ * looked for, as cJSON_GetObjectItemCaseSensitive() would find it (a
+ * string or a count only where "strings" or "count_found" says so).
+ * Strings stay where they lie in the text (between their quotes); a
+ * string with ALM_FRAME_STR_ESCAPED (a backslash or a NUL) is read
+ * through alm_frame_str_decode(), one with ALM_FRAME_STR_RAW holds
+ * control bytes or bytes from 0x80 up, as they are.
+ */
+
+#define ALM_FRAME_STR_ESCAPED  0x01
+#define ALM_FRAME_STR_RAW      0x02
+
+/* the members read; bits of "strings" */
+#define ALM_FRAME_TYPE           0
+#define ALM_FRAME_TEXT_RESPONSE  1
+#define ALM_FRAME_TEXT_CHUNK     2
+#define ALM_FRAME_ERROR          3
+#define ALM_FRAME_CLOSE          4
+#define ALM_FRAME_METRICS        5
+
+typedef struct {
+    const char         *p;
+    size_t              len;
+    unsigned            flags;          /* ALM_FRAME_STR_* */
+} alm_frame_str_t;
+
+typedef struct {
+    unsigned            strings;        /* 1 << ALM_FRAME_*: a string */
+    alm_frame_str_t     type;
+    alm_frame_str_t     text_response;
+    alm_frame_str_t     text_chunk;
+    alm_frame_str_t     error;
+    unsigned            close:1;        /* "close" is true */
+    unsigned            metrics:1;      /* "metrics" is an object */
+    unsigned            count_seen;     /* its token counts, first each */
+    unsigned            count_found;    /* ... that are numbers */
+    double              count[3];       /* prompt, completion, total */
+} alm_frame_t;
+
+int alm_frame_read(const char *text, size_t len, alm_frame_t *f);
+
+/*
+ * The string's bytes as cJSON decodes them, up to its first NUL,
+ * written to out (which may be str->p: the string is then decoded in
+ * place; the byte after str->p + str->len, its closing quote, must be
+ * readable).  Returns the length, or cap + 1 when that passes cap.
+ */
+size_t alm_frame_str_decode(const alm_frame_str_t *str, char *out,
+    size_t cap);
+
+/*
+ * 1 when none of the n bytes at p would end or change a JSON string (a
+ * quote, a backslash, a byte below 0x20); ALM_FRAME_STR_RAW is then
+ * set in *flags when one is 0x80 or more.
+ */
+int alm_frame_plain(const char *p, size_t n, unsigned *flags);
+
+/*
+ * Room for n more bytes in a writer (alm_json.c): where to write them,
+ * the caller then adding n to b->len; NULL when memory ran out.
+ */
+char *alm_buf_room(alm_buf_t *b, size_t n);
+
+
+/*
  * Output sink: called with each produced piece, in order.  Returns
  * ALM_OK or ALM_ERROR (the re-framer then stops).  A piece is a whole
  * number of frames.
@@ -595,6 +662,12 @@ typedef struct {
     int                 include_usage;
     alm_conv_hash_t    *conv;           /* answer text fed here, or NULL */
     alm_buf_t           out;            /* output, kept between calls */
+    alm_buf_t           head;           /* every chunk's start, made once */
+    char               *shape;          /* the last text chunk frame read
+                                           whole, less its text: malloc */
+    size_t              shape_head;     /* bytes before the text */
+    size_t              shape_tail;     /* bytes from its closing quote */
+    unsigned            shape_close:1;  /* that frame had close:true */
     unsigned long       pieces;         /* content deltas emitted */
 
     /* state */

@@ -609,3 +609,20 @@ alm_json_value(alm_buf_t *b, const cJSON *item)
         alm_buf_raw(b, "null", 4);
     }
 }
+
+
+/*
+ * Room for n more bytes: where to write them (the caller then adds n
+ * to b->len), or NULL when memory ran out.  For a writer that knows
+ * the length of several pieces and copies them without a check each.
+ */
+
+char *
+alm_buf_room(alm_buf_t *b, size_t n)
+{
+    if (!alm_buf_reserve(b, n)) {
+        return NULL;
+    }
+
+    return b->data + b->len;
+}

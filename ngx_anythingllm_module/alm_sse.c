@@ -19,7 +19,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "alm_json.h"
+#include "alm_core.h"
 
 
 #define ALM_SSE_DONE  "data: [DONE]\n\n"
@@ -43,64 +43,197 @@ typedef enum {
 /* ------------------------------------------------------------------ */
 /* output frames                                                      */
 
+#define alm_sse_lit(o, s)  alm_buf_raw(o, s, sizeof(s) - 1)
+
+#define ALM_SSE_TAIL       ",\"logprobs\":null,\"finish_reason\":"
+#define ALM_SSE_TMP        512     /* texts decoded on the stack */
+#define ALM_SSE_SHAPE_MAX  512     /* a token frame, less its text */
+
+
+/*
+ * Every chunk starts with the same bytes (the id, the object, the
+ * time and the model): they are written once, on the first chunk, and
+ * copied from then on.
+ */
+
 static void
 alm_sse_chunk_head(alm_sse_t *s, alm_buf_t *o)
 {
-    alm_buf_str(o, "data: {\"id\":\"");
-    alm_buf_esc(o, s->meta.id, s->meta.id_len);
-    alm_buf_str(o, "\",\"object\":\"chat.completion.chunk\",\"created\":");
-    alm_buf_int(o, (int64_t) s->meta.created);
-    alm_buf_str(o, ",\"model\":\"");
-    alm_buf_esc(o, s->meta.model, s->meta.model_len);
-    alm_buf_str(o, "\",\"choices\":[");
+    alm_buf_t  *h;
+
+    h = &s->head;
+
+    if (h->len == 0) {
+        alm_buf_str(h, "data: {\"id\":\"");
+        alm_buf_esc(h, s->meta.id, s->meta.id_len);
+        alm_buf_str(h, "\",\"object\":\"chat.completion.chunk\",\"created\":");
+        alm_buf_int(h, (int64_t) s->meta.created);
+        alm_buf_str(h, ",\"model\":\"");
+        alm_buf_esc(h, s->meta.model, s->meta.model_len);
+        alm_buf_str(h, "\",\"choices\":[");
+
+        if (h->nomem) {
+            h->len = 0;
+            o->nomem = 1;
+            return;
+        }
+    }
+
+    alm_buf_raw(o, h->data, h->len);
 }
 
 
-/* closes a chunk that has one choice */
+/* closes a chunk that has one choice; "finish" is a JSON value */
 
 static void
-alm_sse_chunk_tail(alm_sse_t *s, alm_buf_t *o, const char *finish)
+alm_sse_chunk_tail(alm_sse_t *s, alm_buf_t *o, int stop)
 {
-    alm_buf_str(o, ",\"logprobs\":null,\"finish_reason\":");
-    alm_buf_str(o, finish);
-    alm_buf_str(o, "}]");
+    if (stop) {
+        alm_sse_lit(o, ALM_SSE_TAIL "\"stop\"}]");
+
+    } else {
+        alm_sse_lit(o, ALM_SSE_TAIL "null}]");
+    }
 
     if (s->include_usage) {
         /* as OpenAI does: usage is null on all but the last chunk */
-        alm_buf_str(o, ",\"usage\":null");
-    }
+        alm_sse_lit(o, ",\"usage\":null}\n\n");
 
-    alm_buf_str(o, "}\n\n");
+    } else {
+        alm_sse_lit(o, "}\n\n");
+    }
 }
 
 
+/*
+ * The common chunk, a text that is its own escape after the first:
+ * its pieces copied into room made once.
+ */
+
 static void
-alm_sse_delta(alm_sse_t *s, alm_buf_t *o, const char *text, size_t len)
+alm_sse_delta_plain(alm_sse_t *s, alm_buf_t *o, const char *text,
+    size_t len)
 {
+    char                   *p;
+    size_t                  n, tail;
+    static const char       open[] = "{\"index\":0,\"delta\":{\"content\":\"";
+    static const char       close[] = "\"}" ALM_SSE_TAIL "null}]}\n\n";
+    static const char       close_usage[] = "\"}" ALM_SSE_TAIL "null}]"
+                                            ",\"usage\":null}\n\n";
+
+    tail = s->include_usage ? sizeof(close_usage) - 1 : sizeof(close) - 1;
+    n = s->head.len + sizeof(open) - 1 + len + tail;
+
+    p = alm_buf_room(o, n);
+    if (p == NULL) {
+        return;
+    }
+
+    memcpy(p, s->head.data, s->head.len);
+    p += s->head.len;
+    memcpy(p, open, sizeof(open) - 1);
+    p += sizeof(open) - 1;
+    memcpy(p, text, len);
+    p += len;
+    memcpy(p, s->include_usage ? close_usage : close, tail);
+
+    o->len += n;
+}
+
+
+/* "plain": the text is its own JSON escape (printable ASCII) */
+
+static void
+alm_sse_delta(alm_sse_t *s, alm_buf_t *o, const char *text, size_t len,
+    int plain)
+{
+    if (plain && s->sent_role && s->head.len) {
+        alm_sse_delta_plain(s, o, text, len);
+        return;
+    }
+
     alm_sse_chunk_head(s, o);
-    alm_buf_str(o, "{\"index\":0,\"delta\":{");
 
     if (!s->sent_role) {
-        alm_buf_str(o, "\"role\":\"assistant\",");
+        alm_sse_lit(o, "{\"index\":0,\"delta\":{\"role\":\"assistant\","
+                       "\"content\":\"");
         s->sent_role = 1;
+
+    } else {
+        alm_sse_lit(o, "{\"index\":0,\"delta\":{\"content\":\"");
     }
 
-    alm_buf_str(o, "\"content\":\"");
-    alm_buf_esc(o, text, len);
-    alm_buf_str(o, "\"}");
-    alm_sse_chunk_tail(s, o, "null");
+    if (plain) {
+        alm_buf_raw(o, text, len);
+
+    } else {
+        alm_buf_esc(o, text, len);
+    }
+
+    alm_sse_lit(o, "\"}");
+    alm_sse_chunk_tail(s, o, 0);
+}
+
+
+/*
+ * A string of the frame that holds escapes, decoded (and ended with a
+ * NUL): short ones on the caller's stack, longer ones in place at the
+ * start of s->buf, free while a line is acted on (a line still in
+ * s->buf is no longer read once its one string is decoded).
+ */
+
+static const char *
+alm_sse_decode(alm_sse_t *s, const alm_frame_str_t *str, char *tmp,
+    size_t *len)
+{
+    size_t           n;
+    char            *out;
+    alm_frame_str_t  in;
+
+    in = *str;
+
+    if (str->len < ALM_SSE_TMP) {
+        out = tmp;
+
+    } else {
+        /* the string and its closing quote; the line is longer */
+        memmove(s->buf, str->p, str->len + 1);
+        in.p = s->buf;
+        out = s->buf;
+    }
+
+    n = alm_frame_str_decode(&in, out, in.len);
+    out[n] = '\0';
+    *len = n;
+
+    return out;
 }
 
 
 static void
-alm_sse_content(alm_sse_t *s, alm_buf_t *o, const char *text)
+alm_sse_content(alm_sse_t *s, alm_buf_t *o, const alm_frame_str_t *str)
 {
-    size_t  len;
+    int          plain;
+    char         tmp[ALM_SSE_TMP];
+    size_t       len;
+    const char  *text;
 
-    len = text ? strlen(text) : 0;
-
-    if (len == 0) {
+    if (str == NULL || str->len == 0) {
         return;
+    }
+
+    if (str->flags & ALM_FRAME_STR_ESCAPED) {
+        text = alm_sse_decode(s, str, tmp, &len);
+        plain = 0;
+
+        if (len == 0) {
+            return;
+        }
+
+    } else {
+        text = str->p;
+        len = str->len;
+        plain = !(str->flags & ALM_FRAME_STR_RAW);
     }
 
     if (s->conv) {
@@ -111,7 +244,7 @@ alm_sse_content(alm_sse_t *s, alm_buf_t *o, const char *text)
         alm_conv_hash_update(s->conv, text, len);
     }
 
-    alm_sse_delta(s, o, text, len);
+    alm_sse_delta(s, o, text, len, plain);
     s->got_text = 1;
     s->pieces++;
 }
@@ -121,25 +254,25 @@ static void
 alm_sse_success(alm_sse_t *s, alm_buf_t *o)
 {
     if (!s->sent_role) {
-        alm_sse_delta(s, o, "", 0);
+        alm_sse_delta(s, o, "", 0, 1);
     }
 
     alm_sse_chunk_head(s, o);
-    alm_buf_str(o, "{\"index\":0,\"delta\":{}");
-    alm_sse_chunk_tail(s, o, "\"stop\"");
+    alm_sse_lit(o, "{\"index\":0,\"delta\":{}");
+    alm_sse_chunk_tail(s, o, 1);
 
     if (s->include_usage) {
         alm_sse_chunk_head(s, o);
-        alm_buf_str(o, "],\"usage\":{\"prompt_tokens\":");
+        alm_sse_lit(o, "],\"usage\":{\"prompt_tokens\":");
         alm_buf_int(o, s->usage.prompt_tokens);
-        alm_buf_str(o, ",\"completion_tokens\":");
+        alm_sse_lit(o, ",\"completion_tokens\":");
         alm_buf_int(o, s->usage.completion_tokens);
-        alm_buf_str(o, ",\"total_tokens\":");
+        alm_sse_lit(o, ",\"total_tokens\":");
         alm_buf_int(o, s->usage.total_tokens);
-        alm_buf_str(o, "}}\n\n");
+        alm_sse_lit(o, "}}\n\n");
     }
 
-    alm_buf_str(o, ALM_SSE_DONE);
+    alm_sse_lit(o, ALM_SSE_DONE);
 
     if (s->conv) {
         if (!s->got_text) {
@@ -177,57 +310,258 @@ alm_sse_too_long(alm_sse_t *s, alm_buf_t *o)
 /* ------------------------------------------------------------------ */
 /* input frames                                                       */
 
+typedef enum {
+    ALM_SSE_OTHER = 0,
+    ALM_SSE_CHUNK,              /* textResponseChunk */
+    ALM_SSE_WHOLE,              /* textResponse */
+    ALM_SSE_FINAL,              /* finalizeResponseStream */
+    ALM_SSE_ABORT_FRAME,        /* abort */
+    ALM_SSE_USAGE               /* usageMetrics */
+} alm_sse_type_e;
+
+
+static alm_sse_type_e
+alm_sse_type(const alm_frame_t *f)
+{
+    size_t       len;
+    const char  *p;
+    char         buf[32];
+
+    if (!(f->strings & (1u << ALM_FRAME_TYPE))) {
+        return ALM_SSE_OTHER;
+    }
+
+    p = f->type.p;
+    len = f->type.len;
+
+    if (f->type.flags & ALM_FRAME_STR_ESCAPED) {
+        len = alm_frame_str_decode(&f->type, buf, 24);
+        p = buf;
+    }
+
+#define alm_sse_is(name)                                                      \
+    (len == sizeof(name) - 1 && memcmp(p, name, sizeof(name) - 1) == 0)
+
+    if (alm_sse_is("textResponseChunk")) {
+        return ALM_SSE_CHUNK;
+    }
+
+    if (alm_sse_is("textResponse")) {
+        return ALM_SSE_WHOLE;
+    }
+
+    if (alm_sse_is("finalizeResponseStream")) {
+        return ALM_SSE_FINAL;
+    }
+
+    if (alm_sse_is("abort")) {
+        return ALM_SSE_ABORT_FRAME;
+    }
+
+    if (alm_sse_is("usageMetrics")) {
+        return ALM_SSE_USAGE;
+    }
+
+#undef alm_sse_is
+
+    /* agentThought, statusResponse, fileDownload, ...: not the answer */
+
+    return ALM_SSE_OTHER;
+}
+
+
+/* a token count: negative counts as 0, no overflow converting */
+
+static long
+alm_sse_count(const alm_frame_t *f, int i)
+{
+    double  d;
+
+    if (!(f->count_found & (1u << i))) {
+        return 0;
+    }
+
+    d = f->count[i];
+
+    if (!(d >= 0)) {
+        return 0;
+    }
+
+    if (!(d < 1e15)) {
+        return (long) 1e15;
+    }
+
+    return (long) d;
+}
+
+
 static void
-alm_sse_usage(alm_sse_t *s, const cJSON *metrics)
+alm_sse_usage(alm_sse_t *s, const alm_frame_t *f)
 {
     alm_usage_t  usage;
 
     /* an empty "metrics" ({}) keeps what an earlier frame gave */
 
-    if (alm_usage_read(metrics, &usage)) {
-        s->usage = usage;
+    if (!f->metrics || f->count_found == 0) {
+        return;
     }
+
+    usage.prompt_tokens = alm_sse_count(f, 0);
+    usage.completion_tokens = alm_sse_count(f, 1);
+    usage.total_tokens = alm_sse_count(f, 2);
+
+    if (usage.total_tokens == 0) {
+        usage.total_tokens = usage.prompt_tokens + usage.completion_tokens;
+    }
+
+    usage.present = 1;
+    s->usage = usage;
+}
+
+
+static void
+alm_sse_abort(alm_sse_t *s, alm_buf_t *o, const alm_frame_t *f)
+{
+    char         tmp[ALM_SSE_TMP];
+    size_t       len;
+    const char  *message;
+
+    message = ALM_SSE_ABORT;
+
+    if ((f->strings & (1u << ALM_FRAME_ERROR)) && f->error.len) {
+        message = alm_sse_decode(s, &f->error, tmp, &len);
+
+        if (len == 0) {
+            message = ALM_SSE_ABORT;
+        }
+    }
+
+    alm_sse_fail(s, o, message);
+}
+
+
+/*
+ * AnythingLLM writes every token frame of an answer alike but for its
+ * text.  A frame made of the last text chunk frame read whole, with
+ * another text between the same bytes, reads the same way if the new
+ * text cannot end or change the string (no quote, backslash or control
+ * byte): every other byte, and so every member, is the same.  Such a
+ * frame is acted on without being read again.
+ */
+
+static int
+alm_sse_same_shape(alm_sse_t *s, alm_buf_t *o, const char *p, size_t len)
+{
+    size_t           head, tail;
+    alm_frame_str_t  text;
+
+    head = s->shape_head;
+    tail = s->shape_tail;
+
+    if (len < head + tail
+        || memcmp(p, s->shape, head) != 0
+        || memcmp(p + len - tail, s->shape + head, tail) != 0)
+    {
+        return 0;
+    }
+
+    text.p = p + head;
+    text.len = len - head - tail;
+    text.flags = 0;
+
+    if (!alm_frame_plain(text.p, text.len, &text.flags)) {
+        return 0;
+    }
+
+    s->got_chunk = 1;
+    alm_sse_content(s, o, &text);
+
+    if (s->shape_close) {
+        s->closed = 1;
+    }
+
+    return 1;
+}
+
+
+static void
+alm_sse_shape_keep(alm_sse_t *s, const char *p, size_t len,
+    const alm_frame_str_t *text, int close)
+{
+    size_t  head, tail;
+
+    if (text->flags & ALM_FRAME_STR_ESCAPED) {
+        return;
+    }
+
+    head = text->p - p;
+    tail = len - head - text->len;
+
+    if (head + tail > ALM_SSE_SHAPE_MAX) {
+        return;
+    }
+
+    if (s->shape == NULL) {
+        s->shape = malloc(ALM_SSE_SHAPE_MAX);
+        if (s->shape == NULL) {
+            /* only slower */
+            return;
+        }
+    }
+
+    memcpy(s->shape, p, head);
+    memcpy(s->shape + head, text->p + text->len, tail);
+
+    s->shape_head = head;
+    s->shape_tail = tail;
+    s->shape_close = close ? 1 : 0;
 }
 
 
 static void
 alm_sse_frame(alm_sse_t *s, alm_buf_t *o, const char *p, size_t len)
 {
-    cJSON        *root;
-    const cJSON  *item;
-    const char   *type, *text;
-    int           close;
+    alm_frame_t             f;
+    alm_sse_type_e          type;
+    const alm_frame_str_t  *text;
 
-    root = cJSON_ParseWithLength(p, len);
-
-    /* a frame that is not a JSON object tells nothing: skipped */
-
-    if (!cJSON_IsObject(root)) {
-        cJSON_Delete(root);
+    if (s->shape_tail && alm_sse_same_shape(s, o, p, len)) {
         return;
     }
 
-    item = cJSON_GetObjectItemCaseSensitive(root, "type");
-    type = cJSON_IsString(item) ? item->valuestring : "";
+    /* a frame that is not a JSON object tells nothing: skipped */
 
-    item = cJSON_GetObjectItemCaseSensitive(root, "textResponse");
-    if (!cJSON_IsString(item)) {
-        item = cJSON_GetObjectItemCaseSensitive(root, "textChunk");
+    if (!alm_frame_read(p, len, &f)) {
+        return;
     }
 
-    text = cJSON_IsString(item) ? item->valuestring : NULL;
+    type = alm_sse_type(&f);
 
-    close = cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(root, "close"));
+    if (type == ALM_SSE_OTHER) {
+        return;
+    }
 
-    if (strcmp(type, "textResponseChunk") == 0) {
+    text = (f.strings & (1u << ALM_FRAME_TEXT_RESPONSE)) ? &f.text_response
+           : (f.strings & (1u << ALM_FRAME_TEXT_CHUNK)) ? &f.text_chunk
+           : NULL;
+
+    switch (type) {
+
+    case ALM_SSE_CHUNK:
+        if (text) {
+            alm_sse_shape_keep(s, p, len, text, f.close);
+        }
+
         s->got_chunk = 1;
         alm_sse_content(s, o, text);
 
-        if (close) {
+        if (f.close) {
             s->closed = 1;
         }
 
-    } else if (strcmp(type, "textResponse") == 0) {
+        break;
+
+    case ALM_SSE_WHOLE:
 
         /* the whole answer: content only when nothing came before it */
 
@@ -235,32 +569,30 @@ alm_sse_frame(alm_sse_t *s, alm_buf_t *o, const char *p, size_t len)
             alm_sse_content(s, o, text);
         }
 
-        if (close) {
+        if (f.close) {
             s->closed = 1;
         }
 
-    } else if (strcmp(type, "finalizeResponseStream") == 0) {
-        alm_sse_usage(s, cJSON_GetObjectItemCaseSensitive(root, "metrics"));
+        break;
+
+    case ALM_SSE_FINAL:
+        alm_sse_usage(s, &f);
 
         if (!s->got_chunk && !s->got_text) {
             alm_sse_content(s, o, text);
         }
 
         alm_sse_success(s, o);
+        break;
 
-    } else if (strcmp(type, "abort") == 0) {
-        item = cJSON_GetObjectItemCaseSensitive(root, "error");
+    case ALM_SSE_ABORT_FRAME:
+        alm_sse_abort(s, o, &f);
+        break;
 
-        alm_sse_fail(s, o, (cJSON_IsString(item) && item->valuestring[0])
-                           ? item->valuestring : ALM_SSE_ABORT);
-
-    } else if (strcmp(type, "usageMetrics") == 0) {
-        alm_sse_usage(s, cJSON_GetObjectItemCaseSensitive(root, "metrics"));
+    default: /* ALM_SSE_USAGE */
+        alm_sse_usage(s, &f);
+        break;
     }
-
-    /* agentThought, statusResponse, fileDownload, ...: not the answer */
-
-    cJSON_Delete(root);
 }
 
 
@@ -269,7 +601,11 @@ alm_sse_kind(const char *p, size_t len)
 {
     size_t  n;
 
-    n = len < 5 ? len : 5;
+    if (len >= 5) {
+        return memcmp(p, "data:", 5) == 0 ? ALM_LINE_DATA : ALM_LINE_OTHER;
+    }
+
+    n = len;
 
     if (memcmp(p, "data:", n) != 0) {
         return ALM_LINE_OTHER;
@@ -501,6 +837,9 @@ void
 alm_sse_free(alm_sse_t *s)
 {
     alm_buf_free(&s->out);
+    alm_buf_free(&s->head);
+    free(s->shape);
+    s->shape = NULL;
 }
 
 

@@ -579,8 +579,13 @@ ngx_http_anythingllm_stream_emit(void *data, const char *p, size_t len)
         return ALM_ERROR;
     }
 
+    /*
+     * Whole pages: the output of one read varies a little in length,
+     * and a buffer a little longer than the last one is free again.
+     */
+
     b = ngx_create_temp_buf(fctx->request->pool,
-                            ngx_max(len, NGX_HTTP_ANYTHINGLLM_OUT_BUF_SIZE));
+                            ngx_align(len, NGX_HTTP_ANYTHINGLLM_OUT_BUF_SIZE));
     if (b == NULL) {
         return ALM_ERROR;
     }

@@ -10,6 +10,10 @@
  * byte: that run costs one feed per byte, and longer streams are
  * covered by the fuzzer's cuts, which fall anywhere.
  *
+ * The frame reader is checked against cJSON itself, on the stream as
+ * one text and on each of its lines: the same verdict on whether the
+ * text is an object, and the same fields as cJSON's tree gives them.
+ *
  * Input: flags(1) cap(1) ncuts(1) cuts(2 * ncuts) stream(...)
  */
 
@@ -197,6 +201,137 @@ compare(const result_t *a, const result_t *b)
 }
 
 
+/* a field of the frame reader against cJSON's item of that name */
+
+static void
+check_str(const alm_frame_t *f, int bit, const alm_frame_str_t *str,
+    const cJSON *item)
+{
+    char    *buf;
+    size_t   n;
+
+    if (!cJSON_IsString(item)) {
+        if (f->strings & (1u << bit)) {
+            abort();
+        }
+
+        return;
+    }
+
+    if (!(f->strings & (1u << bit))) {
+        abort();
+    }
+
+    buf = malloc(str->len + 1);
+    if (buf == NULL) {
+        abort();
+    }
+
+    n = alm_frame_str_decode(str, buf, str->len);
+
+    if (n != strlen(item->valuestring)
+        || memcmp(buf, item->valuestring, n) != 0)
+    {
+        abort();
+    }
+
+    free(buf);
+}
+
+
+static void
+check_frame(const char *p, size_t len)
+{
+    int           i, ok;
+    cJSON        *root;
+    alm_frame_t   f;
+    const cJSON  *m, *c;
+    static const char  *counts[] = {
+        "prompt_tokens", "completion_tokens", "total_tokens"
+    };
+
+    root = len ? cJSON_ParseWithLength(p, len) : NULL;
+    ok = alm_frame_read(p, len, &f);
+
+    if (ok != cJSON_IsObject(root)) {
+        fprintf(stderr, "frame reader %d, cJSON %d: %.*s\n", ok,
+                cJSON_IsObject(root), (int) len, p);
+        abort();
+    }
+
+    if (!ok) {
+        cJSON_Delete(root);
+        return;
+    }
+
+    check_str(&f, ALM_FRAME_TYPE, &f.type,
+              cJSON_GetObjectItemCaseSensitive(root, "type"));
+    check_str(&f, ALM_FRAME_TEXT_RESPONSE, &f.text_response,
+              cJSON_GetObjectItemCaseSensitive(root, "textResponse"));
+    check_str(&f, ALM_FRAME_TEXT_CHUNK, &f.text_chunk,
+              cJSON_GetObjectItemCaseSensitive(root, "textChunk"));
+    check_str(&f, ALM_FRAME_ERROR, &f.error,
+              cJSON_GetObjectItemCaseSensitive(root, "error"));
+
+    if (f.close
+        != cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(root, "close")))
+    {
+        abort();
+    }
+
+    m = cJSON_GetObjectItemCaseSensitive(root, "metrics");
+
+    if (f.metrics != cJSON_IsObject(m)) {
+        abort();
+    }
+
+    for (i = 0; f.metrics && i < 3; i++) {
+        c = cJSON_GetObjectItemCaseSensitive(m, counts[i]);
+
+        if (cJSON_IsNumber(c) != !!(f.count_found & (1u << i))) {
+            abort();
+        }
+
+        if (cJSON_IsNumber(c)
+            && memcmp(&c->valuedouble, &f.count[i], sizeof(double)) != 0)
+        {
+            abort();
+        }
+    }
+
+    cJSON_Delete(root);
+}
+
+
+static void
+check_frames_of(const char *in, size_t len)
+{
+    const char  *p, *end, *nl;
+
+    check_frame(in, len);
+
+    p = in;
+    end = in + len;
+
+    while (p < end) {
+        nl = memchr(p, '\n', end - p);
+        if (nl == NULL) {
+            nl = end;
+        }
+
+        /* the line as the re-framer gives it: after "data:" */
+        if (nl - p >= 5 && memcmp(p, "data:", 5) == 0) {
+            check_frame(p + 5, nl - p - 5);
+
+        } else {
+            check_frame(p, nl - p);
+        }
+
+        p = nl + 1;
+    }
+}
+
+
 static int
 cmp_size(const void *a, const void *b)
 {
@@ -243,6 +378,8 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     }
 
     qsort(cuts, ncuts, sizeof(size_t), cmp_size);
+
+    check_frames_of(in, len);
 
     memset(&whole, 0, sizeof(result_t));
     memset(&split, 0, sizeof(result_t));

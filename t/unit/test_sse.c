@@ -714,6 +714,374 @@ test_meta_escaped(void **state)
 }
 
 
+/* ------------------------------------------------------------------ */
+/* the frame reader against cJSON                                     */
+
+static void
+expect_str(const alm_frame_t *f, int bit, const alm_frame_str_t *str,
+    const cJSON *item, const char *json)
+{
+    char    *buf;
+    size_t   n;
+
+    if (!cJSON_IsString(item)) {
+        if (f->strings & (1u << bit)) {
+            print_error("member %d read as a string: %s\n", bit, json);
+            fail();
+        }
+
+        return;
+    }
+
+    assert_true(f->strings & (1u << bit));
+
+    buf = malloc(str->len + 1);
+    assert_non_null(buf);
+
+    n = alm_frame_str_decode(str, buf, str->len);
+
+    if (n != strlen(item->valuestring)
+        || memcmp(buf, item->valuestring, n) != 0)
+    {
+        print_error("member %d: %.*s, cJSON: %s (%s)\n", bit, (int) n, buf,
+                    item->valuestring, json);
+        fail();
+    }
+
+    free(buf);
+}
+
+
+/* the frame reader and cJSON agree on "json"; returns the verdict */
+
+static int
+frame_like_cjson(const char *json, size_t len, alm_frame_t *f)
+{
+    int           i, ok;
+    cJSON        *root;
+    const cJSON  *m, *c;
+    static const char  *counts[] = {
+        "prompt_tokens", "completion_tokens", "total_tokens"
+    };
+
+    root = cJSON_ParseWithLength(json, len);
+    ok = alm_frame_read(json, len, f);
+
+    if (ok != cJSON_IsObject(root)) {
+        print_error("frame reader %d, cJSON %d: %.*s\n", ok,
+                    cJSON_IsObject(root), (int) len, json);
+        fail();
+    }
+
+    if (ok) {
+        expect_str(f, ALM_FRAME_TYPE, &f->type,
+                   cJSON_GetObjectItemCaseSensitive(root, "type"), json);
+        expect_str(f, ALM_FRAME_TEXT_RESPONSE, &f->text_response,
+                   cJSON_GetObjectItemCaseSensitive(root, "textResponse"),
+                   json);
+        expect_str(f, ALM_FRAME_TEXT_CHUNK, &f->text_chunk,
+                   cJSON_GetObjectItemCaseSensitive(root, "textChunk"), json);
+        expect_str(f, ALM_FRAME_ERROR, &f->error,
+                   cJSON_GetObjectItemCaseSensitive(root, "error"), json);
+        assert_int_equal(f->close, cJSON_IsTrue(
+                             cJSON_GetObjectItemCaseSensitive(root, "close")));
+
+        m = cJSON_GetObjectItemCaseSensitive(root, "metrics");
+        assert_int_equal(f->metrics, cJSON_IsObject(m));
+
+        for (i = 0; f->metrics && i < 3; i++) {
+            c = cJSON_GetObjectItemCaseSensitive(m, counts[i]);
+            assert_int_equal(cJSON_IsNumber(c),
+                             !!(f->count_found & (1u << i)));
+
+            if (cJSON_IsNumber(c)) {
+                assert_memory_equal(&c->valuedouble, &f->count[i],
+                                    sizeof(double));
+            }
+        }
+    }
+
+    cJSON_Delete(root);
+
+    return ok;
+}
+
+
+static void
+test_frame_reader(void **state)
+{
+    size_t       i;
+    alm_frame_t  f;
+    static const struct {
+        const char  *json;
+        int          ok;
+    } cases[] = {
+        { "{}", 1 },
+        { "", 0 },
+        { " ", 0 },
+        { "{", 0 },
+        { "{\"a\"", 0 },
+        { "{\"a\":", 0 },
+        { "{\"a\":1,", 0 },
+        { "{\"a\":1,}", 0 },
+        { "{,}", 0 },
+        { "[]", 0 },
+        { "\"x\"", 0 },
+        { "null", 0 },
+        { "{\"type\":\"abort\"} trailing garbage", 1 },
+        { "\x01\x1f {\"type\":\"abort\"}", 1 },
+        { "\xef\xbb\xbf{\"type\":\"abort\"}", 1 },
+        { "\xef\xbb\xbf{}", 1 },
+        { "\xef\xbb\xbf{", 0 },
+        { "{\"type\" \x7f: 1}", 0 },
+        /* the first member of a name counts, whatever it holds */
+        { "{\"type\":5,\"type\":\"abort\"}", 1 },
+        { "{\"type\":\"abort\",\"type\":5}", 1 },
+        { "{\"textResponse\":null,\"textChunk\":\"b\"}", 1 },
+        { "{\"textResponse\":\"a\",\"textChunk\":\"b\"}", 1 },
+        { "{\"close\":true,\"close\":false}", 1 },
+        { "{\"close\":1}", 1 },
+        { "{\"close\":\"true\"}", 1 },
+        /* names and strings end at their first NUL, as C strings */
+        { "{\"type\\u0000x\":\"abort\"}", 1 },
+        { "{\"ty\\u0070e\":\"abort\"}", 1 },
+        { "{\"type\":\"abort\\u0000x\",\"error\":\"\\u0000\"}", 1 },
+        { "{\"error\":\"a\\uZZZZb\"}", 1 },
+        { "{\"error\":\"a\\u12\\\"x\"}", 1 },
+        /* escapes */
+        { "{\"error\":\"\\b\\f\\n\\r\\t\\\"\\\\\\/\"}", 1 },
+        { "{\"error\":\"\\x\"}", 0 },
+        { "{\"error\":\"\\u00e9\\u20ac\\ud83d\\ude00\"}", 1 },
+        { "{\"error\":\"\\ud800\"}", 0 },
+        { "{\"error\":\"\\udc00\"}", 0 },
+        { "{\"error\":\"\\ud800\\u0041\"}", 0 },
+        { "{\"error\":\"\\ud800x\\udc00\"}", 0 },
+        { "{\"error\":\"\\u12\"}", 0 },
+        { "{\"error\":\"\\\"}", 0 },
+        { "{\"error\":\"abc\\", 0 },
+        /* raw bytes pass into strings as they are */
+        { "{\"error\":\"a\x01\tb\xff\xc3\"}", 1 },
+        { "{\"error\":\"a", 0 },
+        /* numbers as strtod() takes them */
+        { "{\"metrics\":{\"prompt_tokens\":12,\"completion_tokens\":-0.5,"
+          "\"total_tokens\":1e999}}", 1 },
+        { "{\"metrics\":{\"prompt_tokens\":1.,\"completion_tokens\":-.5,"
+          "\"total_tokens\":007}}", 1 },
+        { "{\"metrics\":{\"prompt_tokens\":1e}}", 0 },
+        { "{\"metrics\":{\"prompt_tokens\":1e+}}", 0 },
+        { "{\"metrics\":{\"prompt_tokens\":-}}", 0 },
+        { "{\"metrics\":{\"prompt_tokens\":1.2.3}}", 0 },
+        { "{\"metrics\":{\"prompt_tokens\":+1}}", 0 },
+        { "{\"metrics\":{\"prompt_tokens\":0x10}}", 0 },
+        { "{\"metrics\":{\"prompt_tokens\":"
+          "00000000000000000000000000000000000000000000000000000000000000000"
+          "000000000000000000000000000000000000000000000000000000000000000042"
+          "}}", 1 },
+        { "{\"metrics\":{\"prompt_tokens\":\"5\",\"prompt_tokens\":5}}", 1 },
+        { "{\"metrics\":{\"prompt_tokens\":5,\"prompt_tokens\":\"x\"}}", 1 },
+        { "{\"metrics\":[1,2],\"metrics\":{\"total_tokens\":3}}", 1 },
+        { "{\"metrics\":{}}", 1 },
+        { "{\"metrics\":{\"a\":[{\"b\":[]}],\"total_tokens\":3}}", 1 },
+        /* values passed over are checked all the same */
+        { "{\"sources\":[1,\"a\",{\"b\":null},[true,false]],\"type\":\"x\"}",
+          1 },
+        { "{\"sources\":[1,],\"type\":\"x\"}", 0 },
+        { "{\"sources\":[nul],\"type\":\"x\"}", 0 },
+        { "{\"sources\":{\"a\" 1}}", 0 },
+        { "{\"sources\":{1:2}}", 0 },
+        { "{\"sources\":[1 2]}", 0 },
+        { "{\"sources\":tru}", 0 },
+        { "{\"sources\":[}", 0 },
+    };
+
+    (void) state;
+
+    for (i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
+        assert_int_equal(frame_like_cjson(cases[i].json,
+                                          strlen(cases[i].json), &f),
+                         cases[i].ok);
+    }
+
+    /* what the table checks against cJSON, spelt out once */
+
+    assert_true(frame_like_cjson(S("{\"type\\u0000x\":\"ab\\u0000c\"}"), &f));
+    assert_int_equal(f.type.len, 9);
+    assert_int_equal(f.type.flags, ALM_FRAME_STR_ESCAPED);
+
+    assert_true(frame_like_cjson(S("{\"type\":5,\"type\":\"abort\"}"), &f));
+    assert_int_equal(f.strings, 0);
+
+    assert_true(frame_like_cjson(S("{\"error\":\"a\x01\xff\"}"), &f));
+    assert_int_equal(f.error.flags, ALM_FRAME_STR_RAW);
+}
+
+
+/* containers nest 1000 deep, the root object included, as in cJSON */
+
+static void
+test_frame_depth(void **state)
+{
+    char         *json;
+    size_t        n, i, depth;
+    alm_frame_t   f;
+
+    (void) state;
+
+    json = malloc(4096);
+    assert_non_null(json);
+
+    for (depth = 998; depth <= 1001; depth++) {
+        n = 0;
+        memcpy(json, "{\"a\":", 5);
+        n = 5;
+
+        for (i = 1; i < depth; i++) {
+            json[n++] = i % 2 ? '[' : '{';
+
+            if (i % 2 == 0) {
+                memcpy(json + n, "\"k\":", 4);
+                n += 4;
+            }
+        }
+
+        json[n++] = '1';
+
+        for (i = depth - 1; i >= 1; i--) {
+            json[n++] = i % 2 ? ']' : '}';
+        }
+
+        json[n++] = '}';
+
+        assert_int_equal(frame_like_cjson(json, n, &f), depth <= 1000);
+    }
+
+    free(json);
+}
+
+
+/*
+ * Texts with escapes are decoded on the stack when short and in the
+ * line buffer when long, wherever the line lies; the output is the
+ * same either way.
+ */
+
+static void
+test_long_escaped(void **state)
+{
+    char    *in, *out, *p, *q;
+    size_t   i, n;
+
+    (void) state;
+
+    in = malloc(8192);
+    out = malloc(16384);
+    assert_non_null(in);
+    assert_non_null(out);
+
+    for (n = 500; n <= 530; n += 15) {
+        p = in;
+        p += sprintf(p, "data: {\"type\":\"textResponseChunk\","
+                        "\"textResponse\":\"");
+
+        for (i = 0; i < n; i++) {
+            p += sprintf(p, i % 10 ? "a" : "\\n");
+        }
+
+        p += sprintf(p, "\\u00e9\",\"close\":true}\n\n");
+        p += sprintf(p, "data: {\"type\":\"abort\",\"error\":\"");
+
+        for (i = 0; i < n; i++) {
+            p += sprintf(p, i % 10 ? "e" : "\\t");
+        }
+
+        p += sprintf(p, "\"}\n\n");
+
+        q = out;
+        q += sprintf(q, HEAD "{\"index\":0,\"delta\":{" ROLE "\"content\":\"");
+
+        for (i = 0; i < n; i++) {
+            q += sprintf(q, i % 10 ? "a" : "\\n");
+        }
+
+        q += sprintf(q, "\xc3\xa9\"},\"logprobs\":null,\"finish_reason\":"
+                        "null}]}\n\n"
+                        "data: {\"error\":{\"message\":\"");
+
+        for (i = 0; i < n; i++) {
+            q += sprintf(q, i % 10 ? "e" : "\\t");
+        }
+
+        sprintf(q, "\",\"type\":\"server_error\",\"param\":null,"
+                   "\"code\":null}}\n\n" DONE);
+
+        check_stream(in, 0, 4096, 0, out, 0);
+    }
+
+    free(in);
+    free(out);
+}
+
+
+/* token counts: the first of each name, clamped as whole answers are */
+
+static void
+test_usage_counts(void **state)
+{
+    (void) state;
+
+    check_stream(F_CHUNK("a", "false")
+                 "data: {\"type\":\"usageMetrics\",\"metrics\":"
+                 "{\"prompt_tokens\":7.9,\"prompt_tokens\":1,"
+                 "\"completion_tokens\":-3,\"total_tokens\":0}}\n"
+                 "data: {\"type\":\"finalizeResponseStream\",\"metrics\":"
+                 "{\"prompt_tokens\":\"9\"}}\n", 0, 4096, 1,
+        HEAD "{\"index\":0,\"delta\":{" ROLE "\"content\":\"a\"},"
+        "\"logprobs\":null,\"finish_reason\":null}],\"usage\":null}\n\n"
+        HEAD "{\"index\":0,\"delta\":{},\"logprobs\":null,\"finish_reason\":"
+        "\"stop\"}],\"usage\":null}\n\n"
+        HEAD "],\"usage\":{\"prompt_tokens\":7,\"completion_tokens\":0,"
+        "\"total_tokens\":7}}\n\n" DONE, 1);
+}
+
+
+/*
+ * Token frames alike but for their text are acted on without being
+ * read again; a text that could end or change its string, or another
+ * byte that differs, has the frame read whole.
+ */
+
+static void
+test_same_shape(void **state)
+{
+    (void) state;
+
+    check_stream(F_CHUNK("a", "false") F_CHUNK("b", "false")
+                 F_CHUNK("", "false")
+                 F_CHUNK("caf\xc3\xa9 \xff", "false")
+                 F_CHUNK("q\\\"x", "false")
+                 F_CHUNK("t\tu", "false")
+                 F_CHUNK("\",\"type\":\"abort", "false")
+                 F_CHUNK("c\",\"textResponse\":\"d", "false")
+                 F_CHUNK("e", "false")
+                 "data: {\"uuid\":\"u2\",\"sources\":[],\"type\":"
+                 "\"textResponseChunk\",\"textResponse\":\"f\",\"close\":"
+                 "false,\"error\":false}\n\n"
+                 F_CHUNK("g", "true"), 0, 4096, 0,
+                 CONTENT(ROLE, "a") CONTENT("", "b")
+                 CONTENT("", "caf\xc3\xa9 \\ufffd") CONTENT("", "q\\\"x")
+                 CONTENT("", "t\\tu") CONTENT("", "c")
+                 CONTENT("", "e") CONTENT("", "f") CONTENT("", "g")
+                 STOP DONE, 1);
+
+    /* the frame of the last shape ends an answer as it would read */
+    check_stream(F_CHUNK("a", "true") F_CHUNK("b", "true"), 0, 4096, 0,
+                 CONTENT(ROLE, "a") CONTENT("", "b") STOP DONE, 1);
+
+    check_stream(F_CHUNK("a", "false") F_CHUNK("b", "false"), 0, 4096, 0,
+                 CONTENT(ROLE, "a") CONTENT("", "b") ERROR(EARLY), 0);
+}
+
+
 int
 main(void)
 {
@@ -734,6 +1102,11 @@ main(void)
         cmocka_unit_test(test_emit_failure),
         cmocka_unit_test(test_conv),
         cmocka_unit_test(test_meta_escaped),
+        cmocka_unit_test(test_frame_reader),
+        cmocka_unit_test(test_frame_depth),
+        cmocka_unit_test(test_long_escaped),
+        cmocka_unit_test(test_usage_counts),
+        cmocka_unit_test(test_same_shape),
     };
 
     return cmocka_run_group_tests_name("sse", tests, NULL, NULL);
