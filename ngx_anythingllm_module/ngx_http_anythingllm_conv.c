@@ -21,10 +21,16 @@
  * Conversations in Redis: "<prefix>conv:<hex>" holds a session id and
  * expires after anythingllm_conversation_ttl; the sorted set
  * "<prefix>convs" holds every stored <hex>, scored by the time it was
- * stored.  The set bounds the records to anythingllm_conversation_max:
- * each store drops the entries older than the TTL, then the oldest
- * records beyond the cap, and adds its own.  It all runs in one
- * script, so no client ever sees the count above the cap.
+ * stored.  The set bounds the records to anythingllm_conversation_max.
+ * A store that finds the set with room adds its own entry and is done
+ * (four commands).  One that would take the set past the cap first
+ * drops the entries older than the TTL, then the oldest records beyond
+ * the cap, then adds its own.  It all runs in one script, so no client
+ * ever sees the count above the cap.
+ *
+ * Entries of expired records stay in the set until it is full: they
+ * are its oldest, so the full path drops them before any live record,
+ * and the records evicted are the same as if they had left at once.
  *
  * The SET is the script's first write on purpose: under maxmemory with
  * "noeviction", Redis refuses a script's first write that needs memory
@@ -38,10 +44,13 @@
  */
 
 #define NGX_HTTP_ANYTHINGLLM_STORE_SCRIPT                                     \
-    "local idx, now, ttl = KEYS[2], tonumber(ARGV[4]), tonumber(ARGV[2]) "   \
+    "local idx, ttl, cap = KEYS[2], ARGV[2], tonumber(ARGV[3]) "             \
     "redis.call('SET', KEYS[1], ARGV[1], 'EX', ttl) "                        \
-    "redis.call('ZREMRANGEBYSCORE', idx, '-inf', now - ttl) "                \
-    "local over = redis.call('ZCARD', idx) - tonumber(ARGV[3]) "             \
+    "local over = redis.call('ZCARD', idx) + 1 - cap "                       \
+    "if over > 0 then "                                                      \
+    "redis.call('ZREMRANGEBYSCORE', idx, '-inf', "                           \
+    "tonumber(ARGV[4]) - tonumber(ttl)) "                                    \
+    "over = redis.call('ZCARD', idx) - cap "                                 \
     "if not redis.call('ZSCORE', idx, ARGV[5]) then over = over + 1 end "    \
     "if over > 0 then "                                                      \
     "local old = redis.call('ZRANGE', idx, 0, over - 1) "                    \
@@ -50,7 +59,8 @@
     "end "                                                                   \
     "redis.call('ZREMRANGEBYRANK', idx, 0, over - 1) "                       \
     "end "                                                                   \
-    "redis.call('ZADD', idx, now, ARGV[5]) "                                 \
+    "end "                                                                   \
+    "redis.call('ZADD', idx, ARGV[4], ARGV[5]) "                             \
     "redis.call('EXPIRE', idx, ttl) "                                        \
     "return over"
 
