@@ -646,3 +646,475 @@ alm_json_value(alm_buf_t *b, const cJSON *item)
         alm_buf_raw(b, "null", 4);
     }
 }
+
+
+/* ------------------------------------------------------------------ */
+/* values read in place                                               */
+
+/*
+ * A reading of JSON text without a tree, for the common shapes of an
+ * answer: it accepts a strict subset of what cJSON accepts, and where
+ * it accepts, what it finds and writes is what cJSON's tree would
+ * give.  Anything outside the subset is "not read here" (0), and the
+ * caller goes on with cJSON, which then decides.  Outside the subset:
+ * a \u escape, a byte below 0x20 inside a string (cJSON's C strings
+ * would end at a NUL), nesting deeper than ALM_SPAN_DEPTH, and
+ * whatever cJSON refuses.  Between tokens, cJSON skips every byte up
+ * to 0x20, and so does this reading.
+ */
+
+#define ALM_SPAN_DEPTH  64
+
+static int alm_span_value(const char **pp, const char *end, int depth);
+
+
+static const char *
+alm_span_ws(const char *p, const char *end)
+{
+    while (p < end && (unsigned char) *p <= 0x20) {
+        p++;
+    }
+
+    return p;
+}
+
+
+/* *pp at the opening quote; past the closing one after */
+
+static int
+alm_span_string(const char **pp, const char *end, int *escaped)
+{
+    const char  *p;
+
+    p = *pp + 1;
+    *escaped = 0;
+
+    while (p < end && *p != '"') {
+
+        if ((unsigned char) *p < 0x20) {
+            return 0;
+        }
+
+        if (*p == '\\') {
+            if (end - p < 2 || strchr("bfnrt\"\\/", p[1]) == NULL
+                || p[1] == '\0')
+            {
+                return 0;
+            }
+
+            *escaped = 1;
+            p += 2;
+            continue;
+        }
+
+        p++;
+    }
+
+    if (p == end) {
+        return 0;
+    }
+
+    *pp = p + 1;
+
+    return 1;
+}
+
+
+/*
+ * cJSON's reading of a number: the bytes that may be part of one
+ * (at most 63), read by strtod() as far as it goes.
+ */
+
+static int
+alm_span_number(const char *p, const char *end, double *d, const char **after)
+{
+    char    num[64], *e;
+    size_t  i;
+
+    for (i = 0; i < sizeof(num) - 1 && p + i < end; i++) {
+        if (strchr("0123456789+-eE.", p[i]) == NULL || p[i] == '\0') {
+            break;
+        }
+
+        num[i] = p[i];
+    }
+
+    num[i] = '\0';
+
+    *d = strtod(num, &e);
+
+    if (e == num) {
+        return 0;
+    }
+
+    *after = p + (e - num);
+
+    return 1;
+}
+
+
+/* the members or elements of an object or array, *pp at its bracket */
+
+static int
+alm_span_container(const char **pp, const char *end, int depth)
+{
+    int          object, escaped;
+    char         close;
+    const char  *p;
+
+    if (depth >= ALM_SPAN_DEPTH) {
+        return 0;
+    }
+
+    object = (**pp == '{');
+    close = object ? '}' : ']';
+
+    p = alm_span_ws(*pp + 1, end);
+
+    if (p < end && *p == close) {
+        *pp = p + 1;
+        return 1;
+    }
+
+    for ( ;; ) {
+        p = alm_span_ws(p, end);
+
+        if (object) {
+            if (p == end || *p != '"' || !alm_span_string(&p, end, &escaped))
+            {
+                return 0;
+            }
+
+            p = alm_span_ws(p, end);
+
+            if (p == end || *p != ':') {
+                return 0;
+            }
+
+            p = alm_span_ws(p + 1, end);
+        }
+
+        if (!alm_span_value(&p, end, depth + 1)) {
+            return 0;
+        }
+
+        p = alm_span_ws(p, end);
+
+        if (p < end && *p == ',') {
+            p++;
+            continue;
+        }
+
+        if (p < end && *p == close) {
+            *pp = p + 1;
+            return 1;
+        }
+
+        return 0;
+    }
+}
+
+
+static int
+alm_span_value(const char **pp, const char *end, int depth)
+{
+    int          escaped;
+    double       d;
+    size_t       n;
+    const char  *p;
+
+    p = *pp;
+
+    if (p == end) {
+        return 0;
+    }
+
+    switch (*p) {
+
+    case '"':
+        return alm_span_string(pp, end, &escaped);
+
+    case '{':
+    case '[':
+        return alm_span_container(pp, end, depth);
+
+    case 'n':
+    case 't':
+    case 'f':
+        n = (*p == 'f') ? 5 : 4;
+
+        if ((size_t) (end - p) < n
+            || memcmp(p, (*p == 'n') ? "null" : (*p == 't') ? "true"
+                                                             : "false", n)
+               != 0)
+        {
+            return 0;
+        }
+
+        *pp = p + n;
+        return 1;
+
+    default:
+        if (*p != '-' && !(*p >= '0' && *p <= '9')) {
+            return 0;
+        }
+
+        return alm_span_number(p, end, &d, pp);
+    }
+}
+
+
+int
+alm_json_members(const char *text, size_t len, const char *const *names,
+    size_t n, alm_json_span_t *found)
+{
+    int          escaped;
+    size_t       i, klen;
+    const char  *p, *end, *key, *v;
+
+    for (i = 0; i < n; i++) {
+        found[i].p = NULL;
+        found[i].end = NULL;
+    }
+
+    if (text == NULL || len == 0) {
+        return 0;
+    }
+
+    p = text;
+    end = text + len;
+
+    if (len >= 3 && memcmp(p, "\xef\xbb\xbf", 3) == 0) {
+        p += 3;
+    }
+
+    p = alm_span_ws(p, end);
+
+    if (p == end || *p != '{') {
+        return 0;
+    }
+
+    /* the whole object first, then only the trailing white space */
+
+    v = p;
+
+    if (!alm_span_container(&v, end, 0)) {
+        return 0;
+    }
+
+    for ( ; v < end; v++) {
+        if (*v != ' ' && *v != '\t' && *v != '\r' && *v != '\n') {
+            return 0;
+        }
+    }
+
+    /* the members again, valid now: the first of each name counts */
+
+    p = alm_span_ws(p + 1, end);
+
+    while (*p == '"') {
+        key = p + 1;
+        (void) alm_span_string(&p, end, &escaped);
+        klen = p - 1 - key;
+
+        p = alm_span_ws(p, end);
+        p = alm_span_ws(p + 1, end);
+
+        v = p;
+        (void) alm_span_value(&p, end, 1);
+
+        for (i = 0; !escaped && i < n; i++) {
+            if (found[i].p == NULL && strlen(names[i]) == klen
+                && memcmp(names[i], key, klen) == 0)
+            {
+                found[i].p = v;
+                found[i].end = p;
+            }
+        }
+
+        p = alm_span_ws(p, end);
+
+        if (*p == ',') {
+            p = alm_span_ws(p + 1, end);
+        }
+    }
+
+    return 1;
+}
+
+
+int
+alm_json_span_is(const alm_json_span_t *v, int type)
+{
+    if (v->p == NULL) {
+        return 0;
+    }
+
+    switch (type) {
+    case ALM_SPAN_STRING:
+        return *v->p == '"';
+    case ALM_SPAN_OBJECT:
+        return *v->p == '{';
+    case ALM_SPAN_ARRAY:
+        return *v->p == '[';
+    default: /* ALM_SPAN_NUMBER */
+        return *v->p == '-' || (*v->p >= '0' && *v->p <= '9');
+    }
+}
+
+
+double
+alm_json_span_number(const alm_json_span_t *v)
+{
+    double       d;
+    const char  *after;
+
+    if (!alm_span_number(v->p, v->end, &d, &after)) {
+        return 0;
+    }
+
+    return d;
+}
+
+
+/*
+ * The text of a string value, its escapes undone: in place when it
+ * has none (*tmp left NULL), else in *tmp (malloc'd, the caller frees
+ * it).  NULL when memory ran out.
+ */
+
+const char *
+alm_json_span_text(const alm_json_span_t *v, size_t *len, char **tmp)
+{
+    char        *out, *w;
+    const char  *p, *end;
+
+    *tmp = NULL;
+
+    p = v->p + 1;
+    end = v->end - 1;
+
+    if (memchr(p, '\\', end - p) == NULL) {
+        *len = end - p;
+        return p;
+    }
+
+    out = malloc(end - p + 1);
+    if (out == NULL) {
+        return NULL;
+    }
+
+    for (w = out; p < end; p++) {
+
+        if (*p != '\\') {
+            *w++ = *p;
+            continue;
+        }
+
+        p++;
+
+        switch (*p) {
+        case 'b': *w++ = '\b'; break;
+        case 'f': *w++ = '\f'; break;
+        case 'n': *w++ = '\n'; break;
+        case 'r': *w++ = '\r'; break;
+        case 't': *w++ = '\t'; break;
+        default:  *w++ = *p; break;
+        }
+    }
+
+    *w = '\0';
+    *len = w - out;
+    *tmp = out;
+
+    return out;
+}
+
+
+/* a value read in place, written as alm_json_value() writes its tree */
+
+static void
+alm_span_write(alm_buf_t *b, const char **pp, const char *end)
+{
+    int                escaped;
+    char              *tmp;
+    char               close;
+    size_t             len;
+    double             d;
+    const char        *p, *s;
+    alm_json_span_t    v;
+
+    p = alm_span_ws(*pp, end);
+
+    switch (*p) {
+
+    case '"':
+        v.p = p;
+        (void) alm_span_string(&p, end, &escaped);
+        v.end = p;
+
+        s = alm_json_span_text(&v, &len, &tmp);
+
+        if (s == NULL) {
+            b->nomem = 1;
+
+        } else {
+            alm_json_string_n(b, s, len);
+        }
+
+        free(tmp);
+        break;
+
+    case '{':
+    case '[':
+        close = (*p == '{') ? '}' : ']';
+        alm_buf_raw(b, p, 1);
+        p = alm_span_ws(p + 1, end);
+
+        while (*p != close) {
+            if (*p == ',') {
+                alm_buf_raw(b, ",", 1);
+                p = alm_span_ws(p + 1, end);
+            }
+
+            if (close == '}') {
+                alm_span_write(b, &p, end);
+                p = alm_span_ws(p, end);
+                alm_buf_raw(b, ":", 1);
+                p++;
+            }
+
+            alm_span_write(b, &p, end);
+            p = alm_span_ws(p, end);
+        }
+
+        alm_buf_raw(b, &close, 1);
+        p++;
+        break;
+
+    case 'n':
+    case 't':
+    case 'f':
+        len = (*p == 'f') ? 5 : 4;
+        alm_buf_raw(b, p, len);
+        p += len;
+        break;
+
+    default:
+        (void) alm_span_number(p, end, &d, &p);
+        alm_json_number(b, d);
+        break;
+    }
+
+    *pp = p;
+}
+
+
+void
+alm_json_span_write(alm_buf_t *b, const alm_json_span_t *v)
+{
+    const char  *p;
+
+    p = v->p;
+    alm_span_write(b, &p, v->end);
+}

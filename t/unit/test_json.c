@@ -332,6 +332,49 @@ test_json_escape_runs(void **state)
 }
 
 
+/* what is read in place, and what is left to cJSON */
+
+static void
+test_json_members(void **state)
+{
+    size_t            n;
+    const char       *t;
+    alm_json_span_t   f[3];
+
+    static const char *const  names[] = { "a", "b", "c" };
+
+    (void) state;
+
+    t = " {\"a\" : [1, {\"x\": \"y\\n\"}] ,\"b\":-2.5e1,\"a\":3,"
+        "\"c\":\"s\\/\"}\n";
+    assert_int_equal(alm_json_members(t, strlen(t), names, 3, f), 1);
+    assert_memory_equal(f[0].p, "[1, {\"x\": \"y\\n\"}]", f[0].end - f[0].p);
+    assert_true(alm_json_span_is(&f[0], ALM_SPAN_ARRAY));
+    assert_true(alm_json_span_is(&f[1], ALM_SPAN_NUMBER));
+    assert_true(alm_json_span_number(&f[1]) == -25.0);
+    assert_true(alm_json_span_is(&f[2], ALM_SPAN_STRING));
+
+    /* the first member of a name counts, as with cJSON */
+    t = "{\"a\":1,\"a\":2}";
+    assert_int_equal(alm_json_members(t, strlen(t), names, 3, f), 1);
+    assert_int_equal(*f[0].p, '1');
+    assert_null(f[1].p);
+
+    /* left to cJSON: \u escapes, control bytes in strings, not JSON */
+    n = sizeof(names) / sizeof(names[0]);
+    t = "{\"a\":\"\\u00e9\"}";
+    assert_int_equal(alm_json_members(t, strlen(t), names, n, f), 0);
+    t = "{\"a\":\"\x01\"}";
+    assert_int_equal(alm_json_members(t, strlen(t), names, n, f), 0);
+    t = "{\"a\":1,}";
+    assert_int_equal(alm_json_members(t, strlen(t), names, n, f), 0);
+    t = "[1]";
+    assert_int_equal(alm_json_members(t, strlen(t), names, n, f), 0);
+    t = "{\"a\":1} x";
+    assert_int_equal(alm_json_members(t, strlen(t), names, n, f), 0);
+}
+
+
 int
 main(void)
 {
@@ -341,6 +384,7 @@ main(void)
         cmocka_unit_test(test_json_value),
         cmocka_unit_test(test_json_number),
         cmocka_unit_test(test_json_escape_runs),
+        cmocka_unit_test(test_json_members),
     };
 
     return cmocka_run_group_tests_name("json", tests, NULL, NULL);
