@@ -652,15 +652,12 @@ alm_json_value(alm_buf_t *b, const cJSON *item)
 /* values read in place                                               */
 
 /*
- * A reading of JSON text without a tree, for the common shapes of an
- * answer: it accepts a strict subset of what cJSON accepts, and where
- * it accepts, what it finds and writes is what cJSON's tree would
- * give.  Anything outside the subset is "not read here" (0), and the
- * caller goes on with cJSON, which then decides.  Outside the subset:
- * a \u escape, a byte below 0x20 inside a string (cJSON's C strings
- * would end at a NUL), nesting deeper than ALM_SPAN_DEPTH, and
- * whatever cJSON refuses.  Between tokens, cJSON skips every byte up
- * to 0x20, and so does this reading.
+ * JSON read without a tree: a strict subset of what cJSON reads, found
+ * and written as cJSON's tree would give it.  Outside it ("not read
+ * here", 0; the caller asks cJSON): a \u escape, a byte below 0x20 in
+ * a string (cJSON's C strings would end at a NUL), nesting deeper than
+ * ALM_SPAN_DEPTH, what cJSON refuses.  Between tokens, bytes up to
+ * 0x20 are skipped, as cJSON skips them.
  */
 
 #define ALM_SPAN_DEPTH  64
@@ -721,35 +718,106 @@ alm_span_string(const char **pp, const char *end, int *escaped)
 
 
 /*
- * cJSON's reading of a number: the bytes that may be part of one
- * (at most 63), read by strtod() as far as it goes.
+ * A number of JSON's own grammar, followed by no byte that cJSON would
+ * take as part of a number: cJSON's strtod() reads exactly these bytes
+ * then.  Anything else (01, 1., .5, +1, 1e) is not read here.
  */
 
 static int
-alm_span_number(const char *p, const char *end, double *d, const char **after)
+alm_span_number_end(const char *p, const char *end, const char **after)
 {
-    char    num[64], *e;
-    size_t  i;
+    const char  *start;
 
-    for (i = 0; i < sizeof(num) - 1 && p + i < end; i++) {
-        if (strchr("0123456789+-eE.", p[i]) == NULL || p[i] == '\0') {
-            break;
-        }
+    start = p;
 
-        num[i] = p[i];
+    if (p < end && *p == '-') {
+        p++;
     }
 
-    num[i] = '\0';
-
-    *d = strtod(num, &e);
-
-    if (e == num) {
+    if (p == end || !(*p >= '0' && *p <= '9')) {
         return 0;
     }
 
-    *after = p + (e - num);
+    /* a leading 0 stands alone */
+
+    if (*p++ != '0') {
+        while (p < end && *p >= '0' && *p <= '9') {
+            p++;
+        }
+    }
+
+    if (p < end && *p == '.') {
+        if (++p == end || !(*p >= '0' && *p <= '9')) {
+            return 0;
+        }
+
+        while (p < end && *p >= '0' && *p <= '9') {
+            p++;
+        }
+    }
+
+    if (p < end && (*p == 'e' || *p == 'E')) {
+        p++;
+
+        if (p < end && (*p == '+' || *p == '-')) {
+            p++;
+        }
+
+        if (p == end || !(*p >= '0' && *p <= '9')) {
+            return 0;
+        }
+
+        while (p < end && *p >= '0' && *p <= '9') {
+            p++;
+        }
+    }
+
+    if (p < end && (*p == '+' || *p == '-' || *p == '.' || *p == 'e'
+                    || *p == 'E' || (*p >= '0' && *p <= '9')))
+    {
+        return 0;
+    }
+
+    /* cJSON reads 63 bytes of a number at most */
+
+    if (p - start > 63) {
+        return 0;
+    }
+
+    *after = p;
 
     return 1;
+}
+
+
+/* the value of a number read by alm_span_number_end() */
+
+static double
+alm_span_number(const char *p, const char *end)
+{
+    char        num[64];
+    size_t      n;
+    uint64_t    v;
+    const char  *q;
+
+    /* up to 15 digits: exact as an integer, no strtod() needed */
+
+    for (v = 0, q = p; q < end && *q >= '0' && *q <= '9'; q++) {
+        v = v * 10 + (uint64_t) (*q - '0');
+    }
+
+    if (q == end && end - p <= 15) {
+        return (double) v;
+    }
+
+    /* at most 63 bytes: alm_span_number_end() refuses longer ones */
+
+    n = (size_t) (end - p) < sizeof(num) ? (size_t) (end - p)
+                                           : sizeof(num) - 1;
+    memcpy(num, p, n);
+    num[n] = '\0';
+
+    return strtod(num, NULL);
 }
 
 
@@ -819,7 +887,6 @@ static int
 alm_span_value(const char **pp, const char *end, int depth)
 {
     int          escaped;
-    double       d;
     size_t       n;
     const char  *p;
 
@@ -855,11 +922,7 @@ alm_span_value(const char **pp, const char *end, int depth)
         return 1;
 
     default:
-        if (*p != '-' && !(*p >= '0' && *p <= '9')) {
-            return 0;
-        }
-
-        return alm_span_number(p, end, &d, pp);
+        return alm_span_number_end(p, end, pp);
     }
 }
 
@@ -884,7 +947,7 @@ alm_json_members(const char *text, size_t len, const char *const *names,
     p = text;
     end = text + len;
 
-    if (len >= 3 && memcmp(p, "\xef\xbb\xbf", 3) == 0) {
+    if (len >= 5 && memcmp(p, "\xef\xbb\xbf", 3) == 0) {
         p += 3;
     }
 
@@ -894,34 +957,42 @@ alm_json_members(const char *text, size_t len, const char *const *names,
         return 0;
     }
 
-    /* the whole object first, then only the trailing white space */
-
-    v = p;
-
-    if (!alm_span_container(&v, end, 0)) {
-        return 0;
-    }
-
-    for ( ; v < end; v++) {
-        if (*v != ' ' && *v != '\t' && *v != '\r' && *v != '\n') {
-            return 0;
-        }
-    }
-
-    /* the members again, valid now: the first of each name counts */
-
     p = alm_span_ws(p + 1, end);
 
-    while (*p == '"') {
+    if (p < end && *p == '}') {
+        p++;
+        goto trailing;
+    }
+
+    /* each member checked as it is read; the first of each name counts */
+
+    for ( ;; ) {
+        p = alm_span_ws(p, end);
+
+        if (p == end || *p != '"') {
+            return 0;
+        }
+
         key = p + 1;
-        (void) alm_span_string(&p, end, &escaped);
+
+        if (!alm_span_string(&p, end, &escaped)) {
+            return 0;
+        }
+
         klen = p - 1 - key;
 
         p = alm_span_ws(p, end);
-        p = alm_span_ws(p + 1, end);
 
+        if (p == end || *p != ':') {
+            return 0;
+        }
+
+        p = alm_span_ws(p + 1, end);
         v = p;
-        (void) alm_span_value(&p, end, 1);
+
+        if (!alm_span_value(&p, end, 1)) {
+            return 0;
+        }
 
         for (i = 0; !escaped && i < n; i++) {
             if (found[i].p == NULL && strlen(names[i]) == klen
@@ -934,8 +1005,26 @@ alm_json_members(const char *text, size_t len, const char *const *names,
 
         p = alm_span_ws(p, end);
 
-        if (*p == ',') {
-            p = alm_span_ws(p + 1, end);
+        if (p < end && *p == ',') {
+            p++;
+            continue;
+        }
+
+        if (p < end && *p == '}') {
+            p++;
+            break;
+        }
+
+        return 0;
+    }
+
+trailing:
+
+    /* only the white space cJSON's caller lets follow a text */
+
+    for ( ; p < end; p++) {
+        if (*p != ' ' && *p != '\t' && *p != '\r' && *p != '\n') {
+            return 0;
         }
     }
 
@@ -950,30 +1039,19 @@ alm_json_span_is(const alm_json_span_t *v, int type)
         return 0;
     }
 
-    switch (type) {
-    case ALM_SPAN_STRING:
-        return *v->p == '"';
-    case ALM_SPAN_OBJECT:
-        return *v->p == '{';
-    case ALM_SPAN_ARRAY:
-        return *v->p == '[';
-    default: /* ALM_SPAN_NUMBER */
+    if (type == ALM_SPAN_NUMBER) {
         return *v->p == '-' || (*v->p >= '0' && *v->p <= '9');
     }
+
+    return *v->p == ((type == ALM_SPAN_STRING) ? '"'
+                     : (type == ALM_SPAN_OBJECT) ? '{' : '[');
 }
 
 
 double
 alm_json_span_number(const alm_json_span_t *v)
 {
-    double       d;
-    const char  *after;
-
-    if (!alm_span_number(v->p, v->end, &d, &after)) {
-        return 0;
-    }
-
-    return d;
+    return alm_span_number(v->p, v->end);
 }
 
 
@@ -1040,7 +1118,6 @@ alm_span_write(alm_buf_t *b, const char **pp, const char *end)
     char              *tmp;
     char               close;
     size_t             len;
-    double             d;
     const char        *p, *s;
     alm_json_span_t    v;
 
@@ -1101,8 +1178,9 @@ alm_span_write(alm_buf_t *b, const char **pp, const char *end)
         break;
 
     default:
-        (void) alm_span_number(p, end, &d, &p);
-        alm_json_number(b, d);
+        s = p;
+        (void) alm_span_number_end(s, end, &p);
+        alm_json_number(b, alm_span_number(s, p));
         break;
     }
 

@@ -77,8 +77,9 @@ typedef struct {
  * first member of each of the n names.  Returns 1 when the text was
  * read; 0 when it is not JSON, not an object, or not in the subset
  * read in place (a \u escape, a byte below 0x20 in a string, deep
- * nesting): cJSON must read it then.  Where it returns 1, cJSON reads
- * the same object (and the same trailing white space) alike.
+ * nesting): cJSON must read it then ("found" is then of no use).
+ * Where it returns 1, cJSON reads the same object (and the same
+ * trailing white space) alike.
  */
 int alm_json_members(const char *text, size_t len, const char *const *names,
     size_t n, alm_json_span_t *found);
