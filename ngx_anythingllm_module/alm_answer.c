@@ -7,9 +7,20 @@
  */
 
 
+#include <stdlib.h>
 #include <string.h>
 
 #include "alm_json.h"
+
+
+static long alm_count(double d);
+static char *alm_chat_response_read(const char *json, size_t len,
+    const alm_completion_meta_t *meta, alm_usage_t *usage,
+    alm_conv_hash_t *conv, size_t *out_len, alm_error_t *err,
+    int *done);
+static void alm_chat_completion(alm_buf_t *b,
+    const alm_completion_meta_t *meta, const char *content,
+    size_t content_len, const alm_usage_t *us);
 
 
 /* a token count: negative and NaN count as 0, no overflow converting */
@@ -17,15 +28,19 @@
 static long
 alm_json_long(const cJSON *item, int *found)
 {
-    double  d;
-
     if (!cJSON_IsNumber(item)) {
         return 0;
     }
 
     *found = 1;
-    d = item->valuedouble;
 
+    return alm_count(item->valuedouble);
+}
+
+
+static long
+alm_count(double d)
+{
     /* NaN fails both tests */
 
     if (!(d >= 0)) {
@@ -103,8 +118,192 @@ alm_completion_head(alm_buf_t *b, const alm_completion_meta_t *meta,
 }
 
 
+/* the chat.completion up to its sources */
+
+static void
+alm_chat_completion(alm_buf_t *b, const alm_completion_meta_t *meta,
+    const char *content, size_t content_len, const alm_usage_t *us)
+{
+    alm_completion_head(b, meta, "chat.completion");
+    alm_buf_str(b, ",\"choices\":[{\"index\":0,\"message\":"
+                   "{\"role\":\"assistant\",\"content\":");
+    alm_json_string_n(b, content, content_len);
+    alm_buf_str(b, ",\"refusal\":null},\"logprobs\":null,"
+                   "\"finish_reason\":\"stop\"}],\"usage\":"
+                   "{\"prompt_tokens\":");
+    alm_json_number(b, (double) us->prompt_tokens);
+    alm_buf_str(b, ",\"completion_tokens\":");
+    alm_json_number(b, (double) us->completion_tokens);
+    alm_buf_str(b, ",\"total_tokens\":");
+    alm_json_number(b, (double) us->total_tokens);
+
+    /* the retrieval sources follow, as they are */
+
+    alm_buf_str(b, "},\"sources\":");
+}
+
+
 char *
 alm_chat_response_translate(const char *json, size_t len,
+    const alm_completion_meta_t *meta, alm_usage_t *usage,
+    alm_conv_hash_t *conv, size_t *out_len, alm_error_t *err)
+{
+    int    done;
+    char  *out;
+
+    if (usage) {
+        memset(usage, 0, sizeof(alm_usage_t));
+    }
+
+    /* the usual answer is read in place; the rest as a tree */
+
+    out = alm_chat_response_read(json, len, meta, usage, conv, out_len, err,
+                                 &done);
+    if (done) {
+        return out;
+    }
+
+    return alm_chat_response_tree(json, len, meta, usage, conv, out_len,
+                                  err);
+}
+
+
+/*
+ * An answer read in place (alm_json_members()): a successful one, no
+ * error text, no abort.  *done is 0 when the answer is not one of
+ * those, or not read in place: the tree reads it then, and decides.
+ */
+
+static char *
+alm_chat_response_read(const char *json, size_t len,
+    const alm_completion_meta_t *meta, alm_usage_t *usage,
+    alm_conv_hash_t *conv, size_t *out_len, alm_error_t *err, int *done)
+{
+    int               i;
+    char             *out, *tmp;
+    size_t            content_len;
+    alm_buf_t         b;
+    alm_usage_t       us;
+    const char       *content;
+    alm_json_span_t   f[6], m[3], *text;
+
+    static const char *const  fields[] = {
+        "type", "error", "textResponse", "textChunk", "metrics", "sources"
+    };
+
+    static const char *const  counts[] = {
+        "prompt_tokens", "completion_tokens", "total_tokens"
+    };
+
+    enum { TYPE, ERROR, TEXT, CHUNK, METRICS, SOURCES };
+
+    *done = 0;
+
+    if (!alm_json_members(json, len, fields, 6, f)) {
+        return NULL;
+    }
+
+    /* "abort" needs no escape: a type with one goes the long way too */
+
+    if (alm_json_span_is(&f[TYPE], ALM_SPAN_STRING)
+        && (memchr(f[TYPE].p, '\\', f[TYPE].end - f[TYPE].p) != NULL
+            || (f[TYPE].end - f[TYPE].p == 7
+                && memcmp(f[TYPE].p, "\"abort\"", 7) == 0)))
+    {
+        return NULL;
+    }
+
+    if (alm_json_span_is(&f[ERROR], ALM_SPAN_STRING)
+        && f[ERROR].end - f[ERROR].p > 2)
+    {
+        return NULL;
+    }
+
+    memset(&us, 0, sizeof(alm_usage_t));
+
+    if (alm_json_span_is(&f[METRICS], ALM_SPAN_OBJECT)) {
+        (void) alm_json_members(f[METRICS].p, f[METRICS].end - f[METRICS].p,
+                                counts, 3, m);
+
+        for (i = 0; i < 3; i++) {
+            if (alm_json_span_is(&m[i], ALM_SPAN_NUMBER)) {
+                us.present = 1;
+            }
+        }
+
+        us.prompt_tokens = alm_json_span_is(&m[0], ALM_SPAN_NUMBER)
+                           ? alm_count(alm_json_span_number(&m[0])) : 0;
+        us.completion_tokens = alm_json_span_is(&m[1], ALM_SPAN_NUMBER)
+                               ? alm_count(alm_json_span_number(&m[1])) : 0;
+        us.total_tokens = alm_json_span_is(&m[2], ALM_SPAN_NUMBER)
+                          ? alm_count(alm_json_span_number(&m[2])) : 0;
+
+        if (us.total_tokens == 0) {
+            us.total_tokens = us.prompt_tokens + us.completion_tokens;
+        }
+    }
+
+    *done = 1;
+
+    text = alm_json_span_is(&f[TEXT], ALM_SPAN_STRING) ? &f[TEXT]
+           : alm_json_span_is(&f[CHUNK], ALM_SPAN_STRING) ? &f[CHUNK] : NULL;
+
+    tmp = NULL;
+    content = "";
+    content_len = 0;
+
+    if (text) {
+        content = alm_json_span_text(text, &content_len, &tmp);
+        if (content == NULL) {
+            goto nomem;
+        }
+    }
+
+    memset(&b, 0, sizeof(alm_buf_t));
+
+    alm_chat_completion(&b, meta, content, content_len, &us);
+
+    if (alm_json_span_is(&f[SOURCES], ALM_SPAN_ARRAY)) {
+        alm_json_span_write(&b, &f[SOURCES]);
+
+    } else {
+        alm_buf_raw(&b, "[]", 2);
+    }
+
+    alm_buf_raw(&b, "}", 1);
+
+    out = alm_buf_take(&b, out_len);
+
+    if (out == NULL) {
+        free(tmp);
+        goto nomem;
+    }
+
+    if (conv) {
+        alm_conv_hash_message_begin(conv, "assistant", 9);
+        alm_conv_hash_update(conv, content, content_len);
+        alm_conv_hash_message_end(conv);
+    }
+
+    if (usage) {
+        *usage = us;
+    }
+
+    free(tmp);
+
+    return out;
+
+nomem:
+
+    alm_error_set(err, 500, "server_error", NULL, NULL, ALM_NOMEM);
+    return NULL;
+}
+
+
+/* the same translation through cJSON's tree, for every answer */
+
+char *
+alm_chat_response_tree(const char *json, size_t len,
     const alm_completion_meta_t *meta, alm_usage_t *usage,
     alm_conv_hash_t *conv, size_t *out_len, alm_error_t *err)
 {
@@ -153,22 +352,8 @@ alm_chat_response_translate(const char *json, size_t len,
 
     memset(&b, 0, sizeof(alm_buf_t));
 
-    alm_completion_head(&b, meta, "chat.completion");
-    alm_buf_str(&b, ",\"choices\":[{\"index\":0,\"message\":"
-                    "{\"role\":\"assistant\",\"content\":");
-    alm_json_string(&b, content);
-    alm_buf_str(&b, ",\"refusal\":null},\"logprobs\":null,"
-                    "\"finish_reason\":\"stop\"}],\"usage\":"
-                    "{\"prompt_tokens\":");
-    alm_json_number(&b, (double) us.prompt_tokens);
-    alm_buf_str(&b, ",\"completion_tokens\":");
-    alm_json_number(&b, (double) us.completion_tokens);
-    alm_buf_str(&b, ",\"total_tokens\":");
-    alm_json_number(&b, (double) us.total_tokens);
+    alm_chat_completion(&b, meta, content, strlen(content), &us);
 
-    /* the retrieval sources move over as they are */
-
-    alm_buf_str(&b, "},\"sources\":");
     sources = cJSON_GetObjectItemCaseSensitive(root, "sources");
 
     if (cJSON_IsArray(sources)) {

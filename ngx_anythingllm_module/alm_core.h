@@ -544,6 +544,15 @@ char *alm_chat_response_translate(const char *json, size_t len,
     alm_conv_hash_t *conv, size_t *out_len, alm_error_t *err);
 
 /*
+ * The same translation, always through cJSON's tree.  The usual answer
+ * is read in place instead (no tree, no allocation per value); this is
+ * what it must equal, byte for byte, and what reads every other answer.
+ */
+char *alm_chat_response_tree(const char *json, size_t len,
+    const alm_completion_meta_t *meta, alm_usage_t *usage,
+    alm_conv_hash_t *conv, size_t *out_len, alm_error_t *err);
+
+/*
  * Translates an upstream error answer (any status >= 400, any body)
  * of a chat call into an OpenAI error: 400 abort "is not a valid
  * workspace" gives 404 model_not_found, 403 gives 502 (the upstream

@@ -91,23 +91,34 @@ alm_escape(char *out, const char *s, size_t len, int strict)
 
     size_t                n, w, i;
     unsigned char         c;
-    const unsigned char  *p, *end;
+    const unsigned char  *p, *q, *end;
 
     p = (const unsigned char *) s;
     end = p + len;
     w = 0;
 
     while (p < end) {
-        c = *p;
 
-        if (c >= 0x20 && c < 0x80 && c != '"' && c != '\\') {
-            if (out) {
-                out[w] = (char) c;
+        /* a run of bytes that pass as they are, copied at once */
+
+        for (q = p; q < end; q++) {
+            c = *q;
+
+            if (c < 0x20 || c == '"' || c == '\\' || (c >= 0x80 && strict)) {
+                break;
             }
-            w++;
-            p++;
+        }
+
+        if (q != p) {
+            if (out) {
+                memcpy(out + w, p, q - p);
+            }
+            w += q - p;
+            p = q;
             continue;
         }
+
+        c = *p;
 
         if (c >= 0x80) {
             n = strict ? alm_utf8_len(p, end - p) : 1;
@@ -408,11 +419,24 @@ alm_buf_json_str(alm_buf_t *b, const char *s)
 void
 alm_buf_int(alm_buf_t *b, int64_t v)
 {
-    int   n;
-    char  num[24];
+    char      num[24], *p;
+    uint64_t  u;
 
-    n = snprintf(num, sizeof(num), "%" PRId64, v);
-    alm_buf_raw(b, num, (size_t) n);
+    /* written backwards from the end of num */
+
+    p = num + sizeof(num);
+    u = (v < 0) ? (uint64_t) 0 - (uint64_t) v : (uint64_t) v;
+
+    do {
+        *--p = (char) ('0' + u % 10);
+        u /= 10;
+    } while (u);
+
+    if (v < 0) {
+        *--p = '-';
+    }
+
+    alm_buf_raw(b, p, num + sizeof(num) - p);
 }
 
 
@@ -526,6 +550,19 @@ alm_json_number(alm_buf_t *b, double d)
 
     if (isnan(d) || isinf(d)) {
         alm_buf_raw(b, "null", 4);
+        return;
+    }
+
+    /*
+     * An integer below 1e15 is what "%1.15g" writes of it, and reads
+     * back exactly: its digits need no printf (token counts, times).
+     * -0 takes the long way, which keeps its sign.
+     */
+
+    if (d > -1e15 && d < 1e15 && d == (double) (int64_t) d
+        && !(d == 0 && signbit(d)))
+    {
+        alm_buf_int(b, (int64_t) d);
         return;
     }
 

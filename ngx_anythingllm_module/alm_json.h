@@ -58,6 +58,49 @@ void alm_json_string_n(alm_buf_t *b, const char *s, size_t len);
  */
 int alm_usage_read(const cJSON *metrics, alm_usage_t *usage);
 
+/*
+ * A value in a JSON text, read in place (see alm_json.c): p is its
+ * first byte, end one past its last; p NULL when absent.
+ */
+typedef struct {
+    const char  *p;
+    const char  *end;
+} alm_json_span_t;
+
+#define ALM_SPAN_STRING  1
+#define ALM_SPAN_NUMBER  2
+#define ALM_SPAN_OBJECT  3
+#define ALM_SPAN_ARRAY   4
+
+/*
+ * Reads a whole JSON text that is an object, in place, and finds the
+ * first member of each of the n names.  Returns 1 when the text was
+ * read; 0 when it is not JSON, not an object, or not in the subset
+ * read in place (a \u escape, a byte below 0x20 in a string, deep
+ * nesting): cJSON must read it then ("found" is then of no use).
+ * Where it returns 1, cJSON reads the same object (and the same
+ * trailing white space) alike.
+ */
+int alm_json_members(const char *text, size_t len, const char *const *names,
+    size_t n, alm_json_span_t *found);
+
+/* 1 when the value is present and of that type (ALM_SPAN_*) */
+int alm_json_span_is(const alm_json_span_t *v, int type);
+
+/* a number value as cJSON reads it */
+double alm_json_span_number(const alm_json_span_t *v);
+
+/*
+ * A string value's text, escapes undone: in place when it has none,
+ * else malloc'd into *tmp, which the caller frees (NULL otherwise).
+ * NULL when memory ran out.
+ */
+const char *alm_json_span_text(const alm_json_span_t *v, size_t *len,
+    char **tmp);
+
+/* a value written as alm_json_value() writes the same value parsed */
+void alm_json_span_write(alm_buf_t *b, const alm_json_span_t *v);
+
 /* a malloc'd NUL-terminated copy of n bytes, or NULL */
 char *alm_strndup(const char *s, size_t n);
 

@@ -21,38 +21,90 @@
  * Conversations in Redis: "<prefix>conv:<hex>" holds a session id and
  * expires after anythingllm_conversation_ttl; the sorted set
  * "<prefix>convs" holds every stored <hex>, scored by the time it was
- * stored.  The set bounds the records to anythingllm_conversation_max:
- * each store drops the entries older than the TTL, then the oldest
- * records beyond the cap, and adds its own.  It all runs in one
- * script, so no client ever sees the count above the cap.
+ * stored.  The set bounds the records to anythingllm_conversation_max.
  *
- * The SET is the script's first write on purpose: under maxmemory with
+ * The stores of one turn of the worker's event loop go to Redis
+ * together, as one script run (see ngx_http_anythingllm_conv_store()),
+ * which takes them one after the other.  A store that finds the set
+ * with room adds its own entry and is done (three commands).  One that
+ * would take the set past the cap first drops the entries older than
+ * the TTL, then the oldest records beyond the cap, then adds its own.
+ * It all runs in one script, so no client ever sees the count above
+ * the cap.
+ *
+ * Entries of expired records stay in the set until it is full: they
+ * are its oldest, so the full path drops them before any live record,
+ * and the records evicted are the same as if they had left at once.
+ *
+ * A SET is the script's first write on purpose: under maxmemory with
  * "noeviction", Redis refuses a script's first write that needs memory
  * (OOM, and the script changes nothing), but lets a script that has
  * already written go on.  A full Redis thus gets no record, rather
- * than one more.  Other keys (key records, rate-limit counters) are
- * never touched.
+ * than one more; a script that starts just below maxmemory may write
+ * its few records (at most NGX_HTTP_ANYTHINGLLM_STORE_BATCH) past it.
+ * Other keys (key records, rate-limit counters) are never touched.
  *
- * KEYS: record, index.  ARGV: session id, ttl, cap, now, <hex>, the
- * records' key prefix "<prefix>conv:".
+ * KEYS: the index, then the records.  ARGV: ttl, cap, now, the
+ * records' key prefix "<prefix>conv:", then the session id and the
+ * <hex> of each record in turn.
  */
 
 #define NGX_HTTP_ANYTHINGLLM_STORE_SCRIPT                                     \
-    "local idx, now, ttl = KEYS[2], tonumber(ARGV[4]), tonumber(ARGV[2]) "   \
-    "redis.call('SET', KEYS[1], ARGV[1], 'EX', ttl) "                        \
-    "redis.call('ZREMRANGEBYSCORE', idx, '-inf', now - ttl) "                \
-    "local over = redis.call('ZCARD', idx) - tonumber(ARGV[3]) "             \
-    "if not redis.call('ZSCORE', idx, ARGV[5]) then over = over + 1 end "    \
+    "local idx, ttl, cap, now = KEYS[1], ARGV[1], tonumber(ARGV[2]), "       \
+    "ARGV[3] "                                                               \
+    "for i = 2, #KEYS do "                                                   \
+    "local h = ARGV[2 * i + 2] "                                             \
+    "redis.call('SET', KEYS[i], ARGV[2 * i + 1], 'EX', ttl) "                \
+    "local over = redis.call('ZCARD', idx) + 1 - cap "                       \
+    "if over > 0 then "                                                      \
+    "redis.call('ZREMRANGEBYSCORE', idx, '-inf', "                           \
+    "tonumber(now) - tonumber(ttl)) "                                        \
+    "over = redis.call('ZCARD', idx) - cap "                                 \
+    "if not redis.call('ZSCORE', idx, h) then over = over + 1 end "          \
     "if over > 0 then "                                                      \
     "local old = redis.call('ZRANGE', idx, 0, over - 1) "                    \
-    "for i = 1, #old do "                                                    \
-    "if old[i] ~= ARGV[5] then redis.call('DEL', ARGV[6] .. old[i]) end "    \
+    "for k = 1, #old do "                                                    \
+    "if old[k] ~= h then redis.call('DEL', ARGV[4] .. old[k]) end "          \
     "end "                                                                   \
     "redis.call('ZREMRANGEBYRANK', idx, 0, over - 1) "                       \
     "end "                                                                   \
-    "redis.call('ZADD', idx, now, ARGV[5]) "                                 \
+    "end "                                                                   \
+    "redis.call('ZADD', idx, now, h) "                                       \
+    "end "                                                                   \
     "redis.call('EXPIRE', idx, ttl) "                                        \
-    "return over"
+    "return #KEYS - 1"
+
+/* the most stores sent in one script run */
+#define NGX_HTTP_ANYTHINGLLM_STORE_BATCH  32
+
+/* EVAL, script, numkeys, index, ttl, cap, now, prefix; 3 a store */
+#define NGX_HTTP_ANYTHINGLLM_STORE_ARGS                                       \
+    (8 + 3 * NGX_HTTP_ANYTHINGLLM_STORE_BATCH)
+
+
+typedef struct {
+    u_char                             hex[ALM_DIGEST_HEX_LEN];
+    u_char                             session[
+                                           NGX_HTTP_ANYTHINGLLM_SESSION_MAX];
+    size_t                             session_len;
+} ngx_http_anythingllm_conv_entry_t;
+
+
+/*
+ * The stores waiting for the end of the event loop's turn, in the
+ * worker's own memory: they outlive their requests.
+ */
+
+typedef struct {
+    ngx_http_anythingllm_main_conf_t  *amcf;
+    ngx_uint_t                         n;
+    ngx_event_t                        event;
+    ngx_http_anythingllm_conv_entry_t  entries[
+                                           NGX_HTTP_ANYTHINGLLM_STORE_BATCH];
+} ngx_http_anythingllm_conv_batch_t;
+
+
+static ngx_http_anythingllm_conv_batch_t  ngx_http_anythingllm_conv_batch;
 
 /*
  * GETDEL for any Redis from 2.6 on, the index entry removed with the
@@ -73,6 +125,9 @@ static ngx_int_t ngx_http_anythingllm_conv_eval(ngx_http_request_t *r,
     const char **argv, size_t *argvlen);
 static void ngx_http_anythingllm_conv_taken(void *data,
     ngx_http_anythingllm_redis_reply_t *rep);
+static void ngx_http_anythingllm_conv_flush_event(ngx_event_t *ev);
+static void ngx_http_anythingllm_conv_flush(
+    ngx_http_anythingllm_conv_batch_t *batch);
 static void ngx_http_anythingllm_conv_stored(void *data,
     ngx_http_anythingllm_redis_reply_t *rep);
 
@@ -195,10 +250,9 @@ ngx_http_anythingllm_conv_taken(void *data,
 
 
 /*
- * The first five words of both conversation scripts' EVAL: the script,
- * and its two keys "<prefix>conv:<hex>" (the record) and "<prefix>convs"
- * (the index).  The record's key ends with the hex digits, so that
- * argv[3] with argvlen[3] - ALM_DIGEST_HEX_LEN is "<prefix>conv:".
+ * The first five words of the lookup's EVAL: the script, and its two
+ * keys "<prefix>conv:<hex>" (the record) and "<prefix>convs" (the
+ * index).
  */
 
 static ngx_int_t
@@ -241,17 +295,21 @@ ngx_http_anythingllm_conv_eval(ngx_http_request_t *r, const char *script,
  * the session, within the cap of anythingllm_conversation_max (see
  * NGX_HTTP_ANYTHINGLLM_STORE_SCRIPT).  Nothing waits for the reply: a
  * store that fails leaves the next turn to the transcript.
+ *
+ * The store joins the worker's batch, sent as one command when the
+ * event loop has handled the turn's events (a posted event), or at
+ * once when the batch is full.  The answer has not reached its client
+ * before then, so the next turn's lookup, made later on the same
+ * connection to Redis, comes after the store.
  */
 
 void
 ngx_http_anythingllm_conv_store(ngx_http_request_t *r,
     ngx_http_anythingllm_ctx_t *ctx)
 {
-    u_char                            *p, hex[ALM_DIGEST_HEX_LEN];
-    u_char                             num[3 * NGX_TIME_T_LEN + 3];
-    const char                        *argv[11];
-    size_t                             argvlen[11];
-    ngx_http_anythingllm_main_conf_t  *amcf;
+    ngx_http_anythingllm_main_conf_t   *amcf;
+    ngx_http_anythingllm_conv_entry_t  *e;
+    ngx_http_anythingllm_conv_batch_t  *batch;
 
     if (ctx->chat == NULL || ctx->session_id.len == 0 || ctx->conv_stored) {
         return;
@@ -268,52 +326,159 @@ ngx_http_anythingllm_conv_store(ngx_http_request_t *r,
         return;
     }
 
-    alm_conv_hash_hex(&ctx->chat->full, (char *) hex);
+    batch = &ngx_http_anythingllm_conv_batch;
 
-    if (ngx_http_anythingllm_conv_eval(r, NGX_HTTP_ANYTHINGLLM_STORE_SCRIPT,
-                                   sizeof(NGX_HTTP_ANYTHINGLLM_STORE_SCRIPT)
-                                   - 1, (const char *) hex, argv, argvlen)
-        != NGX_OK)
-    {
+    if (batch->n && batch->amcf != amcf) {
+        ngx_http_anythingllm_conv_flush(batch);
+    }
+
+    batch->amcf = amcf;
+
+    e = &batch->entries[batch->n++];
+
+    alm_conv_hash_hex(&ctx->chat->full, (char *) e->hex);
+    ngx_memcpy(e->session, ctx->session_id.data, ctx->session_id.len);
+    e->session_len = ctx->session_id.len;
+
+    ngx_log_debug2(NGX_LOG_DEBUG_HTTP, r->connection->log, 0,
+                   "anythingllm conversation to store: \"%*s\"",
+                   (size_t) ALM_DIGEST_HEX_LEN, e->hex);
+
+    if (batch->n == NGX_HTTP_ANYTHINGLLM_STORE_BATCH) {
+        ngx_http_anythingllm_conv_flush(batch);
         return;
     }
 
-    argv[5] = (const char *) ctx->session_id.data;
-    argvlen[5] = ctx->session_id.len;
+    if (!batch->event.posted) {
+        batch->event.handler = ngx_http_anythingllm_conv_flush_event;
+        batch->event.data = batch;
+        batch->event.log = ngx_cycle->log;
+
+        ngx_post_event(&batch->event, &ngx_posted_events);
+    }
+}
+
+
+static void
+ngx_http_anythingllm_conv_flush_event(ngx_event_t *ev)
+{
+    ngx_http_anythingllm_conv_flush(ev->data);
+}
+
+
+/* one EVAL for every store of the batch; the batch is empty after it */
+
+static void
+ngx_http_anythingllm_conv_flush(ngx_http_anythingllm_conv_batch_t *batch)
+{
+    u_char                             *keys, *p;
+    u_char                              num[NGX_INT_T_LEN
+                                            + 3 * NGX_TIME_T_LEN + 4];
+    size_t                              rec_len;
+    size_t                              argvlen[
+                                            NGX_HTTP_ANYTHINGLLM_STORE_ARGS];
+    ngx_uint_t                          i, n, argc;
+    const char                         *argv[
+                                            NGX_HTTP_ANYTHINGLLM_STORE_ARGS];
+    ngx_http_anythingllm_main_conf_t   *amcf;
+    ngx_http_anythingllm_conv_entry_t  *e;
+
+    n = batch->n;
+    amcf = batch->amcf;
+    batch->n = 0;
+
+    if (batch->event.posted) {
+        ngx_delete_posted_event(&batch->event);
+    }
+
+    if (n == 0) {
+        return;
+    }
+
+    /* "<prefix>convs", then "<prefix>conv:<hex>" for each store */
+
+    rec_len = amcf->prefix.len + sizeof("conv:") - 1 + ALM_DIGEST_HEX_LEN;
+
+    keys = ngx_alloc(amcf->prefix.len + sizeof("convs") - 1 + n * rec_len,
+                     ngx_cycle->log);
+    if (keys == NULL) {
+        return;
+    }
+
+    argv[0] = "EVAL";
+    argvlen[0] = sizeof("EVAL") - 1;
+    argv[1] = NGX_HTTP_ANYTHINGLLM_STORE_SCRIPT;
+    argvlen[1] = sizeof(NGX_HTTP_ANYTHINGLLM_STORE_SCRIPT) - 1;
+
+    p = keys;
+    argv[3] = (const char *) p;
+    p = ngx_cpymem(p, amcf->prefix.data, amcf->prefix.len);
+    p = ngx_cpymem(p, "convs", sizeof("convs") - 1);
+    argvlen[3] = p - (u_char *) argv[3];
+
+    argc = 4;
+
+    for (i = 0; i < n; i++) {
+        argv[argc] = (const char *) p;
+        argvlen[argc++] = rec_len;
+
+        p = ngx_cpymem(p, amcf->prefix.data, amcf->prefix.len);
+        p = ngx_cpymem(p, "conv:", sizeof("conv:") - 1);
+        p = ngx_cpymem(p, batch->entries[i].hex, ALM_DIGEST_HEX_LEN);
+    }
+
+    /* numkeys: the index and the records */
+
+    p = num;
+    argv[2] = (const char *) p;
+    p = ngx_sprintf(p, "%ui", n + 1);
+    argvlen[2] = p - (u_char *) argv[2];
 
     /* ttl, cap and now, one after the other in num */
 
-    p = num;
-    argv[6] = (const char *) p;
+    argv[argc] = (const char *) p;
     p = ngx_sprintf(p, "%T", amcf->conversation_ttl);
-    argvlen[6] = p - (u_char *) argv[6];
+    argvlen[argc] = p - (u_char *) argv[argc];
+    argc++;
 
-    argv[7] = (const char *) p;
+    argv[argc] = (const char *) p;
     p = ngx_sprintf(p, "%i", amcf->conversation_max);
-    argvlen[7] = p - (u_char *) argv[7];
+    argvlen[argc] = p - (u_char *) argv[argc];
+    argc++;
 
-    argv[8] = (const char *) p;
+    argv[argc] = (const char *) p;
     p = ngx_sprintf(p, "%T", ngx_time());
-    argvlen[8] = p - (u_char *) argv[8];
+    argvlen[argc] = p - (u_char *) argv[argc];
+    argc++;
 
-    argv[9] = (const char *) hex;
-    argvlen[9] = ALM_DIGEST_HEX_LEN;
-    argv[10] = argv[3];
-    argvlen[10] = argvlen[3] - ALM_DIGEST_HEX_LEN;
+    /* the records' key prefix: the first record's key without its hex */
 
-    if (ngx_http_anythingllm_redis_command(ngx_http_anythingllm_conv_stored,
-                                           NULL, 11, argv, argvlen)
-        == NULL)
-    {
-        ngx_log_error(NGX_LOG_INFO, r->connection->log, 0,
-                      "anythingllm: conversation not stored, "
-                      "Redis is unreachable");
-        return;
+    argv[argc] = argv[4];
+    argvlen[argc++] = rec_len - ALM_DIGEST_HEX_LEN;
+
+    for (i = 0; i < n; i++) {
+        e = &batch->entries[i];
+
+        argv[argc] = (const char *) e->session;
+        argvlen[argc++] = e->session_len;
+        argv[argc] = (const char *) e->hex;
+        argvlen[argc++] = ALM_DIGEST_HEX_LEN;
     }
 
-    ngx_log_debug2(NGX_LOG_DEBUG_HTTP, r->connection->log, 0,
-                   "anythingllm conversation stored: \"%*s\"",
-                   argvlen[3], argv[3]);
+    if (ngx_http_anythingllm_redis_command(ngx_http_anythingllm_conv_stored,
+                                           NULL, (int) argc, argv, argvlen)
+        == NULL)
+    {
+        ngx_log_error(NGX_LOG_INFO, ngx_cycle->log, 0,
+                      "anythingllm: %ui conversation(s) not stored, "
+                      "Redis is unreachable", n);
+
+    } else {
+        ngx_log_debug1(NGX_LOG_DEBUG_HTTP, ngx_cycle->log, 0,
+                       "anythingllm conversations stored: %ui", n);
+    }
+
+    ngx_free(keys);
 }
 
 

@@ -871,11 +871,48 @@ ngx_http_anythingllm_openai_model_ok(ngx_http_request_t *r,
 }
 
 
+/*
+ * Session and completion ids take 32 random bytes a request.  They are
+ * drawn from a per-worker pool that OpenSSL's generator refills 4 KiB
+ * at a time: one RAND_bytes() call (with its fork check, a getpid()
+ * system call) serves 128 requests.  A byte is handed out once, and
+ * the pool is filled in the process that uses it: a pool filled before
+ * a fork is thrown away, so that two workers never share bytes.
+ */
+
+#define NGX_HTTP_ANYTHINGLLM_RANDOM_POOL  4096
+
 static void
 ngx_http_anythingllm_openai_random(u_char *buf, size_t len)
 {
     size_t    i;
     uint32_t  v;
+
+    static ngx_pid_t  pid;
+    static size_t     left;
+    static u_char     pool[NGX_HTTP_ANYTHINGLLM_RANDOM_POOL];
+
+    if (pid != ngx_pid) {
+        pid = ngx_pid;
+        left = 0;
+    }
+
+    if (left < len && len <= sizeof(pool)) {
+        if (RAND_bytes(pool, (int) sizeof(pool)) == 1) {
+            left = sizeof(pool);
+
+        } else {
+            left = 0;
+        }
+    }
+
+    if (left >= len) {
+        /* taken from the end, and wiped once taken */
+        left -= len;
+        ngx_memcpy(buf, pool + left, len);
+        ngx_memzero(pool + left, len);
+        return;
+    }
 
     if (RAND_bytes(buf, (int) len) == 1) {
         return;

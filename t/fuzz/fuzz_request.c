@@ -5,7 +5,8 @@
  * The first byte chooses what the rest is fed to:
  *
  *   0  alm_chat_req_parse() + alm_chat_req_upstream_body()
- *   1  alm_chat_response_translate()
+ *   1  alm_chat_response_translate(), the same as
+ *      alm_chat_response_tree()
  *   2  alm_chat_error_translate() (the next byte gives the status)
  *   3  alm_workspaces_filter() and alm_workspaces_to_models()
  *   4  alm_route_classify(), alm_oai_route(), the list parsers and
@@ -147,6 +148,49 @@ fuzz_request(const char *p, size_t len)
 }
 
 
+/*
+ * The answer read in place must equal the answer read as a tree:
+ * bytes, error, usage and digest.
+ */
+
+static void
+same_as_tree(const char *p, size_t len, const alm_completion_meta_t *meta,
+    const char *out, size_t n, const alm_error_t *err,
+    const alm_usage_t *usage, const alm_conv_hash_t *conv)
+{
+    char              *tree, a[ALM_DIGEST_HEX_LEN], b[ALM_DIGEST_HEX_LEN];
+    size_t             tn;
+    alm_error_t        terr;
+    alm_usage_t        tus;
+    alm_conv_hash_t    tconv;
+
+    alm_conv_hash_init(&tconv, KEY, "m", 1);
+    tn = 0;
+
+    tree = alm_chat_response_tree(p, len, meta, &tus, &tconv, &tn, &terr);
+
+    if ((out == NULL) != (tree == NULL)
+        || (out && (n != tn || memcmp(out, tree, n) != 0))
+        || (out == NULL && (err->status != terr.status
+                            || strcmp(err->message, terr.message) != 0))
+        || memcmp(usage, &tus, sizeof(alm_usage_t)) != 0)
+    {
+        fprintf(stderr, "in place: %s\ntree:     %s\n",
+                out ? out : err->message, tree ? tree : terr.message);
+        abort();
+    }
+
+    alm_conv_hash_hex(conv, a);
+    alm_conv_hash_hex(&tconv, b);
+
+    if (memcmp(a, b, ALM_DIGEST_HEX_LEN) != 0) {
+        abort();
+    }
+
+    free(tree);
+}
+
+
 static void
 fuzz_response(const char *p, size_t len)
 {
@@ -161,9 +205,13 @@ fuzz_response(const char *p, size_t len)
     fuzz_meta(&meta, "chatcmpl-x", "m\"w", 1);
 
     alm_conv_hash_init(&conv, KEY, "m", 1);
+    n = 0;
 
     out = alm_chat_response_translate(p, len, &meta, &usage, &conv, &n,
                                       &err);
+
+    same_as_tree(p, len, &meta, out, n, &err, &usage, &conv);
+
     if (out == NULL) {
         check_error(&err);
         return;

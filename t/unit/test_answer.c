@@ -239,6 +239,175 @@ test_chat_error_translate(void **state)
 }
 
 
+/*
+ * The answer read in place and the answer read as a tree give the
+ * same bytes, the same error, the same usage and the same digest, for
+ * every text: usual answers, edge cases, and their random mutations.
+ */
+
+static void
+expect_same_translation(const char *text, size_t len)
+{
+    char              *fast, *tree, ha[ALM_DIGEST_HEX_LEN];
+    char               hb[ALM_DIGEST_HEX_LEN];
+    size_t             flen, tlen;
+    alm_error_t        ferr, terr;
+    alm_usage_t        fus, tus;
+    alm_conv_hash_t    fconv, tconv;
+
+    alm_conv_hash_init(&fconv, KEY, S("my-ws"));
+    tconv = fconv;
+    memset(&ferr, 0, sizeof(alm_error_t));
+    memset(&terr, 0, sizeof(alm_error_t));
+    flen = 0;
+    tlen = 0;
+
+    fast = alm_chat_response_translate(text, len, &meta, &fus, &fconv, &flen,
+                                       &ferr);
+    tree = alm_chat_response_tree(text, len, &meta, &tus, &tconv, &tlen,
+                                  &terr);
+
+    if ((fast == NULL) != (tree == NULL)
+        || (fast && (flen != tlen || memcmp(fast, tree, flen) != 0)))
+    {
+        print_error("text: %.*s\nin place: %s\ntree:     %s\n", (int) len,
+                    text, fast ? fast : ferr.message,
+                    tree ? tree : terr.message);
+        fail();
+    }
+
+    if (fast == NULL) {
+        assert_int_equal(ferr.status, terr.status);
+        assert_string_equal(ferr.message, terr.message);
+    }
+
+    assert_memory_equal(&fus, &tus, sizeof(alm_usage_t));
+
+    alm_conv_hash_hex(&fconv, ha);
+    alm_conv_hash_hex(&tconv, hb);
+    assert_memory_equal(ha, hb, ALM_DIGEST_HEX_LEN);
+
+    free(fast);
+    free(tree);
+}
+
+
+static void
+test_response_in_place(void **state)
+{
+    int          depth;
+    char         text[1024], deep[512];
+    size_t       i, k, len, pos;
+    uint64_t     x;
+
+    static const char  alphabet[] = "{}[]\",:\\ \t\n\x01\x7f\xc3\xa9\xff"
+                                    "0123456789eE.-+tfnulrsabu/";
+
+    static const char *const  seeds[] = {
+        "{\"id\":\"u1\",\"type\":\"textResponse\",\"textResponse\":\"Hello "
+        "\\n\\\"you\\\" \\/ \\\\ \\t\\b\\f\\r\",\"sources\":[{\"text\":"
+        "\"chunk \\n two\",\"score\":0.75,\"n\":-3,\"ok\":true,\"x\":null,"
+        "\"y\":[1,2.5e3,{}]}],\"close\":true,\"error\":null,\"chatId\":1,"
+        "\"metrics\":{\"prompt_tokens\":42,\"completion_tokens\":100,"
+        "\"total_tokens\":142,\"duration\":2.1,\"outputTps\":47.6,"
+        "\"model\":\"m\",\"provider\":\"p\"}}",
+        "{\"textChunk\":\"a\",\"metrics\":{}}",
+        "{\"textResponse\":null,\"textChunk\":\"b\",\"sources\":{},"
+        "\"metrics\":{\"prompt_tokens\":\"7\",\"total_tokens\":-5}}",
+        "\xef\xbb\xbf {\"textResponse\":\"bom\"} \r\n",
+        "\x01{\x02\"textResponse\"\x1f:\"ws\",\"error\":\"\"}",
+        "{\"textResponse\":\"first\",\"textResponse\":\"second\","
+        "\"metrics\":{\"prompt_tokens\":1,\"prompt_tokens\":2}}",
+        "{\"type\":\"abort\",\"textResponse\":null,\"error\":\"boom\"}",
+        "{\"type\":\"ab\\/ort\",\"textResponse\":\"x\"}",
+        "{\"type\":\"textResponse\",\"error\":\"model failed\"}",
+        "{\"textResponse\":\"caf\\u00e9\",\"sources\":[]}",
+        "{\"text\\u0052esponse\":\"k\"}",
+        "{\"textResponse\":\"nul\\u0000cut\"}",
+        "{\"textResponse\":\"raw\x01\"}",
+        "{\"metrics\":{\"prompt_tokens\":1e400,\"completion_tokens\":-0,"
+        "\"total_tokens\":01}}",
+        "{\"metrics\":{\"prompt_tokens\":1.,\"completion_tokens\":.5}}",
+        "{\"metrics\":{\"prompt_tokens\":1e15,\"completion_tokens\":"
+        "123456789012345678901234567890}}",
+        "{\"sources\":[1,2,],\"textResponse\":\"t\"}",
+        /* numbers of 63 and 64 bytes: cJSON reads 63 at most */
+        "{\"sources\":[1234567890123456789012345678901234567890123456789"
+        "01234567890123]}",
+        "{\"sources\":[1234567890123456789012345678901234567890123456789"
+        "012345678901234]}",
+        "{\"sources\":[-0.5e-3,0,-0,1E+2,9007199254740993,1e999]}",
+        "{\"textResponse\":\"t\"} x",
+        "{\"textResponse\":\"t\"}\x01",
+        "{}", "[]", "\"s\"", "", " ", "{", "{\"a\"}", "{\"a\":}",
+        "{\"a\":tru}", "{\"a\":nul}", "{\"a\":1 \"b\":2}",
+        "{\"textResponse\":\"\xff\xfe bytes\"}",
+    };
+
+    (void) state;
+
+    for (i = 0; i < sizeof(seeds) / sizeof(seeds[0]); i++) {
+        expect_same_translation(seeds[i], strlen(seeds[i]));
+    }
+
+    /* nesting around the limit of the reading in place */
+
+    for (depth = 60; depth < 70; depth++) {
+        len = (size_t) snprintf(deep, sizeof(deep), "{\"sources\":");
+        for (k = 0; k < (size_t) depth; k++) {
+            deep[len++] = '[';
+        }
+        for (k = 0; k < (size_t) depth; k++) {
+            deep[len++] = ']';
+        }
+        deep[len++] = '}';
+        expect_same_translation(deep, len);
+    }
+
+    /* random edits of the seeds */
+
+    x = 0x9e3779b97f4a7c15ULL;
+
+    for (i = 0; i < 60000; i++) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+
+        len = strlen(seeds[x % 8]);
+        memcpy(text, seeds[x % 8], len);
+
+        for (k = 0; k < 1 + (x >> 8) % 3; k++) {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+
+            pos = len ? (x >> 16) % len : 0;
+
+            switch ((x >> 4) % 3) {
+            case 0:     /* replace */
+                if (len) {
+                    text[pos] = alphabet[(x >> 32) % (sizeof(alphabet) - 1)];
+                }
+                break;
+            case 1:     /* insert */
+                memmove(text + pos + 1, text + pos, len - pos);
+                text[pos] = alphabet[(x >> 32) % (sizeof(alphabet) - 1)];
+                len++;
+                break;
+            default:    /* delete */
+                if (len) {
+                    memmove(text + pos, text + pos + 1, len - pos - 1);
+                    len--;
+                }
+                break;
+            }
+        }
+
+        expect_same_translation(text, len);
+    }
+}
+
+
 int
 main(void)
 {
@@ -247,6 +416,7 @@ main(void)
         cmocka_unit_test(test_response_usage_missing),
         cmocka_unit_test(test_response_errors),
         cmocka_unit_test(test_chat_error_translate),
+        cmocka_unit_test(test_response_in_place),
     };
 
     return cmocka_run_group_tests_name("answer", tests, NULL, NULL);

@@ -8,6 +8,9 @@
 
 #include "test_common.h"
 
+#include <float.h>
+#include <math.h>
+
 #include "alm_json.h"
 
 
@@ -186,6 +189,192 @@ test_json_value(void **state)
 }
 
 
+/* "%1.15g", or "%1.17g" when that does not read back: cJSON's rule */
+
+static void
+number_reference(char *out, size_t size, double d)
+{
+    double  back, max;
+
+    if (isnan(d) || isinf(d)) {
+        snprintf(out, size, "null");
+        return;
+    }
+
+    snprintf(out, size, "%1.15g", d);
+    back = strtod(out, NULL);
+    max = fabs(back) > fabs(d) ? fabs(back) : fabs(d);
+
+    if (!(fabs(back - d) <= max * DBL_EPSILON)) {
+        snprintf(out, size, "%1.17g", d);
+    }
+}
+
+
+static void
+test_json_number(void **state)
+{
+    char       want[40], *got;
+    size_t     i;
+    double     d;
+    alm_buf_t  b;
+    uint64_t   x;
+
+    static const double  numbers[] = {
+        0.0, -0.0, 1.0, -1.0, 7.0, 42.0, 100.0, 1796041954.0,
+        -2147483648.0, 4294967296.0, 999999999999999.0,
+        -999999999999999.0, 1e15, -1e15, 1e15 + 1, 9007199254740993.0,
+        1e300, -1e-300, 0.5, -0.7, 0.1, 123.456, 2.1, 47.6, 1e-7
+    };
+
+    (void) state;
+
+    x = 88172645463325252ULL;
+
+    for (i = 0; i < sizeof(numbers) / sizeof(numbers[0]) + 2000; i++) {
+
+        if (i < sizeof(numbers) / sizeof(numbers[0])) {
+            d = numbers[i];
+
+        } else {
+            /* integers of every size, and their halves */
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            d = (double) (int64_t) (x >> (x % 60));
+            if (i % 3 == 0) {
+                d = -d;
+            }
+            if (i % 5 == 0) {
+                d /= 2;
+            }
+        }
+
+        number_reference(want, sizeof(want), d);
+
+        memset(&b, 0, sizeof(alm_buf_t));
+        alm_json_number(&b, d);
+        got = alm_buf_take(&b, NULL);
+        assert_non_null(got);
+
+        if (strcmp(got, want) != 0) {
+            print_error("%.17g: want %s, got %s\n", d, want, got);
+            fail();
+        }
+
+        free(got);
+    }
+
+    memset(&b, 0, sizeof(alm_buf_t));
+    alm_buf_int(&b, INT64_MIN);
+    alm_buf_raw(&b, " ", 1);
+    alm_buf_int(&b, INT64_MAX);
+    alm_buf_raw(&b, " ", 1);
+    alm_buf_int(&b, 0);
+    alm_buf_raw(&b, " ", 1);
+    alm_buf_int(&b, -10);
+    expect_buf(&b, "-9223372036854775808 9223372036854775807 0 -10");
+}
+
+
+/* escaping in runs writes what escaping byte by byte does */
+
+static void
+test_json_escape_runs(void **state)
+{
+    char       *ours, *theirs;
+    size_t      i, k, len;
+    cJSON      *j;
+    alm_buf_t   b;
+    char        text[64];
+
+    static const char  pieces[][4] = {
+        "a", " ", "\"", "\\", "\n", "\x01", "\x7f", "\xc3\xa9", "\xff",
+        "\xe2\x82", "/", "\t", "z"
+    };
+
+    (void) state;
+
+    /* every pair and some triples of pieces, at both ends of a text */
+
+    for (i = 0; i < 13 * 13 * 13; i++) {
+        len = 0;
+
+        for (k = i; ; k /= 13) {
+            memcpy(text + len, pieces[k % 13], strlen(pieces[k % 13]));
+            len += strlen(pieces[k % 13]);
+            if (k < 13) {
+                break;
+            }
+        }
+
+        text[len] = '\0';
+
+        j = cJSON_CreateString(text);
+        assert_non_null(j);
+        theirs = cJSON_PrintUnformatted(j);
+        assert_non_null(theirs);
+
+        memset(&b, 0, sizeof(alm_buf_t));
+        alm_json_string_n(&b, text, len);
+        ours = alm_buf_take(&b, NULL);
+        assert_non_null(ours);
+
+        if (strcmp(ours, theirs) != 0) {
+            print_error("cJSON: %s\nours:  %s\n", theirs, ours);
+            fail();
+        }
+
+        free(ours);
+        free(theirs);
+        cJSON_Delete(j);
+    }
+}
+
+
+/* what is read in place, and what is left to cJSON */
+
+static void
+test_json_members(void **state)
+{
+    size_t            n;
+    const char       *t;
+    alm_json_span_t   f[3];
+
+    static const char *const  names[] = { "a", "b", "c" };
+
+    (void) state;
+
+    t = " {\"a\" : [1, {\"x\": \"y\\n\"}] ,\"b\":-2.5e1,\"a\":3,"
+        "\"c\":\"s\\/\"}\n";
+    assert_int_equal(alm_json_members(t, strlen(t), names, 3, f), 1);
+    assert_memory_equal(f[0].p, "[1, {\"x\": \"y\\n\"}]", f[0].end - f[0].p);
+    assert_true(alm_json_span_is(&f[0], ALM_SPAN_ARRAY));
+    assert_true(alm_json_span_is(&f[1], ALM_SPAN_NUMBER));
+    assert_true(alm_json_span_number(&f[1]) == -25.0);
+    assert_true(alm_json_span_is(&f[2], ALM_SPAN_STRING));
+
+    /* the first member of a name counts, as with cJSON */
+    t = "{\"a\":1,\"a\":2}";
+    assert_int_equal(alm_json_members(t, strlen(t), names, 3, f), 1);
+    assert_int_equal(*f[0].p, '1');
+    assert_null(f[1].p);
+
+    /* left to cJSON: \u escapes, control bytes in strings, not JSON */
+    n = sizeof(names) / sizeof(names[0]);
+    t = "{\"a\":\"\\u00e9\"}";
+    assert_int_equal(alm_json_members(t, strlen(t), names, n, f), 0);
+    t = "{\"a\":\"\x01\"}";
+    assert_int_equal(alm_json_members(t, strlen(t), names, n, f), 0);
+    t = "{\"a\":1,}";
+    assert_int_equal(alm_json_members(t, strlen(t), names, n, f), 0);
+    t = "[1]";
+    assert_int_equal(alm_json_members(t, strlen(t), names, n, f), 0);
+    t = "{\"a\":1} x";
+    assert_int_equal(alm_json_members(t, strlen(t), names, n, f), 0);
+}
+
+
 int
 main(void)
 {
@@ -193,6 +382,9 @@ main(void)
         cmocka_unit_test(test_json_escape),
         cmocka_unit_test(test_buf),
         cmocka_unit_test(test_json_value),
+        cmocka_unit_test(test_json_number),
+        cmocka_unit_test(test_json_escape_runs),
+        cmocka_unit_test(test_json_members),
     };
 
     return cmocka_run_group_tests_name("json", tests, NULL, NULL);
