@@ -15,6 +15,7 @@ Environment:
     ALM_REDIS      the redis-server binary (default /usr/bin/redis-server)
 """
 
+import collections
 import hashlib
 import os
 import re
@@ -46,12 +47,21 @@ BAD_LOG = re.compile(r"\[(alert|emerg|crit)\]|Sanitizer|runtime error:"
                      r"|LeakSanitizer")
 
 
+# Ports handed out lately: a port is often chosen well before its
+# process binds it (a Sentinel group picks five at once), and the kernel
+# may offer a port again as soon as the probe socket is closed.
+_handed = collections.deque(maxlen=4096)
+
+
 def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
+    while True:
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+        s.close()
+        if port not in _handed:
+            _handed.append(port)
+            return port
 
 
 def port_open(port, host="127.0.0.1"):
