@@ -46,7 +46,7 @@ static ngx_int_t ngx_http_anythingllm_auth_redis_key(ngx_http_request_t *r,
     ngx_str_t *key);
 static void ngx_http_anythingllm_auth_lookup_done(void *data,
     ngx_http_anythingllm_redis_reply_t *reply);
-static void ngx_http_anythingllm_auth_unreachable(ngx_http_request_t *r,
+static ngx_int_t ngx_http_anythingllm_auth_unreachable(ngx_http_request_t *r,
     ngx_http_anythingllm_ctx_t *ctx);
 static ngx_int_t ngx_http_anythingllm_auth_wait(ngx_http_request_t *r,
     ngx_http_anythingllm_ctx_t *ctx, ngx_http_anythingllm_redis_req_t *rr);
@@ -316,8 +316,7 @@ ngx_http_anythingllm_auth_lookup(ngx_http_request_t *r,
                                        ngx_http_anythingllm_auth_lookup_done,
                                        r, 2, argv, argvlen);
     if (rr == NULL) {
-        ngx_http_anythingllm_auth_unreachable(r, ctx);
-        return NGX_OK;
+        return ngx_http_anythingllm_auth_unreachable(r, ctx);
     }
 
     return ngx_http_anythingllm_auth_wait(r, ctx, rr);
@@ -343,8 +342,8 @@ ngx_http_anythingllm_auth_lookup_done(void *data,
     ctx->auth_waiting = 0;
 
     if (rp->type == NGX_HTTP_ANYTHINGLLM_REDIS_NONE) {
-        ngx_http_anythingllm_auth_unreachable(r, ctx);
-        goto resume;
+        rc = ngx_http_anythingllm_auth_unreachable(r, ctx);
+        goto judged;
     }
 
     if (rp->type != NGX_HTTP_ANYTHINGLLM_REDIS_ARRAY) {
@@ -394,6 +393,8 @@ ngx_http_anythingllm_auth_lookup_done(void *data,
     ctx->auth_result = NGX_HTTP_ANYTHINGLLM_AUTH_REDIS;
 
     rc = ngx_http_anythingllm_auth_judge(r, ctx);
+
+judged:
 
     if (rc == NGX_AGAIN) {
         /* the rate counter was asked */
@@ -465,17 +466,43 @@ ngx_http_anythingllm_auth_judge(ngx_http_request_t *r,
 }
 
 
-static void
+/*
+ * A key that was valid in the cache before a flush (see cache.c) is
+ * judged as a cached one: as if the flush had come once Redis answers.
+ */
+
+static ngx_int_t
 ngx_http_anythingllm_auth_unreachable(ngx_http_request_t *r,
     ngx_http_anythingllm_ctx_t *ctx)
 {
-    ngx_http_anythingllm_loc_conf_t  *alcf;
+    ngx_int_t                          rc;
+    ngx_http_anythingllm_loc_conf_t   *alcf;
+    ngx_http_anythingllm_main_conf_t  *amcf;
+
+    amcf = ngx_http_get_module_main_conf(r, ngx_http_anythingllm_module);
+
+    rc = ngx_http_anythingllm_cache_get_stale(amcf->cache_zone,
+                                              ctx->key.digest, &ctx->key,
+                                              r->pool);
+    if (rc == NGX_OK) {
+        ngx_log_error(NGX_LOG_INFO, r->connection->log, 0,
+                      "anythingllm: redis unreachable, key %*s judged by "
+                      "its entry from before the cache was flushed",
+                      (size_t) ALM_KEY_ID_LEN, ctx->key.digest);
+
+        ctx->auth_result = NGX_HTTP_ANYTHINGLLM_AUTH_CACHED;
+        return ngx_http_anythingllm_auth_judge(r, ctx);
+    }
+
+    if (rc == NGX_ERROR) {
+        return NGX_ERROR;
+    }
 
     alcf = ngx_http_get_module_loc_conf(r, ngx_http_anythingllm_module);
 
     if (alcf->auth_fail_open != 1) {
         ctx->auth_result = NGX_HTTP_ANYTHINGLLM_AUTH_REDIS_ERROR;
-        return;
+        return NGX_OK;
     }
 
     /* the key cannot be judged: it is let through with every right */
@@ -492,6 +519,8 @@ ngx_http_anythingllm_auth_unreachable(ngx_http_request_t *r,
                   "anythingllm: redis unreachable, key %*s let through "
                   "(anythingllm_auth_fail_open)",
                   (size_t) ALM_KEY_ID_LEN, ctx->key.digest);
+
+    return NGX_OK;
 }
 
 

@@ -26,6 +26,12 @@
  *
  * After a flush (the revocations channel was lost for a while), the
  * answers of lookups started before the flush are not stored either.
+ * Such a flush keeps the valid entries as "stale": a miss, looked up
+ * again, but what a key is judged by when that lookup cannot reach
+ * Redis, as a valid entry is (a failover flushes the cache of every
+ * worker as soon as one of them is subscribed again, while the others
+ * may still be looking for the new primary).  A revocation of every
+ * key drops them.
  * Times are nginx's monotonic milliseconds, which all workers share.
  *
  * The revocations channel's messages come here from the Redis
@@ -76,7 +82,13 @@ static ngx_int_t ngx_http_anythingllm_cache_init_zone(
     ngx_shm_zone_t *shm_zone, void *data);
 static void ngx_http_anythingllm_cache_revoke(ngx_shm_zone_t *zone,
     const char *digest, ngx_msec_t hold);
-static void ngx_http_anythingllm_cache_flush(ngx_shm_zone_t *zone);
+static void ngx_http_anythingllm_cache_flush(ngx_shm_zone_t *zone,
+    ngx_uint_t keep);
+static void ngx_http_anythingllm_cache_give_back(
+    ngx_http_anythingllm_cache_node_t *cn);
+static ngx_int_t ngx_http_anythingllm_cache_copy(
+    ngx_http_anythingllm_cache_node_t *cn, ngx_http_anythingllm_key_t *key,
+    ngx_pool_t *pool);
 static ngx_http_anythingllm_cache_node_t *ngx_http_anythingllm_cache_make(
     ngx_http_anythingllm_cache_sh_t *sh, ngx_slab_pool_t *shpool,
     const u_char *digest, uint32_t hash, ngx_msec_t since, size_t data_len,
@@ -402,7 +414,6 @@ ngx_int_t
 ngx_http_anythingllm_cache_get(ngx_shm_zone_t *zone, const char *digest,
     ngx_http_anythingllm_key_t *key, ngx_pool_t *pool)
 {
-    u_char                             *p;
     uint32_t                            hash;
     ngx_int_t                           rc;
     ngx_slab_pool_t                    *shpool;
@@ -430,7 +441,9 @@ ngx_http_anythingllm_cache_get(ngx_shm_zone_t *zone, const char *digest,
         goto done;
     }
 
-    if (cn->kind == NGX_HTTP_ANYTHINGLLM_CACHE_REVOKED) {
+    if (cn->kind == NGX_HTTP_ANYTHINGLLM_CACHE_REVOKED
+        || cn->kind == NGX_HTTP_ANYTHINGLLM_CACHE_STALE)
+    {
         rc = NGX_DECLINED;
         goto done;
     }
@@ -444,10 +457,71 @@ ngx_http_anythingllm_cache_get(ngx_shm_zone_t *zone, const char *digest,
         goto done;
     }
 
+    rc = ngx_http_anythingllm_cache_copy(cn, key, pool);
+
+done:
+
+    ngx_http_anythingllm_cache_unlock(zone, shpool);
+
+    ngx_http_anythingllm_metrics_add(rc == NGX_DECLINED
+                                     ? NGX_HTTP_ANYTHINGLLM_M_CACHE_MISSES
+                                     : NGX_HTTP_ANYTHINGLLM_M_CACHE_HITS, 1);
+
+    return rc;
+}
+
+
+/*
+ * The stale entry of a digest (see above), for a key whose lookup could
+ * not reach Redis: NGX_OK, copied as by cache_get(); NGX_DECLINED: none.
+ */
+
+ngx_int_t
+ngx_http_anythingllm_cache_get_stale(ngx_shm_zone_t *zone,
+    const char *digest, ngx_http_anythingllm_key_t *key, ngx_pool_t *pool)
+{
+    uint32_t                            hash;
+    ngx_int_t                           rc;
+    ngx_slab_pool_t                    *shpool;
+    ngx_http_anythingllm_cache_sh_t    *sh;
+    ngx_http_anythingllm_cache_node_t  *cn;
+
+    if (zone == NULL) {
+        return NGX_DECLINED;
+    }
+
+    hash = ngx_http_anythingllm_cache_hash((u_char *) digest);
+
+    sh = ngx_http_anythingllm_cache_lock(zone, &shpool);
+
+    cn = ngx_http_anythingllm_cache_lookup(sh, (u_char *) digest, hash);
+
+    if (cn == NULL || cn->kind != NGX_HTTP_ANYTHINGLLM_CACHE_STALE
+        || (ngx_msec_int_t) (cn->until - ngx_current_msec) <= 0)
+    {
+        rc = NGX_DECLINED;
+
+    } else {
+        rc = ngx_http_anythingllm_cache_copy(cn, key, pool);
+    }
+
+    ngx_http_anythingllm_cache_unlock(zone, shpool);
+
+    return rc;
+}
+
+
+/* a valid or stale entry's record into "key", its strings in "pool" */
+
+static ngx_int_t
+ngx_http_anythingllm_cache_copy(ngx_http_anythingllm_cache_node_t *cn,
+    ngx_http_anythingllm_key_t *key, ngx_pool_t *pool)
+{
+    u_char  *p;
+
     p = ngx_pnalloc(pool, cn->name_len + cn->workspaces_len + 1);
     if (p == NULL) {
-        rc = NGX_ERROR;
-        goto done;
+        return NGX_ERROR;
     }
 
     ngx_memcpy(p, cn->data, cn->name_len + cn->workspaces_len);
@@ -463,17 +537,7 @@ ngx_http_anythingllm_cache_get(ngx_shm_zone_t *zone, const char *digest,
     key->expires = cn->expires;
     key->disabled = cn->disabled ? 1 : 0;
 
-    rc = NGX_OK;
-
-done:
-
-    ngx_http_anythingllm_cache_unlock(zone, shpool);
-
-    ngx_http_anythingllm_metrics_add(rc == NGX_DECLINED
-                                     ? NGX_HTTP_ANYTHINGLLM_M_CACHE_MISSES
-                                     : NGX_HTTP_ANYTHINGLLM_M_CACHE_HITS, 1);
-
-    return rc;
+    return NGX_OK;
 }
 
 
@@ -638,10 +702,13 @@ ngx_http_anythingllm_cache_mark(ngx_shm_zone_t *zone, const char *digest,
 }
 
 
-/* drops every valid entry; unknown and revoked ones stay */
+/*
+ * Drops every valid entry, or with "keep" makes it stale (its lease
+ * given back); unknown and revoked entries stay.
+ */
 
 static void
-ngx_http_anythingllm_cache_flush(ngx_shm_zone_t *zone)
+ngx_http_anythingllm_cache_flush(ngx_shm_zone_t *zone, ngx_uint_t keep)
 {
     ngx_queue_t                        *q, *next;
     ngx_slab_pool_t                    *shpool;
@@ -664,7 +731,14 @@ ngx_http_anythingllm_cache_flush(ngx_shm_zone_t *zone)
 
         cn = ngx_queue_data(q, ngx_http_anythingllm_cache_node_t, queue);
 
-        if (cn->kind == NGX_HTTP_ANYTHINGLLM_CACHE_VALID) {
+        if (cn->kind == NGX_HTTP_ANYTHINGLLM_CACHE_VALID && keep) {
+            ngx_http_anythingllm_cache_give_back(cn);
+            cn->kind = NGX_HTTP_ANYTHINGLLM_CACHE_STALE;
+
+        } else if (!keep
+                   && (cn->kind == NGX_HTTP_ANYTHINGLLM_CACHE_VALID
+                       || cn->kind == NGX_HTTP_ANYTHINGLLM_CACHE_STALE))
+        {
             ngx_http_anythingllm_cache_remove(sh, shpool, cn);
         }
     }
@@ -758,8 +832,7 @@ static void
 ngx_http_anythingllm_cache_remove(ngx_http_anythingllm_cache_sh_t *sh,
     ngx_slab_pool_t *shpool, ngx_http_anythingllm_cache_node_t *cn)
 {
-    ngx_rbtree_node_t                    *node;
-    ngx_http_anythingllm_cache_return_t  *ret;
+    ngx_rbtree_node_t  *node;
 
     node = (ngx_rbtree_node_t *)
                ((u_char *) cn - offsetof(ngx_rbtree_node_t, color));
@@ -768,10 +841,26 @@ ngx_http_anythingllm_cache_remove(ngx_http_anythingllm_cache_sh_t *sh,
         sh->unknown_n--;
     }
 
-    /* a lease of a minute gone needs no giving back: its count expires */
+    if (cn->kind == NGX_HTTP_ANYTHINGLLM_CACHE_VALID) {
+        ngx_http_anythingllm_cache_give_back(cn);
+    }
 
-    if (cn->kind == NGX_HTTP_ANYTHINGLLM_CACHE_VALID && cn->lease_left
-        && cn->lease_minute == ngx_time() / 60
+    ngx_queue_remove(&cn->queue);
+    ngx_rbtree_delete(&sh->rbtree, node);
+    ngx_slab_free_locked(shpool, node);
+
+    sh->entries--;
+}
+
+
+/* a lease of a minute gone needs no giving back: its count expires */
+
+static void
+ngx_http_anythingllm_cache_give_back(ngx_http_anythingllm_cache_node_t *cn)
+{
+    ngx_http_anythingllm_cache_return_t  *ret;
+
+    if (cn->lease_left && cn->lease_minute == ngx_time() / 60
         && ngx_http_anythingllm_cache_nreturns
            < NGX_HTTP_ANYTHINGLLM_CACHE_RETURNS)
     {
@@ -782,11 +871,7 @@ ngx_http_anythingllm_cache_remove(ngx_http_anythingllm_cache_sh_t *sh,
         ret->n = cn->lease_left;
     }
 
-    ngx_queue_remove(&cn->queue);
-    ngx_rbtree_delete(&sh->rbtree, node);
-    ngx_slab_free_locked(shpool, node);
-
-    sh->entries--;
+    cn->lease_left = 0;
 }
 
 
@@ -1001,7 +1086,7 @@ ngx_http_anythingllm_cache_revocation(ngx_http_anythingllm_main_conf_t *amcf,
                       "anythingllm: revocations channel subscribed "
                       "again, valid keys dropped from the cache");
 
-        ngx_http_anythingllm_cache_flush(zone);
+        ngx_http_anythingllm_cache_flush(zone, 1);
         return;
     }
 
@@ -1010,7 +1095,7 @@ ngx_http_anythingllm_cache_revocation(ngx_http_anythingllm_main_conf_t *amcf,
                       "anythingllm: revocation of every key: valid keys "
                       "dropped from the cache");
 
-        ngx_http_anythingllm_cache_flush(zone);
+        ngx_http_anythingllm_cache_flush(zone, 0);
         return;
     }
 

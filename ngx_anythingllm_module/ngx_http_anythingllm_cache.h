@@ -19,6 +19,7 @@
 #define NGX_HTTP_ANYTHINGLLM_CACHE_VALID     1
 #define NGX_HTTP_ANYTHINGLLM_CACHE_UNKNOWN   2
 #define NGX_HTTP_ANYTHINGLLM_CACHE_REVOKED   3
+#define NGX_HTTP_ANYTHINGLLM_CACHE_STALE     4  /* valid, until a flush */
 
 /* cache_node_t's lease flags */
 #define NGX_HTTP_ANYTHINGLLM_CACHE_FETCHING  0x01  /* a fetch in flight */

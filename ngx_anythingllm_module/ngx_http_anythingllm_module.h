@@ -393,6 +393,8 @@ ngx_int_t ngx_http_anythingllm_cache_default_zone(ngx_conf_t *cf,
  */
 ngx_int_t ngx_http_anythingllm_cache_get(ngx_shm_zone_t *zone,
     const char *digest, ngx_http_anythingllm_key_t *key, ngx_pool_t *pool);
+ngx_int_t ngx_http_anythingllm_cache_get_stale(ngx_shm_zone_t *zone,
+    const char *digest, ngx_http_anythingllm_key_t *key, ngx_pool_t *pool);
 /*
  * "since": when the Redis lookup that read the record was sent; an
  * answer never replaces an entry made of newer information

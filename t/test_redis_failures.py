@@ -252,6 +252,64 @@ def test_redis_restart_without_data_drops_cached_keys(
     assert "valid keys dropped from the cache" in n.error_log()
 
 
+def test_redis_lost_again_after_a_flush_keeps_the_flushed_keys(
+        nginx, redis_server, backend):
+    """On subscribing again the workers flush the valid keys: each is
+    looked up again.  When that lookup cannot reach Redis (in a failover,
+    one worker may be subscribed to the new primary while the other is
+    still looking for it), the key is judged by what the cache held, as
+    a cached key is while Redis is away."""
+    redis_server.add_key("k-kept", scopes="read")
+    redis_server.add_key("k-never", scopes="read")
+    n = auth_nginx(nginx, redis_server, valid="600s")
+    assert n.get("/api/v1/auth", headers=bearer("k-kept")).status == 200
+    assert redis_server.cmd("CLIENT", "KILL", "TYPE", "pubsub") == 2
+    helpers.wait_until(
+        lambda: n.error_log().count("valid keys dropped from the cache")
+        == 2, timeout=5, interval=0.05)
+
+    redis_server.stop()
+    statuses = both_workers(n, lambda: n.get(
+        "/api/v1/auth", headers=bearer("k-kept")).status)
+    assert set(statuses) == {200}, statuses
+    assert "judged by its entry from before the cache was flushed" \
+        in n.error_log()
+    # a key the cache never held gets 503 as before
+    assert n.get("/api/v1/auth", headers=bearer("k-never")).status == 503
+
+    # Redis is back without data: the flushed key is looked up again
+    redis_server.start()
+    helpers.wait_until(
+        lambda: n.get("/api/v1/auth", headers=bearer("k-kept")).status
+        == 401, timeout=5, interval=0.05)
+
+
+def test_redis_revocation_of_every_key_drops_the_flushed_keys(
+        nginx, redis_server, backend):
+    """"*" on the revocations channel leaves nothing to judge a key by,
+    not even the entries a flush kept."""
+    redis_server.add_key("k-all", scopes="read")
+    n = auth_nginx(nginx, redis_server, valid="600s")
+    assert n.get("/api/v1/auth", headers=bearer("k-all")).status == 200
+    assert redis_server.cmd("CLIENT", "KILL", "TYPE", "pubsub") == 2
+    helpers.wait_until(
+        lambda: n.error_log().count("valid keys dropped from the cache")
+        == 2, timeout=5, interval=0.05)
+    helpers.wait_until(
+        lambda: redis_server.cmd("PUBSUB", "NUMSUB",
+                                 "anythingllm:revocations")[1] == 2,
+        timeout=5, interval=0.05)
+    redis_server.cmd("PUBLISH", "anythingllm:revocations", "*")
+    helpers.wait_until(
+        lambda: "revocation of every key" in n.error_log(), timeout=5,
+        interval=0.05)
+
+    redis_server.stop()
+    statuses = both_workers(n, lambda: n.get(
+        "/api/v1/auth", headers=bearer("k-all")).status)
+    assert set(statuses) == {503}, statuses
+
+
 def test_redis_revocations_survive_a_dropped_subscriber(
         nginx, redis_server, backend):
     """CLIENT KILL drops every connection of the workers; they come back
