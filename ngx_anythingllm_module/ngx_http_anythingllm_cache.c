@@ -86,6 +86,9 @@ static void ngx_http_anythingllm_cache_flush(ngx_shm_zone_t *zone,
     ngx_uint_t keep);
 static void ngx_http_anythingllm_cache_give_back(
     ngx_http_anythingllm_cache_node_t *cn);
+static ngx_http_anythingllm_cache_sh_t *ngx_http_anythingllm_cache_find(
+    ngx_shm_zone_t *zone, const char *digest, ngx_slab_pool_t **shpool,
+    ngx_http_anythingllm_cache_node_t **cn);
 static ngx_int_t ngx_http_anythingllm_cache_copy(
     ngx_http_anythingllm_cache_node_t *cn, ngx_http_anythingllm_key_t *key,
     ngx_pool_t *pool);
@@ -404,6 +407,24 @@ ngx_http_anythingllm_cache_lease_return(ngx_http_anythingllm_main_conf_t *amcf,
 }
 
 
+/* the zone locked, and the entry of a digest in it, or NULL */
+
+static ngx_http_anythingllm_cache_sh_t *
+ngx_http_anythingllm_cache_find(ngx_shm_zone_t *zone, const char *digest,
+    ngx_slab_pool_t **shpool, ngx_http_anythingllm_cache_node_t **cn)
+{
+    ngx_http_anythingllm_cache_sh_t  *sh;
+
+    sh = ngx_http_anythingllm_cache_lock(zone, shpool);
+
+    *cn = ngx_http_anythingllm_cache_lookup(sh, (u_char *) digest,
+                                     ngx_http_anythingllm_cache_hash(
+                                                        (u_char *) digest));
+
+    return sh;
+}
+
+
 /*
  * NGX_OK: a valid entry, copied into "key" (strings in "pool");
  * NGX_ABORT: Redis said the key does not exist; NGX_DECLINED: a miss;
@@ -414,7 +435,6 @@ ngx_int_t
 ngx_http_anythingllm_cache_get(ngx_shm_zone_t *zone, const char *digest,
     ngx_http_anythingllm_key_t *key, ngx_pool_t *pool)
 {
-    uint32_t                            hash;
     ngx_int_t                           rc;
     ngx_slab_pool_t                    *shpool;
     ngx_http_anythingllm_cache_sh_t    *sh;
@@ -424,11 +444,7 @@ ngx_http_anythingllm_cache_get(ngx_shm_zone_t *zone, const char *digest,
         return NGX_DECLINED;
     }
 
-    hash = ngx_http_anythingllm_cache_hash((u_char *) digest);
-
-    sh = ngx_http_anythingllm_cache_lock(zone, &shpool);
-
-    cn = ngx_http_anythingllm_cache_lookup(sh, (u_char *) digest, hash);
+    sh = ngx_http_anythingllm_cache_find(zone, digest, &shpool, &cn);
 
     if (cn == NULL) {
         rc = NGX_DECLINED;
@@ -480,21 +496,15 @@ ngx_int_t
 ngx_http_anythingllm_cache_get_stale(ngx_shm_zone_t *zone,
     const char *digest, ngx_http_anythingllm_key_t *key, ngx_pool_t *pool)
 {
-    uint32_t                            hash;
     ngx_int_t                           rc;
     ngx_slab_pool_t                    *shpool;
-    ngx_http_anythingllm_cache_sh_t    *sh;
     ngx_http_anythingllm_cache_node_t  *cn;
 
     if (zone == NULL) {
         return NGX_DECLINED;
     }
 
-    hash = ngx_http_anythingllm_cache_hash((u_char *) digest);
-
-    sh = ngx_http_anythingllm_cache_lock(zone, &shpool);
-
-    cn = ngx_http_anythingllm_cache_lookup(sh, (u_char *) digest, hash);
+    (void) ngx_http_anythingllm_cache_find(zone, digest, &shpool, &cn);
 
     if (cn == NULL || cn->kind != NGX_HTTP_ANYTHINGLLM_CACHE_STALE
         || (ngx_msec_int_t) (cn->until - ngx_current_msec) <= 0)

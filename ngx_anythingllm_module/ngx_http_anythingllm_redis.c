@@ -205,7 +205,6 @@ ngx_http_anythingllm_redis_exit_process(ngx_cycle_t *cycle)
 {
     ngx_uint_t                          i;
     ngx_queue_t                        *q;
-    redisAsyncContext                  *ac;
     ngx_http_anythingllm_redis_req_t   *rr;
     ngx_http_anythingllm_redis_conn_t  *conn;
 
@@ -223,21 +222,7 @@ ngx_http_anythingllm_redis_exit_process(ngx_cycle_t *cycle)
         conn = (i == 0) ? &ngx_http_anythingllm_redis_cmd
                         : &ngx_http_anythingllm_redis_sub;
 
-        if (conn->reconnect.timer_set) {
-            ngx_del_timer(&conn->reconnect);
-        }
-
-        if (conn->timer.timer_set) {
-            ngx_del_timer(&conn->timer);
-        }
-
-        ac = conn->ac;
-
-        if (ac) {
-            conn->ac = NULL;
-            conn->state = NGX_HTTP_ANYTHINGLLM_REDIS_DOWN;
-            redisAsyncFree(ac);
-        }
+        ngx_http_anythingllm_redis_io_close(conn);
     }
 
     while (!ngx_queue_empty(&ngx_http_anythingllm_redis_free)) {

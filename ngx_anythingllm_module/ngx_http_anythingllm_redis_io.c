@@ -112,6 +112,31 @@ ngx_http_anythingllm_redis_io_connect(ngx_http_anythingllm_redis_conn_t *conn,
 }
 
 
+
+/* at worker exit: its timers stopped and its context freed */
+
+void
+ngx_http_anythingllm_redis_io_close(ngx_http_anythingllm_redis_conn_t *conn)
+{
+    redisAsyncContext  *ac;
+
+    if (conn->reconnect.timer_set) {
+        ngx_del_timer(&conn->reconnect);
+    }
+
+    if (conn->timer.timer_set) {
+        ngx_del_timer(&conn->timer);
+    }
+
+    ac = conn->ac;
+
+    if (ac) {
+        conn->ac = NULL;
+        conn->state = NGX_HTTP_ANYTHINGLLM_REDIS_DOWN;
+        redisAsyncFree(ac);
+    }
+}
+
 static void
 ngx_http_anythingllm_redis_io_handler(ngx_event_t *ev)
 {

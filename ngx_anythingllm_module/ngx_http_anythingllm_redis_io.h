@@ -69,6 +69,10 @@ struct ngx_http_anythingllm_redis_conn_s {
     ((conn)->quiet ? (ngx_uint_t) NGX_LOG_INFO : (ngx_uint_t) NGX_LOG_ERR)
 
 
+/* at worker exit: the connection's timers stopped, its context freed */
+void ngx_http_anythingllm_redis_io_close(
+    ngx_http_anythingllm_redis_conn_t *conn);
+
 /*
  * Starts a connect to host:port (an IP literal) or to the unix socket
  * "path" when not NULL; "cb" tells the result.  NGX_ERROR: nothing

@@ -133,7 +133,6 @@ void
 ngx_http_anythingllm_sentinel_exit(void)
 {
     ngx_uint_t                          i;
-    redisAsyncContext                  *ac;
     ngx_http_anythingllm_redis_conn_t  *conn;
 
     if (ngx_http_anythingllm_sentinel_conf == NULL) {
@@ -144,21 +143,7 @@ ngx_http_anythingllm_sentinel_exit(void)
         conn = (i == 0) ? &ngx_http_anythingllm_sentinel_ask
                         : &ngx_http_anythingllm_sentinel_w;
 
-        if (conn->reconnect.timer_set) {
-            ngx_del_timer(&conn->reconnect);
-        }
-
-        if (conn->timer.timer_set) {
-            ngx_del_timer(&conn->timer);
-        }
-
-        ac = conn->ac;
-
-        if (ac) {
-            conn->ac = NULL;
-            conn->state = NGX_HTTP_ANYTHINGLLM_REDIS_DOWN;
-            redisAsyncFree(ac);
-        }
+        ngx_http_anythingllm_redis_io_close(conn);
     }
 
     ngx_http_anythingllm_sentinel_conf = NULL;
