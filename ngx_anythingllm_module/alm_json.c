@@ -82,14 +82,19 @@ alm_utf8_len(const unsigned char *p, size_t avail)
  * "strict": bytes that are not valid UTF-8 become \ufffd; otherwise
  * every byte from 0x80 up passes as it is, as cJSON writes strings.
  * Both write the same bytes for valid UTF-8.
+ *
+ * At most "cap" bytes are written (out NULL only counts them): the
+ * escape stops before the first character that would not fit, and
+ * *used tells how much of s was escaped.  Returns the bytes written.
  */
 
 static size_t
-alm_escape(char *out, const char *s, size_t len, int strict)
+alm_escape(char *out, size_t cap, const char *s, size_t len, int strict,
+    size_t *used)
 {
     static const char  digits[] = "0123456789abcdef";
 
-    size_t                n, w, i;
+    size_t                n, w, i, k;
     unsigned char         c;
     const unsigned char  *p, *q, *end;
 
@@ -110,11 +115,21 @@ alm_escape(char *out, const char *s, size_t len, int strict)
         }
 
         if (q != p) {
-            if (out) {
-                memcpy(out + w, p, q - p);
+            k = (size_t) (q - p);
+
+            if (k > cap - w) {
+                k = cap - w;
             }
-            w += q - p;
-            p = q;
+
+            if (k == 0) {
+                break;
+            }
+
+            if (out) {
+                memcpy(out + w, p, k);
+            }
+            w += k;
+            p += k;
             continue;
         }
 
@@ -125,6 +140,9 @@ alm_escape(char *out, const char *s, size_t len, int strict)
 
             if (n == 0) {
                 /* an invalid byte becomes U+FFFD, keeping the JSON valid */
+                if (cap - w < 6) {
+                    break;
+                }
                 if (out) {
                     memcpy(out + w, "\\ufffd", 6);
                 }
@@ -133,6 +151,9 @@ alm_escape(char *out, const char *s, size_t len, int strict)
                 continue;
             }
 
+            if (cap - w < n) {
+                break;
+            }
             if (out) {
                 for (i = 0; i < n; i++) {
                     out[w + i] = (char) p[i];
@@ -146,6 +167,9 @@ alm_escape(char *out, const char *s, size_t len, int strict)
         if (c == '"' || c == '\\' || c == '\n' || c == '\r' || c == '\t'
             || c == '\b' || c == '\f')
         {
+            if (cap - w < 2) {
+                break;
+            }
             if (out) {
                 out[w] = '\\';
                 switch (c) {
@@ -162,6 +186,9 @@ alm_escape(char *out, const char *s, size_t len, int strict)
             continue;
         }
 
+        if (cap - w < 6) {
+            break;
+        }
         if (out) {
             memcpy(out + w, "\\u00", 4);
             out[w + 4] = digits[c >> 4];
@@ -171,6 +198,10 @@ alm_escape(char *out, const char *s, size_t len, int strict)
         p++;
     }
 
+    if (used) {
+        *used = (size_t) (p - (const unsigned char *) s);
+    }
+
     return w;
 }
 
@@ -178,7 +209,7 @@ alm_escape(char *out, const char *s, size_t len, int strict)
 size_t
 alm_json_escape(char *out, const char *s, size_t len)
 {
-    return alm_escape(out, s, len, 1);
+    return alm_escape(out, (size_t) -1, s, len, 1, NULL);
 }
 
 
@@ -385,13 +416,35 @@ alm_buf_str(alm_buf_t *b, const char *s)
 static void
 alm_buf_escape(alm_buf_t *b, const char *p, size_t n, int strict)
 {
-    /* counted first: the buffer grows once, to the exact size */
+    size_t  used;
 
-    if (!alm_buf_reserve(b, alm_escape(NULL, p, n, strict))) {
+    /*
+     * Most text needs few escapes: it is written at once into room for
+     * itself and a margin, and only what did not fit is counted, so
+     * that the buffer then grows once, to the exact size.
+     */
+
+    if (!alm_buf_reserve(b, n + n / 8 + 16)) {
         return;
     }
 
-    b->len += alm_escape(b->data + b->len, p, n, strict);
+    b->len += alm_escape(b->data + b->len, b->cap - b->len - 1, p, n, strict,
+                         &used);
+
+    if (used == n) {
+        return;
+    }
+
+    p += used;
+    n -= used;
+
+    if (!alm_buf_reserve(b, alm_escape(NULL, (size_t) -1, p, n, strict,
+                                       NULL)))
+    {
+        return;
+    }
+
+    b->len += alm_escape(b->data + b->len, (size_t) -1, p, n, strict, NULL);
 }
 
 

@@ -747,6 +747,34 @@ alm_check_ranges(const cJSON *root, alm_error_t *err)
 }
 
 
+/*
+ * Whether the request has a member besides "model", "messages",
+ * "stream" and "stream_options": none of those is in the tables of
+ * refused, ignored or ranged parameters, so a request of only them
+ * passes their checks, and the lookups of every name in the tables
+ * (one scan of the members each) can be left out.
+ */
+
+static int
+alm_has_options(const cJSON *root)
+{
+    const cJSON  *m;
+
+    cJSON_ArrayForEach(m, root) {
+        if (m->string == NULL
+            || (strcmp(m->string, "model") != 0
+                && strcmp(m->string, "messages") != 0
+                && strcmp(m->string, "stream") != 0
+                && strcmp(m->string, "stream_options") != 0))
+        {
+            return 1;
+        }
+    }
+
+    return 0;
+}
+
+
 static int
 alm_check_options(const cJSON *root, alm_chat_req_t *req, alm_error_t *err)
 {
@@ -778,6 +806,12 @@ alm_check_options(const cJSON *root, alm_chat_req_t *req, alm_error_t *err)
 
         /* like OpenAI: only a stream carries a usage chunk */
         req->include_usage = (req->stream && cJSON_IsTrue(v)) ? 1 : 0;
+    }
+
+    /* a request of only these needs none of the lookups below */
+
+    if (!alm_has_options(root)) {
+        return ALM_OK;
     }
 
     if (alm_check_refused(root, err) != ALM_OK) {

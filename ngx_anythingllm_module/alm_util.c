@@ -449,9 +449,18 @@ alm_hex(const unsigned char *bin, size_t len, char *out)
 void
 alm_key_digest(const char *key, size_t len, char hex[ALM_DIGEST_HEX_LEN])
 {
+    SHA256_CTX     ctx;
     unsigned char  md[ALM_DIGEST_LEN];
 
-    SHA256((const unsigned char *) key, len, md);
+    /*
+     * Not SHA256(): in OpenSSL 3 it looks the algorithm up by name and
+     * allocates a context on every call, which cost more than the
+     * digest of a key itself on the hot path.
+     */
+
+    SHA256_Init(&ctx);
+    SHA256_Update(&ctx, key, len);
+    SHA256_Final(md, &ctx);
     alm_hex(md, ALM_DIGEST_LEN, hex);
 }
 

@@ -44,20 +44,35 @@
 
 
 /*
- * KEYS[1] the day's hash, KEYS[2] (when given) the minute's token
- * counter; ARGV: prompt tokens, completion tokens, the hash's time to
- * live, the counter's
+ * The counts of one turn of the worker's event loop go to Redis
+ * together, as one script run: answers of the same key in the same
+ * minute are summed into one entry first.  KEYS: the day's hash and
+ * the minute's token counter of each entry in turn.  ARGV: the hash's
+ * time to live, the counter's, then for each entry its requests,
+ * prompt tokens, completion tokens and "1" when the key has a tpm
+ * (a key without one needs no minute counter).
  */
 #define NGX_HTTP_ANYTHINGLLM_USAGE_SCRIPT                                     \
-    "redis.call('HINCRBY',KEYS[1],'requests',1) "                             \
-    "redis.call('HINCRBY',KEYS[1],'prompt_tokens',ARGV[1]) "                  \
-    "redis.call('HINCRBY',KEYS[1],'completion_tokens',ARGV[2]) "              \
-    "redis.call('EXPIRE',KEYS[1],ARGV[3]) "                                   \
-    "if KEYS[2] then "                                                        \
-    "redis.call('INCRBY',KEYS[2],ARGV[1]+ARGV[2]) "                           \
-    "redis.call('EXPIRE',KEYS[2],ARGV[4]) "                                   \
+    "for i = 1, #KEYS / 2 do "                                                \
+    "local d, a = KEYS[2 * i - 1], 4 * i - 1 "                                \
+    "redis.call('HINCRBY', d, 'requests', ARGV[a]) "                          \
+    "redis.call('HINCRBY', d, 'prompt_tokens', ARGV[a + 1]) "                 \
+    "redis.call('HINCRBY', d, 'completion_tokens', ARGV[a + 2]) "             \
+    "redis.call('EXPIRE', d, ARGV[1]) "                                       \
+    "if ARGV[a + 3] == '1' then "                                             \
+    "redis.call('INCRBY', KEYS[2 * i], ARGV[a + 1] + ARGV[a + 2]) "           \
+    "redis.call('EXPIRE', KEYS[2 * i], ARGV[2]) "                             \
     "end "                                                                    \
-    "return 1"
+    "end "                                                                    \
+    "return #KEYS / 2"
+
+/* the most entries sent in one script run */
+#define NGX_HTTP_ANYTHINGLLM_USAGE_BATCH  32
+
+/* EVAL, script, numkeys, the two ttls; 2 keys and 4 counts an entry */
+#define NGX_HTTP_ANYTHINGLLM_USAGE_ARGS                                       \
+    (5 + 6 * NGX_HTTP_ANYTHINGLLM_USAGE_BATCH)
+
 
 /*
  * KEYS[1] the day's hash, KEYS[2] the minute's token counter: today's
@@ -87,9 +102,47 @@ typedef struct {
 } ngx_http_anythingllm_usage_read_t;
 
 
+/* a key's answers of one minute, summed */
+
+typedef struct {
+    u_char                             digest[ALM_DIGEST_HEX_LEN];
+    time_t                             minute;        /* unix minute */
+    ngx_uint_t                         tpm;           /* 1: count it */
+    int64_t                            requests;
+    int64_t                            prompt;
+    int64_t                            completion;
+} ngx_http_anythingllm_usage_entry_t;
+
+
+/*
+ * The counts waiting for the end of the event loop's turn, in the
+ * worker's own memory: they outlive their requests.  "answers" is
+ * the number of answers the entries hold, counted as errors when the
+ * batch is not taken.
+ */
+
+typedef struct {
+    ngx_http_anythingllm_main_conf_t    *amcf;
+    ngx_uint_t                           n;
+    ngx_uint_t                           answers;
+    ngx_event_t                          event;
+    ngx_http_anythingllm_usage_entry_t   entries[
+                                             NGX_HTTP_ANYTHINGLLM_USAGE_BATCH];
+} ngx_http_anythingllm_usage_batch_t;
+
+
+static ngx_http_anythingllm_usage_batch_t  ngx_http_anythingllm_usage_batch;
+
+
 static void ngx_http_anythingllm_usage_read(ngx_http_request_t *r,
     ngx_http_anythingllm_ctx_t *ctx, ngx_http_anythingllm_usage_read_t *ur,
     u_char *p, size_t len);
+static void ngx_http_anythingllm_usage_add(
+    ngx_http_anythingllm_main_conf_t *amcf, ngx_http_anythingllm_ctx_t *ctx,
+    long completion);
+static void ngx_http_anythingllm_usage_flush_event(ngx_event_t *ev);
+static void ngx_http_anythingllm_usage_flush(
+    ngx_http_anythingllm_usage_batch_t *batch);
 static void ngx_http_anythingllm_usage_counted(void *data,
     ngx_http_anythingllm_redis_reply_t *reply);
 static ngx_int_t ngx_http_anythingllm_usage_keys(ngx_http_request_t *r,
@@ -304,12 +357,7 @@ ngx_http_anythingllm_usage_read(ngx_http_request_t *r,
 ngx_int_t
 ngx_http_anythingllm_usage_log_handler(ngx_http_request_t *r)
 {
-    int                                 n;
     long                                completion;
-    u_char                             *p, num[2 * NGX_INT64_LEN];
-    ngx_str_t                           day, minute;
-    const char                         *argv[9];
-    size_t                              argvlen[9];
     ngx_http_anythingllm_ctx_t         *ctx;
     ngx_http_anythingllm_loc_conf_t    *alcf;
     ngx_http_anythingllm_main_conf_t   *amcf;
@@ -340,12 +388,6 @@ ngx_http_anythingllm_usage_log_handler(ngx_http_request_t *r)
         return NGX_OK;
     }
 
-    if (ngx_http_anythingllm_usage_keys(r, ctx, &day, &minute) != NGX_OK) {
-        ngx_http_anythingllm_metrics_add(NGX_HTTP_ANYTHINGLLM_M_USAGE_ERRORS,
-                                         1);
-        return NGX_OK;
-    }
-
     /*
      * A stream the client left before AnythingLLM's last frame has no
      * counts: what was generated until then is its text pieces, each
@@ -358,53 +400,223 @@ ngx_http_anythingllm_usage_log_handler(ngx_http_request_t *r)
         completion = (long) ctx->pieces;
     }
 
-    /* a key without a tpm needs no minute counter */
+    ngx_log_debug4(NGX_LOG_DEBUG_HTTP, r->connection->log, 0,
+                   "anythingllm usage to count: %*s %l+%l",
+                   (size_t) ALM_KEY_ID_LEN, ctx->key.digest,
+                   ctx->usage.prompt_tokens, completion);
 
-    n = ctx->key.tpm ? 2 : 1;
-
-    argv[0] = "EVAL";
-    argvlen[0] = sizeof("EVAL") - 1;
-    argv[1] = NGX_HTTP_ANYTHINGLLM_USAGE_SCRIPT;
-    argvlen[1] = sizeof(NGX_HTTP_ANYTHINGLLM_USAGE_SCRIPT) - 1;
-    argv[2] = (n == 2) ? "2" : "1";
-    argvlen[2] = 1;
-    argv[3] = (const char *) day.data;
-    argvlen[3] = day.len;
-    argv[4] = (const char *) minute.data;
-    argvlen[4] = minute.len;
-
-    p = num;
-    argv[3 + n] = (const char *) p;
-    p = ngx_sprintf(p, "%l", ctx->usage.prompt_tokens);
-    argvlen[3 + n] = p - (u_char *) argv[3 + n];
-
-    argv[4 + n] = (const char *) p;
-    p = ngx_sprintf(p, "%l", completion);
-    argvlen[4 + n] = p - (u_char *) argv[4 + n];
-
-    argv[5 + n] = NGX_HTTP_ANYTHINGLLM_USAGE_TTL;
-    argvlen[5 + n] = sizeof(NGX_HTTP_ANYTHINGLLM_USAGE_TTL) - 1;
-    argv[6 + n] = NGX_HTTP_ANYTHINGLLM_TPM_TTL;
-    argvlen[6 + n] = sizeof(NGX_HTTP_ANYTHINGLLM_TPM_TTL) - 1;
-
-    if (ngx_http_anythingllm_redis_command(
-                                         ngx_http_anythingllm_usage_counted,
-                                         NULL, 7 + n, argv, argvlen)
-        == NULL)
-    {
-        ngx_http_anythingllm_metrics_add(NGX_HTTP_ANYTHINGLLM_M_USAGE_ERRORS,
-                                         1);
-        ngx_log_error(NGX_LOG_INFO, r->connection->log, 0,
-                      "anythingllm: usage of key %*s not counted: "
-                      "redis unreachable",
-                      (size_t) ALM_KEY_ID_LEN, ctx->key.digest);
-    }
+    ngx_http_anythingllm_usage_add(amcf, ctx, completion);
 
     return NGX_OK;
 }
 
 
-/* runs after the request is gone: it has only the reply */
+/*
+ * The answer joins the batch: added to its key's entry of this
+ * minute, or a new entry.  The batch goes to Redis once the event
+ * loop has handled the turn's events (a posted event), or at once
+ * when it is full.
+ */
+
+static void
+ngx_http_anythingllm_usage_add(ngx_http_anythingllm_main_conf_t *amcf,
+    ngx_http_anythingllm_ctx_t *ctx, long completion)
+{
+    time_t                               minute;
+    ngx_uint_t                           i, tpm;
+    ngx_http_anythingllm_usage_entry_t  *e;
+    ngx_http_anythingllm_usage_batch_t  *batch;
+
+    batch = &ngx_http_anythingllm_usage_batch;
+
+    if (batch->n && batch->amcf != amcf) {
+        ngx_http_anythingllm_usage_flush(batch);
+    }
+
+    batch->amcf = amcf;
+
+    minute = ngx_time() / 60;
+    tpm = ctx->key.tpm ? 1 : 0;
+
+    for (i = 0; i < batch->n; i++) {
+        e = &batch->entries[i];
+
+        if (e->minute == minute && e->tpm == tpm
+            && ngx_memcmp(e->digest, ctx->key.digest, ALM_DIGEST_HEX_LEN)
+               == 0)
+        {
+            goto found;
+        }
+    }
+
+    if (batch->n == NGX_HTTP_ANYTHINGLLM_USAGE_BATCH) {
+        ngx_http_anythingllm_usage_flush(batch);
+    }
+
+    e = &batch->entries[batch->n++];
+
+    ngx_memcpy(e->digest, ctx->key.digest, ALM_DIGEST_HEX_LEN);
+    e->minute = minute;
+    e->tpm = tpm;
+    e->requests = 0;
+    e->prompt = 0;
+    e->completion = 0;
+
+found:
+
+    e->requests++;
+    e->prompt += ctx->usage.prompt_tokens;
+    e->completion += completion;
+    batch->answers++;
+
+    if (!batch->event.posted) {
+        batch->event.handler = ngx_http_anythingllm_usage_flush_event;
+        batch->event.data = batch;
+        batch->event.log = ngx_cycle->log;
+
+        ngx_post_event(&batch->event, &ngx_posted_events);
+    }
+}
+
+
+static void
+ngx_http_anythingllm_usage_flush_event(ngx_event_t *ev)
+{
+    ngx_http_anythingllm_usage_flush(ev->data);
+}
+
+
+/*
+ * One EVAL for every entry of the batch; the batch is empty after it.
+ * Each entry's keys are "<prefix>usage:<digest>:<YYYYMMDD>" of its
+ * minute's day (UTC) and "<prefix>tpm:<digest>:<unix minute>".
+ */
+
+static void
+ngx_http_anythingllm_usage_flush(ngx_http_anythingllm_usage_batch_t *batch)
+{
+    u_char                               *buf, *p;
+    size_t                                one, argvlen[
+                                              NGX_HTTP_ANYTHINGLLM_USAGE_ARGS];
+    ngx_tm_t                              tm;
+    ngx_str_t                            *prefix;
+    ngx_uint_t                            i, n, answers, argc;
+    const char                           *argv[
+                                              NGX_HTTP_ANYTHINGLLM_USAGE_ARGS];
+    ngx_http_anythingllm_usage_entry_t   *e;
+
+    n = batch->n;
+    answers = batch->answers;
+    prefix = &batch->amcf->prefix;
+    batch->n = 0;
+    batch->answers = 0;
+
+    if (batch->event.posted) {
+        ngx_delete_posted_event(&batch->event);
+    }
+
+    if (n == 0) {
+        return;
+    }
+
+    /* an entry's two keys and four numbers, and numkeys */
+
+    one = 2 * prefix->len + sizeof("usage:") - 1 + sizeof("tpm:") - 1
+          + 2 * ALM_DIGEST_HEX_LEN + sizeof(":YYYYMMDD") - 1
+          + 1 + NGX_TIME_T_LEN + 4 * NGX_INT64_LEN;
+
+    buf = ngx_alloc(n * one + NGX_INT_T_LEN, ngx_cycle->log);
+    if (buf == NULL) {
+        ngx_http_anythingllm_metrics_add(NGX_HTTP_ANYTHINGLLM_M_USAGE_ERRORS,
+                                         answers);
+        return;
+    }
+
+    argv[0] = "EVAL";
+    argvlen[0] = sizeof("EVAL") - 1;
+    argv[1] = NGX_HTTP_ANYTHINGLLM_USAGE_SCRIPT;
+    argvlen[1] = sizeof(NGX_HTTP_ANYTHINGLLM_USAGE_SCRIPT) - 1;
+
+    p = buf;
+    argv[2] = (const char *) p;
+    p = ngx_sprintf(p, "%ui", 2 * n);
+    argvlen[2] = p - (u_char *) argv[2];
+
+    argc = 3;
+
+    for (i = 0; i < n; i++) {
+        e = &batch->entries[i];
+
+        ngx_gmtime(e->minute * 60, &tm);
+
+        argv[argc] = (const char *) p;
+        p = ngx_cpymem(p, prefix->data, prefix->len);
+        p = ngx_cpymem(p, "usage:", sizeof("usage:") - 1);
+        p = ngx_cpymem(p, e->digest, ALM_DIGEST_HEX_LEN);
+        p = ngx_sprintf(p, ":%04d%02d%02d", tm.ngx_tm_year, tm.ngx_tm_mon,
+                        tm.ngx_tm_mday);
+        argvlen[argc] = p - (u_char *) argv[argc];
+        argc++;
+
+        argv[argc] = (const char *) p;
+        p = ngx_cpymem(p, prefix->data, prefix->len);
+        p = ngx_cpymem(p, "tpm:", sizeof("tpm:") - 1);
+        p = ngx_cpymem(p, e->digest, ALM_DIGEST_HEX_LEN);
+        p = ngx_sprintf(p, ":%T", e->minute);
+        argvlen[argc] = p - (u_char *) argv[argc];
+        argc++;
+    }
+
+    argv[argc] = NGX_HTTP_ANYTHINGLLM_USAGE_TTL;
+    argvlen[argc++] = sizeof(NGX_HTTP_ANYTHINGLLM_USAGE_TTL) - 1;
+    argv[argc] = NGX_HTTP_ANYTHINGLLM_TPM_TTL;
+    argvlen[argc++] = sizeof(NGX_HTTP_ANYTHINGLLM_TPM_TTL) - 1;
+
+    for (i = 0; i < n; i++) {
+        e = &batch->entries[i];
+
+        argv[argc] = (const char *) p;
+        p = ngx_sprintf(p, "%L", e->requests);
+        argvlen[argc] = p - (u_char *) argv[argc];
+        argc++;
+
+        argv[argc] = (const char *) p;
+        p = ngx_sprintf(p, "%L", e->prompt);
+        argvlen[argc] = p - (u_char *) argv[argc];
+        argc++;
+
+        argv[argc] = (const char *) p;
+        p = ngx_sprintf(p, "%L", e->completion);
+        argvlen[argc] = p - (u_char *) argv[argc];
+        argc++;
+
+        argv[argc] = e->tpm ? "1" : "0";
+        argvlen[argc++] = 1;
+    }
+
+    if (ngx_http_anythingllm_redis_command(
+                                         ngx_http_anythingllm_usage_counted,
+                                         (void *) (uintptr_t) answers,
+                                         (int) argc, argv, argvlen)
+        == NULL)
+    {
+        ngx_http_anythingllm_metrics_add(NGX_HTTP_ANYTHINGLLM_M_USAGE_ERRORS,
+                                         answers);
+        ngx_log_error(NGX_LOG_INFO, ngx_cycle->log, 0,
+                      "anythingllm: usage of %ui answer(s) not counted: "
+                      "redis unreachable", answers);
+
+    } else {
+        ngx_log_debug2(NGX_LOG_DEBUG_HTTP, ngx_cycle->log, 0,
+                       "anythingllm usage counted: %ui answer(s) in %ui "
+                       "entries", answers, n);
+    }
+
+    ngx_free(buf);
+}
+
+
+/* runs after the requests are gone: data is the batch's answers */
 
 static void
 ngx_http_anythingllm_usage_counted(void *data,
@@ -414,7 +626,7 @@ ngx_http_anythingllm_usage_counted(void *data,
         || reply->type == NGX_HTTP_ANYTHINGLLM_REDIS_ERROR)
     {
         ngx_http_anythingllm_metrics_add(NGX_HTTP_ANYTHINGLLM_M_USAGE_ERRORS,
-                                         1);
+                                         (uintptr_t) data);
     }
 }
 

@@ -6,6 +6,7 @@ fleet-wide through Redis), OpenAI's x-ratelimit-* headers on every answer
 to a key with limits, and GET /api/v1/auth showing a key its own record
 and the day's use."""
 
+import concurrent.futures
 import json
 import re
 import subprocess
@@ -175,6 +176,71 @@ def test_every_chat_route_counts_what_anythingllm_reported(
                           "completion_tokens": total[1],
                           "total_tokens": total[0] + total[1]}
     assert u["keys"][0]["name"] == "usage"
+
+
+def test_a_burst_of_answers_is_counted_exactly(nginx, redis_server,
+                                              backend):
+    """Answers ending together are counted together, summed per key:
+    nothing is lost or counted twice, each key keeps its own counters
+    and only a key with a tpm gets a minute counter."""
+    keys = {"k-burst-a": {}, "k-burst-b": {"tpm": 10 ** 7},
+            "k-burst-c": {}}
+    for key, limits in keys.items():
+        redis_server.add_key(key, scopes="chat,read", **limits)
+    n = nginx(USAGE, redis=redis_server)
+    calls = [(key, i) for i in range(16) for key in keys]
+
+    def one(call):
+        key, i = call
+        if i % 2:
+            r = chat(n, key, "question number %d of a burst" % i)
+            assert r.status == 200, r.text
+            u = r.json()["usage"]
+            return key, u["prompt_tokens"], u["completion_tokens"]
+        r = native(n, key, "burst %d" % i)
+        assert r.status == 200, r.text
+        m = r.json()["metrics"]
+        return key, m["prompt_tokens"], m["completion_tokens"]
+
+    with concurrent.futures.ThreadPoolExecutor(12) as pool:
+        results = list(pool.map(one, calls))
+
+    for key, limits in keys.items():
+        mine = [r for r in results if r[0] == key]
+        prompt = sum(r[1] for r in mine)
+        completion = sum(r[2] for r in mine)
+        assert prompt > 0 and completion > 0
+        c = wait_counters(redis_server, key, 16)
+        assert c == {"requests": 16, "prompt_tokens": prompt,
+                     "completion_tokens": completion}, key
+        minute = [int(redis_server.cmd("GET", minute_key(key, d)) or 0)
+                  for d in (-1, 0)]
+        assert sum(minute) == (prompt + completion if limits else 0), key
+
+
+def test_a_refused_burst_counts_every_answer_as_an_error(
+        nginx, redis_server, backend):
+    redis_server.add_key("k-refused", scopes="chat,read")
+    redis_server.add_key("k-refused-2", scopes="chat,read")
+    n = nginx(USAGE, redis=redis_server)
+    for key in ("k-refused", "k-refused-2"):
+        assert chat(n, key).status == 200
+        wait_counters(redis_server, key, 1)
+    redis_server.cmd("CONFIG", "SET", "maxmemory-policy", "noeviction")
+    redis_server.cmd("CONFIG", "SET", "maxmemory", "1")
+    try:
+        calls = ["k-refused", "k-refused-2"] * 6
+        with concurrent.futures.ThreadPoolExecutor(12) as pool:
+            statuses = list(pool.map(lambda k: chat(n, k).status, calls))
+        assert statuses == [200] * 12
+        helpers.wait_until(
+            lambda: "\nanythingllm_usage_errors_total 12\n"
+            in n.get("/metrics").text,
+            message="the refused answers never all reached the metrics")
+    finally:
+        redis_server.cmd("CONFIG", "SET", "maxmemory", "0")
+    for key in ("k-refused", "k-refused-2"):
+        assert counters(redis_server, key)["requests"] == 1
 
 
 def test_native_answers_pass_unchanged(nginx, redis_server, backend):

@@ -279,6 +279,64 @@ test_json_number(void **state)
 
 /* escaping in runs writes what escaping byte by byte does */
 
+/*
+ * An escape that outgrows the room first reserved (a margin over the
+ * text's length) is finished after the buffer grows: the same bytes
+ * as escaped at once, whatever the buffer held before and wherever
+ * the room ran out (inside a run, before a 6-byte escape, before a
+ * UTF-8 sequence).
+ */
+
+static void
+test_buf_escape_grows(void **state)
+{
+    char       *ours, *text, *want;
+    size_t      i, k, len, pre, wlen;
+    alm_buf_t   b;
+
+    static const char  *fills[] = {
+        "\x01", "\"", "ab\n", "\xc3\xa9\x02", "\xff\x1f", "xyz"
+    };
+
+    (void) state;
+
+    text = malloc(4096);
+    want = malloc(6 * 4096);
+    assert_non_null(text);
+    assert_non_null(want);
+
+    for (k = 0; k < sizeof(fills) / sizeof(fills[0]); k++) {
+        for (len = 1; len < 1500; len += 7) {
+            for (i = 0; i < len; i++) {
+                text[i] = fills[k][i % strlen(fills[k])];
+            }
+
+            wlen = alm_json_escape(want, text, len);
+
+            for (pre = 0; pre < 300; pre += 61) {
+                memset(&b, 0, sizeof(alm_buf_t));
+
+                for (i = 0; i < pre; i++) {
+                    alm_buf_raw(&b, "p", 1);
+                }
+
+                alm_buf_esc(&b, text, len);
+                alm_buf_raw(&b, "!", 1);
+                ours = alm_buf_take(&b, NULL);
+                assert_non_null(ours);
+                assert_int_equal(strlen(ours), pre + wlen + 1);
+                assert_memory_equal(ours + pre, want, wlen);
+                assert_int_equal(ours[pre + wlen], '!');
+                free(ours);
+            }
+        }
+    }
+
+    free(text);
+    free(want);
+}
+
+
 static void
 test_json_escape_runs(void **state)
 {
@@ -384,6 +442,7 @@ main(void)
         cmocka_unit_test(test_json_value),
         cmocka_unit_test(test_json_number),
         cmocka_unit_test(test_json_escape_runs),
+        cmocka_unit_test(test_buf_escape_grows),
         cmocka_unit_test(test_json_members),
     };
 
