@@ -32,7 +32,7 @@ one; the best try of each counts (highest req/s, lowest p99).  Ratios
 are to each case's baseline, from the same run.  The table printed is
 the README's.
 
-Environment: BENCH_SECONDS per try (default 5), BENCH_ROUNDS (3),
+Environment: BENCH_SECONDS per try (default 5), BENCH_ROUNDS (5),
 BENCH_CASES (a comma list of the names above; default all; a case's
 baseline comes along), BENCH_CONNECTIONS (32), BENCH_STREAMS (10000).
 """
@@ -47,7 +47,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from benchkit import answers, load, memory, stack  # noqa: E402
 
 SECONDS = int(os.environ.get("BENCH_SECONDS", "5"))
-ROUNDS = int(os.environ.get("BENCH_ROUNDS", "3"))
+ROUNDS = int(os.environ.get("BENCH_ROUNDS", "5"))
 CONNS = int(os.environ.get("BENCH_CONNECTIONS", "32"))
 STREAMS = int(os.environ.get("BENCH_STREAMS", "10000"))
 ALL = load.NAMES + ["reframe", "memory"]

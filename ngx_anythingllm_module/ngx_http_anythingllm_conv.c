@@ -349,13 +349,9 @@ ngx_http_anythingllm_conv_store(ngx_http_request_t *r,
         return;
     }
 
-    if (!batch->event.posted) {
-        batch->event.handler = ngx_http_anythingllm_conv_flush_event;
-        batch->event.data = batch;
-        batch->event.log = ngx_cycle->log;
-
-        ngx_post_event(&batch->event, &ngx_posted_events);
-    }
+    ngx_http_anythingllm_post_turn_end(&batch->event,
+                                       ngx_http_anythingllm_conv_flush_event,
+                                       batch);
 }
 
 

@@ -293,6 +293,10 @@ ngx_int_t ngx_http_anythingllm_error(ngx_http_request_t *r,
 ngx_int_t ngx_http_anythingllm_alm_error(ngx_http_request_t *r,
     alm_error_t *err);
 
+/* handler(ev) at the end of the event loop's turn, posted once */
+void ngx_http_anythingllm_post_turn_end(ngx_event_t *ev,
+    ngx_event_handler_pt handler, void *data);
+
 /* sends the headers as set, then b as the whole body */
 ngx_int_t ngx_http_anythingllm_send_buf(ngx_http_request_t *r, ngx_buf_t *b);
 ngx_buf_t *ngx_http_anythingllm_body_buf(ngx_pool_t *pool, ngx_str_t *body);

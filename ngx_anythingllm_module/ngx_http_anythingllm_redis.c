@@ -158,23 +158,11 @@ ngx_http_anythingllm_redis_init_process(ngx_cycle_t *cycle,
         conn = (i == 0) ? &ngx_http_anythingllm_redis_cmd
                         : &ngx_http_anythingllm_redis_sub;
 
-        ngx_memzero(conn, sizeof(ngx_http_anythingllm_redis_conn_t));
-
-        conn->subscriber = (i == 1);
-        conn->name = conn->subscriber ? "subscriber" : "command";
-        conn->gone = ngx_http_anythingllm_redis_gone;
-
-        ngx_queue_init(&conn->pending);
-
-        conn->timer.handler = ngx_http_anythingllm_redis_timer_handler;
-        conn->timer.data = conn;
-        conn->timer.log = cycle->log;
-
-        conn->reconnect.handler =
-                                ngx_http_anythingllm_redis_reconnect_handler;
-        conn->reconnect.data = conn;
-        conn->reconnect.log = cycle->log;
-        conn->reconnect.cancelable = 1;
+        ngx_http_anythingllm_redis_io_init(conn,
+                                  i ? "subscriber" : "command", i,
+                                  ngx_http_anythingllm_redis_gone,
+                                  ngx_http_anythingllm_redis_timer_handler,
+                                  ngx_http_anythingllm_redis_reconnect_handler);
 
         /* the subscriber needs no connection when nothing is cached */
 

@@ -116,6 +116,31 @@ ngx_http_anythingllm_redis_io_connect(ngx_http_anythingllm_redis_conn_t *conn,
 /* at worker exit: its timers stopped and its context freed */
 
 void
+ngx_http_anythingllm_redis_io_init(ngx_http_anythingllm_redis_conn_t *conn,
+    const char *name, ngx_uint_t subscriber,
+    ngx_http_anythingllm_redis_gone_pt gone, ngx_event_handler_pt timeout,
+    ngx_event_handler_pt reconnect)
+{
+    ngx_memzero(conn, sizeof(ngx_http_anythingllm_redis_conn_t));
+
+    conn->subscriber = subscriber ? 1 : 0;
+    conn->name = name;
+    conn->gone = gone;
+
+    ngx_queue_init(&conn->pending);
+
+    conn->timer.handler = timeout;
+    conn->timer.data = conn;
+    conn->timer.log = ngx_cycle->log;
+
+    conn->reconnect.handler = reconnect;
+    conn->reconnect.data = conn;
+    conn->reconnect.log = ngx_cycle->log;
+    conn->reconnect.cancelable = 1;
+}
+
+
+void
 ngx_http_anythingllm_redis_io_close(ngx_http_anythingllm_redis_conn_t *conn)
 {
     redisAsyncContext  *ac;

@@ -69,6 +69,16 @@ struct ngx_http_anythingllm_redis_conn_s {
     ((conn)->quiet ? (ngx_uint_t) NGX_LOG_INFO : (ngx_uint_t) NGX_LOG_ERR)
 
 
+/*
+ * A connection not yet connected, with its handlers: "timeout" for
+ * conn->timer, "reconnect" for conn->reconnect (cancelable), each
+ * event's data the connection.
+ */
+void ngx_http_anythingllm_redis_io_init(
+    ngx_http_anythingllm_redis_conn_t *conn, const char *name,
+    ngx_uint_t subscriber, ngx_http_anythingllm_redis_gone_pt gone,
+    ngx_event_handler_pt timeout, ngx_event_handler_pt reconnect);
+
 /* at worker exit: the connection's timers stopped, its context freed */
 void ngx_http_anythingllm_redis_io_close(
     ngx_http_anythingllm_redis_conn_t *conn);

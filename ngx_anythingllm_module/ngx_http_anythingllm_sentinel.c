@@ -106,25 +106,15 @@ ngx_http_anythingllm_sentinel_init(ngx_http_anythingllm_main_conf_t *amcf,
         conn = (i == 0) ? &ngx_http_anythingllm_sentinel_ask
                         : &ngx_http_anythingllm_sentinel_w;
 
-        ngx_memzero(conn, sizeof(ngx_http_anythingllm_redis_conn_t));
+        ngx_http_anythingllm_redis_io_init(conn,
+                                 i ? "sentinel watch" : "sentinel", i,
+                                 ngx_http_anythingllm_sentinel_gone,
+                                 ngx_http_anythingllm_sentinel_timeout,
+                                 i ? ngx_http_anythingllm_sentinel_watch_handler
+                                   : ngx_http_anythingllm_sentinel_ask_handler);
 
-        conn->subscriber = (i == 1);
-        conn->name = conn->subscriber ? "sentinel watch" : "sentinel";
-        conn->gone = ngx_http_anythingllm_sentinel_gone;
-
-        ngx_queue_init(&conn->pending);
-
-        conn->timer.handler = ngx_http_anythingllm_sentinel_timeout;
-        conn->timer.data = conn;
-        conn->timer.log = ngx_cycle->log;
+        /* an ask in flight does not hold a worker that is exiting */
         conn->timer.cancelable = 1;
-
-        conn->reconnect.handler = conn->subscriber
-                                ? ngx_http_anythingllm_sentinel_watch_handler
-                                : ngx_http_anythingllm_sentinel_ask_handler;
-        conn->reconnect.data = conn;
-        conn->reconnect.log = ngx_cycle->log;
-        conn->reconnect.cancelable = 1;
     }
 }
 

@@ -469,13 +469,9 @@ found:
     e->completion += completion;
     batch->answers++;
 
-    if (!batch->event.posted) {
-        batch->event.handler = ngx_http_anythingllm_usage_flush_event;
-        batch->event.data = batch;
-        batch->event.log = ngx_cycle->log;
-
-        ngx_post_event(&batch->event, &ngx_posted_events);
-    }
+    ngx_http_anythingllm_post_turn_end(&batch->event,
+                                       ngx_http_anythingllm_usage_flush_event,
+                                       batch);
 }
 
 

@@ -394,3 +394,25 @@ ngx_http_anythingllm_free(void *data)
 {
     free(data);
 }
+
+
+/*
+ * Runs handler(ev) once the event loop has handled the events of this
+ * turn: what a turn's requests add to a batch is sent together.  ev
+ * lives in the worker's own memory, outside any request.
+ */
+
+void
+ngx_http_anythingllm_post_turn_end(ngx_event_t *ev,
+    ngx_event_handler_pt handler, void *data)
+{
+    if (ev->posted) {
+        return;
+    }
+
+    ev->handler = handler;
+    ev->data = data;
+    ev->log = ngx_cycle->log;
+
+    ngx_post_event(ev, &ngx_posted_events);
+}

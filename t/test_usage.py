@@ -226,9 +226,7 @@ def test_a_refused_burst_counts_every_answer_as_an_error(
     for key in ("k-refused", "k-refused-2"):
         assert chat(n, key).status == 200
         wait_counters(redis_server, key, 1)
-    redis_server.cmd("CONFIG", "SET", "maxmemory-policy", "noeviction")
-    redis_server.cmd("CONFIG", "SET", "maxmemory", "1")
-    try:
+    with redis_server.refusing_writes():
         calls = ["k-refused", "k-refused-2"] * 6
         with concurrent.futures.ThreadPoolExecutor(12) as pool:
             statuses = list(pool.map(lambda k: chat(n, k).status, calls))
@@ -237,8 +235,6 @@ def test_a_refused_burst_counts_every_answer_as_an_error(
             lambda: "\nanythingllm_usage_errors_total 12\n"
             in n.get("/metrics").text,
             message="the refused answers never all reached the metrics")
-    finally:
-        redis_server.cmd("CONFIG", "SET", "maxmemory", "0")
     for key in ("k-refused", "k-refused-2"):
         assert counters(redis_server, key)["requests"] == 1
 
@@ -287,9 +283,7 @@ def test_redis_failure_never_fails_the_answer(nginx, redis_server, backend):
                headers=bearer("k-usage"))
     assert r.status == 200
     wait_counters(redis_server, "k-usage", 1)
-    redis_server.cmd("CONFIG", "SET", "maxmemory-policy", "noeviction")
-    redis_server.cmd("CONFIG", "SET", "maxmemory", "1")
-    try:
+    with redis_server.refusing_writes():
         r = n.post("/api/v1/workspace/sales/chat", json={"message": "y"},
                    headers=bearer("k-usage"))
         assert r.status == 200, r.text
@@ -301,8 +295,6 @@ def test_redis_failure_never_fails_the_answer(nginx, redis_server, backend):
             lambda: "\nanythingllm_usage_errors_total 2\n"
             in n.get("/metrics").text,
             message="the two refused counts never reached the metrics")
-    finally:
-        redis_server.cmd("CONFIG", "SET", "maxmemory", "0")
     assert counters(redis_server, "k-usage")["requests"] == 1
 
 

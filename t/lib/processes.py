@@ -16,6 +16,7 @@ Environment:
 """
 
 import collections
+import contextlib
 import hashlib
 import os
 import re
@@ -233,6 +234,17 @@ class RedisServer(Service):
 
     def connect(self):
         return resp.connect(self.host, self.port)
+
+    @contextlib.contextmanager
+    def refusing_writes(self):
+        """Within: every write that needs memory, a script's first
+        included, is refused with OOM (maxmemory 1, noeviction)."""
+        self.cmd("CONFIG", "SET", "maxmemory-policy", "noeviction")
+        self.cmd("CONFIG", "SET", "maxmemory", "1")
+        try:
+            yield
+        finally:
+            self.cmd("CONFIG", "SET", "maxmemory", "0")
 
     def cmd(self, *args):
         if self.client is None:
