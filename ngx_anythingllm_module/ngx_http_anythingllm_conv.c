@@ -24,9 +24,11 @@
  * stored.  The set bounds the records to anythingllm_conversation_max.
  *
  * The stores of one turn of the worker's event loop go to Redis
- * together, as one script run (see ngx_http_anythingllm_conv_store()),
- * which takes them one after the other.  A store that finds the set
- * with room adds its own entry and is done (three commands).  One that
+ * together, as one script run (see ngx_http_anythingllm_conv_store()).
+ * When the set has room for every store of the run, each store is one
+ * SET and one ZADD adds every entry (nothing can go past the cap).
+ * Otherwise the script takes them one after the other.  A store that
+ * finds the set with room adds its own entry and is done.  One that
  * would take the set past the cap first drops the entries older than
  * the TTL, then the oldest records beyond the cap, then adds its own.
  * It all runs in one script, so no client ever sees the count above
@@ -52,6 +54,14 @@
 #define NGX_HTTP_ANYTHINGLLM_STORE_SCRIPT                                     \
     "local idx, ttl, cap, now = KEYS[1], ARGV[1], tonumber(ARGV[2]), "       \
     "ARGV[3] "                                                               \
+    "if redis.call('ZCARD', idx) + #KEYS - 1 <= cap then "                   \
+    "local z = {} "                                                          \
+    "for i = 2, #KEYS do "                                                   \
+    "redis.call('SET', KEYS[i], ARGV[2 * i + 1], 'EX', ttl) "                \
+    "z[2 * i - 3], z[2 * i - 2] = now, ARGV[2 * i + 2] "                     \
+    "end "                                                                   \
+    "redis.call('ZADD', idx, unpack(z)) "                                    \
+    "else "                                                                  \
     "for i = 2, #KEYS do "                                                   \
     "local h = ARGV[2 * i + 2] "                                             \
     "redis.call('SET', KEYS[i], ARGV[2 * i + 1], 'EX', ttl) "                \
@@ -70,6 +80,7 @@
     "end "                                                                   \
     "end "                                                                   \
     "redis.call('ZADD', idx, now, h) "                                       \
+    "end "                                                                   \
     "end "                                                                   \
     "redis.call('EXPIRE', idx, ttl) "                                        \
     "return #KEYS - 1"
