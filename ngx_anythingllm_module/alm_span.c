@@ -356,8 +356,11 @@ alm_json_members(const char *text, size_t len, const char *const *names,
             return 0;
         }
 
+        /* key[0] is the closing quote of an empty name: no name's */
+
         for (i = 0; !escaped && i < n; i++) {
-            if (found[i].p == NULL && strlen(names[i]) == klen
+            if (found[i].p == NULL && names[i][0] == key[0]
+                && strlen(names[i]) == klen
                 && memcmp(names[i], key, klen) == 0)
             {
                 found[i].p = v;
