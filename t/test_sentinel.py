@@ -17,7 +17,7 @@ from lib.auth import bearer
 from lib.openai import assert_refused, user
 from lib.paths import KEYS_TOOL, PYTHON, REPO
 from lib.processes import key_digest
-from lib.sentinel import MASTER, DataServer, acl_rules
+from lib.sentinel import MASTER, DataServer, FakeSentinel, acl_rules
 
 
 TIMEOUT_MS = 200
@@ -369,6 +369,80 @@ def test_sentinels_down(nginx, sentinel_group, backend):
     wait_serving(n2, fresh, timeout=5)
     assert unexplained_errors(n) == []
     assert unexplained_errors(n2) == []
+
+
+def bulk(b):
+    return b"$%d\r\n%s\r\n" % (len(b), b)
+
+
+# answers to SENTINEL get-master-addr-by-name no sentinel sends
+MALFORMED = [
+    b":1\r\n",                                        # an integer
+    b"+OK\r\n",                                       # a status
+    b"-ERR no such master\r\n",                       # an error
+    b"*-1\r\n",                                       # no master known
+    b"*0\r\n",
+    b"*1\r\n" + bulk(b"127.0.0.1"),
+    b"*3\r\n" + bulk(b"127.0.0.1") + bulk(b"6379") + bulk(b"x"),
+    b"*2\r\n" + bulk(b"redis.example") + bulk(b"6379"),  # a host name
+    b"*2\r\n" + bulk(b"127.0.0.1") + bulk(b"0"),
+    b"*2\r\n" + bulk(b"127.0.0.1") + bulk(b"70000"),
+    b"*2\r\n" + bulk(b"127.0.0.1") + bulk(b"-1"),
+    b"*2\r\n" + bulk(b"127.0.0.1") + bulk(b" 6379"),
+    b"*2\r\n" + bulk(b"127.0.0.1") + bulk(b""),
+    b"*2\r\n" + bulk(b"") + bulk(b"6379"),
+    b"*2\r\n" + bulk(b"1" * 300) + bulk(b"6379"),        # too long
+    b"*2\r\n" + bulk(b"127.0\x00.0.1") + bulk(b"6379"),   # a NUL
+    b"*2\r\n$-1\r\n$-1\r\n",                          # nils
+    b"*2\r\n*0\r\n*0\r\n",                            # arrays
+    b"*2\r\n:1\r\n:6379\r\n",                         # integers
+    b"*2\r\n" + bulk(b"127.0.0.1"),                     # cut short
+    b"garbage\r\n",                                   # not RESP
+]
+
+
+def test_malformed_sentinel_answers_are_skipped(nginx, sentinel_group,
+                                                backend):
+    fakes = [FakeSentinel(a) for a in MALFORMED]
+    for f in fakes:
+        f.start()
+    try:
+        # only sentinels that answer nonsense: nothing is connected to,
+        # an uncached key gets a quick 503, and every one was asked
+        only = ",".join(f.addr for f in fakes)
+        conf = GATEWAY % {"sentinels": only, "master": MASTER,
+                          "timeout": TIMEOUT_MS, "extra": ""}
+        n = nginx(conf)
+        helpers.wait_until(lambda: all(f.asked for f in fakes), timeout=10,
+                           message="not every sentinel was asked: %s"
+                           % [f.asked for f in fakes])
+        for i in range(5):
+            r, took = auth(n, "k-nowhere-%d" % i)
+            assert_refused(r, 503, None, type_="server_error")
+            assert took < 0.2 + TIMEOUT_MS / 1000.0 * 3, took
+        log = n.error_log()
+        assert "named no IP address and port" in log
+        assert "does not know the master" in log
+        assert "Protocol error" in log          # the bytes that are not RESP
+        assert "did not answer within" in log   # the answer cut short
+
+        # the same nonsense before the real sentinels: they are found
+        g = sentinel_group()
+        fresh = Keys("k-found")
+        fresh.store(g.primary(), 40)
+        conf = GATEWAY % {"sentinels": only + "," + g.sentinel_list,
+                          "master": MASTER, "timeout": TIMEOUT_MS,
+                          "extra": ""}
+        n2 = nginx(conf)
+        wait_serving(n2, fresh, timeout=10)
+
+        for gw in (n, n2):
+            log = gw.error_log()
+            for bad in ("[alert]", "[crit]", "[emerg]", "exited on signal"):
+                assert bad not in log, log
+    finally:
+        for f in fakes:
+            f.stop()
 
 
 def keys_tool(g, *args, stdin=None, acl=True):

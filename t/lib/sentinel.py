@@ -9,11 +9,17 @@ second.
     g.kill_primary()     SIGKILL; returns the killed RedisServer
     g.wait_promoted(old) polls until the sentinels name another server
     g.stop()
+
+FakeSentinel(answer) is not a sentinel: it takes any connection and
+answers every command with the raw bytes given, to test what the
+gateway does with answers a real sentinel would not send.
 """
 
 import os
 import re
+import socket
 import subprocess
+import threading
 import time
 
 from lib import helpers, resp
@@ -265,3 +271,79 @@ def acl_rules(readme_text, user):
                   % re.escape(user), text, re.M)
     assert m, "README has no ACL SETUSER rule for %s" % user
     return m.group(1).split()
+
+
+class FakeSentinel(threading.Thread):
+    """Listens on a free port; reads commands (RESP arrays of bulk
+    strings) and answers each with "answer", raw bytes.  asked counts
+    the SENTINEL commands."""
+
+    def __init__(self, answer):
+        super().__init__(daemon=True)
+        self.answer = answer
+        self.asked = 0
+        self.port = free_port()
+        self.addr = "127.0.0.1:%d" % self.port
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", self.port))
+        self.sock.listen(16)
+        self.closed = False
+
+    def run(self):
+        while not self.closed:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(conn,),
+                             daemon=True).start()
+
+    def _serve(self, conn):
+        buf = b""
+        with conn:
+            while not self.closed:
+                try:
+                    data = conn.recv(4096)
+                except OSError:
+                    return
+                if not data:
+                    return
+                buf += data
+                while True:
+                    cmd, buf = _command(buf)
+                    if cmd is None:
+                        break
+                    if cmd and cmd[0].upper() == b"SENTINEL":
+                        self.asked += 1
+                    try:
+                        conn.sendall(self.answer)
+                    except OSError:
+                        return
+
+    def stop(self):
+        self.closed = True
+        self.sock.close()
+
+
+def _command(buf):
+    """(the command's words, the rest) or (None, buf) when incomplete."""
+    if not buf.startswith(b"*"):
+        end = buf.find(b"\r\n")
+        if end < 0:
+            return None, buf
+        return buf[:end].split(), buf[end + 2:]
+    end = buf.find(b"\r\n")
+    if end < 0:
+        return None, buf
+    words, at = [], end + 2
+    for _ in range(int(buf[1:end])):
+        end = buf.find(b"\r\n", at)
+        if end < 0:
+            return None, buf
+        size = int(buf[at + 1:end])
+        if len(buf) < end + 2 + size + 2:
+            return None, buf
+        words.append(buf[end + 2:end + 2 + size])
+        at = end + 2 + size + 2
+    return words, buf[at:]
