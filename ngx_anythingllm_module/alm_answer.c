@@ -13,14 +13,21 @@
 #include "alm_json.h"
 
 
+/*
+ * A chat.completion's own text around its id, model, content and
+ * sources, with its numbers at their longest, and a margin
+ */
+#define ALM_COMPLETION_ROOM  448
+
+
 static long alm_count(double d);
 static char *alm_chat_response_read(const char *json, size_t len,
     const alm_completion_meta_t *meta, alm_usage_t *usage,
     alm_conv_hash_t *conv, size_t *out_len, alm_error_t *err,
     int *done);
-static void alm_chat_completion(alm_buf_t *b,
-    const alm_completion_meta_t *meta, const char *content,
-    size_t content_len, const alm_usage_t *us);
+static void alm_chat_completion_head(alm_buf_t *b,
+    const alm_completion_meta_t *meta);
+static void alm_chat_completion_tail(alm_buf_t *b, const alm_usage_t *us);
 
 
 /* a token count: negative and NaN count as 0, no overflow converting */
@@ -118,16 +125,22 @@ alm_completion_head(alm_buf_t *b, const alm_completion_meta_t *meta,
 }
 
 
-/* the chat.completion up to its sources */
+/* the chat.completion up to its message's content */
 
 static void
-alm_chat_completion(alm_buf_t *b, const alm_completion_meta_t *meta,
-    const char *content, size_t content_len, const alm_usage_t *us)
+alm_chat_completion_head(alm_buf_t *b, const alm_completion_meta_t *meta)
 {
     alm_completion_head(b, meta, "chat.completion");
     alm_buf_str(b, ",\"choices\":[{\"index\":0,\"message\":"
                    "{\"role\":\"assistant\",\"content\":");
-    alm_json_string_n(b, content, content_len);
+}
+
+
+/* after the content, up to its sources */
+
+static void
+alm_chat_completion_tail(alm_buf_t *b, const alm_usage_t *us)
+{
     alm_buf_str(b, ",\"refusal\":null},\"logprobs\":null,"
                    "\"finish_reason\":\"stop\"}],\"usage\":"
                    "{\"prompt_tokens\":");
@@ -181,7 +194,7 @@ alm_chat_response_read(const char *json, size_t len,
 {
     int               i;
     char             *out, *tmp;
-    size_t            content_len;
+    size_t            content_len, room;
     alm_buf_t         b;
     alm_usage_t       us;
     const char       *content;
@@ -259,9 +272,42 @@ alm_chat_response_read(const char *json, size_t len,
         }
     }
 
+    /*
+     * Room at once for the whole completion, unless the model's name
+     * needs escapes: the buffer then grows no more.
+     */
+
     memset(&b, 0, sizeof(alm_buf_t));
 
-    alm_chat_completion(&b, meta, content, content_len, &us);
+    room = ALM_COMPLETION_ROOM + (meta->id ? meta->id_len : 0)
+           + (meta->model ? meta->model_len : 0)
+           + (text ? (size_t) (text->end - text->p) : 0);
+
+    if (alm_json_span_is(&f[SOURCES], ALM_SPAN_ARRAY)) {
+        room += f[SOURCES].end - f[SOURCES].p;
+    }
+
+    (void) alm_buf_reserve(&b, room);
+
+    alm_chat_completion_head(&b, meta);
+
+    /*
+     * A string without escapes is, quotes and all, what escaping its
+     * text writes: it has no byte below 0x20 (alm_json_members() took
+     * it), and bytes from 0x80 up pass in both.
+     */
+
+    if (text == NULL) {
+        alm_buf_raw(&b, "\"\"", 2);
+
+    } else if (tmp == NULL) {
+        alm_buf_raw(&b, text->p, text->end - text->p);
+
+    } else {
+        alm_json_string_n(&b, content, content_len);
+    }
+
+    alm_chat_completion_tail(&b, &us);
 
     if (alm_json_span_is(&f[SOURCES], ALM_SPAN_ARRAY)) {
         alm_json_span_write(&b, &f[SOURCES]);
@@ -352,7 +398,9 @@ alm_chat_response_tree(const char *json, size_t len,
 
     memset(&b, 0, sizeof(alm_buf_t));
 
-    alm_chat_completion(&b, meta, content, strlen(content), &us);
+    alm_chat_completion_head(&b, meta);
+    alm_json_string(&b, content);
+    alm_chat_completion_tail(&b, &us);
 
     sources = cJSON_GetObjectItemCaseSensitive(root, "sources");
 

@@ -286,6 +286,8 @@ struct alm_buf_s {
     int         nomem;
 };
 
+/* room for n more bytes and a NUL; 0 when there is none */
+int alm_buf_reserve(alm_buf_t *b, size_t n);
 void alm_buf_raw(alm_buf_t *b, const char *p, size_t n);
 /* a NUL-terminated string, as it is */
 void alm_buf_str(alm_buf_t *b, const char *s);

@@ -359,9 +359,7 @@ bad:
 /* ------------------------------------------------------------------ */
 /* the writer                                                         */
 
-/* room for n more bytes and a NUL; 0 when there is none */
-
-static int
+int
 alm_buf_reserve(alm_buf_t *b, size_t n)
 {
     size_t   cap;

@@ -495,6 +495,13 @@ alm_span_write(alm_buf_t *b, const char **pp, const char *end)
         (void) alm_span_string(&p, end, &escaped);
         v.end = p;
 
+        /* without escapes, the string is what escaping its text writes */
+
+        if (!escaped) {
+            alm_buf_raw(b, v.p, v.end - v.p);
+            break;
+        }
+
         s = alm_json_span_text(&v, &len, &tmp);
 
         if (s == NULL) {
