@@ -89,6 +89,11 @@
 #define ngx_http_anythingllm_usage_limited(key)                               \
     ((key)->rpm || (key)->tpm || (key)->tpd)
 
+/* the room ngx_http_anythingllm_usage_names() writes in */
+#define ngx_http_anythingllm_usage_names_len(prefix)                          \
+    (2 * (prefix)->len + sizeof("usage:") - 1 + sizeof("tpm:") - 1            \
+     + 2 * ALM_DIGEST_HEX_LEN + sizeof(":YYYYMMDD") - 1 + 1 + NGX_TIME_T_LEN)
+
 
 typedef struct {
     alm_usage_scan_t            scan;           /* a stream */
@@ -145,6 +150,8 @@ static void ngx_http_anythingllm_usage_flush(
     ngx_http_anythingllm_usage_batch_t *batch);
 static void ngx_http_anythingllm_usage_counted(void *data,
     ngx_http_anythingllm_redis_reply_t *reply);
+static u_char *ngx_http_anythingllm_usage_names(u_char *p, ngx_str_t *prefix,
+    u_char *digest, time_t minute, ngx_str_t *day, ngx_str_t *tpm);
 static ngx_int_t ngx_http_anythingllm_usage_keys(ngx_http_request_t *r,
     ngx_http_anythingllm_ctx_t *ctx, ngx_str_t *day, ngx_str_t *minute);
 static ngx_int_t ngx_http_anythingllm_usage_ask(ngx_http_request_t *r,
@@ -484,8 +491,8 @@ ngx_http_anythingllm_usage_flush_event(ngx_event_t *ev)
 
 /*
  * One EVAL for every entry of the batch; the batch is empty after it.
- * Each entry's keys are "<prefix>usage:<digest>:<YYYYMMDD>" of its
- * minute's day (UTC) and "<prefix>tpm:<digest>:<unix minute>".
+ * Each entry's keys are those ngx_http_anythingllm_usage_names()
+ * writes for its minute.
  */
 
 static void
@@ -494,8 +501,7 @@ ngx_http_anythingllm_usage_flush(ngx_http_anythingllm_usage_batch_t *batch)
     u_char                               *buf, *p;
     size_t                                one, argvlen[
                                               NGX_HTTP_ANYTHINGLLM_USAGE_ARGS];
-    ngx_tm_t                              tm;
-    ngx_str_t                            *prefix;
+    ngx_str_t                            *prefix, day, minute;
     ngx_uint_t                            i, n, answers, argc;
     const char                           *argv[
                                               NGX_HTTP_ANYTHINGLLM_USAGE_ARGS];
@@ -517,9 +523,7 @@ ngx_http_anythingllm_usage_flush(ngx_http_anythingllm_usage_batch_t *batch)
 
     /* an entry's two keys and four numbers, and numkeys */
 
-    one = 2 * prefix->len + sizeof("usage:") - 1 + sizeof("tpm:") - 1
-          + 2 * ALM_DIGEST_HEX_LEN + sizeof(":YYYYMMDD") - 1
-          + 1 + NGX_TIME_T_LEN + 4 * NGX_INT64_LEN;
+    one = ngx_http_anythingllm_usage_names_len(prefix) + 4 * NGX_INT64_LEN;
 
     buf = ngx_alloc(n * one + NGX_INT_T_LEN, ngx_cycle->log);
     if (buf == NULL) {
@@ -543,24 +547,13 @@ ngx_http_anythingllm_usage_flush(ngx_http_anythingllm_usage_batch_t *batch)
     for (i = 0; i < n; i++) {
         e = &batch->entries[i];
 
-        ngx_gmtime(e->minute * 60, &tm);
+        p = ngx_http_anythingllm_usage_names(p, prefix, e->digest, e->minute,
+                                             &day, &minute);
 
-        argv[argc] = (const char *) p;
-        p = ngx_cpymem(p, prefix->data, prefix->len);
-        p = ngx_cpymem(p, "usage:", sizeof("usage:") - 1);
-        p = ngx_cpymem(p, e->digest, ALM_DIGEST_HEX_LEN);
-        p = ngx_sprintf(p, ":%04d%02d%02d", tm.ngx_tm_year, tm.ngx_tm_mon,
-                        tm.ngx_tm_mday);
-        argvlen[argc] = p - (u_char *) argv[argc];
-        argc++;
-
-        argv[argc] = (const char *) p;
-        p = ngx_cpymem(p, prefix->data, prefix->len);
-        p = ngx_cpymem(p, "tpm:", sizeof("tpm:") - 1);
-        p = ngx_cpymem(p, e->digest, ALM_DIGEST_HEX_LEN);
-        p = ngx_sprintf(p, ":%T", e->minute);
-        argvlen[argc] = p - (u_char *) argv[argc];
-        argc++;
+        argv[argc] = (const char *) day.data;
+        argvlen[argc++] = day.len;
+        argv[argc] = (const char *) minute.data;
+        argvlen[argc++] = minute.len;
     }
 
     argv[argc] = NGX_HTTP_ANYTHINGLLM_USAGE_TTL;
@@ -628,42 +621,59 @@ ngx_http_anythingllm_usage_counted(void *data,
 
 
 /*
- * "<prefix>usage:<digest>:<YYYYMMDD>" of today (UTC) and
- * "<prefix>tpm:<digest>:<unix minute>" of this minute
+ * "<prefix>usage:<digest>:<YYYYMMDD>" of the minute's day (UTC) into
+ * day, and "<prefix>tpm:<digest>:<unix minute>" into tpm, one after
+ * the other from p (ngx_http_anythingllm_usage_names_len() bytes at
+ * most); returns the end of the second
  */
+
+static u_char *
+ngx_http_anythingllm_usage_names(u_char *p, ngx_str_t *prefix,
+    u_char *digest, time_t minute, ngx_str_t *day, ngx_str_t *tpm)
+{
+    ngx_tm_t  tm;
+
+    ngx_gmtime(minute * 60, &tm);
+
+    day->data = p;
+    p = ngx_cpymem(p, prefix->data, prefix->len);
+    p = ngx_cpymem(p, "usage:", sizeof("usage:") - 1);
+    p = ngx_cpymem(p, digest, ALM_DIGEST_HEX_LEN);
+    p = ngx_sprintf(p, ":%04d%02d%02d", tm.ngx_tm_year, tm.ngx_tm_mon,
+                    tm.ngx_tm_mday);
+    day->len = p - day->data;
+
+    tpm->data = p;
+    p = ngx_cpymem(p, prefix->data, prefix->len);
+    p = ngx_cpymem(p, "tpm:", sizeof("tpm:") - 1);
+    p = ngx_cpymem(p, digest, ALM_DIGEST_HEX_LEN);
+    p = ngx_sprintf(p, ":%T", minute);
+    tpm->len = p - tpm->data;
+
+    return p;
+}
+
+
+/* the key's day hash of today and token counter of this minute */
 
 static ngx_int_t
 ngx_http_anythingllm_usage_keys(ngx_http_request_t *r,
     ngx_http_anythingllm_ctx_t *ctx, ngx_str_t *day, ngx_str_t *minute)
 {
     u_char                            *p;
-    time_t                             now;
-    ngx_tm_t                           tm;
     ngx_http_anythingllm_main_conf_t  *amcf;
 
     amcf = ngx_http_get_module_main_conf(r, ngx_http_anythingllm_module);
 
-    if (ngx_http_anythingllm_redis_key(r->pool, &amcf->prefix, "usage:",
-                                       ctx->key.digest,
-                                       sizeof(":YYYYMMDD") - 1, day)
-        != NGX_OK
-        || ngx_http_anythingllm_redis_key(r->pool, &amcf->prefix, "tpm:",
-                                          ctx->key.digest,
-                                          1 + NGX_TIME_T_LEN, minute)
-           != NGX_OK)
-    {
+    p = ngx_pnalloc(r->pool,
+                    ngx_http_anythingllm_usage_names_len(&amcf->prefix));
+    if (p == NULL) {
         return NGX_ERROR;
     }
 
-    now = ngx_time();
-    ngx_gmtime(now, &tm);
-
-    p = ngx_sprintf(day->data + day->len, ":%04d%02d%02d",
-                    tm.ngx_tm_year, tm.ngx_tm_mon, tm.ngx_tm_mday);
-    day->len = p - day->data;
-
-    p = ngx_sprintf(minute->data + minute->len, ":%T", now / 60);
-    minute->len = p - minute->data;
+    (void) ngx_http_anythingllm_usage_names(p, &amcf->prefix,
+                                            (u_char *) ctx->key.digest,
+                                            ngx_time() / 60, day, minute);
 
     return NGX_OK;
 }
