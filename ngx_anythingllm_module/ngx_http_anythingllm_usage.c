@@ -46,30 +46,32 @@
 /*
  * The counts of one turn of the worker's event loop go to Redis
  * together, as one script run: answers of the same key in the same
- * minute are summed into one entry first.  KEYS: the day's hash and
- * the minute's token counter of each entry in turn.  ARGV: the hash's
- * time to live, the counter's, then for each entry its requests,
- * prompt tokens, completion tokens and "1" when the key has a tpm
- * (a key without one needs no minute counter).
+ * minute are summed into one entry first.  KEYS: each entry's day
+ * hash in turn, followed by its minute's token counter when the key
+ * has a tpm.  ARGV: the hash's time to live, the counter's, then for
+ * each entry its requests, prompt tokens, completion tokens and "1"
+ * when its minute's counter follows in KEYS, else "0".
  */
 #define NGX_HTTP_ANYTHINGLLM_USAGE_SCRIPT                                     \
-    "for i = 1, #KEYS / 2 do "                                                \
-    "local d, a = KEYS[2 * i - 1], 4 * i - 1 "                                \
-    "redis.call('HINCRBY', d, 'requests', ARGV[a]) "                          \
-    "redis.call('HINCRBY', d, 'prompt_tokens', ARGV[a + 1]) "                 \
-    "redis.call('HINCRBY', d, 'completion_tokens', ARGV[a + 2]) "             \
-    "redis.call('EXPIRE', d, ARGV[1]) "                                       \
+    "local k = 0 "                                                            \
+    "for a = 3, #ARGV, 4 do "                                                 \
+    "k = k + 1 "                                                              \
+    "redis.call('HINCRBY', KEYS[k], 'requests', ARGV[a]) "                    \
+    "redis.call('HINCRBY', KEYS[k], 'prompt_tokens', ARGV[a + 1]) "           \
+    "redis.call('HINCRBY', KEYS[k], 'completion_tokens', ARGV[a + 2]) "       \
+    "redis.call('EXPIRE', KEYS[k], ARGV[1]) "                                 \
     "if ARGV[a + 3] == '1' then "                                             \
-    "redis.call('INCRBY', KEYS[2 * i], ARGV[a + 1] + ARGV[a + 2]) "           \
-    "redis.call('EXPIRE', KEYS[2 * i], ARGV[2]) "                             \
+    "k = k + 1 "                                                              \
+    "redis.call('INCRBY', KEYS[k], ARGV[a + 1] + ARGV[a + 2]) "               \
+    "redis.call('EXPIRE', KEYS[k], ARGV[2]) "                                 \
     "end "                                                                    \
     "end "                                                                    \
-    "return #KEYS / 2"
+    "return k"
 
 /* the most entries sent in one script run */
 #define NGX_HTTP_ANYTHINGLLM_USAGE_BATCH  32
 
-/* EVAL, script, numkeys, the two ttls; 2 keys and 4 counts an entry */
+/* EVAL, script, numkeys, the two ttls; up to 2 keys, 4 counts an entry */
 #define NGX_HTTP_ANYTHINGLLM_USAGE_ARGS                                       \
     (5 + 6 * NGX_HTTP_ANYTHINGLLM_USAGE_BATCH)
 
@@ -521,7 +523,7 @@ ngx_http_anythingllm_usage_flush(ngx_http_anythingllm_usage_batch_t *batch)
         return;
     }
 
-    /* an entry's two keys and four numbers, and numkeys */
+    /* an entry's keys and four numbers, and numkeys */
 
     one = ngx_http_anythingllm_usage_names_len(prefix) + 4 * NGX_INT64_LEN;
 
@@ -538,10 +540,6 @@ ngx_http_anythingllm_usage_flush(ngx_http_anythingllm_usage_batch_t *batch)
     argvlen[1] = sizeof(NGX_HTTP_ANYTHINGLLM_USAGE_SCRIPT) - 1;
 
     p = buf;
-    argv[2] = (const char *) p;
-    p = ngx_sprintf(p, "%ui", 2 * n);
-    argvlen[2] = p - (u_char *) argv[2];
-
     argc = 3;
 
     for (i = 0; i < n; i++) {
@@ -552,9 +550,18 @@ ngx_http_anythingllm_usage_flush(ngx_http_anythingllm_usage_batch_t *batch)
 
         argv[argc] = (const char *) day.data;
         argvlen[argc++] = day.len;
-        argv[argc] = (const char *) minute.data;
-        argvlen[argc++] = minute.len;
+
+        if (e->tpm) {
+            argv[argc] = (const char *) minute.data;
+            argvlen[argc++] = minute.len;
+        }
     }
+
+    /* numkeys: the keys so far */
+
+    argv[2] = (const char *) p;
+    p = ngx_sprintf(p, "%ui", argc - 3);
+    argvlen[2] = p - (u_char *) argv[2];
 
     argv[argc] = NGX_HTTP_ANYTHINGLLM_USAGE_TTL;
     argvlen[argc++] = sizeof(NGX_HTTP_ANYTHINGLLM_USAGE_TTL) - 1;
