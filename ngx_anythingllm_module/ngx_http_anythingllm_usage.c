@@ -46,30 +46,32 @@
 /*
  * The counts of one turn of the worker's event loop go to Redis
  * together, as one script run: answers of the same key in the same
- * minute are summed into one entry first.  KEYS: the day's hash and
- * the minute's token counter of each entry in turn.  ARGV: the hash's
- * time to live, the counter's, then for each entry its requests,
- * prompt tokens, completion tokens and "1" when the key has a tpm
- * (a key without one needs no minute counter).
+ * minute are summed into one entry first.  KEYS: each entry's day
+ * hash in turn, followed by its minute's token counter when the key
+ * has a tpm.  ARGV: the hash's time to live, the counter's, then for
+ * each entry its requests, prompt tokens, completion tokens and "1"
+ * when its minute's counter follows in KEYS, else "0".
  */
 #define NGX_HTTP_ANYTHINGLLM_USAGE_SCRIPT                                     \
-    "for i = 1, #KEYS / 2 do "                                                \
-    "local d, a = KEYS[2 * i - 1], 4 * i - 1 "                                \
-    "redis.call('HINCRBY', d, 'requests', ARGV[a]) "                          \
-    "redis.call('HINCRBY', d, 'prompt_tokens', ARGV[a + 1]) "                 \
-    "redis.call('HINCRBY', d, 'completion_tokens', ARGV[a + 2]) "             \
-    "redis.call('EXPIRE', d, ARGV[1]) "                                       \
+    "local k = 0 "                                                            \
+    "for a = 3, #ARGV, 4 do "                                                 \
+    "k = k + 1 "                                                              \
+    "redis.call('HINCRBY', KEYS[k], 'requests', ARGV[a]) "                    \
+    "redis.call('HINCRBY', KEYS[k], 'prompt_tokens', ARGV[a + 1]) "           \
+    "redis.call('HINCRBY', KEYS[k], 'completion_tokens', ARGV[a + 2]) "       \
+    "redis.call('EXPIRE', KEYS[k], ARGV[1]) "                                 \
     "if ARGV[a + 3] == '1' then "                                             \
-    "redis.call('INCRBY', KEYS[2 * i], ARGV[a + 1] + ARGV[a + 2]) "           \
-    "redis.call('EXPIRE', KEYS[2 * i], ARGV[2]) "                             \
+    "k = k + 1 "                                                              \
+    "redis.call('INCRBY', KEYS[k], ARGV[a + 1] + ARGV[a + 2]) "               \
+    "redis.call('EXPIRE', KEYS[k], ARGV[2]) "                                 \
     "end "                                                                    \
     "end "                                                                    \
-    "return #KEYS / 2"
+    "return k"
 
 /* the most entries sent in one script run */
 #define NGX_HTTP_ANYTHINGLLM_USAGE_BATCH  32
 
-/* EVAL, script, numkeys, the two ttls; 2 keys and 4 counts an entry */
+/* EVAL, script, numkeys, the two ttls; up to 2 keys, 4 counts an entry */
 #define NGX_HTTP_ANYTHINGLLM_USAGE_ARGS                                       \
     (5 + 6 * NGX_HTTP_ANYTHINGLLM_USAGE_BATCH)
 
@@ -88,6 +90,11 @@
 
 #define ngx_http_anythingllm_usage_limited(key)                               \
     ((key)->rpm || (key)->tpm || (key)->tpd)
+
+/* the room ngx_http_anythingllm_usage_names() writes in */
+#define ngx_http_anythingllm_usage_names_len(prefix)                          \
+    (2 * (prefix)->len + sizeof("usage:") - 1 + sizeof("tpm:") - 1            \
+     + 2 * ALM_DIGEST_HEX_LEN + sizeof(":YYYYMMDD") - 1 + 1 + NGX_TIME_T_LEN)
 
 
 typedef struct {
@@ -145,6 +152,8 @@ static void ngx_http_anythingllm_usage_flush(
     ngx_http_anythingllm_usage_batch_t *batch);
 static void ngx_http_anythingllm_usage_counted(void *data,
     ngx_http_anythingllm_redis_reply_t *reply);
+static u_char *ngx_http_anythingllm_usage_names(u_char *p, ngx_str_t *prefix,
+    u_char *digest, time_t minute, ngx_str_t *day, ngx_str_t *tpm);
 static ngx_int_t ngx_http_anythingllm_usage_keys(ngx_http_request_t *r,
     ngx_http_anythingllm_ctx_t *ctx, ngx_str_t *day, ngx_str_t *minute);
 static ngx_int_t ngx_http_anythingllm_usage_ask(ngx_http_request_t *r,
@@ -484,8 +493,8 @@ ngx_http_anythingllm_usage_flush_event(ngx_event_t *ev)
 
 /*
  * One EVAL for every entry of the batch; the batch is empty after it.
- * Each entry's keys are "<prefix>usage:<digest>:<YYYYMMDD>" of its
- * minute's day (UTC) and "<prefix>tpm:<digest>:<unix minute>".
+ * Each entry's keys are those ngx_http_anythingllm_usage_names()
+ * writes for its minute.
  */
 
 static void
@@ -494,8 +503,7 @@ ngx_http_anythingllm_usage_flush(ngx_http_anythingllm_usage_batch_t *batch)
     u_char                               *buf, *p;
     size_t                                one, argvlen[
                                               NGX_HTTP_ANYTHINGLLM_USAGE_ARGS];
-    ngx_tm_t                              tm;
-    ngx_str_t                            *prefix;
+    ngx_str_t                            *prefix, day, minute;
     ngx_uint_t                            i, n, answers, argc;
     const char                           *argv[
                                               NGX_HTTP_ANYTHINGLLM_USAGE_ARGS];
@@ -515,11 +523,9 @@ ngx_http_anythingllm_usage_flush(ngx_http_anythingllm_usage_batch_t *batch)
         return;
     }
 
-    /* an entry's two keys and four numbers, and numkeys */
+    /* an entry's keys and four numbers, and numkeys */
 
-    one = 2 * prefix->len + sizeof("usage:") - 1 + sizeof("tpm:") - 1
-          + 2 * ALM_DIGEST_HEX_LEN + sizeof(":YYYYMMDD") - 1
-          + 1 + NGX_TIME_T_LEN + 4 * NGX_INT64_LEN;
+    one = ngx_http_anythingllm_usage_names_len(prefix) + 4 * NGX_INT64_LEN;
 
     buf = ngx_alloc(n * one + NGX_INT_T_LEN, ngx_cycle->log);
     if (buf == NULL) {
@@ -534,34 +540,28 @@ ngx_http_anythingllm_usage_flush(ngx_http_anythingllm_usage_batch_t *batch)
     argvlen[1] = sizeof(NGX_HTTP_ANYTHINGLLM_USAGE_SCRIPT) - 1;
 
     p = buf;
-    argv[2] = (const char *) p;
-    p = ngx_sprintf(p, "%ui", 2 * n);
-    argvlen[2] = p - (u_char *) argv[2];
-
     argc = 3;
 
     for (i = 0; i < n; i++) {
         e = &batch->entries[i];
 
-        ngx_gmtime(e->minute * 60, &tm);
+        p = ngx_http_anythingllm_usage_names(p, prefix, e->digest, e->minute,
+                                             &day, &minute);
 
-        argv[argc] = (const char *) p;
-        p = ngx_cpymem(p, prefix->data, prefix->len);
-        p = ngx_cpymem(p, "usage:", sizeof("usage:") - 1);
-        p = ngx_cpymem(p, e->digest, ALM_DIGEST_HEX_LEN);
-        p = ngx_sprintf(p, ":%04d%02d%02d", tm.ngx_tm_year, tm.ngx_tm_mon,
-                        tm.ngx_tm_mday);
-        argvlen[argc] = p - (u_char *) argv[argc];
-        argc++;
+        argv[argc] = (const char *) day.data;
+        argvlen[argc++] = day.len;
 
-        argv[argc] = (const char *) p;
-        p = ngx_cpymem(p, prefix->data, prefix->len);
-        p = ngx_cpymem(p, "tpm:", sizeof("tpm:") - 1);
-        p = ngx_cpymem(p, e->digest, ALM_DIGEST_HEX_LEN);
-        p = ngx_sprintf(p, ":%T", e->minute);
-        argvlen[argc] = p - (u_char *) argv[argc];
-        argc++;
+        if (e->tpm) {
+            argv[argc] = (const char *) minute.data;
+            argvlen[argc++] = minute.len;
+        }
     }
+
+    /* numkeys: the keys so far */
+
+    argv[2] = (const char *) p;
+    p = ngx_sprintf(p, "%ui", argc - 3);
+    argvlen[2] = p - (u_char *) argv[2];
 
     argv[argc] = NGX_HTTP_ANYTHINGLLM_USAGE_TTL;
     argvlen[argc++] = sizeof(NGX_HTTP_ANYTHINGLLM_USAGE_TTL) - 1;
@@ -628,42 +628,59 @@ ngx_http_anythingllm_usage_counted(void *data,
 
 
 /*
- * "<prefix>usage:<digest>:<YYYYMMDD>" of today (UTC) and
- * "<prefix>tpm:<digest>:<unix minute>" of this minute
+ * "<prefix>usage:<digest>:<YYYYMMDD>" of the minute's day (UTC) into
+ * day, and "<prefix>tpm:<digest>:<unix minute>" into tpm, one after
+ * the other from p (ngx_http_anythingllm_usage_names_len() bytes at
+ * most); returns the end of the second
  */
+
+static u_char *
+ngx_http_anythingllm_usage_names(u_char *p, ngx_str_t *prefix,
+    u_char *digest, time_t minute, ngx_str_t *day, ngx_str_t *tpm)
+{
+    ngx_tm_t  tm;
+
+    ngx_gmtime(minute * 60, &tm);
+
+    day->data = p;
+    p = ngx_cpymem(p, prefix->data, prefix->len);
+    p = ngx_cpymem(p, "usage:", sizeof("usage:") - 1);
+    p = ngx_cpymem(p, digest, ALM_DIGEST_HEX_LEN);
+    p = ngx_sprintf(p, ":%04d%02d%02d", tm.ngx_tm_year, tm.ngx_tm_mon,
+                    tm.ngx_tm_mday);
+    day->len = p - day->data;
+
+    tpm->data = p;
+    p = ngx_cpymem(p, prefix->data, prefix->len);
+    p = ngx_cpymem(p, "tpm:", sizeof("tpm:") - 1);
+    p = ngx_cpymem(p, digest, ALM_DIGEST_HEX_LEN);
+    p = ngx_sprintf(p, ":%T", minute);
+    tpm->len = p - tpm->data;
+
+    return p;
+}
+
+
+/* the key's day hash of today and token counter of this minute */
 
 static ngx_int_t
 ngx_http_anythingllm_usage_keys(ngx_http_request_t *r,
     ngx_http_anythingllm_ctx_t *ctx, ngx_str_t *day, ngx_str_t *minute)
 {
     u_char                            *p;
-    time_t                             now;
-    ngx_tm_t                           tm;
     ngx_http_anythingllm_main_conf_t  *amcf;
 
     amcf = ngx_http_get_module_main_conf(r, ngx_http_anythingllm_module);
 
-    if (ngx_http_anythingllm_redis_key(r->pool, &amcf->prefix, "usage:",
-                                       ctx->key.digest,
-                                       sizeof(":YYYYMMDD") - 1, day)
-        != NGX_OK
-        || ngx_http_anythingllm_redis_key(r->pool, &amcf->prefix, "tpm:",
-                                          ctx->key.digest,
-                                          1 + NGX_TIME_T_LEN, minute)
-           != NGX_OK)
-    {
+    p = ngx_pnalloc(r->pool,
+                    ngx_http_anythingllm_usage_names_len(&amcf->prefix));
+    if (p == NULL) {
         return NGX_ERROR;
     }
 
-    now = ngx_time();
-    ngx_gmtime(now, &tm);
-
-    p = ngx_sprintf(day->data + day->len, ":%04d%02d%02d",
-                    tm.ngx_tm_year, tm.ngx_tm_mon, tm.ngx_tm_mday);
-    day->len = p - day->data;
-
-    p = ngx_sprintf(minute->data + minute->len, ":%T", now / 60);
-    minute->len = p - minute->data;
+    (void) ngx_http_anythingllm_usage_names(p, &amcf->prefix,
+                                            (u_char *) ctx->key.digest,
+                                            ngx_time() / 60, day, minute);
 
     return NGX_OK;
 }

@@ -6,13 +6,16 @@ fleet-wide through Redis), OpenAI's x-ratelimit-* headers on every answer
 to a key with limits, and GET /api/v1/auth showing a key its own record
 and the day's use."""
 
+import collections
 import concurrent.futures
 import json
+import os
 import re
+import signal
 import subprocess
 import time
 
-from lib import helpers
+from lib import helpers, resp
 from lib.auth import bearer
 from lib.openai import assert_refused, chunk, finalize, user
 from lib.paths import KEYS_TOOL
@@ -84,22 +87,27 @@ def native(n, key, text="hello"):
                   headers=bearer(key))
 
 
+def native_stream(n, key, text="hello"):
+    return n.post("/api/v1/workspace/sales/stream-chat",
+                  json={"message": text}, headers=bearer(key))
+
+
 def wait_requests(redis_server, key, count):
     helpers.wait_until(
         lambda: redis_server.hgetall(day_key(key)).get("requests")
         == str(count), message="usage never reached %d" % count)
 
 
-def counters(redis_server, key):
-    h = redis_server.hgetall(day_key(key))
+def counters(redis_server, key, d=None):
+    h = redis_server.hgetall(day_key(key, d))
     return {k: int(v) for k, v in h.items()}
 
 
-def wait_counters(redis_server, key, requests):
+def wait_counters(redis_server, key, requests, d=None):
     """The counters once the log phase has sent the request-th count."""
     return helpers.wait_until(
         lambda: (lambda c: c if c.get("requests") == requests else None)(
-            counters(redis_server, key)),
+            counters(redis_server, key, d)),
         message="usage never reached %d requests" % requests)
 
 
@@ -117,6 +125,77 @@ def metrics_of_frames(text):
 def add(total, prompt, completion):
     total[0] += prompt
     total[1] += completion
+
+
+def sleep_until(when):
+    time.sleep(max(0.0, when - time.time()))
+
+
+MONITOR_ARG = re.compile(r'"((?:[^"\\]|\\.)*)"')
+DAY_NAME = re.compile(r"^anythingllm:usage:([0-9a-f]{64}):(\d{8})$")
+MINUTE_NAME = re.compile(r"^anythingllm:tpm:([0-9a-f]{64}):(\d+)$")
+
+
+class Monitor:
+    """Redis MONITOR on a connection of its own: the usage script runs
+    Redis is sent, read as the gateway laid them out."""
+
+    def __init__(self, redis_server):
+        self.c = redis_server.connect()
+        assert self.c.cmd("MONITOR") == "OK"
+
+    def close(self):
+        self.c.close()
+
+    def usage_runs(self, answers):
+        """The next usage script runs, until they hold answers answers:
+        each as (args after the script, entries), an entry (digest,
+        minute or None, requests, prompt, completion)."""
+        runs, seen = [], 0
+        while seen < answers:
+            try:
+                line = self.c.reply()
+            except resp.Failure:
+                raise AssertionError("the usage script runs held %d of "
+                                     "%d answers: %r"
+                                     % (seen, answers, runs))
+            args = MONITOR_ARG.findall(line)
+            if args[:1] != ["EVAL"] or "HINCRBY" not in args[1]:
+                continue
+            entries = usage_entries(args[2:])
+            runs.append((args[2:], entries))
+            seen += sum(e[2] for e in entries)
+        assert seen == answers, runs
+        return runs
+
+
+def usage_entries(args):
+    """numkeys, KEYS, then the two times to live and four counts an
+    entry, the last "1" when the entry's minute counter follows its
+    day hash in KEYS"""
+    n = int(args[0])
+    keys, argv = args[1:1 + n], args[1 + n:]
+    assert argv[:2] == ["34560000", "120"], args
+    assert len(argv) % 4 == 2, args
+    entries, k = [], 0
+    for a in range(2, len(argv), 4):
+        day = DAY_NAME.match(keys[k])
+        assert day, args
+        k += 1
+        minute = None
+        if argv[a + 3] == "1":
+            m = MINUTE_NAME.match(keys[k])
+            assert m and m.group(1) == day.group(1), args
+            assert time.strftime("%Y%m%d", time.gmtime(
+                int(m.group(2)) * 60)) == day.group(2), args
+            minute = int(m.group(2))
+            k += 1
+        else:
+            assert argv[a + 3] == "0", args
+        entries.append((day.group(1), minute, int(argv[a]),
+                        int(argv[a + 1]), int(argv[a + 2])))
+    assert k == n, args
+    return entries
 
 
 def test_every_chat_route_counts_what_anythingllm_reported(
@@ -237,6 +316,160 @@ def test_a_refused_burst_counts_every_answer_as_an_error(
             message="the refused answers never all reached the metrics")
     for key in ("k-refused", "k-refused-2"):
         assert counters(redis_server, key)["requests"] == 1
+
+
+def test_more_keys_in_one_turn_than_a_batch_holds_are_all_counted(
+        nginx, redis_server, backend):
+    """Answers of 40 keys (two each, a quarter of the keys with a tpm)
+    ending in one turn of the event loop: the batch goes to Redis when
+    its 32 entries are full, the rest at the end of the turn, and every
+    key's counters are exact.  The worker is stopped while AnythingLLM
+    ends the answers, so that it reads all of them in one turn."""
+    keys = ["k-full-%02d" % i for i in range(40)]
+    tpm = set(keys[::4])
+    for key in keys:
+        redis_server.add_key(key, scopes="chat,read",
+                             tpm=10 ** 7 if key in tpm else 0)
+    n = nginx(USAGE, redis=redis_server, workers=1)
+    calls = keys * 2
+    for i in range(len(calls)):
+        backend.script(endpoint="stream-chat", times=1, events=[
+            {"frame": chunk("held")}, {"wait": "end"},
+            {"frame": finalize(prompt=100 + i, completion=1 + i)}])
+    monitor = Monitor(redis_server)
+
+    def one(key):
+        r = native_stream(n, key)
+        assert r.status == 200, r.text
+        m = metrics_of_frames(r.text)
+        return key, m["prompt_tokens"], m["completion_tokens"]
+
+    with concurrent.futures.ThreadPoolExecutor(len(calls)) as pool:
+        answers = [pool.submit(one, key) for key in calls]
+        helpers.wait_until(
+            lambda: backend.state()["waiting"].get("end") == len(calls),
+            timeout=10, message="the answers never all waited")
+        worker, = n.worker_pids()
+        os.kill(worker, signal.SIGSTOP)
+        try:
+            backend.release("end")
+            helpers.wait_until(
+                lambda: backend.connections()["completed_streams"]
+                == len(calls), message="the answers never all ended")
+        finally:
+            os.kill(worker, signal.SIGCONT)
+        results = [a.result() for a in answers]
+
+    runs = monitor.usage_runs(len(calls))
+    monitor.close()
+    assert max(len(entries) for _, entries in runs) == 32, runs
+
+    for key in keys:
+        mine = [r for r in results if r[0] == key]
+        prompt = sum(r[1] for r in mine)
+        completion = sum(r[2] for r in mine)
+        c = wait_counters(redis_server, key, 2)
+        assert c == {"requests": 2, "prompt_tokens": prompt,
+                     "completion_tokens": completion}, key
+        minute = [int(redis_server.cmd("GET", minute_key(key, d)) or 0)
+                  for d in (-1, 0)]
+        assert sum(minute) == (prompt + completion if key in tpm else 0), key
+
+
+def test_answers_either_side_of_a_minute_boundary_count_in_their_minute(
+        nginx, redis_server, backend):
+    """A key's answers that end just before a minute turns count in that
+    minute's token counter, those that end just after in the next
+    one's, and the day's hash (or the two days' when the minute is
+    midnight UTC) holds them all.  Waits for a minute boundary: up to a
+    minute."""
+    redis_server.add_key("k-turn", scopes="chat,read", tpm=10 ** 7)
+    n = nginx(USAGE, redis=redis_server)
+    sides = (("before", 30, 5), ("after", 20, 7))
+    for wait, prompt, completion in sides:
+        backend.script(endpoint="stream-chat", times=4, events=[
+            {"frame": chunk("held")}, {"wait": wait},
+            {"frame": finalize(prompt=prompt, completion=completion)}])
+
+    def one(_):
+        r = native_stream(n, "k-turn")
+        assert r.status == 200, r.text
+        return metrics_of_frames(r.text), time.time()
+
+    boundary = (int(time.time()) // 60 + 1) * 60
+    if boundary - time.time() < 3.5:
+        boundary += 60
+    sleep_until(boundary - 3)
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        answers = {}
+        for wait, _, _ in sides:
+            answers[wait] = [pool.submit(one, i) for i in range(4)]
+            helpers.wait_until(
+                lambda: backend.state()["waiting"].get(wait) == 4,
+                message="the answers never waited at %s" % wait)
+        sleep_until(boundary - 1)
+        backend.release("before")
+        ended = [a.result()[1] for a in answers["before"]]
+        assert max(ended) < boundary, \
+            "the answers before the boundary ended after it: %r" % ended
+        sleep_until(boundary + 0.1)
+        backend.release("after")
+        for wait, prompt, completion in sides:
+            assert [a.result()[0] for a in answers[wait]] == [{
+                "prompt_tokens": prompt, "completion_tokens": completion,
+                "total_tokens": prompt + completion}] * 4
+
+    minutes = (boundary // 60 - 1, boundary // 60)
+    days = collections.defaultdict(
+        lambda: {"requests": 0, "prompt_tokens": 0, "completion_tokens": 0})
+    for m, (_, prompt, completion) in zip(minutes, sides):
+        day = days[time.strftime("%Y%m%d", time.gmtime(m * 60))]
+        day["requests"] += 4
+        day["prompt_tokens"] += 4 * prompt
+        day["completion_tokens"] += 4 * completion
+
+    # a script run counts in the day's hash and the minute's counter
+    for d, want in days.items():
+        assert wait_counters(redis_server, "k-turn", want["requests"],
+                             d) == want, d
+    for m, (_, prompt, completion) in zip(minutes, sides):
+        assert redis_server.cmd(
+            "GET", "anythingllm:tpm:%s:%d" % (key_digest("k-turn"), m)) \
+            == b"%d" % (4 * (prompt + completion)), m
+
+
+def test_a_key_without_a_tpm_sends_no_minute_counter(nginx, redis_server,
+                                                    backend):
+    """The usage script is sent a key's minute counter only when the key
+    has a tpm: MONITOR shows each run's keys and arguments."""
+    redis_server.add_key("k-plain", scopes="chat,read")
+    redis_server.add_key("k-tpm", scopes="chat,read", tpm=10 ** 7)
+    n = nginx(USAGE, redis=redis_server)
+    monitor = Monitor(redis_server)
+    sent = []
+    for key in ("k-plain", "k-tpm", "k-plain"):
+        r = chat(n, key)
+        assert r.status == 200, r.text
+        u = r.json()["usage"]
+        sent.append((key, u["prompt_tokens"], u["completion_tokens"]))
+        wait_requests(redis_server, key,
+                      len([s for s in sent if s[0] == key]))
+    runs = monitor.usage_runs(len(sent))
+    monitor.close()
+
+    assert len(runs) == len(sent)
+    for (args, _), (key, prompt, completion) in zip(runs, sent):
+        d = day_key(key)
+        counts = ["34560000", "120", "1", str(prompt), str(completion)]
+        if key == "k-plain":
+            assert args == ["1", d] + counts + ["0"]
+        else:
+            m = MINUTE_NAME.match(args[2])
+            assert m and abs(int(m.group(2)) - time.time() // 60) <= 1
+            assert args == ["2", d, args[2]] + counts + ["1"]
+    assert redis_server.cmd("KEYS", "anythingllm:tpm:*") == [
+        runs[1][0][2].encode()]
 
 
 def test_native_answers_pass_unchanged(nginx, redis_server, backend):

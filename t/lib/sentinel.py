@@ -276,12 +276,14 @@ def acl_rules(readme_text, user):
 class FakeSentinel(threading.Thread):
     """Listens on a free port; reads commands (RESP arrays of bulk
     strings) and answers each with "answer", raw bytes.  asked counts
-    the SENTINEL commands."""
+    the SENTINEL commands, of every connection (each served by a thread
+    of its own)."""
 
     def __init__(self, answer):
         super().__init__(daemon=True)
         self.answer = answer
-        self.asked = 0
+        self._asked = 0
+        self._asked_lock = threading.Lock()
         self.port = free_port()
         self.addr = "127.0.0.1:%d" % self.port
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -289,6 +291,11 @@ class FakeSentinel(threading.Thread):
         self.sock.bind(("127.0.0.1", self.port))
         self.sock.listen(16)
         self.closed = False
+
+    @property
+    def asked(self):
+        with self._asked_lock:
+            return self._asked
 
     def run(self):
         while not self.closed:
@@ -315,7 +322,8 @@ class FakeSentinel(threading.Thread):
                     if cmd is None:
                         break
                     if cmd and cmd[0].upper() == b"SENTINEL":
-                        self.asked += 1
+                        with self._asked_lock:
+                            self._asked += 1
                     try:
                         conn.sendall(self.answer)
                     except OSError:

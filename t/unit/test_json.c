@@ -277,22 +277,57 @@ test_json_number(void **state)
 }
 
 
-/* escaping in runs writes what escaping byte by byte does */
+/*
+ * text escaped after pre bytes in a writer, strict or (as a string,
+ * quotes included) not: "want" and a '!' written after it
+ */
+
+static void
+expect_escaped_after(size_t pre, const char *text, size_t len, int strict,
+    const char *want, size_t wlen)
+{
+    char       *ours;
+    size_t      i;
+    alm_buf_t   b;
+
+    memset(&b, 0, sizeof(alm_buf_t));
+
+    for (i = 0; i < pre; i++) {
+        alm_buf_raw(&b, "p", 1);
+    }
+
+    if (strict) {
+        alm_buf_esc(&b, text, len);
+
+    } else {
+        alm_json_string_n(&b, text, len);
+    }
+
+    alm_buf_raw(&b, "!", 1);
+    ours = alm_buf_take(&b, NULL);
+    assert_non_null(ours);
+    assert_int_equal(strlen(ours), pre + wlen + 1);
+    assert_memory_equal(ours + pre, want, wlen);
+    assert_int_equal(ours[pre + wlen], '!');
+    free(ours);
+}
+
 
 /*
  * An escape that outgrows the room first reserved (a margin over the
  * text's length) is finished after the buffer grows: the same bytes
  * as escaped at once, whatever the buffer held before and wherever
  * the room ran out (inside a run, before a 6-byte escape, before a
- * UTF-8 sequence).
+ * UTF-8 sequence).  Strict, as alm_json_escape() writes the text, and
+ * not, as cJSON writes it as a string (bytes from 0x80 up as they are).
  */
 
 static void
 test_buf_escape_grows(void **state)
 {
-    char       *ours, *text, *want;
+    char       *text, *want, *theirs;
     size_t      i, k, len, pre, wlen;
-    alm_buf_t   b;
+    cJSON      *j;
 
     static const char  *fills[] = {
         "\x01", "\"", "ab\n", "\xc3\xa9\x02", "\xff\x1f", "xyz"
@@ -311,24 +346,23 @@ test_buf_escape_grows(void **state)
                 text[i] = fills[k][i % strlen(fills[k])];
             }
 
+            text[len] = '\0';
+
             wlen = alm_json_escape(want, text, len);
 
+            j = cJSON_CreateString(text);
+            assert_non_null(j);
+            theirs = cJSON_PrintUnformatted(j);
+            assert_non_null(theirs);
+
             for (pre = 0; pre < 300; pre += 61) {
-                memset(&b, 0, sizeof(alm_buf_t));
-
-                for (i = 0; i < pre; i++) {
-                    alm_buf_raw(&b, "p", 1);
-                }
-
-                alm_buf_esc(&b, text, len);
-                alm_buf_raw(&b, "!", 1);
-                ours = alm_buf_take(&b, NULL);
-                assert_non_null(ours);
-                assert_int_equal(strlen(ours), pre + wlen + 1);
-                assert_memory_equal(ours + pre, want, wlen);
-                assert_int_equal(ours[pre + wlen], '!');
-                free(ours);
+                expect_escaped_after(pre, text, len, 1, want, wlen);
+                expect_escaped_after(pre, text, len, 0, theirs,
+                                     strlen(theirs));
             }
+
+            free(theirs);
+            cJSON_Delete(j);
         }
     }
 
@@ -336,6 +370,8 @@ test_buf_escape_grows(void **state)
     free(want);
 }
 
+
+/* escaping in runs writes what escaping byte by byte does */
 
 static void
 test_json_escape_runs(void **state)
