@@ -14,6 +14,12 @@ set -eu
 top=$(cd "$(dirname "$0")/.." && pwd)
 out=${1:-$top/build/deb}
 work=$top/build/deb-src
+# Debian's nginx build names its objects from an absolute path, where
+# configure takes a ".S" for an assembler source's suffix: such a
+# checkout builds the package elsewhere
+case "$work" in
+    *.S*) work=/tmp/anythingllm-deb-src.$(id -u) ;;
+esac
 pkg=libnginx-mod-http-anythingllm
 
 "$top/dev/install-deps.sh" deb

@@ -101,8 +101,9 @@ build_upstream() {
     then
         rm -rf "$objs"
         # shellcheck disable=SC2086
+        # objs named from $src: see scripts/build-module.sh
         (cd "$src" && auto/configure --with-cc="$cc" \
-            --with-cc-opt="$opt" --builddir="$objs" \
+            --with-cc-opt="$opt" --builddir="../../matrix/$name/objs" \
             $common_flags $flags) > "$dir/configure.log" 2>&1 || {
             tail -n 30 "$dir/configure.log" >&2
             fail "$name: configure failed (see $dir/configure.log)"

@@ -54,9 +54,13 @@ then
     # shellcheck disable=SC1091
     . ./conf_flags
 
+    # objs is named relative to nginx-src: configure's seds that turn
+    # sources into objects would take a ".S" in an absolute path for an
+    # assembler source's suffix (a checkout in /tmp/tmp.S1x2 would not
+    # build)
     ./configure --with-cc-opt="$cc_opt" --with-ld-opt="$ld_opt" \
         "${NGX_CONF_FLAGS[@]}" --add-dynamic-module="$top" \
-        --builddir="$out/objs" > "$out/configure.log" 2>&1 || {
+        --builddir=../objs > "$out/configure.log" 2>&1 || {
         cat "$out/configure.log" >&2
         exit 1
     }

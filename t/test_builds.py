@@ -189,3 +189,25 @@ def test_conf_files_check_in_the_repository_after_build():
              "conf/" + name], capture_output=True, text=True, cwd=REPO)
         assert out.returncode == 0, out.stderr
         assert "test is successful" in out.stderr
+
+
+def test_the_module_builds_in_a_directory_named_with_a_dot_s(tmp_path):
+    """nginx's configure turns sources into objects with seds that take
+    a ".S" anywhere in an absolute path for an assembler suffix: a
+    checkout or build directory such as /tmp/tmp.S1x2 must build all
+    the same, and its module must load into Debian's nginx."""
+    out = tmp_path / "build.S1x2"
+    r = subprocess.run([os.path.join(REPO, "scripts", "build-module.sh"),
+                        str(out)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+    so = out / "ngx_http_anythingllm_module.so"
+    assert so.is_file()
+
+    conf = tmp_path / "load.conf"
+    conf.write_text("load_module %s;\nerror_log stderr;\npid %s;\n"
+                    "events {}\nhttp { anythingllm_redis 127.0.0.1:1; }\n"
+                    % (so, tmp_path / "nginx.pid"))
+    r = subprocess.run(["/usr/sbin/nginx", "-t", "-p", str(tmp_path) + "/",
+                        "-c", str(conf)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "test is successful" in r.stderr
