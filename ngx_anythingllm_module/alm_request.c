@@ -32,8 +32,13 @@
 
 typedef struct {
     const char  *name;
+    size_t       len;
     unsigned     types;
 } alm_param_t;
+
+
+/* a table's name and its length */
+#define alm_name(s)  s, sizeof(s) - 1
 
 
 #define ALM_T_NUM   0x01
@@ -43,30 +48,69 @@ typedef struct {
 #define ALM_T_OBJ   0x10
 
 
+#define alm_nelts(a)  (sizeof(a) / sizeof((a)[0]))
+
+
 /*
  * Sampling and bookkeeping parameters that AnythingLLM has no use for
  * (the workspace's own settings apply): accepted when null or of the
- * right type, and dropped.
+ * right type, and dropped.  Their types are checked in this order.
  */
 
-static const alm_param_t  alm_ignored_params[] = {
-    { "temperature",            ALM_T_NUM },
-    { "top_p",                  ALM_T_NUM },
-    { "max_tokens",             ALM_T_NUM },
-    { "max_completion_tokens",  ALM_T_NUM },
-    { "presence_penalty",       ALM_T_NUM },
-    { "frequency_penalty",      ALM_T_NUM },
-    { "stop",                   ALM_T_STR | ALM_T_ARR },
-    { "seed",                   ALM_T_NUM },
-    { "user",                   ALM_T_STR },
-    { "logit_bias",             ALM_T_OBJ },
-    { "metadata",               ALM_T_OBJ },
-    { "store",                  ALM_T_BOOL },
-    { "parallel_tool_calls",    ALM_T_BOOL },
-    { "reasoning_effort",       ALM_T_STR },
-    { "service_tier",           ALM_T_STR },
-    { "top_logprobs",           ALM_T_NUM },
-    { NULL, 0 }
+enum {
+    ALM_P_TEMPERATURE = 0,
+    ALM_P_TOP_P,
+    ALM_P_MAX_TOKENS,
+    ALM_P_MAX_COMPLETION_TOKENS,
+    ALM_P_PRESENCE_PENALTY,
+    ALM_P_FREQUENCY_PENALTY,
+    ALM_P_STOP,
+    ALM_P_SEED,
+    ALM_P_USER,
+    ALM_P_LOGIT_BIAS,
+    ALM_P_METADATA,
+    ALM_P_STORE,
+    ALM_P_PARALLEL_TOOL_CALLS,
+    ALM_P_REASONING_EFFORT,
+    ALM_P_SERVICE_TIER,
+    ALM_P_TOP_LOGPROBS,
+    ALM_P_N
+};
+
+
+static const alm_param_t  alm_ignored_params[ALM_P_N] = {
+    [ALM_P_TEMPERATURE] =
+        { alm_name("temperature"),                ALM_T_NUM },
+    [ALM_P_TOP_P] =
+        { alm_name("top_p"),                      ALM_T_NUM },
+    [ALM_P_MAX_TOKENS] =
+        { alm_name("max_tokens"),                 ALM_T_NUM },
+    [ALM_P_MAX_COMPLETION_TOKENS] =
+        { alm_name("max_completion_tokens"),      ALM_T_NUM },
+    [ALM_P_PRESENCE_PENALTY] =
+        { alm_name("presence_penalty"),           ALM_T_NUM },
+    [ALM_P_FREQUENCY_PENALTY] =
+        { alm_name("frequency_penalty"),          ALM_T_NUM },
+    [ALM_P_STOP] =
+        { alm_name("stop"),                       ALM_T_STR | ALM_T_ARR },
+    [ALM_P_SEED] =
+        { alm_name("seed"),                       ALM_T_NUM },
+    [ALM_P_USER] =
+        { alm_name("user"),                       ALM_T_STR },
+    [ALM_P_LOGIT_BIAS] =
+        { alm_name("logit_bias"),                 ALM_T_OBJ },
+    [ALM_P_METADATA] =
+        { alm_name("metadata"),                   ALM_T_OBJ },
+    [ALM_P_STORE] =
+        { alm_name("store"),                      ALM_T_BOOL },
+    [ALM_P_PARALLEL_TOOL_CALLS] =
+        { alm_name("parallel_tool_calls"),        ALM_T_BOOL },
+    [ALM_P_REASONING_EFFORT] =
+        { alm_name("reasoning_effort"),           ALM_T_STR },
+    [ALM_P_SERVICE_TIER] =
+        { alm_name("service_tier"),               ALM_T_STR },
+    [ALM_P_TOP_LOGPROBS] =
+        { alm_name("top_logprobs"),               ALM_T_NUM }
 };
 
 
@@ -77,21 +121,22 @@ static const alm_param_t  alm_ignored_params[] = {
  */
 
 typedef struct {
-    const char  *name;
+    int          param;         /* ALM_P_* */
     double       min;
     double       max;
     int          integer;       /* OpenAI says "integer", not "decimal" */
 } alm_range_t;
 
 
+/* checked in this order */
+
 static const alm_range_t  alm_ranges[] = {
-    { "temperature",            0.0,  2.0,      0 },
-    { "top_p",                  0.0,  1.0,      0 },
-    { "presence_penalty",      -2.0,  2.0,      0 },
-    { "frequency_penalty",     -2.0,  2.0,      0 },
-    { "max_tokens",             1.0,  INFINITY, 1 },
-    { "max_completion_tokens",  1.0,  INFINITY, 1 },
-    { NULL, 0.0, 0.0, 0 }
+    { ALM_P_TEMPERATURE,            0.0,  2.0,      0 },
+    { ALM_P_TOP_P,                  0.0,  1.0,      0 },
+    { ALM_P_PRESENCE_PENALTY,      -2.0,  2.0,      0 },
+    { ALM_P_FREQUENCY_PENALTY,     -2.0,  2.0,      0 },
+    { ALM_P_MAX_TOKENS,             1.0,  INFINITY, 1 },
+    { ALM_P_MAX_COMPLETION_TOKENS,  1.0,  INFINITY, 1 }
 };
 
 
@@ -529,6 +574,7 @@ alm_check_type(const cJSON *item, unsigned types)
 
 typedef struct {
     const char  *name;
+    size_t       len;
     const char  *param;         /* named in the error */
     int        (*accept)(const cJSON *item);
     const char  *message;
@@ -603,38 +649,88 @@ alm_accept_text_only(const cJSON *item)
 
 
 static const alm_refused_t  alm_refused[] = {
-    { "n", "n", alm_accept_one,
+    { alm_name("n"), "n", alm_accept_one,
       "Only one choice can be generated: 'n' must be 1." },
-    { "tools", "tools", alm_accept_empty,
+    { alm_name("tools"), "tools", alm_accept_empty,
       "Tool calling is not supported: AnythingLLM runs its own agents.  "
       "Remove 'tools'." },
-    { "functions", "functions", alm_accept_empty,
+    { alm_name("functions"), "functions", alm_accept_empty,
       "Function calling is not supported: AnythingLLM runs its own "
       "agents.  Remove 'functions'." },
-    { "tool_choice", "tool_choice", alm_accept_none,
+    { alm_name("tool_choice"), "tool_choice", alm_accept_none,
       "Tool calling is not supported: 'tool_choice' can only be "
       "\"none\"." },
-    { "logprobs", "logprobs", alm_accept_false,
+    { alm_name("logprobs"), "logprobs", alm_accept_false,
       "Log probabilities are not available: 'logprobs' must be false." },
-    { "response_format", "response_format", alm_accept_text_format,
+    { alm_name("response_format"), "response_format", alm_accept_text_format,
       "Only the 'text' response format is supported." },
-    { "audio", "modalities", alm_accept_nothing,
+    { alm_name("audio"), "modalities", alm_accept_nothing,
       "Audio output is not supported: remove 'audio'." },
-    { "modalities", "modalities", alm_accept_text_only,
+    { alm_name("modalities"), "modalities", alm_accept_text_only,
       "Only text output is supported: 'modalities' can only be "
-      "[\"text\"]." },
-    { NULL, NULL, NULL, NULL }
+      "[\"text\"]." }
 };
 
 
-static int
-alm_check_refused(const cJSON *root, alm_error_t *err)
+/*
+ * The members of the request that the tables name, found in one pass
+ * over its members: the first of each name, the one that
+ * cJSON_GetObjectItemCaseSensitive() would find.  NULL when absent.
+ */
+
+typedef struct {
+    const cJSON  *refused[alm_nelts(alm_refused)];
+    const cJSON  *ignored[ALM_P_N];
+} alm_options_t;
+
+
+static void
+alm_options_find(const cJSON *root, alm_options_t *o)
 {
+    size_t        i, len;
+    const char   *name;
+    const cJSON  *m;
+
+    memset(o, 0, sizeof(alm_options_t));
+
+    cJSON_ArrayForEach(m, root) {
+        name = m->string;
+
+        if (name == NULL) {
+            continue;
+        }
+
+        len = strlen(name);
+
+        for (i = 0; i < alm_nelts(alm_refused); i++) {
+            if (len == alm_refused[i].len && o->refused[i] == NULL
+                && memcmp(name, alm_refused[i].name, len) == 0)
+            {
+                o->refused[i] = m;
+            }
+        }
+
+        for (i = 0; i < ALM_P_N; i++) {
+            if (len == alm_ignored_params[i].len && o->ignored[i] == NULL
+                && memcmp(name, alm_ignored_params[i].name, len) == 0)
+            {
+                o->ignored[i] = m;
+            }
+        }
+    }
+}
+
+
+static int
+alm_check_refused(const alm_options_t *o, alm_error_t *err)
+{
+    size_t                i;
     const cJSON          *item;
     const alm_refused_t  *rf;
 
-    for (rf = alm_refused; rf->name; rf++) {
-        item = cJSON_GetObjectItemCaseSensitive(root, rf->name);
+    for (i = 0; i < alm_nelts(alm_refused); i++) {
+        rf = &alm_refused[i];
+        item = o->refused[i];
 
         if (!alm_json_absent(item) && !rf->accept(item)) {
             alm_error_set(err, 400, "invalid_request_error", rf->param,
@@ -672,15 +768,19 @@ static void
 alm_range_error(alm_error_t *err, const alm_range_t *rg, int above,
     const char *num)
 {
+    const char  *name;
+
     static const char  *codes[2][2] = {
         { "decimal_below_min_value", "decimal_above_max_value" },
         { "integer_below_min_value", "integer_above_max_value" }
     };
 
-    alm_error_set(err, 400, "invalid_request_error", rg->name,
+    name = alm_ignored_params[rg->param].name;
+
+    alm_error_set(err, 400, "invalid_request_error", name,
                   codes[rg->integer ? 1 : 0][above ? 1 : 0],
                   "Invalid '%s': %s %s value. Expected a value %s %g, but "
-                  "got %s instead.", rg->name,
+                  "got %s instead.", name,
                   rg->integer ? "integer" : "decimal",
                   above ? "above maximum" : "below minimum",
                   above ? "<=" : ">=", above ? rg->max : rg->min, num);
@@ -690,16 +790,18 @@ alm_range_error(alm_error_t *err, const alm_range_t *rg, int above,
 /* the ranges and lengths OpenAI refuses to go beyond */
 
 static int
-alm_check_ranges(const cJSON *root, alm_error_t *err)
+alm_check_ranges(const alm_options_t *o, alm_error_t *err)
 {
     int                 n;
     char                num[32];
+    size_t              i;
     double              v;
     const cJSON        *item, *s;
     const alm_range_t  *rg;
 
-    for (rg = alm_ranges; rg->name; rg++) {
-        item = cJSON_GetObjectItemCaseSensitive(root, rg->name);
+    for (i = 0; i < alm_nelts(alm_ranges); i++) {
+        rg = &alm_ranges[i];
+        item = o->ignored[rg->param];
 
         if (!cJSON_IsNumber(item)) {
             continue;
@@ -714,7 +816,7 @@ alm_check_ranges(const cJSON *root, alm_error_t *err)
         }
     }
 
-    item = cJSON_GetObjectItemCaseSensitive(root, "stop");
+    item = o->ignored[ALM_P_STOP];
 
     if (!cJSON_IsArray(item)) {
         return ALM_OK;
@@ -747,39 +849,12 @@ alm_check_ranges(const cJSON *root, alm_error_t *err)
 }
 
 
-/*
- * Whether the request has a member besides "model", "messages",
- * "stream" and "stream_options": none of those is in the tables of
- * refused, ignored or ranged parameters, so a request of only them
- * passes their checks, and the lookups of every name in the tables
- * (one scan of the members each) can be left out.
- */
-
-static int
-alm_has_options(const cJSON *root)
-{
-    const cJSON  *m;
-
-    cJSON_ArrayForEach(m, root) {
-        if (m->string == NULL
-            || (strcmp(m->string, "model") != 0
-                && strcmp(m->string, "messages") != 0
-                && strcmp(m->string, "stream") != 0
-                && strcmp(m->string, "stream_options") != 0))
-        {
-            return 1;
-        }
-    }
-
-    return 0;
-}
-
-
 static int
 alm_check_options(const cJSON *root, alm_chat_req_t *req, alm_error_t *err)
 {
-    const cJSON        *item, *v;
-    const alm_param_t  *prm;
+    size_t          i;
+    const cJSON    *item, *v;
+    alm_options_t   o;
 
     item = cJSON_GetObjectItemCaseSensitive(root, "stream");
 
@@ -808,27 +883,23 @@ alm_check_options(const cJSON *root, alm_chat_req_t *req, alm_error_t *err)
         req->include_usage = (req->stream && cJSON_IsTrue(v)) ? 1 : 0;
     }
 
-    /* a request of only these needs none of the lookups below */
+    alm_options_find(root, &o);
 
-    if (!alm_has_options(root)) {
-        return ALM_OK;
-    }
-
-    if (alm_check_refused(root, err) != ALM_OK) {
+    if (alm_check_refused(&o, err) != ALM_OK) {
         return ALM_ERROR;
     }
 
-    for (prm = alm_ignored_params; prm->name; prm++) {
-        item = cJSON_GetObjectItemCaseSensitive(root, prm->name);
-
-        if (!alm_check_type(item, prm->types)) {
-            alm_error_set(err, 400, "invalid_request_error", prm->name, NULL,
-                          "Invalid type for '%s'.", prm->name);
+    for (i = 0; i < ALM_P_N; i++) {
+        if (!alm_check_type(o.ignored[i], alm_ignored_params[i].types)) {
+            alm_error_set(err, 400, "invalid_request_error",
+                          alm_ignored_params[i].name, NULL,
+                          "Invalid type for '%s'.",
+                          alm_ignored_params[i].name);
             return ALM_ERROR;
         }
     }
 
-    return alm_check_ranges(root, err);
+    return alm_check_ranges(&o, err);
 }
 
 

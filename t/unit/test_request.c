@@ -332,6 +332,17 @@ static const err_case_t  err_cases[] = {
     { W M ",\"parallel_tool_calls\":0}", "parallel_tool_calls" },
     { W M ",\"reasoning_effort\":1}", "reasoning_effort" },
     { W M ",\"service_tier\":false}", "service_tier" },
+    { W M ",\"top_logprobs\":\"5\"}", "top_logprobs" },
+
+    /*
+     * Whatever the members' order: refused parameters first, then the
+     * types in the table's order, then the ranges (test_req_ranges);
+     * of two members of one name, the first counts.
+     */
+    { W M ",\"temperature\":\"hot\",\"n\":2}", "n" },
+    { W M ",\"stop\":5,\"top_p\":\"x\"}", "top_p" },
+    { W M ",\"max_tokens\":0,\"temperature\":\"hot\"}", "temperature" },
+    { W M ",\"n\":2,\"n\":1}", "n" },
 };
 
 
@@ -473,6 +484,14 @@ static const range_case_t  range_cases[] = {
     /* the first parameter out of range is the one named */
     { W M ",\"top_p\":5,\"temperature\":9}", "temperature",
       "decimal_above_max_value", NULL },
+    { W M ",\"max_tokens\":0,\"presence_penalty\":5}", "presence_penalty",
+      "decimal_above_max_value", NULL },
+    { W M ",\"stop\":[1],\"max_tokens\":0}", "max_tokens",
+      "integer_below_min_value", NULL },
+
+    /* of two members of one name, the first counts */
+    { W M ",\"temperature\":3,\"temperature\":1}", "temperature",
+      "decimal_above_max_value", NULL },
 };
 
 
@@ -499,6 +518,11 @@ test_req_ranges(void **state)
              "\"frequency_penalty\":2.0,\"max_tokens\":1e9,"
              "\"max_completion_tokens\":4096,"
              "\"stop\":[\"a\",\"b\",\"c\",\"d\"]}", &req);
+    alm_chat_req_free(&req);
+
+    /* the first of two members of one name counts */
+    parse_ok(W M ",\"temperature\":1,\"temperature\":3,\"n\":1,"
+             "\"n\":2}", &req);
     alm_chat_req_free(&req);
 
     parse_ok(W M ",\"temperature\":null,\"top_p\":null,"
