@@ -291,16 +291,12 @@ alm_chat_response_read(const char *json, size_t len,
 
     alm_chat_completion_head(&b, meta);
 
-    /*
-     * A string without escapes is, quotes and all, what escaping its
-     * text writes: it has no byte below 0x20 (alm_json_members() took
-     * it), and bytes from 0x80 up pass in both.
-     */
+    /* the text is escaped again only when the string is not as that */
 
     if (text == NULL) {
         alm_buf_raw(&b, "\"\"", 2);
 
-    } else if (tmp == NULL) {
+    } else if (tmp == NULL || alm_json_span_verbatim(text)) {
         alm_buf_raw(&b, text->p, text->end - text->p);
 
     } else {

@@ -98,6 +98,13 @@ double alm_json_span_number(const alm_json_span_t *v);
 const char *alm_json_span_text(const alm_json_span_t *v, size_t *len,
     char **tmp);
 
+/*
+ * 1 when a string value, quotes and all, is what escaping its text
+ * writes (alm_json_string_n()): it holds no "\/", the one escape read
+ * in place that the writer does not make.
+ */
+int alm_json_span_verbatim(const alm_json_span_t *v);
+
 /* a value written as alm_json_value() writes the same value parsed */
 void alm_json_span_write(alm_buf_t *b, const alm_json_span_t *v);
 

@@ -474,6 +474,35 @@ alm_json_span_text(const alm_json_span_t *v, size_t *len, char **tmp)
 }
 
 
+/*
+ * The escapes of a string read in place are \b \f \n \r \t \" \\ and
+ * \/ (alm_span_string()), and its other bytes are 0x20 and up: the
+ * writer escapes the text back the same way, but for "/", which it
+ * leaves as it is.
+ */
+
+int
+alm_json_span_verbatim(const alm_json_span_t *v)
+{
+    const char  *p, *end;
+
+    p = v->p + 1;
+    end = v->end - 1;
+
+    while ((p = memchr(p, '\\', end - p)) != NULL) {
+
+        if (p[1] == '/') {
+            return 0;
+        }
+
+        /* an escape is two bytes, both inside the quotes */
+        p += 2;
+    }
+
+    return 1;
+}
+
+
 /* a value read in place, written as alm_json_value() writes its tree */
 
 static void
@@ -495,9 +524,7 @@ alm_span_write(alm_buf_t *b, const char **pp, const char *end)
         (void) alm_span_string(&p, end, &escaped);
         v.end = p;
 
-        /* without escapes, the string is what escaping its text writes */
-
-        if (!escaped) {
+        if (!escaped || alm_json_span_verbatim(&v)) {
             alm_buf_raw(b, v.p, v.end - v.p);
             break;
         }

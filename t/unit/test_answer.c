@@ -312,6 +312,9 @@ test_response_in_place(void **state)
         "\"total_tokens\":142,\"duration\":2.1,\"outputTps\":47.6,"
         "\"model\":\"m\",\"provider\":\"p\"}}",
         "{\"textChunk\":\"a\",\"metrics\":{}}",
+        /* escapes, none of them \/: copied as they are (a \\ then /) */
+        "{\"textResponse\":\"line\\none \\\"q\\\" tab\\t back\\\\/slash\","
+        "\"sources\":[{\"k\\n\":\"a\\\\/b \\n\",\"e\":\"\\\\\"}]}",
         "{\"textResponse\":null,\"textChunk\":\"b\",\"sources\":{},"
         "\"metrics\":{\"prompt_tokens\":\"7\",\"total_tokens\":-5}}",
         "\xef\xbb\xbf {\"textResponse\":\"bom\"} \r\n",
@@ -373,8 +376,8 @@ test_response_in_place(void **state)
         x ^= x >> 7;
         x ^= x << 17;
 
-        len = strlen(seeds[x % 8]);
-        memcpy(text, seeds[x % 8], len);
+        len = strlen(seeds[x % 9]);
+        memcpy(text, seeds[x % 9], len);
 
         for (k = 0; k < 1 + (x >> 8) % 3; k++) {
             x ^= x << 13;
