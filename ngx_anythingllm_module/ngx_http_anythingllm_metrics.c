@@ -10,13 +10,16 @@
  *
  *   - a fixed array of ngx_atomic_t, one per series without a key
  *     label (requests by verdict, by scope, upstream answers by class,
- *     Redis, cache, revocation and stream counters, the open streams
- *     gauge) and the buckets, sums and counts of the histograms.  They
- *     are changed with ngx_atomic_fetch_add() and never locked: a
- *     scrape may see one counter a request ahead of another, never a
- *     torn value.  The key cache's entries are not kept here but read
- *     from the cache's own zone when the metrics are answered (see
+ *     Redis, cache, revocation and stream counters) and the buckets,
+ *     sums and counts of the histograms.  They are changed with
+ *     ngx_atomic_fetch_add() and never locked: a scrape may see one
+ *     counter a request ahead of another, never a torn value.  The key
+ *     cache's entries are not kept here but read from the cache's own
+ *     zone when the metrics are answered (see
  *     ngx_http_anythingllm_metrics_gauge()).
+ *
+ *   - the open streams gauge, per process: a fixed array of slots
+ *     {pid, open}, see "The open streams gauge" below.
  *
  *   - the per-key series: an ngx_str_rbtree of fixed-size entries (key
  *     id, name, requests, refusals, prompt and completion tokens) keyed
@@ -45,9 +48,53 @@
  *
  * A reload that keeps the zone's size hands the new cycle the old
  * zone (init_zone gets the old configuration in "data"): the counts go
- * on.  The open streams gauge stays right across it, since the old
- * workers still end their streams in the same zone.  A worker that
- * dies abnormally leaves its open streams counted.
+ * on, and so do the slots below.
+ *
+ * The open streams gauge.  A worker killed (SIGKILL, a crash) never
+ * ends its streams, so one shared count would keep them forever.
+ * Instead, each worker (or the single process) takes a slot of its own
+ * at process start, by setting the slot's pid from 0 to its own with
+ * ngx_atomic_cmp_set(), and counts its streams there alone: the hot
+ * path is one atomic addition through a pointer taken then.  The answer
+ * is the sum of the slots whose process runs (kill(pid, 0) succeeds or
+ * fails with EPERM); a slot whose process is gone is emptied by the
+ * scrape that finds it, and by every worker that starts, so a worker
+ * started in place of one that died drops that one's streams at once.
+ * A worker that exits normally frees its slot in exit_process.
+ *
+ *   - Slots are by pid, not by ngx_worker: after a reload the old
+ *     workers, shutting down, still end their streams in their own
+ *     slots (the zone carries over), while new workers with the same
+ *     ngx_worker numbers take other slots.  A reload that resizes the
+ *     zone makes a new one: its gauge counts the new workers' streams
+ *     only, the old workers ending theirs in the old zone.
+ *
+ *   - Emptying a slot (for a new owner, or to free it) marks its pid
+ *     with NGX_HTTP_ANYTHINGLLM_METRICS_BUSY and the emptying process's
+ *     own pid while the count is zeroed: no one else takes, sums or
+ *     counts in a slot meanwhile.  Pids on Linux are below 2^22
+ *     (pid_max), so bit 31 is free.  Should the emptying
+ *     process die right there, its mark is a dead process's slot too.
+ *
+ *   - A slot is only written by its owner (the count) and by a process
+ *     that took it with ngx_atomic_cmp_set() from 0 or from a process
+ *     that is gone; the count of a running process's slot is never
+ *     below zero, so neither is the sum.
+ *
+ *   - When all NGX_HTTP_ANYTHINGLLM_METRICS_SLOTS slots are held (that
+ *     many workers of all generations at once), a worker counts in the
+ *     shared count[NGX_HTTP_ANYTHINGLLM_M_STREAMS_OPEN], added to the
+ *     sum, and logs so at start: its streams are counted as before, but
+ *     stay counted if it dies abnormally.  Cache manager and loader
+ *     processes never open a stream and take no slot; the master never
+ *     runs init_process nor answers a scrape.
+ *
+ *   - A pid reused by another process before the dead worker's slot
+ *     was emptied makes that slot count again while the other process
+ *     runs.  Since the master starts a new worker, which empties such
+ *     slots, right after reaping one that died, the window is that of
+ *     the respawn; a starting worker also empties any slot that holds
+ *     its own pid.
  */
 
 
@@ -59,6 +106,12 @@
 
 
 #define NGX_HTTP_ANYTHINGLLM_METRICS_NAME_LEN  64
+
+/* 2k of slots: with the rest of the zone's header, one slab page */
+#define NGX_HTTP_ANYTHINGLLM_METRICS_SLOTS     128
+
+/* a slot's pid while the process in the low bits empties it */
+#define NGX_HTTP_ANYTHINGLLM_METRICS_BUSY      0x80000000
 
 
 typedef struct {
@@ -79,6 +132,14 @@ typedef struct {
 } ngx_http_anythingllm_metrics_node_t;
 
 
+/* the open streams of one process; see the head of the file */
+
+typedef struct {
+    ngx_atomic_t                pid;        /* 0: free */
+    ngx_atomic_t                open;
+} ngx_http_anythingllm_metrics_slot_t;
+
+
 typedef struct {
     ngx_atomic_t                count[NGX_HTTP_ANYTHINGLLM_M_MAX];
     ngx_atomic_t                bucket[NGX_HTTP_ANYTHINGLLM_H_MAX]
@@ -91,6 +152,9 @@ typedef struct {
     ngx_uint_t                  keys;
     ngx_uint_t                  keys_max;
     ngx_http_anythingllm_metrics_counts_t  other;
+
+    ngx_http_anythingllm_metrics_slot_t
+                                slot[NGX_HTTP_ANYTHINGLLM_METRICS_SLOTS];
 } ngx_http_anythingllm_metrics_sh_t;
 
 
@@ -106,6 +170,12 @@ typedef struct {
 
 static ngx_int_t ngx_http_anythingllm_metrics_init_zone(
     ngx_shm_zone_t *shm_zone, void *data);
+static ngx_uint_t ngx_http_anythingllm_metrics_alive(ngx_atomic_uint_t pid);
+static ngx_uint_t ngx_http_anythingllm_metrics_take(
+    ngx_http_anythingllm_metrics_slot_t *slot, ngx_atomic_uint_t pid,
+    ngx_atomic_uint_t to);
+static ngx_atomic_uint_t ngx_http_anythingllm_metrics_streams_open(
+    ngx_http_anythingllm_metrics_sh_t *sh);
 static ngx_int_t ngx_http_anythingllm_metrics_handler(ngx_http_request_t *r);
 static void ngx_http_anythingllm_metrics_key(ngx_http_request_t *r,
     ngx_http_anythingllm_ctx_t *ctx, ngx_uint_t refused);
@@ -127,6 +197,14 @@ static u_char *ngx_http_anythingllm_metrics_keys(u_char *p,
 
 /* the zone of this cycle, taken by every worker when it starts */
 static ngx_http_anythingllm_metrics_sh_t  *ngx_http_anythingllm_metrics_sh;
+
+/*
+ * This process's slot of the open streams gauge (NULL: none), and the
+ * count its streams go to: the slot's, or the shared one when no slot
+ * was free; NULL where no zone is configured, and after exit_process.
+ */
+static ngx_http_anythingllm_metrics_slot_t  *ngx_http_anythingllm_metrics_slot;
+static ngx_atomic_t                         *ngx_http_anythingllm_metrics_open;
 
 /*
  * Gauges that live with what they measure (the key cache's entries):
@@ -419,7 +497,180 @@ void
 ngx_http_anythingllm_metrics_init_process(
     ngx_http_anythingllm_main_conf_t *amcf)
 {
-    ngx_http_anythingllm_metrics_sh = amcf ? amcf->metrics.sh : NULL;
+    ngx_uint_t                            i;
+    ngx_atomic_uint_t                     pid, owner, self, to;
+    ngx_http_anythingllm_metrics_sh_t    *sh;
+    ngx_http_anythingllm_metrics_slot_t  *s, *slot;
+
+    sh = amcf ? amcf->metrics.sh : NULL;
+
+    ngx_http_anythingllm_metrics_sh = sh;
+    ngx_http_anythingllm_metrics_slot = NULL;
+    ngx_http_anythingllm_metrics_open = NULL;
+
+    if (sh == NULL) {
+        return;
+    }
+
+    ngx_http_anythingllm_metrics_open =
+                              &sh->count[NGX_HTTP_ANYTHINGLLM_M_STREAMS_OPEN];
+
+    /* a cache manager or loader never opens a stream */
+
+    if (ngx_process != NGX_PROCESS_WORKER
+        && ngx_process != NGX_PROCESS_SINGLE)
+    {
+        return;
+    }
+
+    /*
+     * One pass: every slot left by a process that is gone (or by an
+     * earlier process with this pid: none is ours yet) is emptied, the
+     * first free or emptied one becomes ours.
+     */
+
+    self = (ngx_atomic_uint_t) ngx_pid;
+    slot = NULL;
+
+    for (i = 0; i < NGX_HTTP_ANYTHINGLLM_METRICS_SLOTS; i++) {
+        s = &sh->slot[i];
+        pid = s->pid;
+        owner = pid & ~NGX_HTTP_ANYTHINGLLM_METRICS_BUSY;
+
+        if (pid == 0) {
+            if (slot) {
+                continue;
+            }
+
+        } else if (owner != self
+                   && ngx_http_anythingllm_metrics_alive(owner))
+        {
+            continue;
+        }
+
+        to = slot ? 0 : self;
+
+        if (ngx_http_anythingllm_metrics_take(s, pid, to) && to) {
+            slot = s;
+        }
+    }
+
+    if (slot == NULL) {
+        ngx_log_error(NGX_LOG_WARN, ngx_cycle->log, 0,
+                      "anythingllm metrics: all %d slots of the open "
+                      "streams gauge are held, this process's streams "
+                      "stay counted should it die abnormally",
+                      NGX_HTTP_ANYTHINGLLM_METRICS_SLOTS);
+        return;
+    }
+
+    ngx_http_anythingllm_metrics_slot = slot;
+    ngx_http_anythingllm_metrics_open = &slot->open;
+}
+
+
+/* the process ends: its slot is free, its streams no longer count */
+
+void
+ngx_http_anythingllm_metrics_exit_process(void)
+{
+    ngx_http_anythingllm_metrics_slot_t  *slot;
+
+    slot = ngx_http_anythingllm_metrics_slot;
+
+    /* nothing counts in the slot once it may be someone else's */
+
+    ngx_http_anythingllm_metrics_slot = NULL;
+    ngx_http_anythingllm_metrics_open = NULL;
+
+    if (slot) {
+        (void) ngx_http_anythingllm_metrics_take(slot,
+                                                 (ngx_atomic_uint_t) ngx_pid,
+                                                 0);
+    }
+}
+
+
+/* whether process "pid" runs: one we may not signal runs too */
+
+static ngx_uint_t
+ngx_http_anythingllm_metrics_alive(ngx_atomic_uint_t pid)
+{
+    /* 0 and -1 would be a process group and every process */
+
+    if (pid == 0 || pid >= NGX_HTTP_ANYTHINGLLM_METRICS_BUSY) {
+        return 0;
+    }
+
+    return kill((ngx_pid_t) pid, 0) == 0 || ngx_errno == NGX_EPERM;
+}
+
+
+/*
+ * Slot "s", held by "pid" (0, or a process that is gone), is emptied
+ * and given to "to" (0: free).  It is marked busy by this process
+ * while its count is zeroed, so that nothing reads or counts in it
+ * before the zero is written; 0 when another process was first.
+ */
+
+static ngx_uint_t
+ngx_http_anythingllm_metrics_take(ngx_http_anythingllm_metrics_slot_t *s,
+    ngx_atomic_uint_t pid, ngx_atomic_uint_t to)
+{
+    if (!ngx_atomic_cmp_set(&s->pid, pid,
+                            NGX_HTTP_ANYTHINGLLM_METRICS_BUSY
+                            | (ngx_atomic_uint_t) ngx_pid))
+    {
+        return 0;
+    }
+
+    s->open = 0;
+
+    ngx_memory_barrier();
+
+    s->pid = to;
+
+    return 1;
+}
+
+
+/*
+ * The gauge: the streams of the processes that run, and the shared
+ * count of those that found no slot.  A slot whose process is gone is
+ * emptied on the way, and one being emptied is skipped.
+ */
+
+static ngx_atomic_uint_t
+ngx_http_anythingllm_metrics_streams_open(
+    ngx_http_anythingllm_metrics_sh_t *sh)
+{
+    ngx_uint_t                            i;
+    ngx_atomic_uint_t                     pid, owner, open;
+    ngx_http_anythingllm_metrics_slot_t  *s;
+
+    open = sh->count[NGX_HTTP_ANYTHINGLLM_M_STREAMS_OPEN];
+
+    for (i = 0; i < NGX_HTTP_ANYTHINGLLM_METRICS_SLOTS; i++) {
+        s = &sh->slot[i];
+        pid = s->pid;
+
+        if (pid == 0) {
+            continue;
+        }
+
+        owner = pid & ~NGX_HTTP_ANYTHINGLLM_METRICS_BUSY;
+
+        if (!ngx_http_anythingllm_metrics_alive(owner)) {
+            (void) ngx_http_anythingllm_metrics_take(s, pid, 0);
+            continue;
+        }
+
+        if (!(pid & NGX_HTTP_ANYTHINGLLM_METRICS_BUSY)) {
+            open += s->open;
+        }
+    }
+
+    return open;
 }
 
 
@@ -498,7 +749,9 @@ ngx_http_anythingllm_metrics_first_token(ngx_http_request_t *r,
 void
 ngx_http_anythingllm_metrics_stream_start(void)
 {
-    ngx_http_anythingllm_metrics_add(NGX_HTTP_ANYTHINGLLM_M_STREAMS_OPEN, 1);
+    if (ngx_http_anythingllm_metrics_open) {
+        (void) ngx_atomic_fetch_add(ngx_http_anythingllm_metrics_open, 1);
+    }
 }
 
 
@@ -524,7 +777,10 @@ void
 ngx_http_anythingllm_metrics_stream_end(ngx_http_request_t *r,
     ngx_uint_t cause)
 {
-    ngx_http_anythingllm_metrics_add(NGX_HTTP_ANYTHINGLLM_M_STREAMS_OPEN, -1);
+    if (ngx_http_anythingllm_metrics_open) {
+        (void) ngx_atomic_fetch_add(ngx_http_anythingllm_metrics_open, -1);
+    }
+
     ngx_http_anythingllm_metrics_add(cause, 1);
     ngx_http_anythingllm_metrics_observe(NGX_HTTP_ANYTHINGLLM_H_STREAM,
                                      ngx_http_anythingllm_metrics_elapsed(r));
@@ -878,8 +1134,14 @@ ngx_http_anythingllm_metrics_globals(u_char *p,
                                                     m->help);
         }
 
-        v = ngx_http_anythingllm_metrics_reads[i]
-            ? ngx_http_anythingllm_metrics_reads[i](amcf) : sh->count[i];
+        if (i == NGX_HTTP_ANYTHINGLLM_M_STREAMS_OPEN) {
+            v = ngx_http_anythingllm_metrics_streams_open(sh);
+
+        } else {
+            v = ngx_http_anythingllm_metrics_reads[i]
+                ? ngx_http_anythingllm_metrics_reads[i](amcf)
+                : sh->count[i];
+        }
 
         if (i < NGX_HTTP_ANYTHINGLLM_M_SCOPE) {
             if (i == NGX_HTTP_ANYTHINGLLM_M_VERDICT) {

@@ -635,5 +635,6 @@ ngx_http_anythingllm_init_process(ngx_cycle_t *cycle)
 static void
 ngx_http_anythingllm_exit_process(ngx_cycle_t *cycle)
 {
+    ngx_http_anythingllm_metrics_exit_process();
     ngx_http_anythingllm_redis_exit_process(cycle);
 }

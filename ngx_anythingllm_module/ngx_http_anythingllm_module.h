@@ -583,9 +583,13 @@ ngx_int_t ngx_http_anythingllm_metrics_add_zone(ngx_conf_t *cf,
     ngx_http_anythingllm_main_conf_t *amcf, size_t size);
 void ngx_http_anythingllm_metrics_gauge(ngx_uint_t metric,
     ngx_http_anythingllm_metrics_read_pt read);
-/* a worker takes the zone of its cycle: NULL when there is none */
+/*
+ * A worker takes the zone of its cycle (amcf NULL: none) and a slot of
+ * the open streams gauge, which it frees when it exits.
+ */
 void ngx_http_anythingllm_metrics_init_process(
     ngx_http_anythingllm_main_conf_t *amcf);
+void ngx_http_anythingllm_metrics_exit_process(void);
 ngx_int_t ngx_http_anythingllm_metrics_log_handler(ngx_http_request_t *r);
 /* no lock, no allocation: a no-op where no zone is configured */
 void ngx_http_anythingllm_metrics_add(ngx_uint_t metric, ngx_atomic_int_t n);
