@@ -6,6 +6,7 @@ key_id="other"."""
 import json
 import os
 import re
+import signal
 
 from lib import helpers
 from lib.auth import access_field, bearer, wait_access_lines
@@ -270,6 +271,93 @@ def test_streams_by_how_they_end(nginx, redis_server, backend):
     firsts = [access_field(l, "ft") for l in lines
               if "/v1/chat/completions" in l]
     assert len(firsts) == 5 and all(f.isdigit() for f in firsts), firsts
+
+
+def held_streams(n, backend, count, name):
+    """count chat streams through n, each held by the stand-in after its
+    first frame until backend.release(name)."""
+    backend.script(endpoint="stream-chat", times=count, events=[
+        {"frame": chunk("held")}, {"wait": name},
+        {"frame": chunk("", close=True)}, {"frame": finalize()}])
+    streams = [open_stream(n, headers=bearer("k-held"))
+               for _ in range(count)]
+    for s in streams:
+        assert s.next_frame(timeout=3) is not None
+    helpers.wait_until(
+        lambda: backend.state()["waiting"].get(name) == count, timeout=5,
+        message="the streams never all waited at %r" % name)
+    return streams
+
+
+def streams_open(n):
+    return value(scrape(n), "anythingllm_streams_open")
+
+
+def test_streams_of_a_killed_worker_leave_the_gauge(nginx, redis_server,
+                                                    backend):
+    """A worker killed with streams open never ends them: once it is
+    gone, the gauge no longer counts them, and counts the new worker's
+    own streams."""
+    redis_server.add_key("k-held", scopes="chat")
+    n = metrics_nginx(nginx, redis_server, workers=1)
+    n.allow(r"worker process \d+ exited on signal 9")
+
+    streams = held_streams(n, backend, 3, "killed")
+    assert streams_open(n) == 3
+
+    old, = n.worker_pids()
+    os.kill(old, signal.SIGKILL)
+    helpers.wait_until(lambda: n.worker_pids() not in ([], [old]),
+                       timeout=5, message="no worker started in its place")
+    for s in streams:
+        s.close()
+    assert streams_open(n) == 0
+
+    # the new worker counts its own
+    again = held_streams(n, backend, 1, "again")
+    assert streams_open(n) == 1
+    backend.release("again")
+    again[0].read_all()
+    assert again[0].done, again[0].text
+    again[0].close()
+    helpers.wait_until(lambda: streams_open(n) == 0, timeout=5)
+    backend.release("killed")
+
+
+def test_streams_of_old_workers_count_until_they_end(nginx, redis_server,
+                                                     backend):
+    """After a reload, the old worker (shutting down, with the same
+    worker number as the new one) still answers its streams: they are
+    counted until they end, beside the new worker's, in the zone that
+    carried over."""
+    redis_server.add_key("k-held", scopes="chat")
+    n = metrics_nginx(nginx, redis_server, workers=1)
+
+    streams = held_streams(n, backend, 2, "before")
+    assert streams_open(n) == 2
+    old, = n.worker_pids()
+
+    n.reload()
+    assert old in n.worker_pids()
+    assert streams_open(n) == 2
+    new = held_streams(n, backend, 1, "after")
+    assert streams_open(n) == 3
+
+    backend.release("before")
+    for s in streams:
+        s.read_all()
+        assert s.done, s.text
+        # or the exiting worker lingers 5 s on the connection it closes
+        s.close()
+    helpers.wait_until(lambda: old not in n.worker_pids(), timeout=5,
+                       message="the old worker did not exit")
+    assert streams_open(n) == 1
+
+    backend.release("after")
+    new[0].read_all()
+    assert new[0].done, new[0].text
+    new[0].close()
+    helpers.wait_until(lambda: streams_open(n) == 0, timeout=5)
 
 
 def test_key_names_as_label_values(nginx, redis_server, backend):
