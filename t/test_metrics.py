@@ -289,6 +289,16 @@ def held_streams(n, backend, count, name):
     return streams
 
 
+def end_streams(backend, name, streams):
+    """Lets the held streams end, reads each to its end and closes it
+    (or an exiting worker lingers 5 s on the connection it closes)."""
+    backend.release(name)
+    for s in streams:
+        s.read_all()
+        assert s.done, s.text
+        s.close()
+
+
 def streams_open(n):
     return value(scrape(n), "anythingllm_streams_open")
 
@@ -316,10 +326,7 @@ def test_streams_of_a_killed_worker_leave_the_gauge(nginx, redis_server,
     # the new worker counts its own
     again = held_streams(n, backend, 1, "again")
     assert streams_open(n) == 1
-    backend.release("again")
-    again[0].read_all()
-    assert again[0].done, again[0].text
-    again[0].close()
+    end_streams(backend, "again", again)
     helpers.wait_until(lambda: streams_open(n) == 0, timeout=5)
     backend.release("killed")
 
@@ -343,20 +350,12 @@ def test_streams_of_old_workers_count_until_they_end(nginx, redis_server,
     new = held_streams(n, backend, 1, "after")
     assert streams_open(n) == 3
 
-    backend.release("before")
-    for s in streams:
-        s.read_all()
-        assert s.done, s.text
-        # or the exiting worker lingers 5 s on the connection it closes
-        s.close()
+    end_streams(backend, "before", streams)
     helpers.wait_until(lambda: old not in n.worker_pids(), timeout=5,
                        message="the old worker did not exit")
     assert streams_open(n) == 1
 
-    backend.release("after")
-    new[0].read_all()
-    assert new[0].done, new[0].text
-    new[0].close()
+    end_streams(backend, "after", new)
     helpers.wait_until(lambda: streams_open(n) == 0, timeout=5)
 
 
