@@ -18,27 +18,31 @@
 #define NGX_HTTP_ANYTHINGLLM_SESSION_MAX  64
 
 /*
- * Conversations in Redis: "<prefix>conv:<hex>" holds a session id and
- * expires after anythingllm_conversation_ttl; the sorted set
- * "<prefix>convs" holds every stored <hex>, scored by the time it was
- * stored.  The set bounds the records to anythingllm_conversation_max.
+ * Conversations in Redis: the hash "<prefix>conv" maps each stored
+ * <hex> to its session id; the sorted set "<prefix>convs" holds every
+ * stored <hex>, scored by the time its record expires (its store plus
+ * anythingllm_conversation_ttl).  A record whose time has passed is
+ * never continued.  The set bounds the records to
+ * anythingllm_conversation_max, and both keys expire the TTL after the
+ * last store, so nothing outlives a quiet TTL.
  *
  * The stores of one turn of the worker's event loop go to Redis
  * together, as one script run (see ngx_http_anythingllm_conv_store()).
- * When the set has room for every store of the run, each store is one
- * SET and one ZADD adds every entry (nothing can go past the cap).
- * Otherwise the script takes them one after the other.  A store that
- * finds the set with room adds its own entry and is done.  One that
- * would take the set past the cap first drops the entries older than
- * the TTL, then the oldest records beyond the cap, then adds its own.
- * It all runs in one script, so no client ever sees the count above
- * the cap.
+ * When the set has room for every store of the run, one HSET writes
+ * every record and one ZADD adds every entry: Redis's cost is one
+ * command for the run, not one a record.  Otherwise the script takes
+ * them one after the other, each taking its own entry out of the set
+ * first (a conversation stored again).  A store that finds the set
+ * with room adds its entry and is done.  One that would take the set
+ * past the cap first drops the records of the lowest scores beyond
+ * the cap, then adds its own.  It all runs in one script, so no
+ * client ever sees the count above the cap.
  *
- * Entries of expired records stay in the set until it is full: they
- * are its oldest, so the full path drops them before any live record,
- * and the records evicted are the same as if they had left at once.
+ * Records whose time has passed stay until the set is full (or the
+ * keys expire): theirs are the lowest scores, so the full path drops
+ * them before any live record.
  *
- * A SET is the script's first write on purpose: under maxmemory with
+ * An HSET is the script's first write on purpose: under maxmemory with
  * "noeviction", Redis refuses a script's first write that needs memory
  * (OOM, and the script changes nothing), but lets a script that has
  * already written go on.  A full Redis thus gets no record, rather
@@ -46,51 +50,43 @@
  * its few records (at most NGX_HTTP_ANYTHINGLLM_STORE_BATCH) past it.
  * Other keys (key records, rate-limit counters) are never touched.
  *
- * KEYS: the index, then the records.  ARGV: ttl, cap, now, the
- * records' key prefix "<prefix>conv:", then the session id and the
- * <hex> of each record in turn.
+ * KEYS: the index, the records.  ARGV: ttl, cap, now, then the <hex>
+ * and the session id of each record in turn.
  */
 
 #define NGX_HTTP_ANYTHINGLLM_STORE_SCRIPT                                     \
-    "local idx, ttl, cap, now = KEYS[1], ARGV[1], tonumber(ARGV[2]), "       \
-    "ARGV[3] "                                                               \
-    "if redis.call('ZCARD', idx) + #KEYS - 1 <= cap then "                   \
+    "local idx, rec, ttl, cap = KEYS[1], KEYS[2], ARGV[1], "                 \
+    "tonumber(ARGV[2]) "                                                     \
+    "local at = tonumber(ARGV[3]) + tonumber(ttl) "                          \
+    "if redis.call('ZCARD', idx) + (#ARGV - 3) / 2 <= cap then "             \
+    "redis.call('HSET', rec, unpack(ARGV, 4)) "                              \
     "local z = {} "                                                          \
-    "for i = 2, #KEYS do "                                                   \
-    "redis.call('SET', KEYS[i], ARGV[2 * i + 1], 'EX', ttl) "                \
-    "z[2 * i - 3], z[2 * i - 2] = now, ARGV[2 * i + 2] "                     \
-    "end "                                                                   \
+    "for i = 4, #ARGV, 2 do z[i - 3], z[i - 2] = at, ARGV[i] end "           \
     "redis.call('ZADD', idx, unpack(z)) "                                    \
     "else "                                                                  \
-    "for i = 2, #KEYS do "                                                   \
-    "local h = ARGV[2 * i + 2] "                                             \
-    "redis.call('SET', KEYS[i], ARGV[2 * i + 1], 'EX', ttl) "                \
+    "for i = 4, #ARGV, 2 do "                                                \
+    "local h = ARGV[i] "                                                     \
+    "redis.call('HSET', rec, h, ARGV[i + 1]) "                               \
+    "redis.call('ZREM', idx, h) "                                            \
     "local over = redis.call('ZCARD', idx) + 1 - cap "                       \
     "if over > 0 then "                                                      \
-    "redis.call('ZREMRANGEBYSCORE', idx, '-inf', "                           \
-    "tonumber(now) - tonumber(ttl)) "                                        \
-    "over = redis.call('ZCARD', idx) - cap "                                 \
-    "if not redis.call('ZSCORE', idx, h) then over = over + 1 end "          \
-    "if over > 0 then "                                                      \
     "local old = redis.call('ZRANGE', idx, 0, over - 1) "                    \
-    "for k = 1, #old do "                                                    \
-    "if old[k] ~= h then redis.call('DEL', ARGV[4] .. old[k]) end "          \
-    "end "                                                                   \
+    "for k = 1, #old do redis.call('HDEL', rec, old[k]) end "                \
     "redis.call('ZREMRANGEBYRANK', idx, 0, over - 1) "                       \
     "end "                                                                   \
-    "end "                                                                   \
-    "redis.call('ZADD', idx, now, h) "                                       \
+    "redis.call('ZADD', idx, at, h) "                                        \
     "end "                                                                   \
     "end "                                                                   \
     "redis.call('EXPIRE', idx, ttl) "                                        \
-    "return #KEYS - 1"
+    "redis.call('EXPIRE', rec, ttl) "                                        \
+    "return (#ARGV - 3) / 2"
 
 /* the most stores sent in one script run */
 #define NGX_HTTP_ANYTHINGLLM_STORE_BATCH  32
 
-/* EVAL, script, numkeys, index, ttl, cap, now, prefix; 3 a store */
+/* EVAL, script, numkeys, index, records, ttl, cap, now; 2 a store */
 #define NGX_HTTP_ANYTHINGLLM_STORE_ARGS                                       \
-    (8 + 3 * NGX_HTTP_ANYTHINGLLM_STORE_BATCH)
+    (8 + 2 * NGX_HTTP_ANYTHINGLLM_STORE_BATCH)
 
 
 typedef struct {
@@ -118,22 +114,24 @@ typedef struct {
 static ngx_http_anythingllm_conv_batch_t  ngx_http_anythingllm_conv_batch;
 
 /*
- * GETDEL for any Redis from 2.6 on, the index entry removed with the
- * record.  KEYS: record, index.  ARGV: <hex>.
+ * The record read and deleted with its index entry, and given only if
+ * its time has not passed.  KEYS: records, index.  ARGV: <hex>, now.
  */
 
 #define NGX_HTTP_ANYTHINGLLM_TAKE_SCRIPT                                      \
-    "local v = redis.call('GET', KEYS[1]) "                                   \
-    "if v then redis.call('DEL', KEYS[1]) "                                   \
-    "redis.call('ZREM', KEYS[2], ARGV[1]) end return v"
+    "local v = redis.call('HGET', KEYS[1], ARGV[1]) "                         \
+    "if v then "                                                              \
+    "local at = redis.call('ZSCORE', KEYS[2], ARGV[1]) "                      \
+    "redis.call('HDEL', KEYS[1], ARGV[1]) "                                   \
+    "redis.call('ZREM', KEYS[2], ARGV[1]) "                                   \
+    "if not at or tonumber(at) <= tonumber(ARGV[2]) then return false end "   \
+    "end "                                                                    \
+    "return v"
 
 /* a failed store is logged at most this often (seconds) per worker */
 #define NGX_HTTP_ANYTHINGLLM_STORE_LOG_EVERY  60
 
 
-static ngx_int_t ngx_http_anythingllm_conv_eval(ngx_http_request_t *r,
-    const char *script, size_t script_len, const char *hex,
-    const char **argv, size_t *argvlen);
 static void ngx_http_anythingllm_conv_taken(void *data,
     ngx_http_anythingllm_redis_reply_t *rep);
 static void ngx_http_anythingllm_conv_flush_event(ngx_event_t *ev);
@@ -144,8 +142,8 @@ static void ngx_http_anythingllm_conv_stored(void *data,
 
 
 /*
- * <prefix>conv:<digest of the earlier messages>, read and deleted at
- * once: a session goes on along one branch only.  Two conversations
+ * The record of the digest of the earlier messages, read and deleted
+ * at once: a session goes on along one branch only.  Two conversations
  * that began alike, or a turn sent again, cannot both continue it; the
  * second starts a new session.
  */
@@ -154,8 +152,9 @@ ngx_int_t
 ngx_http_anythingllm_conv_lookup(ngx_http_request_t *r,
     ngx_http_anythingllm_ctx_t *ctx, ngx_http_anythingllm_conv_done_pt done)
 {
-    const char                        *argv[6];
-    size_t                             argvlen[6];
+    u_char                             now[NGX_TIME_T_LEN];
+    const char                        *argv[7];
+    size_t                             argvlen[7];
     alm_chat_req_t                    *chat;
     ngx_http_anythingllm_main_conf_t  *amcf;
 
@@ -168,21 +167,25 @@ ngx_http_anythingllm_conv_lookup(ngx_http_request_t *r,
         return NGX_DECLINED;
     }
 
-    if (ngx_http_anythingllm_conv_eval(r, NGX_HTTP_ANYTHINGLLM_TAKE_SCRIPT,
-                                       sizeof(NGX_HTTP_ANYTHINGLLM_TAKE_SCRIPT)
-                                       - 1, chat->prefix_hex, argv, argvlen)
-        != NGX_OK)
-    {
-        return NGX_DECLINED;
-    }
-
+    argv[0] = "EVAL";
+    argvlen[0] = sizeof("EVAL") - 1;
+    argv[1] = NGX_HTTP_ANYTHINGLLM_TAKE_SCRIPT;
+    argvlen[1] = sizeof(NGX_HTTP_ANYTHINGLLM_TAKE_SCRIPT) - 1;
+    argv[2] = "2";
+    argvlen[2] = 1;
+    argv[3] = (const char *) amcf->conv_records.data;
+    argvlen[3] = amcf->conv_records.len;
+    argv[4] = (const char *) amcf->conv_index.data;
+    argvlen[4] = amcf->conv_index.len;
     argv[5] = chat->prefix_hex;
     argvlen[5] = ALM_DIGEST_HEX_LEN;
+    argv[6] = (const char *) now;
+    argvlen[6] = ngx_sprintf(now, "%T", ngx_time()) - now;
 
     ctx->conv_done = done;
     ctx->conv_pending = ngx_http_anythingllm_redis_command(
                                            ngx_http_anythingllm_conv_taken,
-                                           r, 6, argv, argvlen);
+                                           r, 7, argv, argvlen);
 
     if (ctx->conv_pending == NULL) {
         ngx_log_error(NGX_LOG_INFO, r->connection->log, 0,
@@ -261,49 +264,9 @@ ngx_http_anythingllm_conv_taken(void *data,
 
 
 /*
- * The first five words of the lookup's EVAL: the script, and its two
- * keys "<prefix>conv:<hex>" (the record) and "<prefix>convs" (the
- * index).
- */
-
-static ngx_int_t
-ngx_http_anythingllm_conv_eval(ngx_http_request_t *r, const char *script,
-    size_t script_len, const char *hex, const char **argv, size_t *argvlen)
-{
-    ngx_str_t                          record, index;
-    ngx_http_anythingllm_main_conf_t  *amcf;
-
-    amcf = ngx_http_get_module_main_conf(r, ngx_http_anythingllm_module);
-
-    if (ngx_http_anythingllm_redis_key(r->pool, &amcf->prefix, "conv:", hex,
-                                       0, &record)
-        != NGX_OK
-        || ngx_http_anythingllm_redis_key(r->pool, &amcf->prefix, "convs",
-                                          NULL, 0, &index)
-           != NGX_OK)
-    {
-        return NGX_ERROR;
-    }
-
-    argv[0] = "EVAL";
-    argvlen[0] = sizeof("EVAL") - 1;
-    argv[1] = script;
-    argvlen[1] = script_len;
-    argv[2] = "2";
-    argvlen[2] = 1;
-    argv[3] = (const char *) record.data;
-    argvlen[3] = record.len;
-    argv[4] = (const char *) index.data;
-    argvlen[4] = index.len;
-
-    return NGX_OK;
-}
-
-
-/*
- * Stores "<prefix>conv:<digest of every message and the answer>" ->
- * session id, so that the next turn of this conversation continues
- * the session, within the cap of anythingllm_conversation_max (see
+ * Stores <digest of every message and the answer> -> session id, so
+ * that the next turn of this conversation continues the session,
+ * within the cap of anythingllm_conversation_max (see
  * NGX_HTTP_ANYTHINGLLM_STORE_SCRIPT).  Nothing waits for the reply: a
  * store that fails leaves the next turn to the transcript.
  *
@@ -378,10 +341,9 @@ ngx_http_anythingllm_conv_flush_event(ngx_event_t *ev)
 static void
 ngx_http_anythingllm_conv_flush(ngx_http_anythingllm_conv_batch_t *batch)
 {
-    u_char                             *keys, *p;
+    u_char                             *p;
     u_char                              num[NGX_INT_T_LEN
-                                            + 3 * NGX_TIME_T_LEN + 4];
-    size_t                              rec_len;
+                                            + 2 * NGX_TIME_T_LEN];
     size_t                              argvlen[
                                             NGX_HTTP_ANYTHINGLLM_STORE_ARGS];
     ngx_uint_t                          i, n, argc;
@@ -402,74 +364,42 @@ ngx_http_anythingllm_conv_flush(ngx_http_anythingllm_conv_batch_t *batch)
         return;
     }
 
-    /* "<prefix>convs", then "<prefix>conv:<hex>" for each store */
-
-    rec_len = amcf->prefix.len + sizeof("conv:") - 1 + ALM_DIGEST_HEX_LEN;
-
-    keys = ngx_alloc(amcf->prefix.len + sizeof("convs") - 1 + n * rec_len,
-                     ngx_cycle->log);
-    if (keys == NULL) {
-        return;
-    }
-
     argv[0] = "EVAL";
     argvlen[0] = sizeof("EVAL") - 1;
     argv[1] = NGX_HTTP_ANYTHINGLLM_STORE_SCRIPT;
     argvlen[1] = sizeof(NGX_HTTP_ANYTHINGLLM_STORE_SCRIPT) - 1;
-
-    p = keys;
-    argv[3] = (const char *) p;
-    p = ngx_cpymem(p, amcf->prefix.data, amcf->prefix.len);
-    p = ngx_cpymem(p, "convs", sizeof("convs") - 1);
-    argvlen[3] = p - (u_char *) argv[3];
-
-    argc = 4;
-
-    for (i = 0; i < n; i++) {
-        argv[argc] = (const char *) p;
-        argvlen[argc++] = rec_len;
-
-        p = ngx_cpymem(p, amcf->prefix.data, amcf->prefix.len);
-        p = ngx_cpymem(p, "conv:", sizeof("conv:") - 1);
-        p = ngx_cpymem(p, batch->entries[i].hex, ALM_DIGEST_HEX_LEN);
-    }
-
-    /* numkeys: the index and the records */
-
-    p = num;
-    argv[2] = (const char *) p;
-    p = ngx_sprintf(p, "%ui", n + 1);
-    argvlen[2] = p - (u_char *) argv[2];
+    argv[2] = "2";
+    argvlen[2] = 1;
+    argv[3] = (const char *) amcf->conv_index.data;
+    argvlen[3] = amcf->conv_index.len;
+    argv[4] = (const char *) amcf->conv_records.data;
+    argvlen[4] = amcf->conv_records.len;
 
     /* ttl, cap and now, one after the other in num */
 
-    argv[argc] = (const char *) p;
+    p = num;
+
+    argv[5] = (const char *) p;
     p = ngx_sprintf(p, "%T", amcf->conversation_ttl);
-    argvlen[argc] = p - (u_char *) argv[argc];
-    argc++;
+    argvlen[5] = p - (u_char *) argv[5];
 
-    argv[argc] = (const char *) p;
+    argv[6] = (const char *) p;
     p = ngx_sprintf(p, "%i", amcf->conversation_max);
-    argvlen[argc] = p - (u_char *) argv[argc];
-    argc++;
+    argvlen[6] = p - (u_char *) argv[6];
 
-    argv[argc] = (const char *) p;
+    argv[7] = (const char *) p;
     p = ngx_sprintf(p, "%T", ngx_time());
-    argvlen[argc] = p - (u_char *) argv[argc];
-    argc++;
+    argvlen[7] = p - (u_char *) argv[7];
 
-    /* the records' key prefix: the first record's key without its hex */
-
-    argv[argc] = argv[4];
-    argvlen[argc++] = rec_len - ALM_DIGEST_HEX_LEN;
+    argc = 8;
 
     for (i = 0; i < n; i++) {
         e = &batch->entries[i];
 
-        argv[argc] = (const char *) e->session;
-        argvlen[argc++] = e->session_len;
         argv[argc] = (const char *) e->hex;
         argvlen[argc++] = ALM_DIGEST_HEX_LEN;
+        argv[argc] = (const char *) e->session;
+        argvlen[argc++] = e->session_len;
     }
 
     if (ngx_http_anythingllm_redis_command(ngx_http_anythingllm_conv_stored,
@@ -484,8 +414,6 @@ ngx_http_anythingllm_conv_flush(ngx_http_anythingllm_conv_batch_t *batch)
         ngx_log_debug1(NGX_LOG_DEBUG_HTTP, ngx_cycle->log, 0,
                        "anythingllm conversations stored: %ui", n);
     }
-
-    ngx_free(keys);
 }
 
 

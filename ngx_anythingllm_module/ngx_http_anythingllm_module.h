@@ -97,6 +97,8 @@ typedef struct {
     /* anythingllm_conversation_ttl, anythingllm_conversation_max */
     time_t                      conversation_ttl;
     ngx_int_t                   conversation_max;
+    ngx_str_t                   conv_records;   /* "<prefix>conv" */
+    ngx_str_t                   conv_index;     /* "<prefix>convs" */
 
     /* anythingllm_metrics_zone, anythingllm_metrics */
     ngx_shm_zone_t             *metrics_zone;

@@ -567,8 +567,7 @@ def stored(n, session):
     session = session.encode()
 
     def found():
-        return any(n.redis.cmd("GET", k) == session
-                   for k in n.redis.cmd("KEYS", "anythingllm:conv:*"))
+        return session in (n.redis.cmd("HVALS", "anythingllm:conv") or [])
     helpers.wait_until(found, 5, message="conversation not stored")
 
 
@@ -584,10 +583,39 @@ def test_conversation_continues(nginx, backend, stream_turns):
     # the third answer depends on the first turn
     assert answers[2][1] == ("Echo: turn 3 of I like tea | first: I like "
                              "tea | turns: 2")
-    keys = n.redis.cmd("KEYS", "anythingllm:conv:*")
-    assert keys
-    ttl = n.redis.cmd("TTL", keys[0])
-    assert 86000 < ttl <= 86400
+    assert n.redis.cmd("HLEN", "anythingllm:conv")
+    for name in ("anythingllm:conv", "anythingllm:convs"):
+        ttl = n.redis.cmd("TTL", name)
+        assert 86000 < ttl <= 86400, (name, ttl)
+
+
+def test_conversation_past_its_time_is_not_continued(nginx, backend):
+    """A record is continued only before the time its index entry
+    gives, whatever is left of the keys' own TTL; one past its time
+    is taken out and the turn goes on from its transcript."""
+    n = start(nginx, redis=True)
+    first = [user("stale tea")]
+    a = answer_of(chat(n, first))
+    session = upstream_body(backend)["sessionId"]
+    stored(n, session)
+
+    flat = n.redis.cmd("HGETALL", "anythingllm:conv")
+    hexes = [h for h, v in zip(flat[::2], flat[1::2])
+             if v == session.encode()]
+    assert len(hexes) == 1
+    at = float(n.redis.cmd("ZSCORE", "anythingllm:convs", hexes[0]))
+    assert 86000 < at - time.time() <= 86401
+
+    # its time passes: a second ago
+    n.redis.cmd("ZADD", "anythingllm:convs", "XX", int(time.time()) - 1,
+                hexes[0])
+    r = chat(n, first + [assistant(a), user("more tea")])
+    sent = upstream_body(backend)
+    assert sent["sessionId"] != session
+    assert sent["message"].startswith("Conversation so far:\nuser: stale tea")
+    assert answer_of(r).endswith("| turns: 0")
+    assert n.redis.cmd("HGET", "anythingllm:conv", hexes[0]) is None
+    assert n.redis.cmd("ZSCORE", "anythingllm:convs", hexes[0]) is None
 
 
 def test_conversations_stay_apart(nginx, backend):

@@ -529,8 +529,14 @@ def test_least_privilege_acl_users(nginx, sentinel_group, backend):
     body["messages"] += [{"role": "assistant",
                           "content": r.json()["choices"][0]["message"]
                           ["content"]}, user("again")]
+    # stored and taken under the gateway's user: the second turn goes
+    # on in the first one's session
+    helpers.wait_until(lambda: g.primary().cmd("HLEN", "anythingllm:conv"),
+                       timeout=5, message="conversation not stored")
     r = n.post("/v1/chat/completions", headers=bearer(key), json=body)
     assert r.status == 200, r.text
+    assert r.json()["choices"][0]["message"]["content"].endswith(
+        "| turns: 1"), r.text
 
     for args in (["list"], ["show", kid], ["set", kid, "--rpm", "50"],
                  ["disable", kid]):
