@@ -19,10 +19,10 @@
 
 /*
  * Conversations in Redis: the hash "<prefix>conv" maps each stored
- * <hex> to its session id; the sorted set "<prefix>convs" holds every
- * stored <hex>, scored by the time its record expires (its store plus
- * anythingllm_conversation_ttl).  A record whose time has passed is
- * never continued.  The set bounds the records to
+ * <hex> to its session id; the sorted set "<prefix>conv:until" holds
+ * every stored <hex>, scored by the time its record expires (its store
+ * plus anythingllm_conversation_ttl).  A record whose time has passed
+ * is never continued.  The set bounds the records to
  * anythingllm_conversation_max, and both keys expire the TTL after the
  * last store, so nothing outlives a quiet TTL.
  *

@@ -463,8 +463,9 @@ ngx_http_anythingllm_init_main_conf(ngx_conf_t *cf, void *conf)
         || ngx_http_anythingllm_redis_key(cf->pool, &amcf->prefix, "conv",
                                           NULL, 0, &amcf->conv_records)
            != NGX_OK
-        || ngx_http_anythingllm_redis_key(cf->pool, &amcf->prefix, "convs",
-                                          NULL, 0, &amcf->conv_index)
+        || ngx_http_anythingllm_redis_key(cf->pool, &amcf->prefix,
+                                          "conv:until", NULL, 0,
+                                          &amcf->conv_index)
            != NGX_OK)
     {
         return NGX_CONF_ERROR;

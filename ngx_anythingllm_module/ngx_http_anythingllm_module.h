@@ -98,7 +98,7 @@ typedef struct {
     time_t                      conversation_ttl;
     ngx_int_t                   conversation_max;
     ngx_str_t                   conv_records;   /* "<prefix>conv" */
-    ngx_str_t                   conv_index;     /* "<prefix>convs" */
+    ngx_str_t                   conv_index;     /* "<prefix>conv:until" */
 
     /* anythingllm_metrics_zone, anythingllm_metrics */
     ngx_shm_zone_t             *metrics_zone;

@@ -338,7 +338,7 @@ ngx_http_anythingllm_redis_ip_port(ngx_conf_t *cf, ngx_str_t *value,
 /*
  * The names of Redis keys and channels: "<prefix>key:<digest>",
  * "<prefix>rl:<digest>:<minute>" (the minute appended by the caller in
- * "room"), "<prefix>conv", "<prefix>convs", "<prefix>revocations".
+ * "room"), "<prefix>conv", "<prefix>conv:until", "<prefix>revocations".
  */
 
 ngx_int_t

@@ -81,7 +81,7 @@ def test_concurrent_completions_each_continue(nginx, backend, redis_server):
                        message="conversations not stored")
     assert sorted(records(redis).values()) == sorted(
         s.encode() for s in sent.values())
-    assert redis.cmd("ZCARD", PREFIX + "convs") == len(firsts)
+    assert redis.cmd("ZCARD", PREFIX + "conv:until") == len(firsts)
 
     # and each goes on in its own session, all at once again
     def second(i):
@@ -106,7 +106,7 @@ def test_batch_larger_than_the_cap(nginx, backend, redis_server):
     assert statuses == [200] * len(firsts)
 
     # the last of the stores is in: its record and index entry
-    helpers.wait_until(lambda: redis.cmd("ZCARD", PREFIX + "convs") > 0, 5,
+    helpers.wait_until(lambda: redis.cmd("ZCARD", PREFIX + "conv:until") > 0, 5,
                        message="conversations not stored")
     chat(n, [user("last one")])
     last = sessions_sent(backend)["last one"].encode()
@@ -115,4 +115,4 @@ def test_batch_larger_than_the_cap(nginx, backend, redis_server):
 
     stored = records(redis)
     assert 0 < len(stored) <= 3, len(stored)
-    assert redis.cmd("ZCARD", PREFIX + "convs") == len(stored)
+    assert redis.cmd("ZCARD", PREFIX + "conv:until") == len(stored)

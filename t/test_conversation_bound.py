@@ -98,7 +98,7 @@ def stored_after(redis, backend, call):
     # second share a score and are ordered by their hex digits, so the
     # newest need not be last
     def stored():
-        for h in redis.cmd("ZRANGE", PREFIX + "convs", 0, -1):
+        for h in redis.cmd("ZRANGE", PREFIX + "conv:until", 0, -1):
             if redis.cmd("HGET", PREFIX + "conv", h) == session:
                 return True
         return False
@@ -142,8 +142,8 @@ def test_flood_stays_within_the_cap(nginx, backend, redis_server):
 
     convs = conv_keys(redis)
     assert 0 < len(convs) <= CAP, len(convs)
-    assert redis.cmd("ZCARD", PREFIX + "convs") == len(convs)
-    for name in ("conv", "convs"):
+    assert redis.cmd("ZCARD", PREFIX + "conv:until") == len(convs)
+    for name in ("conv", "conv:until"):
         ttl = redis.cmd("TTL", PREFIX + name)
         assert 86000 < ttl <= 86400, (name, ttl)
 

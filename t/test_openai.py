@@ -584,7 +584,7 @@ def test_conversation_continues(nginx, backend, stream_turns):
     assert answers[2][1] == ("Echo: turn 3 of I like tea | first: I like "
                              "tea | turns: 2")
     assert n.redis.cmd("HLEN", "anythingllm:conv")
-    for name in ("anythingllm:conv", "anythingllm:convs"):
+    for name in ("anythingllm:conv", "anythingllm:conv:until"):
         ttl = n.redis.cmd("TTL", name)
         assert 86000 < ttl <= 86400, (name, ttl)
 
@@ -603,11 +603,11 @@ def test_conversation_past_its_time_is_not_continued(nginx, backend):
     hexes = [h for h, v in zip(flat[::2], flat[1::2])
              if v == session.encode()]
     assert len(hexes) == 1
-    at = float(n.redis.cmd("ZSCORE", "anythingllm:convs", hexes[0]))
+    at = float(n.redis.cmd("ZSCORE", "anythingllm:conv:until", hexes[0]))
     assert 86000 < at - time.time() <= 86401
 
     # its time passes: a second ago
-    n.redis.cmd("ZADD", "anythingllm:convs", "XX", int(time.time()) - 1,
+    n.redis.cmd("ZADD", "anythingllm:conv:until", "XX", int(time.time()) - 1,
                 hexes[0])
     r = chat(n, first + [assistant(a), user("more tea")])
     sent = upstream_body(backend)
@@ -615,7 +615,35 @@ def test_conversation_past_its_time_is_not_continued(nginx, backend):
     assert sent["message"].startswith("Conversation so far:\nuser: stale tea")
     assert answer_of(r).endswith("| turns: 0")
     assert n.redis.cmd("HGET", "anythingllm:conv", hexes[0]) is None
-    assert n.redis.cmd("ZSCORE", "anythingllm:convs", hexes[0]) is None
+    assert n.redis.cmd("ZSCORE", "anythingllm:conv:until", hexes[0]) is None
+
+
+def test_conversation_of_the_earlier_layout_is_left_alone(nginx, backend):
+    """A record in the layout of earlier builds (a string a
+    conversation, indexed by <prefix>convs) is neither continued nor
+    touched: the turn goes on from its transcript."""
+    n = start(nginx, redis=True)
+    first = [user("old tea")]
+    a = answer_of(chat(n, first))
+    session = upstream_body(backend)["sessionId"]
+    stored(n, session)
+
+    # the record moved to the earlier layout, as an earlier build
+    # would have written it
+    flat = n.redis.cmd("HGETALL", "anythingllm:conv")
+    h = [h for h, v in zip(flat[::2], flat[1::2])
+         if v == session.encode()][0]
+    n.redis.cmd("HDEL", "anythingllm:conv", h)
+    n.redis.cmd("ZREM", "anythingllm:conv:until", h)
+    old = b"anythingllm:conv:" + h
+    n.redis.cmd("SET", old, session, "EX", 86400)
+    n.redis.cmd("ZADD", "anythingllm:convs", int(time.time()), h)
+
+    r = chat(n, first + [assistant(a), user("more old tea")])
+    assert upstream_body(backend)["sessionId"] != session
+    assert answer_of(r).endswith("| turns: 0")
+    assert n.redis.cmd("GET", old) == session.encode()
+    assert n.redis.cmd("ZSCORE", "anythingllm:convs", h) is not None
 
 
 def test_conversations_stay_apart(nginx, backend):
