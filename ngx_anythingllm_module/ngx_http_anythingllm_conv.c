@@ -167,16 +167,11 @@ ngx_http_anythingllm_conv_lookup(ngx_http_request_t *r,
         return NGX_DECLINED;
     }
 
-    argv[0] = "EVAL";
-    argvlen[0] = sizeof("EVAL") - 1;
-    argv[1] = NGX_HTTP_ANYTHINGLLM_TAKE_SCRIPT;
-    argvlen[1] = sizeof(NGX_HTTP_ANYTHINGLLM_TAKE_SCRIPT) - 1;
-    argv[2] = "2";
-    argvlen[2] = 1;
-    argv[3] = (const char *) amcf->conv_records.data;
-    argvlen[3] = amcf->conv_records.len;
-    argv[4] = (const char *) amcf->conv_index.data;
-    argvlen[4] = amcf->conv_index.len;
+    ngx_http_anythingllm_redis_eval2(argv, argvlen,
+                                     NGX_HTTP_ANYTHINGLLM_TAKE_SCRIPT,
+                                     sizeof(NGX_HTTP_ANYTHINGLLM_TAKE_SCRIPT)
+                                     - 1, &amcf->conv_records,
+                                     &amcf->conv_index);
     argv[5] = chat->prefix_hex;
     argvlen[5] = ALM_DIGEST_HEX_LEN;
     argv[6] = (const char *) now;
@@ -364,16 +359,11 @@ ngx_http_anythingllm_conv_flush(ngx_http_anythingllm_conv_batch_t *batch)
         return;
     }
 
-    argv[0] = "EVAL";
-    argvlen[0] = sizeof("EVAL") - 1;
-    argv[1] = NGX_HTTP_ANYTHINGLLM_STORE_SCRIPT;
-    argvlen[1] = sizeof(NGX_HTTP_ANYTHINGLLM_STORE_SCRIPT) - 1;
-    argv[2] = "2";
-    argvlen[2] = 1;
-    argv[3] = (const char *) amcf->conv_index.data;
-    argvlen[3] = amcf->conv_index.len;
-    argv[4] = (const char *) amcf->conv_records.data;
-    argvlen[4] = amcf->conv_records.len;
+    ngx_http_anythingllm_redis_eval2(argv, argvlen,
+                                     NGX_HTTP_ANYTHINGLLM_STORE_SCRIPT,
+                                     sizeof(NGX_HTTP_ANYTHINGLLM_STORE_SCRIPT)
+                                     - 1, &amcf->conv_index,
+                                     &amcf->conv_records);
 
     /* ttl, cap and now, one after the other in num */
 

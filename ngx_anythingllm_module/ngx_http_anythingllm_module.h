@@ -382,6 +382,9 @@ ngx_http_anythingllm_redis_req_t *ngx_http_anythingllm_redis_command(
     int argc, const char **argv, const size_t *argvlen);
 void ngx_http_anythingllm_redis_cancel(
     ngx_http_anythingllm_redis_req_t **rrp);
+/* argv[0..4] of "EVAL <script> 2 <key1> <key2>" */
+void ngx_http_anythingllm_redis_eval2(const char **argv, size_t *argvlen,
+    const char *script, size_t script_len, ngx_str_t *key1, ngx_str_t *key2);
 
 
 /* ngx_http_anythingllm_cache.c */

@@ -226,6 +226,23 @@ ngx_http_anythingllm_redis_exit_process(ngx_cycle_t *cycle)
 }
 
 
+void
+ngx_http_anythingllm_redis_eval2(const char **argv, size_t *argvlen,
+    const char *script, size_t script_len, ngx_str_t *key1, ngx_str_t *key2)
+{
+    argv[0] = "EVAL";
+    argvlen[0] = sizeof("EVAL") - 1;
+    argv[1] = script;
+    argvlen[1] = script_len;
+    argv[2] = "2";
+    argvlen[2] = 1;
+    argv[3] = (const char *) key1->data;
+    argvlen[3] = key1->len;
+    argv[4] = (const char *) key2->data;
+    argvlen[4] = key2->len;
+}
+
+
 /*
  * While the connection is being made, commands wait in hiredis's buffer
  * (for the connect timeout at most); without a connection they fail.

@@ -762,16 +762,10 @@ ngx_http_anythingllm_usage_ask(ngx_http_request_t *r,
         ctx->used_cleanup = 1;
     }
 
-    argv[0] = "EVAL";
-    argvlen[0] = sizeof("EVAL") - 1;
-    argv[1] = NGX_HTTP_ANYTHINGLLM_USED_SCRIPT;
-    argvlen[1] = sizeof(NGX_HTTP_ANYTHINGLLM_USED_SCRIPT) - 1;
-    argv[2] = "2";
-    argvlen[2] = 1;
-    argv[3] = (const char *) day.data;
-    argvlen[3] = day.len;
-    argv[4] = (const char *) minute.data;
-    argvlen[4] = minute.len;
+    ngx_http_anythingllm_redis_eval2(argv, argvlen,
+                                     NGX_HTTP_ANYTHINGLLM_USED_SCRIPT,
+                                     sizeof(NGX_HTTP_ANYTHINGLLM_USED_SCRIPT)
+                                     - 1, &day, &minute);
 
     ctx->used_pending = ngx_http_anythingllm_redis_command(
                                       ngx_http_anythingllm_usage_answered,

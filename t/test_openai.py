@@ -589,33 +589,39 @@ def test_conversation_continues(nginx, backend, stream_turns):
         assert 86000 < ttl <= 86400, (name, ttl)
 
 
+def first_turn_stored(n, backend, messages):
+    """Sends the first turn and waits for its record; returns the
+    answer, the session and the record's <hex> in Redis."""
+    a = answer_of(chat(n, messages))
+    session = upstream_body(backend)["sessionId"]
+    stored(n, session)
+    flat = n.redis.cmd("HGETALL", "anythingllm:conv")
+    hexes = [h for h, v in zip(flat[::2], flat[1::2])
+             if v == session.encode()]
+    assert len(hexes) == 1
+    return a, session, hexes[0]
+
+
 def test_conversation_past_its_time_is_not_continued(nginx, backend):
     """A record is continued only before the time its index entry
     gives, whatever is left of the keys' own TTL; one past its time
     is taken out and the turn goes on from its transcript."""
     n = start(nginx, redis=True)
     first = [user("stale tea")]
-    a = answer_of(chat(n, first))
-    session = upstream_body(backend)["sessionId"]
-    stored(n, session)
-
-    flat = n.redis.cmd("HGETALL", "anythingllm:conv")
-    hexes = [h for h, v in zip(flat[::2], flat[1::2])
-             if v == session.encode()]
-    assert len(hexes) == 1
-    at = float(n.redis.cmd("ZSCORE", "anythingllm:conv:until", hexes[0]))
+    a, session, h = first_turn_stored(n, backend, first)
+    at = float(n.redis.cmd("ZSCORE", "anythingllm:conv:until", h))
     assert 86000 < at - time.time() <= 86401
 
     # its time passes: a second ago
     n.redis.cmd("ZADD", "anythingllm:conv:until", "XX", int(time.time()) - 1,
-                hexes[0])
+                h)
     r = chat(n, first + [assistant(a), user("more tea")])
     sent = upstream_body(backend)
     assert sent["sessionId"] != session
     assert sent["message"].startswith("Conversation so far:\nuser: stale tea")
     assert answer_of(r).endswith("| turns: 0")
-    assert n.redis.cmd("HGET", "anythingllm:conv", hexes[0]) is None
-    assert n.redis.cmd("ZSCORE", "anythingllm:conv:until", hexes[0]) is None
+    assert n.redis.cmd("HGET", "anythingllm:conv", h) is None
+    assert n.redis.cmd("ZSCORE", "anythingllm:conv:until", h) is None
 
 
 def test_conversation_of_the_earlier_layout_is_left_alone(nginx, backend):
@@ -624,15 +630,10 @@ def test_conversation_of_the_earlier_layout_is_left_alone(nginx, backend):
     touched: the turn goes on from its transcript."""
     n = start(nginx, redis=True)
     first = [user("old tea")]
-    a = answer_of(chat(n, first))
-    session = upstream_body(backend)["sessionId"]
-    stored(n, session)
+    a, session, h = first_turn_stored(n, backend, first)
 
     # the record moved to the earlier layout, as an earlier build
     # would have written it
-    flat = n.redis.cmd("HGETALL", "anythingllm:conv")
-    h = [h for h, v in zip(flat[::2], flat[1::2])
-         if v == session.encode()][0]
     n.redis.cmd("HDEL", "anythingllm:conv", h)
     n.redis.cmd("ZREM", "anythingllm:conv:until", h)
     old = b"anythingllm:conv:" + h
