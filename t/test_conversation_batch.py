@@ -106,8 +106,9 @@ def test_batch_larger_than_the_cap(nginx, backend, redis_server):
     assert statuses == [200] * len(firsts)
 
     # the last of the stores is in: its record and index entry
-    helpers.wait_until(lambda: redis.cmd("ZCARD", PREFIX + "conv:until") > 0, 5,
-                       message="conversations not stored")
+    helpers.wait_until(
+        lambda: redis.cmd("ZCARD", PREFIX + "conv:until") > 0, 5,
+        message="conversations not stored")
     chat(n, [user("last one")])
     last = sessions_sent(backend)["last one"].encode()
     helpers.wait_until(lambda: last in records(redis).values(), 5,

@@ -220,3 +220,35 @@ def test_full_redis_answers_in_transcript_mode(nginx, backend,
     failed = [l for l in log.splitlines() if "could not be stored" in l]
     assert 1 <= len(failed) <= 2, failed[:5]
     assert "[warn]" in failed[0] and "OOM" in failed[0]
+
+
+def test_records_key_of_another_type(nginx, backend, redis_server):
+    """Something else written at <prefix>conv (a string): every store
+    and lookup is refused (WRONGTYPE), the clients get their answers
+    and go on from their transcripts, the key is left as it is, and
+    the log says so once per worker, at warn."""
+    redis = redis_server
+    key = "sk-wrongtype-aaaaaaaaaaaaaaaaaaaaaaaaaaaa"
+    redis.add_key(key, scopes="chat", workspaces="*")
+    redis.cmd("SET", PREFIX + "conv", "not a hash")
+    n = nginx(GATEWAY)
+
+    for i in range(5):
+        first = [user("wrong type %d" % i)]
+        a = answer_of(chat(n, first, key))
+        r = chat(n, first + [assistant(a), user("again %d" % i)], key)
+        assert r.status == 200
+        assert answer_of(r).endswith("| turns: 0")
+        assert last_session(backend)["message"].startswith(
+            "Conversation so far:\nuser: wrong type %d\n" % i)
+
+    assert redis.cmd("GET", PREFIX + "conv") == b"not a hash"
+    assert redis.cmd("ZCARD", PREFIX + "conv:until") == 0
+
+    time.sleep(0.3)
+    log = n.error_log()
+    assert not re.search(r"\[(error|crit|alert|emerg)\]", log), \
+        [l for l in log.splitlines() if "[error]" in l][:5]
+    failed = [l for l in log.splitlines() if "could not be stored" in l]
+    assert 1 <= len(failed) <= 2, failed[:5]
+    assert "[warn]" in failed[0] and "WRONGTYPE" in failed[0]
