@@ -24,6 +24,7 @@ import time
 
 import pytest
 
+from lib import helpers
 from lib.openai import BASES
 from lib.processes import free_port
 
@@ -427,9 +428,13 @@ def test_http2_without_content_length(nginx, backend, extra):
         status, headers, out = curl_h2(h2, base + "/chat/completions", b"")
         err = check_error(status, headers, out, 400)
         assert "empty" in err["message"], err
-    # every request was HTTP/2, and came without a length
-    h2_lines = [l for l in n.access_lines() if "HTTP/2.0" in l]
-    assert len(h2_lines) == 10, n.access_lines()
+    # every request was HTTP/2, and came without a length; a line is
+    # written after its answer is sent
+    def h2_lines():
+        return [l for l in n.access_lines() if "HTTP/2.0" in l]
+    helpers.wait_until(lambda: len(h2_lines()) >= 10, timeout=5,
+                       message="not every HTTP/2 request was logged")
+    assert len(h2_lines()) == 10, n.access_lines()
     log = n.error_log()
     assert 'http2 header: ":method: POST"' in log
     assert 'http2 header: "content-length' not in log

@@ -10,7 +10,7 @@ import signal
 
 from lib import helpers
 from lib.auth import access_field, bearer, wait_access_lines
-from lib.metrics import keyed, scrape, value, verdicts
+from lib.metrics import counted, keyed, scrape, value, verdicts
 from lib.openai import abort, chunk, finalize, open_stream, user
 from lib.paths import REPO
 from lib.processes import LOG_FORMAT_MODULE, key_digest
@@ -84,9 +84,7 @@ def test_counts_of_a_known_workload(nginx, redis_server, backend):
     usage = chat.json()["usage"]
 
     # the log phase runs after the answer is sent: wait for the last one
-    helpers.wait_until(
-        lambda: sum(verdicts(scrape(n)).values()) == 9, timeout=3)
-    m = scrape(n)
+    m = counted(n, 9, 7)
 
     assert verdicts(m) == {"redis": 2, "cached": 4, "denied_scope": 1,
                            "denied_missing": 1, "denied_unknown": 1}
@@ -119,8 +117,13 @@ def test_counts_of_a_known_workload(nginx, redis_server, backend):
     assert value(m, "anythingllm_key_cache_evictions_total") == 0
 
     # Redis: the three lookups and what the chat stored; each answered
-    # one is in the latency histogram, none failed
-    commands = value(m, "anythingllm_redis_commands_total")
+    # one is in the latency histogram, none failed.  The chat's usage
+    # and conversation go to Redis after its log phase, together: its
+    # record there tells that both are counted
+    helpers.wait_until(lambda: redis_server.cmd("HLEN", "anythingllm:conv"),
+                       timeout=5, message="the chat's conversation was "
+                       "not stored")
+    commands = value(scrape(n), "anythingllm_redis_commands_total")
     assert commands >= 3
     helpers.wait_until(lambda: value(
         scrape(n), "anythingllm_redis_latency_seconds_count") == commands,
@@ -165,9 +168,7 @@ def test_counts_survive_a_reload(nginx, redis_server, backend):
 
     n.reload()
     assert n.get("/api/v1/auth", headers=bearer("k-stay")).status == 200
-    helpers.wait_until(
-        lambda: sum(verdicts(scrape(n)).values()) == 6, timeout=3)
-    m = scrape(n)
+    m = counted(n, 6, 6)
     stay = key_digest("k-stay")[:12]
     assert keyed(m, "anythingllm_key_requests_total") == \
         {stay: 6, "other": 0}
@@ -199,10 +200,9 @@ def test_many_keys_fold_into_other(nginx, redis_server, backend):
                       zone="anythingllm_metrics_zone 32k;", workers=2)
     for k in keys:
         assert n.get("/api/v1/auth", headers=bearer(k)).status == 200
-    helpers.wait_until(
-        lambda: sum(verdicts(scrape(n)).values()) == len(keys), timeout=3)
+    m = counted(n, len(keys), len(keys))
 
-    per_key = keyed(scrape(n), "anythingllm_key_requests_total")
+    per_key = keyed(m, "anythingllm_key_requests_total")
     # bounded by the zone (the README: 32k holds 64 keys), none lost
     assert len(per_key) - 1 == 64, len(per_key)
     assert sum(per_key.values()) == len(keys)
@@ -245,6 +245,13 @@ def test_streams_by_how_they_end(nginx, redis_server, backend):
         assert s.done, s.text
         s.close()
 
+    # a stream ends (and leaves the gauge) when its request goes, after
+    # its answer's end reached the client
+    ended = "anythingllm_streams_ended_total"
+    helpers.wait_until(lambda: sum(
+        v for k, v in scrape(n).items() if k[0] == ended) == 4, timeout=10,
+        message="the four streams never all ended")
+
     # a client that leaves mid-way; the stream counts as open until then
     s = open_stream(n, "[slow] tell me a story", headers=key)
     s.next_frame(timeout=3)
@@ -252,7 +259,6 @@ def test_streams_by_how_they_end(nginx, redis_server, backend):
     s.close()
 
     # nginx notices the client left when it next writes to it
-    ended = "anythingllm_streams_ended_total"
     helpers.wait_until(lambda: sum(
         v for k, v in scrape(n).items() if k[0] == ended) == 5, timeout=10)
     m = scrape(n)
@@ -366,9 +372,7 @@ def test_key_names_as_label_values(nginx, redis_server, backend):
     n = metrics_nginx(nginx, redis_server)
     for k in ("k-long", "k-line"):
         assert n.get("/api/v1/auth", headers=bearer(k)).status == 200
-    helpers.wait_until(
-        lambda: sum(verdicts(scrape(n)).values()) == 2, timeout=3)
-    m = scrape(n)
+    m = counted(n, 2, 2)
     assert value(m, "anythingllm_key_requests_total",
                  key_id=key_digest("k-long")[:12],
                  key_name="x" * 63 + "?") == 1

@@ -7,8 +7,7 @@ import time
 
 import pytest
 
-from lib import helpers
-from lib.metrics import keyed, scrape, verdicts
+from lib.metrics import counted, keyed, verdicts
 from lib.processes import ASAN, PREFIX, flat, key_digest
 
 KEYS = 100000
@@ -111,12 +110,9 @@ def rss(pid):
 
 
 def settled(n, total):
-    """The answer once every request is counted (the log phase comes
-    after the answer is sent)."""
-    def counted():
-        m = scrape(n)
-        return m if sum(verdicts(m).values()) == total else None
-    return helpers.wait_until(counted, timeout=10)
+    """The answer once every request is counted, each in a key's series
+    (the log phase comes after the answer is sent)."""
+    return counted(n, total, total, timeout=10)
 
 
 @pytest.mark.slow

@@ -12,6 +12,7 @@ import time
 import pytest
 
 from lib import helpers
+from lib.auth import wait_access_lines
 from lib.openai import BASES, answer_of, assistant, user
 from lib.processes import free_port
 
@@ -247,8 +248,8 @@ def test_chat_sources_and_usage(nginx, backend):
                              "total_tokens": 84}
     assert body["sources"] == [{"text": "a passage", "title": "doc.txt",
                                 "docId": "d1"}]
-    time.sleep(0.2)
-    assert "pt=79 ct=5" in n.access_lines()[-1]
+    # the access log line is written after the answer is sent
+    assert "pt=79 ct=5" in wait_access_lines(n, 1)[-1]
 
 
 def test_request_headers_rewritten(nginx, backend):
@@ -663,14 +664,21 @@ def test_conversations_stay_apart(nginx, backend):
         assert "first: %s" % ("-" if i == 0 else "bravo") in rb
         a += [assistant(ra), user("a%d" % i)]
         b += [assistant(rb), user("b%d" % i)]
+        # the next turns go on only from what is stored by then
+        stored(n, sa)
+        stored(n, sb)
 
 
 def test_alike_conversations_fork(nginx, backend):
     """Two conversations with the same first turn (same question, same
     answer) may share it, but never what follows."""
     n = start(nginx, redis=True)
+    # the same first turn stored twice: the second store replaces the
+    # first, and neither comes after a lookup of the turns below
     a1 = answer_of(chat(n, [user("same")]))
+    stored(n, upstream_body(backend)["sessionId"])
     b1 = answer_of(chat(n, [user("same")]))
+    stored(n, upstream_body(backend)["sessionId"])
     assert a1 == b1
     ra = answer_of(chat(n, [user("same"), assistant(a1), user("A says")]))
     sa = upstream_body(backend)["sessionId"]
@@ -687,6 +695,8 @@ def test_alike_conversations_fork(nginx, backend):
                if h["role"] == "user"]
     assert prompts[-1] == "B says" or prompts[-1].endswith("\nuser: B says")
     assert "A says" not in r.text
+    # A's second turn is stored before its third
+    stored(n, sa)
     ra = answer_of(chat(n, [user("same"), assistant(a1), user("A says"),
                             assistant(ra), user("A again")]))
     assert "turns: 2" in ra and upstream_body(backend)["sessionId"] == sa
@@ -711,6 +721,7 @@ def test_conversations_of_models_and_keys_apart(nginx, backend,
     two = {"Authorization": "Bearer sk-two"}
     a = answer_of(chat(n, [user("hi")], headers=one))
     s1 = upstream_body(backend)["sessionId"]
+    stored(n, s1)
     msgs = [user("hi"), assistant(a), user("more")]
 
     chat(n, msgs, headers=two)
@@ -760,10 +771,12 @@ def test_conversation_lookup_left_by_client(nginx, backend, redis_server):
 
 def test_tokens_in_access_log(nginx, backend):
     n = start(nginx)
+    # each line is written after its answer is sent: the first one is
+    # there before the stream starts, so that they come in this order
     answer_of(chat(n, [user("count me")]))
+    wait_access_lines(n, 1)
     stream_answer(n, [user("count me too")])
-    time.sleep(0.3)
-    lines = [l for l in n.access_lines() if "chat/completions" in l]
+    lines = [l for l in wait_access_lines(n, 2) if "chat/completions" in l]
     assert re.search(r"ws=sales pt=\d+ ct=9$", lines[0]), lines[0]
     assert re.search(r"ws=sales pt=\d+ ct=10$", lines[1]), lines[1]
 

@@ -18,7 +18,7 @@ from lib.auth import bearer
 from lib.openai import abort, chunk, finalize, open_stream
 from lib.paths import REPO
 from lib.processes import Service, free_port, key_digest, stop_process
-from lib.metrics import keyed, scrape, value, verdicts
+from lib.metrics import counted, keyed, scrape, value
 
 PROMETHEUS = os.environ.get("ALM_PROMETHEUS", "/usr/bin/prometheus")
 PROMTOOL = os.environ.get("ALM_PROMTOOL", "/usr/bin/promtool")
@@ -215,10 +215,9 @@ def test_prometheus_reads_the_workload(nginx, redis_server, backend,
     n = nginx(GATEWAY, redis=redis_server, workers=2)
     workload(n, redis_server, backend)
 
-    # the log phase of the last request is done once all are counted
-    helpers.wait_until(
-        lambda: sum(verdicts(scrape(n)).values()) == 14, timeout=5)
-    direct = scrape(n)
+    # the log phase of the last request is done once all are counted,
+    # eleven of them by key
+    direct = counted(n, 14, 11)
 
     after = time.time()
     p = prometheus([n.addr])
@@ -302,8 +301,7 @@ def test_promtool_checks_the_exposition(nginx, redis_server, backend):
     n = nginx(GATEWAY, redis=redis_server)
     assert n.get("/api/v1/auth", headers=bearer("k-lint")).status == 200
     assert n.get("/api/v1/auth", headers=bearer("k-none")).status == 401
-    helpers.wait_until(
-        lambda: sum(verdicts(scrape(n)).values()) == 2, timeout=3)
+    counted(n, 2, 1)
     body = n.get("/metrics").body
     r = subprocess.run([PROMTOOL, "check", "metrics"], input=body,
                        capture_output=True)

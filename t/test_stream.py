@@ -12,6 +12,7 @@ import time
 import pytest
 
 from lib import helpers
+from lib.auth import wait_access_lines
 from lib.openai import (BASES, abort, assert_failed, assert_success, chunk,
                         finalize, frame_bytes, open_stream, read_all)
 from lib.processes import free_port
@@ -102,8 +103,8 @@ def test_stream_include_usage(nginx, backend):
     frames = read_all(open_stream(n, usage=True))
     assert_success(frames, "Hello world", usage={
         "prompt_tokens": 11, "completion_tokens": 2, "total_tokens": 13})
-    time.sleep(0.3)
-    assert n.access_lines()[-1].endswith("pt=11 ct=2")
+    # the access log line is written after the answer is sent
+    assert wait_access_lines(n, 1)[-1].endswith("pt=11 ct=2")
 
 
 def test_split_frames(nginx, backend):

@@ -4,6 +4,8 @@ escapes kept), its format checked on the way."""
 
 import re
 
+from lib import helpers
+
 
 SAMPLE = re.compile(r'^([a-z_]+)(?:\{(.*)\})? (\S+)$')
 LABEL = re.compile(r'([a-z_]+)="((?:[^"\\]|\\.)*)"')
@@ -46,3 +48,23 @@ def keyed(m, name):
 def verdicts(m):
     return {dict(k[1])["verdict"]: v for k, v in m.items()
             if k[0] == "anythingllm_requests_total" and v}
+
+
+def counted(n, requests, keyed_requests, timeout=5):
+    """The answer once the log phase has counted every request: requests
+    verdicts, keyed_requests of them in a key's series ("other"
+    included).  The log phase runs after the answer is sent, and counts
+    a request's verdict before its key's series, while a scrape copies
+    the series before it reads the verdicts: the last verdict alone does
+    not tell that its key's count is there."""
+    def done():
+        m = scrape(n)
+        if sum(verdicts(m).values()) != requests:
+            return None
+        if sum(keyed(m, "anythingllm_key_requests_total").values()) \
+                != keyed_requests:
+            return None
+        return m
+    return helpers.wait_until(
+        done, timeout, message="the metrics never counted %d requests, "
+        "%d of them by key" % (requests, keyed_requests))
