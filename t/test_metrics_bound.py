@@ -68,37 +68,67 @@ def store_keys(redis_server, n, batch=5000):
         c.close()
 
 
-async def _client(port, keys, statuses):
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    try:
-        for i in keys:
-            writer.write(("GET /api/v1/auth HTTP/1.1\r\n"
-                          "Host: localhost\r\n"
-                          "Authorization: Bearer %s\r\n\r\n"
-                          % flood_key(i)).encode())
-            head = await reader.readuntil(b"\r\n\r\n")
-            status = int(head.split(b" ", 2)[1])
-            length = 0
-            for line in head.split(b"\r\n"):
-                if line.lower().startswith(b"content-length:"):
-                    length = int(line.split(b":", 1)[1])
-            await reader.readexactly(length)
-            statuses[status] = statuses.get(status, 0) + 1
-    finally:
-        writer.close()
+async def _client(reader, writer, keys, statuses):
+    for i in keys:
+        writer.write(("GET /api/v1/auth HTTP/1.1\r\n"
+                      "Host: localhost\r\n"
+                      "Authorization: Bearer %s\r\n\r\n"
+                      % flood_key(i)).encode())
+        head = await reader.readuntil(b"\r\n\r\n")
+        status = int(head.split(b" ", 2)[1])
+        length = 0
+        for line in head.split(b"\r\n"):
+            if line.lower().startswith(b"content-length:"):
+                length = int(line.split(b":", 1)[1])
+        await reader.readexactly(length)
+        statuses[status] = statuses.get(status, 0) + 1
 
 
-def run_keys(port, first, last):
-    """GET with each key in [first, last) once, over CONNECTIONS
-    keepalive connections at once; {status: count}."""
-    statuses = {}
+class Flood:
+    """CONNECTIONS keepalive connections, open from the first run of keys
+    to the last: each worker keeps the connections it accepted, and the
+    memory it holds for them, from one run to the next.  New connections
+    for each run would be shared out between the workers anew, and a
+    worker given more of them than before grows its heap for them."""
 
-    async def main():
-        await asyncio.gather(*(
-            _client(port, range(first + c, last, CONNECTIONS), statuses)
-            for c in range(CONNECTIONS)))
-    asyncio.run(main())
-    return statuses
+    def __init__(self, port):
+        self.loop = asyncio.new_event_loop()
+        self.conns = []
+
+        async def connect():
+            for _ in range(CONNECTIONS):
+                self.conns.append(
+                    await asyncio.open_connection("127.0.0.1", port))
+        try:
+            self.loop.run_until_complete(connect())
+        except BaseException:
+            self.close()
+            raise
+
+    def run(self, first, last):
+        """GET with each key in [first, last) once, over every
+        connection at once; {status: count}."""
+        statuses = {}
+
+        async def main():
+            await asyncio.gather(*(
+                _client(r, w, range(first + c, last, CONNECTIONS),
+                        statuses)
+                for c, (r, w) in enumerate(self.conns)))
+        self.loop.run_until_complete(main())
+        return statuses
+
+    def close(self):
+        async def close_all():
+            for _, w in self.conns:
+                w.close()
+            for _, w in self.conns:
+                try:
+                    await w.wait_closed()
+                except OSError:
+                    pass
+        self.loop.run_until_complete(close_all())
+        self.loop.close()
 
 
 def rss(pid):
@@ -122,10 +152,17 @@ def test_many_keys_bounded_answer_flat_memory(nginx, redis_server):
     n = nginx(FLOOD, redis=redis_server, upstream="127.0.0.1:9",
               workers=2, log_level="warn")
     pids = n.worker_pids()
+    flood = Flood(n.port)
+    try:
+        check_flat_memory(n, pids, flood)
+    finally:
+        flood.close()
 
+
+def check_flat_memory(n, pids, flood):
     # warm up: the cache and metrics zones full, every connection made,
     # each worker's pools and Redis buffers at their working size
-    assert run_keys(n.port, 0, WARMUP) == {200: WARMUP}
+    assert flood.run(0, WARMUP) == {200: WARMUP}
     m = settled(n, WARMUP)
     per_key = keyed(m, "anythingllm_key_requests_total")
     # 32k holds 64 keys (the README), and the rest is "other"
@@ -134,7 +171,7 @@ def test_many_keys_bounded_answer_flat_memory(nginx, redis_server):
     lines = len(n.get("/metrics").text.splitlines())
     before = {pid: rss(pid) for pid in pids}
 
-    assert run_keys(n.port, WARMUP, KEYS) == {200: KEYS - WARMUP}
+    assert flood.run(WARMUP, KEYS) == {200: KEYS - WARMUP}
     m = settled(n, KEYS)
     assert verdicts(m) == {"redis": KEYS}
 
@@ -155,9 +192,9 @@ def test_many_keys_bounded_answer_flat_memory(nginx, redis_server):
     # memory: the zones are shared and of a fixed size (the warm-up
     # touched all their pages), and nothing a request allocates
     # outlives it, so 80k more keys leave the workers' RSS where the
-    # warm-up left it.  The slack (together, whichever worker took the
-    # connections) is what the heap may still settle by, about 150k
-    # here; a leak of 8 bytes a request would be 640k and fail
+    # warm-up left it.  The slack (the workers together) is what the
+    # heap may still settle by, about 150k here; a leak of 8 bytes a
+    # request would be 640k and fail
     assert n.worker_pids() == pids
     if ASAN:
         # ASan holds freed memory in its quarantine (256 MB a process by
