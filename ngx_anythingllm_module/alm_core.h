@@ -255,6 +255,15 @@ void alm_key_digest(const char *key, size_t len,
 void alm_hex(const unsigned char *bin, size_t len, char *out);
 
 /*
+ * The first byte from p on that is not a plain JSON string byte (below
+ * 0x20, a quote, a backslash, or 0x80 and up), or end: the strings of
+ * AnythingLLM's answers are mostly plain throughout, and are skipped
+ * 16 or 8 bytes at a time.
+ */
+const unsigned char *alm_plain_end(const unsigned char *p,
+    const unsigned char *end);
+
+/*
  * The length (1..4) of the strictly valid UTF-8 sequence at p, of which
  * avail bytes may be read, or 0 when the bytes there do not start one.
  */

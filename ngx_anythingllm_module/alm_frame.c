@@ -23,10 +23,6 @@
 #include <stdlib.h>
 #include <string.h>
 
-#if (__SSE2__)
-#include <emmintrin.h>
-#endif
-
 #include "alm_core.h"
 
 
@@ -34,7 +30,6 @@
 #define ALM_FRAME_NAME_MAX  24      /* longer than any name looked for */
 #define ALM_FRAME_NUM_MAX   64
 
-#define ALM_FRAME_BYTES(c)  (0x0101010101010101ULL * (c))
 
 
 /* what a string byte asks of the first pass */
@@ -80,78 +75,6 @@ alm_scan_ws(alm_scan_t *s)
     while (s->p < s->end && *s->p <= 0x20) {
         s->p++;
     }
-}
-
-
-/*
- * Whether any of the 8 bytes in v is not a plain string byte: below
- * 0x20, a quote, a backslash, or 0x80 and up.  (x - 0x01..) & ~x &
- * 0x80.. is not 0 exactly when a byte of x is 0, and a byte below 0x20
- * is one that subtracting 0x20 borrows from while its top bit is 0.
- */
-
-static int
-alm_frame_special(uint64_t v)
-{
-    uint64_t  q, b;
-
-    q = v ^ ALM_FRAME_BYTES('"');
-    b = v ^ ALM_FRAME_BYTES('\\');
-
-    return ((((v - ALM_FRAME_BYTES(0x20)) & ~v)
-            | ((q - ALM_FRAME_BYTES(1)) & ~q)
-            | ((b - ALM_FRAME_BYTES(1)) & ~b)
-            | v)
-           & ALM_FRAME_BYTES(0x80)) != 0;
-}
-
-
-/*
- * The first byte from p on that is not a plain string byte, or end:
- * most of a frame's strings are plain throughout.
- */
-
-static const unsigned char *
-alm_scan_plain(const unsigned char *p, const unsigned char *end)
-{
-    uint64_t   v;
-#if (__SSE2__)
-    int        m;
-    __m128i    x;
-
-    /* compared as signed bytes, those from 0x80 up are below 0x20 */
-
-    while (end - p >= 16) {
-        x = _mm_loadu_si128((const __m128i *) p);
-        m = _mm_movemask_epi8(
-                _mm_or_si128(
-                    _mm_or_si128(_mm_cmpeq_epi8(x, _mm_set1_epi8('"')),
-                                 _mm_cmpeq_epi8(x, _mm_set1_epi8('\\'))),
-                    _mm_cmplt_epi8(x, _mm_set1_epi8(0x20))));
-
-        if (m) {
-            return p + __builtin_ctz((unsigned) m);
-        }
-
-        p += 16;
-    }
-#endif
-
-    while (end - p >= 8) {
-        memcpy(&v, p, 8);
-
-        if (alm_frame_special(v)) {
-            break;
-        }
-
-        p += 8;
-    }
-
-    while (p < end && alm_frame_class[*p] == ALM_C_PLAIN) {
-        p++;
-    }
-
-    return p;
 }
 
 
@@ -251,7 +174,7 @@ alm_scan_string(alm_scan_t *s, alm_frame_str_t *str)
 
     for ( ;; ) {
 
-        p = alm_scan_plain(p, end);
+        p = alm_plain_end(p, end);
 
         if (p >= end) {
             return 0;
@@ -955,7 +878,7 @@ alm_frame_plain(const char *p, size_t n, unsigned *flags)
     end = q + n;
 
     for ( ;; ) {
-        q = alm_scan_plain(q, end);
+        q = alm_plain_end(q, end);
 
         if (q == end) {
             return 1;

@@ -254,8 +254,9 @@ alm_hex4(const unsigned char *p, const unsigned char *end, unsigned *v)
  * Anything else that is not JSON is left to the parser.
  *
  * Strings are followed only to tell an escape's backslash from a
- * quote; a UTF-8 sequence never holds a byte below 0x80, so looking
- * at one byte at a time cannot be fooled.
+ * quote; a UTF-8 sequence never holds a byte below 0x80, so stopping
+ * only at quotes, backslashes and bytes from 0x80 up cannot be
+ * fooled.
  */
 
 const char *
@@ -277,6 +278,19 @@ alm_json_text_check(const char *body, size_t len, size_t *at)
     in_string = 0;
 
     while (p < end) {
+
+        /* bytes that are none of these four kinds pass in any state */
+
+        p = alm_plain_end(p, end);
+
+        if (p == end) {
+            break;
+        }
+
+        if (*p < 0x20) {
+            p++;
+            continue;
+        }
 
         if (*p >= 0x80) {
             n = alm_utf8_len(p, end - p);

@@ -48,29 +48,33 @@ alm_span_string(const char **pp, const char *end, int *escaped)
     p = *pp + 1;
     *escaped = 0;
 
-    while (p < end && *p != '"') {
+    for ( ;; ) {
+        p = (const char *) alm_plain_end((const unsigned char *) p,
+                                         (const unsigned char *) end);
 
-        if ((unsigned char) *p < 0x20) {
+        if (p == end || (unsigned char) *p < 0x20) {
             return 0;
         }
 
-        if (*p == '\\') {
-            if (end - p < 2 || strchr("bfnrt\"\\/", p[1]) == NULL
-                || p[1] == '\0')
-            {
-                return 0;
-            }
+        if (*p == '"') {
+            break;
+        }
 
-            *escaped = 1;
-            p += 2;
+        if ((unsigned char) *p >= 0x80) {
+            p++;
             continue;
         }
 
-        p++;
-    }
+        /* a backslash */
 
-    if (p == end) {
-        return 0;
+        if (end - p < 2 || strchr("bfnrt\"\\/", p[1]) == NULL
+            || p[1] == '\0')
+        {
+            return 0;
+        }
+
+        *escaped = 1;
+        p += 2;
     }
 
     *pp = p + 1;

@@ -446,6 +446,53 @@ test_conv_hash(void **state)
 }
 
 
+/*
+ * alm_plain_end() against a byte-by-byte scan: every kind of byte that
+ * stops it, at every offset across the 16-, 8- and 1-byte steps, and
+ * a text without one.
+ */
+
+static void
+test_plain_end(void **state)
+{
+    size_t                len, at, k, i;
+    unsigned char         buf[48];
+    const unsigned char  *end;
+
+    static const unsigned char  stops[] = {
+        '"', '\\', 0x00, 0x01, 0x0a, 0x1f, 0x80, 0xc3, 0xff
+    };
+
+    (void) state;
+
+    for (len = 0; len <= sizeof(buf); len++) {
+        memset(buf, 'a', sizeof(buf));
+        end = buf + len;
+        assert_ptr_equal(alm_plain_end(buf, end), end);
+
+        for (at = 0; at < len; at++) {
+            for (k = 0; k < sizeof(stops); k++) {
+                memset(buf, 'a', sizeof(buf));
+
+                /* plain neighbours of the stops: 0x20, 0x21, 0x5b, 0x7f */
+                for (i = 0; i < len; i++) {
+                    buf[i] = (unsigned char) ("\x20\x21\x5b\x7f"[i % 4]);
+                }
+
+                buf[at] = stops[k];
+                assert_ptr_equal(alm_plain_end(buf, end), buf + at);
+
+                /* a second stop further on does not matter */
+                if (at + 1 < len) {
+                    buf[len - 1] = '"';
+                    assert_ptr_equal(alm_plain_end(buf, end), buf + at);
+                }
+            }
+        }
+    }
+}
+
+
 int
 main(void)
 {
@@ -459,6 +506,7 @@ main(void)
         cmocka_unit_test(test_error_json),
         cmocka_unit_test(test_error_set),
         cmocka_unit_test(test_conv_hash),
+        cmocka_unit_test(test_plain_end),
     };
 
     return cmocka_run_group_tests_name("util", tests, NULL, NULL);
