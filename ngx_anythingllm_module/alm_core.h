@@ -18,7 +18,12 @@
 
 #include <stddef.h>
 #include <stdint.h>
+#include <string.h>
 #include <time.h>
+
+#if (__SSE2__)
+#include <emmintrin.h>
+#endif
 
 
 #define ALM_OK                 0
@@ -254,14 +259,82 @@ void alm_key_digest(const char *key, size_t len,
 /* 2 * len lowercase hex digits (no NUL written) */
 void alm_hex(const unsigned char *bin, size_t len, char *out);
 
+#define ALM_BYTES(c)  (0x0101010101010101ULL * (c))
+
+/*
+ * Whether any of the 8 bytes in v is not a plain string byte.
+ * (x - 0x01..) & ~x & 0x80.. is not 0 exactly when a byte of x is 0,
+ * and a byte below 0x20 is one that subtracting 0x20 borrows from
+ * while its top bit is 0.
+ */
+
+static inline int
+alm_plain_not(uint64_t v)
+{
+    uint64_t  q, b;
+
+    q = v ^ ALM_BYTES('"');
+    b = v ^ ALM_BYTES('\\');
+
+    return ((((v - ALM_BYTES(0x20)) & ~v)
+            | ((q - ALM_BYTES(1)) & ~q)
+            | ((b - ALM_BYTES(1)) & ~b)
+            | v)
+           & ALM_BYTES(0x80)) != 0;
+}
+
 /*
  * The first byte from p on that is not a plain JSON string byte (below
  * 0x20, a quote, a backslash, or 0x80 and up), or end: the strings of
  * AnythingLLM's answers are mostly plain throughout, and are skipped
- * 16 or 8 bytes at a time.
+ * 16 or 8 bytes at a time.  Inline: the string readers call it for
+ * every string, most of them short.
  */
-const unsigned char *alm_plain_end(const unsigned char *p,
-    const unsigned char *end);
+
+static inline const unsigned char *
+alm_plain_end(const unsigned char *p, const unsigned char *end)
+{
+    uint64_t   v;
+#if (__SSE2__)
+    int        m;
+    __m128i    x;
+
+    /* compared as signed bytes, those from 0x80 up are below 0x20 */
+
+    while (end - p >= 16) {
+        x = _mm_loadu_si128((const __m128i *) p);
+        m = _mm_movemask_epi8(
+                _mm_or_si128(
+                    _mm_or_si128(_mm_cmpeq_epi8(x, _mm_set1_epi8('"')),
+                                 _mm_cmpeq_epi8(x, _mm_set1_epi8('\\'))),
+                    _mm_cmplt_epi8(x, _mm_set1_epi8(0x20))));
+
+        if (m) {
+            return p + __builtin_ctz((unsigned) m);
+        }
+
+        p += 16;
+    }
+#endif
+
+    while (end - p >= 8) {
+        memcpy(&v, p, 8);
+
+        if (alm_plain_not(v)) {
+            break;
+        }
+
+        p += 8;
+    }
+
+    while (p < end && *p >= 0x20 && *p < 0x80 && *p != '"' && *p != '\\')
+    {
+        p++;
+    }
+
+    return p;
+}
+
 
 /*
  * The length (1..4) of the strictly valid UTF-8 sequence at p, of which

@@ -10,13 +10,8 @@
 #define OPENSSL_SUPPRESS_DEPRECATED
 
 #include <stdarg.h>
-#include <stdint.h>
 #include <stdio.h>
 #include <string.h>
-
-#if (__SSE2__)
-#include <emmintrin.h>
-#endif
 
 #include <openssl/sha.h>
 
@@ -31,9 +26,6 @@
  */
 _Static_assert(sizeof(SHA256_CTX) <= sizeof(alm_conv_hash_t),
                "alm_conv_hash_t is too small for SHA256_CTX");
-
-
-#define ALM_BYTES(c)  (0x0101010101010101ULL * (c))
 
 
 int
@@ -451,74 +443,6 @@ alm_hex(const unsigned char *bin, size_t len, char *out)
         *out++ = digits[*bin & 0x0f];
         bin++;
     }
-}
-
-
-/*
- * Whether any of the 8 bytes in v is not a plain string byte.
- * (x - 0x01..) & ~x & 0x80.. is not 0 exactly when a byte of x is 0,
- * and a byte below 0x20 is one that subtracting 0x20 borrows from
- * while its top bit is 0.
- */
-
-static int
-alm_plain_not(uint64_t v)
-{
-    uint64_t  q, b;
-
-    q = v ^ ALM_BYTES('"');
-    b = v ^ ALM_BYTES('\\');
-
-    return ((((v - ALM_BYTES(0x20)) & ~v)
-            | ((q - ALM_BYTES(1)) & ~q)
-            | ((b - ALM_BYTES(1)) & ~b)
-            | v)
-           & ALM_BYTES(0x80)) != 0;
-}
-
-
-const unsigned char *
-alm_plain_end(const unsigned char *p, const unsigned char *end)
-{
-    uint64_t   v;
-#if (__SSE2__)
-    int        m;
-    __m128i    x;
-
-    /* compared as signed bytes, those from 0x80 up are below 0x20 */
-
-    while (end - p >= 16) {
-        x = _mm_loadu_si128((const __m128i *) p);
-        m = _mm_movemask_epi8(
-                _mm_or_si128(
-                    _mm_or_si128(_mm_cmpeq_epi8(x, _mm_set1_epi8('"')),
-                                 _mm_cmpeq_epi8(x, _mm_set1_epi8('\\'))),
-                    _mm_cmplt_epi8(x, _mm_set1_epi8(0x20))));
-
-        if (m) {
-            return p + __builtin_ctz((unsigned) m);
-        }
-
-        p += 16;
-    }
-#endif
-
-    while (end - p >= 8) {
-        memcpy(&v, p, 8);
-
-        if (alm_plain_not(v)) {
-            break;
-        }
-
-        p += 8;
-    }
-
-    while (p < end && *p >= 0x20 && *p < 0x80 && *p != '"' && *p != '\\')
-    {
-        p++;
-    }
-
-    return p;
 }
 
 
