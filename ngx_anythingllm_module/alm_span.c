@@ -61,7 +61,15 @@ alm_span_string(const char **pp, const char *end, int *escaped)
         }
 
         if ((unsigned char) *p >= 0x80) {
-            p++;
+            /*
+             * text that is not ASCII: its bytes need no look here, and
+             * a run of them is passed at once, not one scan a byte
+             */
+
+            do {
+                p++;
+            } while (p < end && (unsigned char) *p >= 0x80);
+
             continue;
         }
 
