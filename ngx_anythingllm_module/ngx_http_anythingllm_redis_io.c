@@ -175,10 +175,15 @@ ngx_http_anythingllm_redis_io_handler(ngx_event_t *ev)
         return;
     }
 
-    /* may free the context: nothing is touched afterwards */
+    /*
+     * May free the context: nothing of it is touched afterwards ("conn"
+     * is static and outlives it).
+     */
 
     if (ev->write) {
+        conn->writing = 1;
         redisAsyncHandleWrite(conn->ac);
+        conn->writing = 0;
 
     } else {
         redisAsyncHandleRead(conn->ac);
@@ -235,9 +240,31 @@ ngx_http_anythingllm_redis_io_del_read(void *privdata)
 }
 
 
+/*
+ * The commands of a connected context are written once the event
+ * loop's turn has run every handler that adds to them: the write event
+ * is posted, not asked of the kernel, which saves the two epoll_ctl()
+ * calls of a level-triggered write event a batch.  Only what the
+ * socket would not take at once (hiredis asks again from within its
+ * write) waits for the kernel's write event; the connect's result
+ * always does.
+ */
+
 static void
 ngx_http_anythingllm_redis_io_add_write(void *privdata)
 {
+    ngx_http_anythingllm_redis_conn_t  *conn = privdata;
+
+    if (conn->c != NULL && conn->ac != NULL && !conn->writing
+        && (conn->ac->c.flags & REDIS_CONNECTED))
+    {
+        if (!conn->c->write->posted) {
+            ngx_post_event(conn->c->write, &ngx_posted_events);
+        }
+
+        return;
+    }
+
     ngx_http_anythingllm_redis_io_event(privdata, NGX_WRITE_EVENT, 1);
 }
 

@@ -61,6 +61,7 @@ struct ngx_http_anythingllm_redis_conn_s {
     unsigned                    subscriber:1;
     unsigned                    was_down:1; /* revocations may be lost */
     unsigned                    quiet:1;    /* failure already logged */
+    unsigned                    writing:1;  /* in redisAsyncHandleWrite() */
 };
 
 
