@@ -741,13 +741,24 @@ ngx_http_anythingllm_whole_add(ngx_http_request_t *r,
     room = fctx->cap - fctx->len;
 
     if (fctx->body == NULL || room < size) {
-        cap = ngx_max(fctx->cap, 4096);
 
-        while (cap < fctx->len + size) {
-            cap *= 2;
+        if (fctx->body == NULL && fctx->cap >= size) {
+            /*
+             * the Content-Length, exactly: an answer shorter than a
+             * page comes from the pool's blocks, not a malloc() of its
+             * own
+             */
+            cap = fctx->cap;
+
+        } else {
+            cap = ngx_max(fctx->cap, 4096);
+
+            while (cap < fctx->len + size) {
+                cap *= 2;
+            }
+
+            cap = ngx_min(cap, fctx->max);
         }
-
-        cap = ngx_min(cap, fctx->max);
 
         p = ngx_pnalloc(r->pool, cap);
         if (p == NULL) {
