@@ -742,23 +742,20 @@ ngx_http_anythingllm_whole_add(ngx_http_request_t *r,
 
     if (fctx->body == NULL || room < size) {
 
-        if (fctx->body == NULL && fctx->cap >= size) {
-            /*
-             * the Content-Length, exactly: an answer shorter than a
-             * page comes from the pool's blocks, not a malloc() of its
-             * own
-             */
-            cap = fctx->cap;
+        /*
+         * The first buffer is the Content-Length exactly when it holds
+         * what came: an answer shorter than a page comes from the
+         * pool's blocks, not a malloc() of its own.
+         */
 
-        } else {
-            cap = ngx_max(fctx->cap, 4096);
+        cap = (fctx->body == NULL && fctx->cap >= size)
+              ? fctx->cap : ngx_max(fctx->cap, 4096);
 
-            while (cap < fctx->len + size) {
-                cap *= 2;
-            }
-
-            cap = ngx_min(cap, fctx->max);
+        while (cap < fctx->len + size) {
+            cap *= 2;
         }
+
+        cap = ngx_min(cap, fctx->max);
 
         p = ngx_pnalloc(r->pool, cap);
         if (p == NULL) {

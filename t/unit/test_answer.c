@@ -345,6 +345,13 @@ test_response_in_place(void **state)
         "{}", "[]", "\"s\"", "", " ", "{", "{\"a\"}", "{\"a\":}",
         "{\"a\":tru}", "{\"a\":nul}", "{\"a\":1 \"b\":2}",
         "{\"textResponse\":\"\xff\xfe bytes\"}",
+        /* runs of bytes from 0x80 up, passed at once by the reader */
+        "{\"textResponse\":\"\xe6\x95\xb0\xe6\x8d\xae\xe6\x98\xbe\xe7\xa4"
+        "\xba\xe6\xaf\x8f\xe4\xb8\xaa\xe5\x9c\xb0\xe5\x8c\xba\xe9\x83\xbd"
+        "\xe5\x9c\xa8\xe5\xa2\x9e\xe9\x95\xbf\\n\xc3\xa9\\\"\xe2\x80\x94"
+        "\",\"sources\":[{\"\xe6\x96\x87\":\"\xe4\xbb\xb6\"}]}",
+        "{\"textResponse\":\"\xe6\x95\xb0\xe6\x8d\xae\xe6\x98\xbe\xe7\xa4"
+        "\xba\xe6\xaf\x8f",
     };
 
     (void) state;
