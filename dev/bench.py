@@ -114,6 +114,27 @@ def rounds(work, cases, ports, reframe):
     return best, tries
 
 
+def machine():
+    """The machine a run was on, for reading its table against others:
+    a slower core raises the cost of what the module computes (the
+    translation, the re-framer) more than that of plain proxying."""
+    model, mhz = "unknown CPU", None
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key == "model name" and model == "unknown CPU":
+                    model = value.strip()
+                elif key == "cpu MHz" and mhz is None:
+                    mhz = float(value)
+    except OSError:
+        pass
+    return "%d cores, %s%s, Linux %s" % (
+        os.cpu_count() or 0, model,
+        "" if mhz is None else " at %.0f MHz" % mhz, os.uname().release)
+
+
 def median_ratio(tries, name, base):
     """The median over the rounds of a case's try to its baseline's
     try of the same round: steadier than the ratio of the best tries
@@ -195,8 +216,8 @@ def main():
     finally:
         st.close()
 
-    print("%d rounds of %d s, %d connections, best of each"
-          % (ROUNDS, SECONDS, CONNS))
+    print("%d rounds of %d s, %d connections, best of each; %s"
+          % (ROUNDS, SECONDS, CONNS, machine()))
     print(table(cases, best, tries, mem))
 
     if any(best[c[0]][2] for c in cases):
