@@ -26,7 +26,7 @@ SOAK_SECONDS ?= 600
 MODULE      := build/module/ngx_http_anythingllm_module.so
 ASAN_MODULE := build/asan/ngx_http_anythingllm_module.so
 SOURCES     := config $(wildcard ngx_anythingllm_module/*.[ch])
-SOURCES     += VERSION
+SOURCES     += VERSION scripts/build-module.sh
 # the matrix build the mainline pytest pass runs: module compiled in
 MAINLINE    := build/matrix/1.31.4-static-gcc/objs/nginx
 

@@ -23,9 +23,15 @@ if [ $asan = 1 ]; then
     cc_opt="-g -O1 -fPIC -fno-omit-frame-pointer -fsanitize=address,undefined"
     ld_opt="-fPIC -fsanitize=address,undefined"
 else
+    # A call from one of the module's files to a function of another
+    # binds inside the module, not through the PLT: nothing outside it
+    # may interpose its functions (-fno-semantic-interposition lets the
+    # compiler inline them within a file, -Bsymbolic-functions has the
+    # linker bind the calls between files)
     out=${1:-$top/build/module}
-    cc_opt="-g -O2 -fPIC -Wextra -Wno-unused-parameter"
-    ld_opt="-fPIC"
+    cc_opt="-g -O2 -fPIC -fno-semantic-interposition -Wextra"
+    cc_opt="$cc_opt -Wno-unused-parameter"
+    ld_opt="-fPIC -Wl,-Bsymbolic-functions"
 fi
 
 if [ ! -f $src/conf_flags ]; then

@@ -211,3 +211,14 @@ def test_the_module_builds_in_a_directory_named_with_a_dot_s(tmp_path):
                         "-c", str(conf)], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert "test is successful" in r.stderr
+
+
+def test_calls_between_the_module_s_files_bind_inside_it():
+    """scripts/build-module.sh (what make build, make run and the tests
+    load) links the module so that its files call one another directly;
+    a PLT slot for one of its own functions means that the flags were
+    lost and every such call pays an indirect jump."""
+    so = os.path.join(REPO, "build", "module",
+                      "ngx_http_anythingllm_module.so")
+    assert os.path.isfile(so)
+    assert helpers.own_function_slots(so) == []

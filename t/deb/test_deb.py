@@ -181,6 +181,10 @@ def test_files_go_where_debian_puts_them(installed):
         assert ("ngx_http_anythingllm_module " + version()).encode() \
             in f.read()
 
+    # built with debian/rules' flags: the module's files call one
+    # another directly, not through the PLT
+    assert helpers.own_function_slots(MODULE_SO) == []
+
 
 def test_system_nginx_config_passes(installed):
     p = run(NGINX, "-t", "-q", check=False)

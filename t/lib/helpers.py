@@ -20,6 +20,7 @@ keeps the arrival time of every piece, SSE frame parsing, and polling.
 
 import json as jsonlib
 import socket
+import subprocess
 import time
 import urllib.parse
 
@@ -404,3 +405,19 @@ def wait_until(fn, timeout=5.0, interval=0.02, message=None):
             raise AssertionError(message or "condition not met in %.1fs"
                                  % timeout)
         time.sleep(interval)
+
+
+def own_function_slots(so):
+    """The PLT slots of a shared object for functions the module itself
+    defines (alm_*, ngx_http_anythingllm_*): each is a call between the
+    module's own files that goes through the PLT, as if another object
+    could replace the function; built as it should be, there are none."""
+    out = subprocess.run(["readelf", "--relocs", "--wide", so],
+                         capture_output=True, text=True, check=True)
+    slots = []
+    for line in out.stdout.splitlines():
+        words = line.split()
+        if len(words) >= 5 and words[2].endswith("_JUMP_SLOT") \
+                and words[4].startswith(("alm_", "ngx_http_anythingllm_")):
+            slots.append(words[4])
+    return slots
