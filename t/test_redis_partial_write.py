@@ -1,0 +1,221 @@
+"""
+Commands the socket does not take at once: the worker writes a turn's
+Redis commands when the turn ends, and what the kernel will not take
+(its send buffer full) waits in the worker for the connection's write
+event.  Here a proxy in front of Redis stops reading while completions
+go on from the key cache, so their conversation stores and usage counts
+pile up beyond what the kernel buffers hold; once it reads again every
+one of them must reach Redis, and nothing may be logged as an error.
+"""
+
+import socket
+import threading
+
+from lib import helpers
+from lib.auth import bearer
+from lib.openai import user
+from lib.processes import PREFIX
+
+
+KEY = "sk-partial-aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa"
+
+# the commands wait far longer than the pause below
+GATEWAY = """
+    anythingllm_redis  %s timeout=120s;
+
+    server {
+        listen  127.0.0.1:@PORT@;
+
+        location /v1/ {
+            anythingllm_openai        on;
+            anythingllm_upstream_key  UPSTREAM-KEY-0001-TEST;
+            anythingllm_auth          on;
+            proxy_pass                http://anythingllm;
+            proxy_http_version        1.1;
+            proxy_set_header          Connection "";
+        }
+    }
+"""
+
+# completions a round while Redis is not read: each leaves a conversation
+# store and a usage count, over a kilobyte together
+ROUND = 50
+
+# the kernel takes no more once its queue has not grown for this many
+# rounds; then this many more completions go on
+FLAT = 3
+MORE = 100
+
+class PausingProxy:
+    """TCP proxy in front of Redis whose gateway side can stop being
+    read: pause() before, resume() after.  Its accepted sockets have a
+    small receive buffer, so the kernel holds little of what the
+    gateway sends while it is paused.  passed: the bytes the gateway
+    sent that went on to Redis."""
+
+    def __init__(self, redis):
+        self.target = (redis.host, redis.port)
+        self.go = threading.Event()
+        self.go.set()
+        self.lock = threading.Lock()
+        self.passed = 0
+        self.socks = []
+        self.listener = socket.socket()
+        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(16)
+        self.port = self.listener.getsockname()[1]
+        self.addr = "127.0.0.1:%d" % self.port
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def pause(self):
+        self.go.clear()
+
+    def resume(self):
+        self.go.set()
+
+    def close(self):
+        self.go.set()
+        # wakes the accept() under way: a close() alone would not
+        try:
+            self.listener.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.listener.close()
+        with self.lock:
+            socks, self.socks = self.socks, []
+        for s in socks:
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            s.close()
+
+    def _accept(self):
+        while True:
+            try:
+                c, _ = self.listener.accept()
+            except OSError:
+                return
+            try:
+                s = socket.create_connection(self.target)
+            except OSError:
+                c.close()
+                continue
+            with self.lock:
+                self.socks += [c, s]
+            threading.Thread(target=self._pump, args=(c, s, True),
+                             daemon=True).start()
+            threading.Thread(target=self._pump, args=(s, c, False),
+                             daemon=True).start()
+
+    def _pump(self, src, dst, from_gateway):
+        try:
+            while True:
+                if from_gateway:
+                    self.go.wait()
+                d = src.recv(4096)
+                if not d:
+                    break
+                if from_gateway:
+                    with self.lock:
+                        self.passed += len(d)
+                dst.sendall(d)
+        except OSError:
+            pass
+        finally:
+            try:
+                dst.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
+
+
+def queues(port):
+    """(bytes waiting in the send queues of the sockets connected to
+    port, bytes waiting in the receive queues of those bound to it):
+    what the kernel holds on the connections to the proxy."""
+    sent, received = 0, 0
+    with open("/proc/net/tcp") as f:
+        next(f)
+        for line in f:
+            w = line.split()
+            local = int(w[1].split(":")[1], 16)
+            remote = int(w[2].split(":")[1], 16)
+            tx, rx = (int(x, 16) for x in w[4].split(":"))
+            if remote == port:
+                sent += tx
+            elif local == port:
+                received += rx
+    return sent, received
+
+
+def chat(n, text):
+    return n.post("/v1/chat/completions", headers=bearer(KEY),
+                  json={"model": "sales", "messages": [user(text)]})
+
+
+def stored(redis):
+    return redis.cmd("HLEN", PREFIX + "conv")
+
+
+def requests_counted(redis):
+    names = redis.cmd("KEYS", PREFIX + "usage:*") or []
+    return sum(int(redis.cmd("HGET", k, "requests") or 0) for k in names)
+
+
+def test_what_the_socket_does_not_take_goes_out_on_its_write_event(
+        nginx, backend, redis_server):
+    redis = redis_server
+    redis.add_key(KEY, scopes="chat", workspaces="*")
+    proxy = PausingProxy(redis)
+    try:
+        n = nginx(GATEWAY % proxy.addr, workers=1)
+
+        # the key read once (then cached) and the connection made
+        assert chat(n, "warm").status == 200
+        helpers.wait_until(lambda: stored(redis) == 1, 5,
+                           message="the first conversation not stored")
+
+        proxy.pause()
+        # a read under way when it paused still goes on: one at most
+        before = proxy.passed + 4096
+
+        # the kernel takes what the gateway writes until the send queue
+        # (whose buffer grows by itself, up to tcp_wmem's top) is full
+        held, top, flat = 0, 0, 0
+        while flat < FLAT:
+            for i in range(ROUND):
+                r = chat(n, "held %d" % (held + i))
+                assert r.status == 200, r.text
+            held += ROUND
+            queued = queues(proxy.port)[0]
+            flat = flat + 1 if queued <= top else 0
+            top = max(top, queued)
+            assert held < 20000, "the send queue never stopped growing"
+
+        # from now on what the worker writes waits in the worker
+        for i in range(MORE):
+            r = chat(n, "held %d" % (held + i))
+            assert r.status == 200, r.text
+        held += MORE
+        in_kernel = sum(queues(proxy.port))
+
+        proxy.resume()
+        helpers.wait_until(lambda: stored(redis) == held + 1, 30,
+                           message="conversations written late were lost")
+        helpers.wait_until(lambda: requests_counted(redis) == held + 1, 30,
+                           message="usage written late was lost")
+
+        # more went out after the pause than the kernel held during it:
+        # the rest waited in the worker for the write event
+        assert proxy.passed - before > in_kernel, (proxy.passed - before,
+                                                   in_kernel)
+
+        # and the connection goes on as before
+        assert chat(n, "after").status == 200
+        helpers.wait_until(lambda: stored(redis) == held + 2, 5,
+                           message="a store after the pause was lost")
+        assert not [line for line in n.error_log().splitlines()
+                    if "[error]" in line or "[alert]" in line]
+    finally:
+        proxy.close()
