@@ -572,11 +572,13 @@ class RedisProxy:
         self.held = threading.Event()
         self.go = threading.Event()
         self.lock = threading.Lock()
+        self.socks = []
+        self.threads = []
         self.listener = socket.socket()
         self.listener.bind(("127.0.0.1", 0))
         self.listener.listen(64)
         self.addr = "127.0.0.1:%d" % self.listener.getsockname()[1]
-        threading.Thread(target=self._accept, daemon=True).start()
+        self._start(self._accept)
 
     def hold(self):
         self.held.clear()
@@ -587,8 +589,28 @@ class RedisProxy:
         self.go.set()
 
     def close(self):
+        """Ends the proxy and every connection through it; returns the
+        threads of it still running ten seconds later (none should)."""
         self.go.set()
+        # wakes the accept() under way: a close() alone would not
+        try:
+            self.listener.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
         self.listener.close()
+        with self.lock:
+            socks, self.socks = self.socks, []
+        for s in socks:
+            shut(s)
+        for t in list(self.threads):
+            t.join(10)
+        return [t for t in self.threads if t.is_alive()]
+
+    def _start(self, target, *args):
+        t = threading.Thread(target=target, args=args, daemon=True)
+        with self.lock:
+            self.threads.append(t)
+        t.start()
 
     def _accept(self):
         while True:
@@ -596,8 +618,9 @@ class RedisProxy:
                 c, _ = self.listener.accept()
             except OSError:
                 return
-            threading.Thread(target=self._serve, args=(c,),
-                             daemon=True).start()
+            with self.lock:
+                self.socks.append(c)
+            self._start(self._serve, c)
 
     @staticmethod
     def _pump(src, dst):
@@ -613,8 +636,14 @@ class RedisProxy:
             shut(src, dst)
 
     def _serve(self, c):
-        s = socket.create_connection(self.target)
-        threading.Thread(target=self._pump, args=(s, c), daemon=True).start()
+        try:
+            s = socket.create_connection(self.target)
+        except OSError:
+            shut(c)
+            return
+        with self.lock:
+            self.socks.append(s)
+        self._start(self._pump, s, c)
         buf = b""
         try:
             while True:
@@ -649,7 +678,7 @@ class RedisProxy:
 def proxy(redis_server):
     p = RedisProxy(redis_server)
     yield p
-    p.close()
+    assert p.close() == [], "threads of the proxy outlive it"
 
 
 def popen_tool(addr, *args, stdin=None):
