@@ -7,7 +7,6 @@ import pty
 import random
 import re
 import select
-import socket
 import subprocess
 import threading
 import time
@@ -16,6 +15,7 @@ import pytest
 
 from lib.paths import KEYS_TOOL as TOOL
 from lib.processes import free_port
+from lib.tcpproxy import TcpProxy
 
 
 def run(redis, *args, stdin=None, env=None, addr=None):
@@ -548,16 +548,7 @@ def resp_command(buf):
     return pos, name
 
 
-def shut(*socks):
-    """Shuts both ways of each socket, whatever state it is in."""
-    for s in socks:
-        try:
-            s.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-
-
-class RedisProxy:
+class RedisProxy(TcpProxy):
     """A TCP proxy in front of Redis that reads the tool's commands one by
     one.  hold(): the next write command (in WRITES) waits until
     release(), so that something else can run in between; delay: seconds
@@ -565,20 +556,12 @@ class RedisProxy:
     commands passed on so far."""
 
     def __init__(self, redis, delay=0.0):
-        self.target = (redis.host, redis.port)
         self.delay = delay
         self.holding = False
         self.count = 0
         self.held = threading.Event()
         self.go = threading.Event()
-        self.lock = threading.Lock()
-        self.socks = []
-        self.threads = []
-        self.listener = socket.socket()
-        self.listener.bind(("127.0.0.1", 0))
-        self.listener.listen(64)
-        self.addr = "127.0.0.1:%d" % self.listener.getsockname()[1]
-        self._start(self._accept)
+        super().__init__((redis.host, redis.port))
 
     def hold(self):
         self.held.clear()
@@ -588,90 +571,33 @@ class RedisProxy:
     def release(self):
         self.go.set()
 
-    def close(self):
-        """Ends the proxy and every connection through it; returns the
-        threads of it still running ten seconds later (none should)."""
+    def closing(self):
         self.go.set()
-        # wakes the accept() under way: a close() alone would not
-        try:
-            self.listener.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        self.listener.close()
-        with self.lock:
-            socks, self.socks = self.socks, []
-        for s in socks:
-            shut(s)
-        for t in list(self.threads):
-            t.join(10)
-        return [t for t in self.threads if t.is_alive()]
 
-    def _start(self, target, *args):
-        t = threading.Thread(target=target, args=args, daemon=True)
-        with self.lock:
-            self.threads.append(t)
-        t.start()
-
-    def _accept(self):
-        while True:
-            try:
-                c, _ = self.listener.accept()
-            except OSError:
-                return
-            with self.lock:
-                self.socks.append(c)
-            self._start(self._serve, c)
-
-    @staticmethod
-    def _pump(src, dst):
-        try:
-            while True:
-                d = src.recv(65536)
-                if not d:
-                    break
-                dst.sendall(d)
-        except OSError:
-            pass
-        finally:
-            shut(src, dst)
-
-    def _serve(self, c):
-        try:
-            s = socket.create_connection(self.target)
-        except OSError:
-            shut(c)
-            return
-        with self.lock:
-            self.socks.append(s)
-        self._start(self._pump, s, c)
+    def forward(self, c, s):
         buf = b""
-        try:
+        while True:
+            d = c.recv(65536)
+            if not d:
+                break
+            buf += d
             while True:
-                d = c.recv(65536)
-                if not d:
+                n, name = resp_command(buf)
+                if n is None:
                     break
-                buf += d
-                while True:
-                    n, name = resp_command(buf)
-                    if n is None:
-                        break
-                    with self.lock:
-                        hold = self.holding and name in WRITES
-                        if hold:
-                            self.holding = False
+                with self.lock:
+                    hold = self.holding and name in WRITES
                     if hold:
-                        self.held.set()
-                        self.go.wait(30)
-                    if self.delay:
-                        time.sleep(self.delay)
-                    s.sendall(buf[:n])
-                    buf = buf[n:]
-                    with self.lock:
-                        self.count += 1
-        except OSError:
-            pass
-        finally:
-            shut(s, c)
+                        self.holding = False
+                if hold:
+                    self.held.set()
+                    self.go.wait(30)
+                if self.delay:
+                    time.sleep(self.delay)
+                s.sendall(buf[:n])
+                buf = buf[n:]
+                with self.lock:
+                    self.count += 1
 
 
 @pytest.fixture

@@ -8,13 +8,13 @@ pile up beyond what the kernel buffers hold; once it reads again every
 one of them must reach Redis, and nothing may be logged as an error.
 """
 
-import socket
 import threading
 
 from lib import helpers
 from lib.auth import bearer
 from lib.openai import user
 from lib.processes import PREFIX
+from lib.tcpproxy import TcpProxy
 
 
 KEY = "sk-partial-aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa"
@@ -46,27 +46,18 @@ ROUND = 50
 FLAT = 3
 MORE = 100
 
-class PausingProxy:
-    """TCP proxy in front of Redis whose gateway side can stop being
-    read: pause() before, resume() after.  Its accepted sockets have a
-    small receive buffer, so the kernel holds little of what the
+class PausingProxy(TcpProxy):
+    """A TCP proxy in front of Redis whose client side can stop being
+    read: pause() before, resume() after.  Its accepted connections have
+    a small receive buffer, so the kernel holds little of what the
     gateway sends while it is paused.  passed: the bytes the gateway
     sent that went on to Redis."""
 
     def __init__(self, redis):
-        self.target = (redis.host, redis.port)
         self.go = threading.Event()
         self.go.set()
-        self.lock = threading.Lock()
         self.passed = 0
-        self.socks = []
-        self.listener = socket.socket()
-        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        self.listener.bind(("127.0.0.1", 0))
-        self.listener.listen(16)
-        self.port = self.listener.getsockname()[1]
-        self.addr = "127.0.0.1:%d" % self.port
-        threading.Thread(target=self._accept, daemon=True).start()
+        super().__init__((redis.host, redis.port), rcvbuf=4096)
 
     def pause(self):
         self.go.clear()
@@ -74,60 +65,18 @@ class PausingProxy:
     def resume(self):
         self.go.set()
 
-    def close(self):
+    def closing(self):
         self.go.set()
-        # wakes the accept() under way: a close() alone would not
-        try:
-            self.listener.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        self.listener.close()
-        with self.lock:
-            socks, self.socks = self.socks, []
-        for s in socks:
-            try:
-                s.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-            s.close()
 
-    def _accept(self):
+    def forward(self, c, s):
         while True:
-            try:
-                c, _ = self.listener.accept()
-            except OSError:
-                return
-            try:
-                s = socket.create_connection(self.target)
-            except OSError:
-                c.close()
-                continue
+            self.go.wait()
+            d = c.recv(4096)
+            if not d:
+                break
             with self.lock:
-                self.socks += [c, s]
-            threading.Thread(target=self._pump, args=(c, s, True),
-                             daemon=True).start()
-            threading.Thread(target=self._pump, args=(s, c, False),
-                             daemon=True).start()
-
-    def _pump(self, src, dst, from_gateway):
-        try:
-            while True:
-                if from_gateway:
-                    self.go.wait()
-                d = src.recv(4096)
-                if not d:
-                    break
-                if from_gateway:
-                    with self.lock:
-                        self.passed += len(d)
-                dst.sendall(d)
-        except OSError:
-            pass
-        finally:
-            try:
-                dst.shutdown(socket.SHUT_WR)
-            except OSError:
-                pass
+                self.passed += len(d)
+            s.sendall(d)
 
 
 def queues(port):
@@ -168,6 +117,7 @@ def test_what_the_socket_does_not_take_goes_out_on_its_write_event(
     redis = redis_server
     redis.add_key(KEY, scopes="chat", workspaces="*")
     proxy = PausingProxy(redis)
+    n = None
     try:
         n = nginx(GATEWAY % proxy.addr, workers=1)
 
@@ -218,4 +168,7 @@ def test_what_the_socket_does_not_take_goes_out_on_its_write_event(
         assert not [line for line in n.error_log().splitlines()
                     if "[error]" in line or "[alert]" in line]
     finally:
-        proxy.close()
+        # the gateway goes first: its reconnects would find no proxy
+        if n is not None:
+            n.stop()
+        assert proxy.close() == [], "threads of the proxy outlive it"
