@@ -31,8 +31,6 @@ GATEWAY = """
             anythingllm_upstream_key  UPSTREAM-KEY-0001-TEST;
             anythingllm_auth          on;
             proxy_pass                http://anythingllm;
-            proxy_http_version        1.1;
-            proxy_set_header          Connection "";
         }
     }
 """
@@ -46,6 +44,7 @@ ROUND = 50
 FLAT = 3
 MORE = 100
 
+
 class PausingProxy(TcpProxy):
     """A TCP proxy in front of Redis whose client side can stop being
     read: pause() before, resume() after.  Its accepted connections have
@@ -53,11 +52,14 @@ class PausingProxy(TcpProxy):
     gateway sends while it is paused.  passed: the bytes the gateway
     sent that went on to Redis."""
 
+    # its receive buffer, and the most it reads at once
+    READ = 4096
+
     def __init__(self, redis):
         self.go = threading.Event()
         self.go.set()
         self.passed = 0
-        super().__init__((redis.host, redis.port), rcvbuf=4096)
+        super().__init__((redis.host, redis.port), rcvbuf=self.READ)
 
     def pause(self):
         self.go.clear()
@@ -71,7 +73,7 @@ class PausingProxy(TcpProxy):
     def forward(self, c, s):
         while True:
             self.go.wait()
-            d = c.recv(4096)
+            d = c.recv(self.READ)
             if not d:
                 break
             with self.lock:
@@ -128,7 +130,7 @@ def test_what_the_socket_does_not_take_goes_out_on_its_write_event(
 
         proxy.pause()
         # a read under way when it paused still goes on: one at most
-        before = proxy.passed + 4096
+        before = proxy.passed + proxy.READ
 
         # the kernel takes what the gateway writes until the send queue
         # (whose buffer grows by itself, up to tcp_wmem's top) is full
