@@ -6,12 +6,19 @@ event.  Here a proxy in front of Redis stops reading while completions
 go on from the key cache, so their conversation stores and usage counts
 pile up beyond what the kernel buffers hold; once it reads again every
 one of them must reach Redis, and nothing may be logged as an error.
+
+When Redis stays silent past the timeout instead, the connection is
+given up with the commands still waiting in the worker: each fails
+like an unanswered one (its usage counted as an error), none is sent
+later on the next connection, and that connection works.
 """
 
 import threading
+import time
 
 from lib import helpers
 from lib.auth import bearer
+from lib.metrics import scrape, value
 from lib.openai import user
 from lib.processes import PREFIX
 from lib.tcpproxy import TcpProxy
@@ -19,12 +26,17 @@ from lib.tcpproxy import TcpProxy
 
 KEY = "sk-partial-aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa"
 
-# the commands wait far longer than the pause below
+# the commands wait far longer than the pause below (the second test:
+# a timeout longer than the filling of the send queue takes)
 GATEWAY = """
-    anythingllm_redis  %s timeout=120s;
+    anythingllm_redis  %s timeout=%s;
 
     server {
         listen  127.0.0.1:@PORT@;
+
+        location = /metrics {
+            anythingllm_metrics;
+        }
 
         location /v1/ {
             anythingllm_openai        on;
@@ -114,6 +126,31 @@ def requests_counted(redis):
     return sum(int(redis.cmd("HGET", k, "requests") or 0) for k in names)
 
 
+def fill(n, proxy):
+    """Completions while the proxy is paused, until the kernel takes no
+    more of what the gateway writes to Redis and MORE completions'
+    commands wait in the worker; returns the completions made."""
+
+    # the kernel takes what the gateway writes until the send queue
+    # (whose buffer grows by itself, up to tcp_wmem's top) is full
+    held, top, flat = 0, 0, 0
+    while flat < FLAT:
+        for i in range(ROUND):
+            r = chat(n, "held %d" % (held + i))
+            assert r.status == 200, r.text
+        held += ROUND
+        queued = queues(proxy.port)[0]
+        flat = flat + 1 if queued <= top else 0
+        top = max(top, queued)
+        assert held < 20000, "the send queue never stopped growing"
+
+    # from now on what the worker writes waits in the worker
+    for i in range(MORE):
+        r = chat(n, "held %d" % (held + i))
+        assert r.status == 200, r.text
+    return held + MORE
+
+
 def test_what_the_socket_does_not_take_goes_out_on_its_write_event(
         nginx, backend, redis_server):
     redis = redis_server
@@ -121,7 +158,7 @@ def test_what_the_socket_does_not_take_goes_out_on_its_write_event(
     proxy = PausingProxy(redis)
     n = None
     try:
-        n = nginx(GATEWAY % proxy.addr, workers=1)
+        n = nginx(GATEWAY % (proxy.addr, "120s"), workers=1)
 
         # the key read once (then cached) and the connection made
         assert chat(n, "warm").status == 200
@@ -132,24 +169,7 @@ def test_what_the_socket_does_not_take_goes_out_on_its_write_event(
         # a read under way when it paused still goes on: one at most
         before = proxy.passed + proxy.READ
 
-        # the kernel takes what the gateway writes until the send queue
-        # (whose buffer grows by itself, up to tcp_wmem's top) is full
-        held, top, flat = 0, 0, 0
-        while flat < FLAT:
-            for i in range(ROUND):
-                r = chat(n, "held %d" % (held + i))
-                assert r.status == 200, r.text
-            held += ROUND
-            queued = queues(proxy.port)[0]
-            flat = flat + 1 if queued <= top else 0
-            top = max(top, queued)
-            assert held < 20000, "the send queue never stopped growing"
-
-        # from now on what the worker writes waits in the worker
-        for i in range(MORE):
-            r = chat(n, "held %d" % (held + i))
-            assert r.status == 200, r.text
-        held += MORE
+        held = fill(n, proxy)
         in_kernel = sum(queues(proxy.port))
 
         proxy.resume()
@@ -171,6 +191,89 @@ def test_what_the_socket_does_not_take_goes_out_on_its_write_event(
                     if "[error]" in line or "[alert]" in line]
     finally:
         # the gateway goes first: its reconnects would find no proxy
+        if n is not None:
+            n.stop()
+        assert proxy.close() == [], "threads of the proxy outlive it"
+
+
+# longer than fill() takes (5 - 6 s here, under the sanitizers too),
+# and waited out by the test
+TIMEOUT = 20
+
+
+def steady(fn, timeout=10):
+    """fn()'s value once two reads half a second apart agree."""
+    last = fn()
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        time.sleep(0.5)
+        now = fn()
+        if now == last:
+            return now
+        last = now
+    raise AssertionError("still changing after %ds: %r" % (timeout, last))
+
+
+def test_commands_waiting_in_the_worker_fail_with_their_connection(
+        nginx, backend, redis_server):
+    redis = redis_server
+    redis.add_key(KEY, scopes="chat", workspaces="*")
+    proxy = PausingProxy(redis)
+    n = None
+    try:
+        n = nginx(GATEWAY % (proxy.addr, "%ds" % TIMEOUT), workers=1)
+
+        assert chat(n, "warm").status == 200
+        helpers.wait_until(lambda: stored(redis) == 1
+                           and requests_counted(redis) == 1, 5,
+                           message="the first completion not written")
+        workers = n.worker_pids()
+
+        proxy.pause()
+        started = time.monotonic()
+        held = fill(n, proxy)
+        filled = time.monotonic() - started
+        assert filled < TIMEOUT, "fill() outlasted the timeout: %.1fs" % (
+            filled)
+        m = scrape(n)
+        assert value(m, "anythingllm_redis_timeouts_total") == 0
+        assert value(m, "anythingllm_usage_errors_total") == 0
+
+        # the timeout gives the connection up: every completion made
+        # during the pause, in the kernel or still in the worker, has its
+        # usage counted as not counted, at once
+        helpers.wait_until(
+            lambda: value(scrape(n), "anythingllm_usage_errors_total")
+            == held, TIMEOUT + 10,
+            message="the waiting commands did not all fail")
+        m = scrape(n)
+        assert value(m, "anythingllm_redis_timeouts_total") == 1
+        log = n.error_log()
+        assert "command timed out (timeout %d ms), reconnecting" % (
+            TIMEOUT * 1000) in log, log[-2000:]
+
+        # some of what the kernel held may still reach Redis once the
+        # proxy reads again (sent, though unanswered in time); what
+        # waited in the worker went with the connection, and is not
+        # sent on the next
+        proxy.resume()
+        helpers.wait_until(lambda: queues(proxy.port) == (0, 0), 10,
+                           message="the proxy does not read again")
+        settled = steady(lambda: (stored(redis), requests_counted(redis)))
+        assert 1 <= settled[0] <= held + 1 - MORE // 2, (settled, held)
+        assert 1 <= settled[1] <= held + 1 - MORE // 2, (settled, held)
+
+        # the next connection works: a completion is written in full
+        assert chat(n, "after").status == 200
+        helpers.wait_until(lambda: stored(redis) == settled[0] + 1
+                           and requests_counted(redis) == settled[1] + 1,
+                           5, message="a completion after the timeout "
+                                      "was not written")
+        m = scrape(n)
+        assert value(m, "anythingllm_usage_errors_total") == held
+        assert value(m, "anythingllm_redis_reconnects_total") == 1
+        assert n.worker_pids() == workers, "a worker was replaced"
+    finally:
         if n is not None:
             n.stop()
         assert proxy.close() == [], "threads of the proxy outlive it"
