@@ -526,6 +526,15 @@ typedef struct {
 int alm_chat_req_parse(const char *body, size_t len,
     const char *key_digest_hex, alm_chat_req_t *req, alm_error_t *err);
 
+/*
+ * The same reading, always through cJSON's tree.  The usual request
+ * ("model", "messages" of string roles and contents, "stream") is read
+ * in place instead; this is what that must equal, field for field, and
+ * what reads every other request.
+ */
+int alm_chat_req_tree(const char *body, size_t len,
+    const char *key_digest_hex, alm_chat_req_t *req, alm_error_t *err);
+
 void alm_chat_req_free(alm_chat_req_t *req);
 
 

@@ -84,6 +84,21 @@ typedef struct {
 int alm_json_members(const char *text, size_t len, const char *const *names,
     size_t n, alm_json_span_t *found);
 
+/*
+ * The same, but a member whose name is not among the n (or has an
+ * escape in it) makes it return 0: the object holds those names only.
+ */
+int alm_json_members_only(const char *text, size_t len,
+    const char *const *names, size_t n, alm_json_span_t *found);
+
+/*
+ * The elements of an array value found by the functions above, one a
+ * call: *at is NULL before the first.  1 with the element in *elem, 0
+ * after the last.
+ */
+int alm_json_span_next(const alm_json_span_t *array, const char **at,
+    alm_json_span_t *elem);
+
 /* 1 when the value is present and of that type (ALM_SPAN_*) */
 int alm_json_span_is(const alm_json_span_t *v, int type);
 

@@ -1129,24 +1129,231 @@ nomem:
 }
 
 
-int
-alm_chat_req_parse(const char *body, size_t len, const char *key_digest_hex,
-    alm_chat_req_t *req, alm_error_t *err)
+/* ------------------------------------------------------------------ */
+/* the usual request, read in place                                   */
+
+/* alm_chat_req_in_place(): not a request it reads; cJSON's tree does */
+#define ALM_REQ_TREE  1
+
+
+static const char *const  alm_req_names[] = { "model", "messages", "stream" };
+static const char *const  alm_msg_names[] = { "role", "content" };
+
+
+typedef struct {
+    const char  *role;
+    size_t       role_len;
+    const char  *text;
+    size_t       text_len;
+    char        *tmp;           /* the text, escapes undone, or NULL */
+} alm_msg_text_t;
+
+
+static int
+alm_role_is(const alm_msg_text_t *m, const char *role)
 {
-    int          rc;
-    size_t       at;
-    cJSON       *root;
-    const char  *what;
+    return m->role_len == strlen(role)
+           && memcmp(m->role, role, m->role_len) == 0;
+}
 
-    memset(req, 0, sizeof(alm_chat_req_t));
 
-    what = alm_json_text_check(body, len, &at);
+/*
+ * A message with a string "role" of the known ones (without escapes)
+ * and a string "content": 1 with m filled (m->tmp for the caller to
+ * free), else 0 with nothing to free.
+ */
 
-    if (what) {
-        alm_error_set(err, 400, "invalid_request_error", NULL, NULL,
-                      ALM_BAD_TEXT, what, at);
-        return ALM_ERROR;
+static int
+alm_msg_in_place(const alm_json_span_t *v, alm_msg_text_t *m)
+{
+    char             *tmp;
+    alm_json_span_t   f[2];
+
+    m->tmp = NULL;
+
+    if (!alm_json_span_is(v, ALM_SPAN_OBJECT)
+        || !alm_json_members(v->p, v->end - v->p, alm_msg_names, 2, f)
+        || !alm_json_span_is(&f[0], ALM_SPAN_STRING)
+        || !alm_json_span_is(&f[1], ALM_SPAN_STRING))
+    {
+        return 0;
     }
+
+    m->role = alm_json_span_text(&f[0], &m->role_len, &tmp);
+
+    if (tmp != NULL) {
+        free(tmp);
+        return 0;
+    }
+
+    if (m->role == NULL
+        || !(alm_role_is(m, "system") || alm_role_is(m, "developer")
+             || alm_role_is(m, "user") || alm_role_is(m, "assistant")
+             || alm_role_is(m, "tool")))
+    {
+        return 0;
+    }
+
+    m->text = alm_json_span_text(&f[1], &m->text_len, &m->tmp);
+
+    return m->text != NULL;
+}
+
+
+/*
+ * What most clients send, read without cJSON's tree: "model",
+ * "messages" whose every message has a string "role" and a string
+ * "content", and "stream" true or false, and no other member.  ALM_OK
+ * with req filled as alm_chat_req_read() fills it from the tree;
+ * ALM_REQ_TREE, req untouched, for anything else (an error too: the
+ * tree's reading reports it); ALM_ERROR when memory ran out.
+ */
+
+static int
+alm_chat_req_in_place(const char *body, size_t len,
+    const char *key_digest_hex, alm_chat_req_t *req, alm_error_t *err)
+{
+    int               last, history, stream;
+    char             *tmp;
+    size_t            model_len;
+    alm_buf_t         w;
+    const char       *model, *at;
+    alm_json_span_t   f[3], v, next;
+    alm_msg_text_t    m;
+
+    if (!alm_json_members_only(body, len, alm_req_names, 3, f)
+        || !alm_json_span_is(&f[0], ALM_SPAN_STRING)
+        || !alm_json_span_is(&f[1], ALM_SPAN_ARRAY))
+    {
+        return ALM_REQ_TREE;
+    }
+
+    if (f[2].p == NULL) {
+        stream = 0;
+
+    } else if (f[2].end - f[2].p == 4 && memcmp(f[2].p, "true", 4) == 0) {
+        stream = 1;
+
+    } else if (f[2].end - f[2].p == 5 && memcmp(f[2].p, "false", 5) == 0) {
+        stream = 0;
+
+    } else {
+        return ALM_REQ_TREE;
+    }
+
+    model = alm_json_span_text(&f[0], &model_len, &tmp);
+
+    if (tmp != NULL) {
+        free(tmp);
+        return ALM_REQ_TREE;
+    }
+
+    at = NULL;
+
+    if (model == NULL || !alm_slug_valid(model, model_len)
+        || !alm_json_span_next(&f[1], &at, &next))
+    {
+        return ALM_REQ_TREE;
+    }
+
+    alm_conv_hash_init(&req->full, key_digest_hex, model, model_len);
+    memset(&w, 0, sizeof(alm_buf_t));
+    history = 0;
+
+    /* the messages in turn, as alm_chat_req_digest() and alm_transcript() */
+
+    for ( ;; ) {
+        v = next;
+        last = !alm_json_span_next(&f[1], &at, &next);
+
+        if (!alm_msg_in_place(&v, &m)) {
+            goto tree;
+        }
+
+        if (last) {
+            alm_conv_hash_hex(&req->full, req->prefix_hex);
+
+        } else if (alm_role_is(&m, "user") || alm_role_is(&m, "assistant")) {
+
+            if (!history) {
+                alm_buf_str(&w, ALM_TRANSCRIPT_HEAD);
+                history = 1;
+            }
+
+            /* a turn with nothing to show is left out */
+
+            if (m.text_len) {
+                alm_buf_raw(&w, m.role, m.role_len);
+                alm_buf_raw(&w, ": ", 2);
+                alm_buf_raw(&w, m.text, m.text_len);
+                alm_buf_raw(&w, "\n", 1);
+            }
+        }
+
+        alm_conv_hash_message_begin(&req->full, m.role, m.role_len);
+        alm_conv_hash_update(&req->full, m.text, m.text_len);
+        alm_conv_hash_message_end(&req->full);
+
+        if (last) {
+            break;
+        }
+
+        free(m.tmp);
+    }
+
+    if (!alm_role_is(&m, "user") || m.text_len == 0) {
+        free(m.tmp);
+        goto tree;
+    }
+
+    req->stream = stream;
+    req->has_history = history;
+
+    if (history) {
+        alm_buf_raw(&w, "\n", 1);
+
+        req->transcript = alm_buf_take(&w, NULL);
+        if (req->transcript == NULL) {
+            free(m.tmp);
+            goto nomem;
+        }
+    }
+
+    /* alm_json_span_text() ends its copy with a NUL */
+
+    req->message = m.tmp ? m.tmp : alm_strndup(m.text, m.text_len);
+    req->message_len = m.text_len;
+    req->model = alm_strndup(model, model_len);
+    req->model_len = model_len;
+
+    if (req->message == NULL || req->model == NULL) {
+        goto nomem;
+    }
+
+    return ALM_OK;
+
+tree:
+
+    alm_buf_free(&w);
+    memset(req, 0, sizeof(alm_chat_req_t));
+    return ALM_REQ_TREE;
+
+nomem:
+
+    alm_chat_req_free(req);
+    alm_error_set(err, 500, "server_error", NULL, NULL, ALM_NOMEM);
+    return ALM_ERROR;
+}
+
+
+/* a checked text read through cJSON's tree */
+
+static int
+alm_chat_req_from_tree(const char *body, size_t len,
+    const char *key_digest_hex, alm_chat_req_t *req, alm_error_t *err)
+{
+    int     rc;
+    cJSON  *root;
 
     root = alm_json_parse(body, len);
 
@@ -1166,6 +1373,59 @@ alm_chat_req_parse(const char *body, size_t len, const char *key_digest_hex,
     }
 
     return rc;
+}
+
+
+static int
+alm_chat_req_text(const char *body, size_t len, alm_chat_req_t *req,
+    alm_error_t *err)
+{
+    size_t       at;
+    const char  *what;
+
+    memset(req, 0, sizeof(alm_chat_req_t));
+
+    what = alm_json_text_check(body, len, &at);
+
+    if (what) {
+        alm_error_set(err, 400, "invalid_request_error", NULL, NULL,
+                      ALM_BAD_TEXT, what, at);
+        return ALM_ERROR;
+    }
+
+    return ALM_OK;
+}
+
+
+int
+alm_chat_req_parse(const char *body, size_t len, const char *key_digest_hex,
+    alm_chat_req_t *req, alm_error_t *err)
+{
+    int  rc;
+
+    if (alm_chat_req_text(body, len, req, err) != ALM_OK) {
+        return ALM_ERROR;
+    }
+
+    rc = alm_chat_req_in_place(body, len, key_digest_hex, req, err);
+
+    if (rc != ALM_REQ_TREE) {
+        return rc;
+    }
+
+    return alm_chat_req_from_tree(body, len, key_digest_hex, req, err);
+}
+
+
+int
+alm_chat_req_tree(const char *body, size_t len, const char *key_digest_hex,
+    alm_chat_req_t *req, alm_error_t *err)
+{
+    if (alm_chat_req_text(body, len, req, err) != ALM_OK) {
+        return ALM_ERROR;
+    }
+
+    return alm_chat_req_from_tree(body, len, key_digest_hex, req, err);
 }
 
 

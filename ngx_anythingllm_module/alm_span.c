@@ -301,11 +301,13 @@ alm_span_value(const char **pp, const char *end, int depth)
 }
 
 
-int
-alm_json_members(const char *text, size_t len, const char *const *names,
-    size_t n, alm_json_span_t *found)
+/* "only": a member of a name not among the n ends the reading (0) */
+
+static int
+alm_span_members(const char *text, size_t len, const char *const *names,
+    size_t n, alm_json_span_t *found, int only)
 {
-    int          escaped;
+    int          escaped, known;
     size_t       i, klen;
     const char  *p, *end, *key, *v;
 
@@ -370,14 +372,23 @@ alm_json_members(const char *text, size_t len, const char *const *names,
 
         /* key[0] is the closing quote of an empty name: no name's */
 
+        known = 0;
+
         for (i = 0; !escaped && i < n; i++) {
-            if (found[i].p == NULL && names[i][0] == key[0]
-                && strlen(names[i]) == klen
+            if (names[i][0] == key[0] && strlen(names[i]) == klen
                 && memcmp(names[i], key, klen) == 0)
             {
-                found[i].p = v;
-                found[i].end = p;
+                known = 1;
+
+                if (found[i].p == NULL) {
+                    found[i].p = v;
+                    found[i].end = p;
+                }
             }
+        }
+
+        if (only && !known) {
+            return 0;
         }
 
         p = alm_span_ws(p, end);
@@ -404,6 +415,56 @@ trailing:
             return 0;
         }
     }
+
+    return 1;
+}
+
+
+int
+alm_json_members(const char *text, size_t len, const char *const *names,
+    size_t n, alm_json_span_t *found)
+{
+    return alm_span_members(text, len, names, n, found, 0);
+}
+
+
+int
+alm_json_members_only(const char *text, size_t len,
+    const char *const *names, size_t n, alm_json_span_t *found)
+{
+    return alm_span_members(text, len, names, n, found, 1);
+}
+
+
+/*
+ * The array was read whole before, by the functions above: each of
+ * its elements reads again as it read then.
+ */
+
+int
+alm_json_span_next(const alm_json_span_t *array, const char **at,
+    alm_json_span_t *elem)
+{
+    const char  *p;
+
+    p = alm_span_ws((*at == NULL) ? array->p + 1 : *at, array->end);
+
+    if (p < array->end && *p == ',') {
+        p = alm_span_ws(p + 1, array->end);
+    }
+
+    if (p == array->end || *p == ']') {
+        return 0;
+    }
+
+    elem->p = p;
+
+    if (!alm_span_value(&p, array->end, 1)) {
+        return 0;
+    }
+
+    elem->end = p;
+    *at = p;
 
     return 1;
 }

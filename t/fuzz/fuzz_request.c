@@ -4,7 +4,8 @@
  * libFuzzer target for the JSON translations and the classifiers.
  * The first byte chooses what the rest is fed to:
  *
- *   0  alm_chat_req_parse() + alm_chat_req_upstream_body()
+ *   0  alm_chat_req_parse(), the same as alm_chat_req_tree(), +
+ *      alm_chat_req_upstream_body()
  *   1  alm_chat_response_translate(), the same as
  *      alm_chat_response_tree()
  *   2  alm_chat_error_translate() (the next byte gives the status)
@@ -87,17 +88,78 @@ check_error(const alm_error_t *err)
 }
 
 
+static int
+same_text(const char *a, const char *b)
+{
+    return (a == NULL) ? (b == NULL) : (b != NULL && strcmp(a, b) == 0);
+}
+
+
+/*
+ * The request read in place (or as a tree, past what that reads) must
+ * equal the request read as a tree: result, fields, digests, error.
+ */
+
+static void
+same_request_as_tree(const char *p, size_t len, int rc,
+    const alm_chat_req_t *req, const alm_error_t *err)
+{
+    char            a[ALM_DIGEST_HEX_LEN], b[ALM_DIGEST_HEX_LEN];
+    alm_error_t     terr;
+    alm_chat_req_t  t;
+
+    if (alm_chat_req_tree(p, len, KEY, &t, &terr) != rc) {
+        abort();
+    }
+
+    if (rc != ALM_OK) {
+        if (err->status != terr.status
+            || strcmp(err->message, terr.message) != 0
+            || !same_text(err->param, terr.param)
+            || !same_text(err->code, terr.code))
+        {
+            abort();
+        }
+
+        return;
+    }
+
+    alm_conv_hash_hex(&req->full, a);
+    alm_conv_hash_hex(&t.full, b);
+
+    if (!same_text(req->model, t.model) || req->model_len != t.model_len
+        || !same_text(req->message, t.message)
+        || req->message_len != t.message_len
+        || !same_text(req->attachments, t.attachments)
+        || !same_text(req->transcript, t.transcript)
+        || req->stream != t.stream || req->include_usage != t.include_usage
+        || req->has_history != t.has_history
+        || memcmp(req->prefix_hex, t.prefix_hex, ALM_DIGEST_HEX_LEN) != 0
+        || memcmp(a, b, ALM_DIGEST_HEX_LEN) != 0)
+    {
+        fprintf(stderr, "in place and tree differ: %.*s\n", (int) len, p);
+        abort();
+    }
+
+    alm_chat_req_free(&t);
+}
+
+
 static void
 fuzz_request(const char *p, size_t len)
 {
-    int             continuing;
+    int             rc, continuing;
     char           *body, hex[ALM_DIGEST_HEX_LEN];
     size_t          n;
     cJSON          *j, *msg;
     alm_error_t     err;
     alm_chat_req_t  req;
 
-    if (alm_chat_req_parse(p, len, KEY, &req, &err) != ALM_OK) {
+    rc = alm_chat_req_parse(p, len, KEY, &req, &err);
+
+    same_request_as_tree(p, len, rc, &req, &err);
+
+    if (rc != ALM_OK) {
         if (err.status != 400) {
             abort();
         }

@@ -832,6 +832,186 @@ test_req_history(void **state)
 }
 
 
+/*
+ * The usual request read in place and the same request read as a tree
+ * give the same fields, the same digests and the same error, for every
+ * text: usual requests, edge cases, and their random mutations.
+ */
+
+static void
+same_str(const char *what, const char *a, const char *b, const char *text,
+    size_t len)
+{
+    if ((a == NULL) != (b == NULL) || (a && strcmp(a, b) != 0)) {
+        print_error("%s differs for %.*s\nin place: %s\ntree:     %s\n",
+                    what, (int) len, text, a ? a : "NULL", b ? b : "NULL");
+        fail();
+    }
+}
+
+
+static void
+expect_same_request(const char *text, size_t len)
+{
+    int             frc, trc;
+    char            fh[ALM_DIGEST_HEX_LEN], th[ALM_DIGEST_HEX_LEN];
+    alm_error_t     ferr, terr;
+    alm_chat_req_t  f, t;
+
+    memset(&ferr, 0, sizeof(alm_error_t));
+    memset(&terr, 0, sizeof(alm_error_t));
+
+    frc = alm_chat_req_parse(text, len, KEY, &f, &ferr);
+    trc = alm_chat_req_tree(text, len, KEY, &t, &terr);
+
+    if (frc != trc) {
+        print_error("text: %.*s\nin place: %d %s\ntree:     %d %s\n",
+                    (int) len, text, frc, ferr.message, trc, terr.message);
+        fail();
+    }
+
+    if (frc != ALM_OK) {
+        assert_int_equal(ferr.status, terr.status);
+        assert_string_equal(ferr.message, terr.message);
+        same_str("type", ferr.type, terr.type, text, len);
+        same_str("param", ferr.param, terr.param, text, len);
+        same_str("code", ferr.code, terr.code, text, len);
+        return;
+    }
+
+    same_str("model", f.model, t.model, text, len);
+    same_str("message", f.message, t.message, text, len);
+    same_str("attachments", f.attachments, t.attachments, text, len);
+    same_str("transcript", f.transcript, t.transcript, text, len);
+    assert_int_equal(f.model_len, t.model_len);
+    assert_int_equal(f.message_len, t.message_len);
+    assert_int_equal(f.stream, t.stream);
+    assert_int_equal(f.include_usage, t.include_usage);
+    assert_int_equal(f.has_history, t.has_history);
+    assert_memory_equal(f.prefix_hex, t.prefix_hex, ALM_DIGEST_HEX_LEN);
+
+    alm_conv_hash_hex(&f.full, fh);
+    alm_conv_hash_hex(&t.full, th);
+    assert_memory_equal(fh, th, ALM_DIGEST_HEX_LEN);
+
+    alm_chat_req_free(&f);
+    alm_chat_req_free(&t);
+}
+
+
+static void
+test_req_in_place(void **state)
+{
+    char         text[1024];
+    size_t       i, k, len, pos;
+    uint64_t     x;
+
+    static const char  alphabet[] = "{}[]\",:\\ \t\n\x01\x7f\xc3\xa9\xff"
+                                    "0123456789eE.-+tfnulrsabu/";
+
+    static const char *const  seeds[] = {
+        "{\"model\":\"sales\",\"messages\":[{\"role\":\"user\","
+        "\"content\":\"How did sales do?\"}]}",
+        "{\"model\":\"sales\",\"stream\":true,\"messages\":[{\"role\":"
+        "\"system\",\"content\":\"Be brief.\"},{\"role\":\"user\","
+        "\"content\":\"Hi\"},{\"role\":\"assistant\",\"content\":\"Hello!"
+        "\\nHow can I help?\"},{\"role\":\"assistant\",\"content\":\"\"},"
+        "{\"role\":\"tool\",\"content\":\"42\"},{\"role\":\"developer\","
+        "\"content\":\"x\"},{\"role\":\"user\",\"content\":\"Last \\\"q\\\""
+        " \\/ \\\\ \\t\\b\\f\\r\"}]}",
+        "{\"messages\":[{\"content\":\"a\",\"role\":\"user\",\"name\":"
+        "\"bob\"},{\"role\":\"user\",\"role\":\"assistant\",\"content\":"
+        "\"b\",\"content\":\"c\"},{\"role\":\"user\",\"content\":\"d\"}],"
+        "\"model\":\"m\",\"stream\":false,\"model\":\"other\"}",
+        "\xef\xbb\xbf {\"model\":\"w.s-1_\",\"messages\":[{\"role\":"
+        "\"user\",\"content\":\"caf\xc3\xa9 \xe6\x95\xb0\"}]} \r\n",
+        "{\"model\":\"sales\",\"stream\":null,\"messages\":[{\"role\":"
+        "\"user\",\"content\":\"x\"}]}",
+        "{\"model\":\"sales\",\"temperature\":0.5,\"messages\":[{\"role\":"
+        "\"user\",\"content\":\"x\"}]}",
+        "{\"model\":\"sales\",\"messages\":[{\"role\":\"user\","
+        "\"content\":[{\"type\":\"text\",\"text\":\"parts\"}]}]}",
+        "{\"model\":\"sales\",\"messages\":[{\"role\":\"assistant\","
+        "\"content\":\"only\"}]}",
+        "{\"model\":\"sales\",\"messages\":[{\"role\":\"user\","
+        "\"content\":\"\"}]}",
+        "{\"model\":\"sales\",\"messages\":[{\"role\":\"us\\u0065r\","
+        "\"content\":\"esc\"}]}",
+        "{\"model\":\"sa les\",\"messages\":[{\"role\":\"user\","
+        "\"content\":\"x\"}]}",
+        "{\"model\":\"s\\/a\",\"messages\":[{\"role\":\"user\","
+        "\"content\":\"x\"}]}",
+        "{\"model\":\"sales\",\"messages\":[{\"role\":\"boss\","
+        "\"content\":\"x\"}]}",
+        "{\"model\":\"sales\",\"messages\":[]}",
+        "{\"model\":\"sales\",\"messages\":{}}",
+        "{\"model\":\"sales\",\"messages\":[{\"role\":\"user\","
+        "\"content\":\"x\"},]}",
+        "{\"model\":\"sales\",\"messages\":[{\"role\":\"user\","
+        "\"content\":\"x\"}]} x",
+        "{\"model\":7,\"messages\":[{\"role\":\"user\",\"content\":\"x\"}]}",
+        "{\"model\":\"sales\",\"me\\nssages\":[],\"messages\":[{\"role\":"
+        "\"user\",\"content\":\"x\"}]}",
+        "{\"model\":\"sales\",\"messages\":[{\"role\":\"user\","
+        "\"content\":null}]}",
+        "{\"model\":\"sales\",\"messages\":[{\"role\":\"user\","
+        "\"content\":\"nul\\u0000cut\"}]}",
+        "{\"model\":\"sales\",\"messages\":[{\"role\":\"user\","
+        "\"content\":\"raw\x01\"}]}",
+        "{\"model\":\"sales\",\"messages\":[\"user\"]}",
+        "{}", "[]", "", " ", "{", "null",
+    };
+
+    (void) state;
+
+    for (i = 0; i < sizeof(seeds) / sizeof(seeds[0]); i++) {
+        expect_same_request(seeds[i], strlen(seeds[i]));
+    }
+
+    /* random edits of the first seeds */
+
+    x = 0x9e3779b97f4a7c15ULL;
+
+    for (i = 0; i < 60000; i++) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+
+        len = strlen(seeds[x % 4]);
+        memcpy(text, seeds[x % 4], len);
+
+        for (k = 0; k < 1 + (x >> 8) % 3; k++) {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+
+            pos = len ? (x >> 16) % len : 0;
+
+            switch ((x >> 4) % 3) {
+            case 0:     /* replace */
+                if (len) {
+                    text[pos] = alphabet[(x >> 32) % (sizeof(alphabet) - 1)];
+                }
+                break;
+            case 1:     /* insert */
+                memmove(text + pos + 1, text + pos, len - pos);
+                text[pos] = alphabet[(x >> 32) % (sizeof(alphabet) - 1)];
+                len++;
+                break;
+            default:    /* delete */
+                if (len) {
+                    memmove(text + pos, text + pos + 1, len - pos - 1);
+                    len--;
+                }
+                break;
+            }
+        }
+
+        expect_same_request(text, len);
+    }
+}
+
+
 static void
 test_req_hash(void **state)
 {
@@ -1002,6 +1182,7 @@ main(void)
         cmocka_unit_test(test_req_content_forms),
         cmocka_unit_test(test_req_attachments),
         cmocka_unit_test(test_req_history),
+        cmocka_unit_test(test_req_in_place),
         cmocka_unit_test(test_req_hash),
         cmocka_unit_test(test_req_upstream_body),
     };
