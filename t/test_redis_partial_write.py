@@ -13,6 +13,7 @@ like an unanswered one (its usage counted as an error), none is sent
 later on the next connection, and that connection works.
 """
 
+import contextlib
 import threading
 import time
 
@@ -151,20 +152,31 @@ def fill(n, proxy):
     return held + MORE
 
 
-def test_what_the_socket_does_not_take_goes_out_on_its_write_event(
-        nginx, backend, redis_server):
-    redis = redis_server
+@contextlib.contextmanager
+def gateway(nginx, redis, timeout):
+    """A gateway whose Redis is behind a PausingProxy, the key read once
+    (then cached) and a first completion written: (nginx, proxy)."""
     redis.add_key(KEY, scopes="chat", workspaces="*")
     proxy = PausingProxy(redis)
     n = None
     try:
-        n = nginx(GATEWAY % (proxy.addr, "120s"), workers=1)
-
-        # the key read once (then cached) and the connection made
+        n = nginx(GATEWAY % (proxy.addr, timeout), workers=1)
         assert chat(n, "warm").status == 200
-        helpers.wait_until(lambda: stored(redis) == 1, 5,
-                           message="the first conversation not stored")
+        helpers.wait_until(lambda: stored(redis) == 1
+                           and requests_counted(redis) == 1, 5,
+                           message="the first completion not written")
+        yield n, proxy
+    finally:
+        # the gateway goes first: its reconnects would find no proxy
+        if n is not None:
+            n.stop()
+        assert proxy.close() == [], "threads of the proxy outlive it"
 
+
+def test_what_the_socket_does_not_take_goes_out_on_its_write_event(
+        nginx, backend, redis_server):
+    redis = redis_server
+    with gateway(nginx, redis, "120s") as (n, proxy):
         proxy.pause()
         # a read under way when it paused still goes on: one at most
         before = proxy.passed + proxy.READ
@@ -189,11 +201,6 @@ def test_what_the_socket_does_not_take_goes_out_on_its_write_event(
                            message="a store after the pause was lost")
         assert not [line for line in n.error_log().splitlines()
                     if "[error]" in line or "[alert]" in line]
-    finally:
-        # the gateway goes first: its reconnects would find no proxy
-        if n is not None:
-            n.stop()
-        assert proxy.close() == [], "threads of the proxy outlive it"
 
 
 # longer than fill() takes (5 - 6 s here, under the sanitizers too),
@@ -217,16 +224,7 @@ def steady(fn, timeout=10):
 def test_commands_waiting_in_the_worker_fail_with_their_connection(
         nginx, backend, redis_server):
     redis = redis_server
-    redis.add_key(KEY, scopes="chat", workspaces="*")
-    proxy = PausingProxy(redis)
-    n = None
-    try:
-        n = nginx(GATEWAY % (proxy.addr, "%ds" % TIMEOUT), workers=1)
-
-        assert chat(n, "warm").status == 200
-        helpers.wait_until(lambda: stored(redis) == 1
-                           and requests_counted(redis) == 1, 5,
-                           message="the first completion not written")
+    with gateway(nginx, redis, "%ds" % TIMEOUT) as (n, proxy):
         workers = n.worker_pids()
 
         proxy.pause()
@@ -273,7 +271,3 @@ def test_commands_waiting_in_the_worker_fail_with_their_connection(
         assert value(m, "anythingllm_usage_errors_total") == held
         assert value(m, "anythingllm_redis_reconnects_total") == 1
         assert n.worker_pids() == workers, "a worker was replaced"
-    finally:
-        if n is not None:
-            n.stop()
-        assert proxy.close() == [], "threads of the proxy outlive it"

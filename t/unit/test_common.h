@@ -30,6 +30,65 @@
              "0123456789abcdef0123456789abcdef"
 
 
+/*
+ * Random edits, for the tests that hold a reading in place equal to
+ * cJSON's tree: *x is a xorshift state, advanced by test_next(); the
+ * text (with room for three bytes more) gets one to three
+ * replacements, insertions or deletions of bytes that JSON's grammar
+ * turns on.
+ */
+
+#define TEST_EDIT_BYTES  "{}[]\",:\\ \t\n\x01\x7f\xc3\xa9\xff"          \
+                         "0123456789eE.-+tfnulrsabu/"
+
+
+static inline uint64_t
+test_next(uint64_t *x)
+{
+    *x ^= *x << 13;
+    *x ^= *x >> 7;
+    *x ^= *x << 17;
+
+    return *x;
+}
+
+
+static inline void
+test_edit(char *text, size_t *len, uint64_t *x)
+{
+    char      c;
+    size_t    k, n, pos;
+    uint64_t  r;
+
+    n = 1 + (*x >> 8) % 3;
+
+    for (k = 0; k < n; k++) {
+        r = test_next(x);
+        pos = *len ? (r >> 16) % *len : 0;
+        c = TEST_EDIT_BYTES[(r >> 32) % (sizeof(TEST_EDIT_BYTES) - 1)];
+
+        switch ((r >> 4) % 3) {
+        case 0:     /* replace */
+            if (*len) {
+                text[pos] = c;
+            }
+            break;
+        case 1:     /* insert */
+            memmove(text + pos + 1, text + pos, *len - pos);
+            text[pos] = c;
+            (*len)++;
+            break;
+        default:    /* delete */
+            if (*len) {
+                memmove(text + pos, text + pos + 1, *len - pos - 1);
+                (*len)--;
+            }
+            break;
+        }
+    }
+}
+
+
 /* parses JSON text that the test expects to be valid; never NULL */
 
 static inline cJSON *

@@ -903,11 +903,8 @@ static void
 test_req_in_place(void **state)
 {
     char         text[1024];
-    size_t       i, k, len, pos;
+    size_t       i, len;
     uint64_t     x;
-
-    static const char  alphabet[] = "{}[]\",:\\ \t\n\x01\x7f\xc3\xa9\xff"
-                                    "0123456789eE.-+tfnulrsabu/";
 
     static const char *const  seeds[] = {
         "{\"model\":\"sales\",\"messages\":[{\"role\":\"user\","
@@ -973,39 +970,11 @@ test_req_in_place(void **state)
     x = 0x9e3779b97f4a7c15ULL;
 
     for (i = 0; i < 60000; i++) {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
+        test_next(&x);
 
         len = strlen(seeds[x % 4]);
         memcpy(text, seeds[x % 4], len);
-
-        for (k = 0; k < 1 + (x >> 8) % 3; k++) {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-
-            pos = len ? (x >> 16) % len : 0;
-
-            switch ((x >> 4) % 3) {
-            case 0:     /* replace */
-                if (len) {
-                    text[pos] = alphabet[(x >> 32) % (sizeof(alphabet) - 1)];
-                }
-                break;
-            case 1:     /* insert */
-                memmove(text + pos + 1, text + pos, len - pos);
-                text[pos] = alphabet[(x >> 32) % (sizeof(alphabet) - 1)];
-                len++;
-                break;
-            default:    /* delete */
-                if (len) {
-                    memmove(text + pos, text + pos + 1, len - pos - 1);
-                    len--;
-                }
-                break;
-            }
-        }
+        test_edit(text, &len, &x);
 
         expect_same_request(text, len);
     }
