@@ -349,6 +349,7 @@ alm_chat_response_tree(const char *json, size_t len,
     const alm_completion_meta_t *meta, alm_usage_t *usage,
     alm_conv_hash_t *conv, size_t *out_len, alm_error_t *err)
 {
+    int           nomem;
     char         *out;
     cJSON        *root;
     alm_buf_t     b;
@@ -360,7 +361,12 @@ alm_chat_response_tree(const char *json, size_t len,
         memset(usage, 0, sizeof(alm_usage_t));
     }
 
-    root = alm_json_parse(json, len);
+    root = alm_json_parse(json, len, &nomem);
+
+    if (nomem) {
+        alm_error_set(err, 500, "server_error", NULL, NULL, ALM_NOMEM);
+        return NULL;
+    }
 
     if (!cJSON_IsObject(root)) {
         cJSON_Delete(root);
@@ -441,7 +447,7 @@ alm_chat_error_translate(int status, const char *body, size_t len,
     const char  *e;
     int          mlen;
 
-    root = alm_json_parse(body, len);
+    root = alm_json_parse(body, len, NULL);
     e = NULL;
 
     if (cJSON_IsObject(root)) {

@@ -541,20 +541,62 @@ alm_buf_free(alm_buf_t *b)
 /* ------------------------------------------------------------------ */
 /* parsed values                                                      */
 
-cJSON *
-alm_json_parse(const char *p, size_t len)
+/*
+ * cJSON allocates through alm_json_malloc() from the first parse on,
+ * so that a parse that came back NULL tells a failed allocation from
+ * a text cJSON refused.  Workers are single-threaded: a plain flag.
+ */
+
+static int  alm_json_hooked;
+static int  alm_json_nomem;
+
+
+static void *
+alm_json_malloc(size_t size)
 {
-    cJSON       *root;
-    const char  *end;
+    void  *p;
+
+    p = malloc(size);
+
+    if (p == NULL) {
+        alm_json_nomem = 1;
+    }
+
+    return p;
+}
+
+
+cJSON *
+alm_json_parse(const char *p, size_t len, int *nomem)
+{
+    cJSON        *root;
+    const char   *end;
+    cJSON_Hooks   hooks;
+
+    if (nomem) {
+        *nomem = 0;
+    }
 
     if (p == NULL || len == 0) {
         return NULL;
     }
 
+    if (!alm_json_hooked) {
+        hooks.malloc_fn = alm_json_malloc;
+        hooks.free_fn = free;
+        cJSON_InitHooks(&hooks);
+        alm_json_hooked = 1;
+    }
+
+    alm_json_nomem = 0;
     end = NULL;
     root = cJSON_ParseWithLengthOpts(p, len, &end, 0);
 
     if (root == NULL) {
+        if (nomem) {
+            *nomem = alm_json_nomem;
+        }
+
         return NULL;
     }
 

@@ -27,8 +27,12 @@
  */
 const char *alm_json_text_check(const char *body, size_t len, size_t *at);
 
-/* a whole JSON text: only white space may follow the value; or NULL */
-cJSON *alm_json_parse(const char *p, size_t len);
+/*
+ * A whole JSON text: only white space may follow the value; or NULL,
+ * with *nomem (when not NULL) 1 if an allocation failed on the way and
+ * 0 if cJSON refused the text.
+ */
+cJSON *alm_json_parse(const char *p, size_t len, int *nomem);
 
 /* 1 when item is missing or null */
 int alm_json_absent(const cJSON *item);

@@ -190,7 +190,7 @@ alm_workspaces_parse(const char *json, size_t len, cJSON **array)
 {
     cJSON  *root;
 
-    root = alm_json_parse(json, len);
+    root = alm_json_parse(json, len, NULL);
 
     *array = cJSON_GetObjectItemCaseSensitive(root, "workspaces");
 

@@ -143,12 +143,27 @@ static const alm_range_t  alm_ranges[] = {
 #define ALM_STOP_MAX  4
 
 
+static const char *const  alm_roles[] = {
+    "system", "developer", "user", "assistant", "tool"
+};
+
+
+/* role: len bytes, not NUL-terminated; the tree passes strlen() */
+
 static int
-alm_role_known(const char *role)
+alm_role_known(const char *role, size_t len)
 {
-    return strcmp(role, "system") == 0 || strcmp(role, "developer") == 0
-           || strcmp(role, "user") == 0 || strcmp(role, "assistant") == 0
-           || strcmp(role, "tool") == 0;
+    size_t  i;
+
+    for (i = 0; i < sizeof(alm_roles) / sizeof(alm_roles[0]); i++) {
+        if (strlen(alm_roles[i]) == len
+            && memcmp(alm_roles[i], role, len) == 0)
+        {
+            return 1;
+        }
+    }
+
+    return 0;
 }
 
 
@@ -929,7 +944,9 @@ alm_check_messages(const cJSON *messages, int *images, alm_error_t *err)
 
         role = cJSON_GetObjectItemCaseSensitive(msg, "role");
 
-        if (!cJSON_IsString(role) || !alm_role_known(role->valuestring)) {
+        if (!cJSON_IsString(role)
+            || !alm_role_known(role->valuestring, strlen(role->valuestring)))
+        {
             alm_error_set(err, 400, "invalid_request_error", "messages", NULL,
                           "Invalid value for 'messages[%d].role': expected "
                           "one of 'system', 'developer', 'user', "
@@ -1186,11 +1203,7 @@ alm_msg_in_place(const alm_json_span_t *v, alm_msg_text_t *m)
         return 0;
     }
 
-    if (m->role == NULL
-        || !(alm_role_is(m, "system") || alm_role_is(m, "developer")
-             || alm_role_is(m, "user") || alm_role_is(m, "assistant")
-             || alm_role_is(m, "tool")))
-    {
+    if (m->role == NULL || !alm_role_known(m->role, m->role_len)) {
         return 0;
     }
 
@@ -1352,10 +1365,15 @@ static int
 alm_chat_req_from_tree(const char *body, size_t len,
     const char *key_digest_hex, alm_chat_req_t *req, alm_error_t *err)
 {
-    int     rc;
+    int     rc, nomem;
     cJSON  *root;
 
-    root = alm_json_parse(body, len);
+    root = alm_json_parse(body, len, &nomem);
+
+    if (nomem) {
+        alm_error_set(err, 500, "server_error", NULL, NULL, ALM_NOMEM);
+        return ALM_ERROR;
+    }
 
     if (!cJSON_IsObject(root)) {
         cJSON_Delete(root);

@@ -292,6 +292,81 @@ expect_same_translation(const char *text, size_t len)
 }
 
 
+/*
+ * Running out of memory (test_alloc_left, test_common.h): for every n,
+ * a translation whose n-th allocation fails ends in a 500 server_error
+ * with nothing left to free, until n is past the last allocation and
+ * it gives what it gives without the limit.
+ */
+
+static void
+expect_nomem(const char *text, int tree)
+{
+    char             *out, *ok;
+    long              n;
+    size_t            len, ok_len;
+    alm_error_t       err;
+    alm_usage_t       usage;
+    alm_conv_hash_t   conv;
+
+    alm_conv_hash_init(&conv, KEY, S("my-ws"));
+    ok = tree ? alm_chat_response_tree(text, strlen(text), &meta, &usage,
+                                       &conv, &ok_len, &err)
+              : alm_chat_response_translate(text, strlen(text), &meta,
+                                            &usage, &conv, &ok_len, &err);
+    assert_non_null(ok);
+
+    for (n = 0; ; n++) {
+        memset(&err, 0, sizeof(alm_error_t));
+        alm_conv_hash_init(&conv, KEY, S("my-ws"));
+
+        test_alloc_left = n;
+        out = tree ? alm_chat_response_tree(text, strlen(text), &meta,
+                                            &usage, &conv, &len, &err)
+                   : alm_chat_response_translate(text, strlen(text), &meta,
+                                                 &usage, &conv, &len, &err);
+        test_alloc_left = -1;
+
+        if (out != NULL) {
+            break;
+        }
+
+        if (err.status != 500) {
+            print_error("allocation %ld failed: %d %s\n", n, err.status,
+                        err.message);
+            free(ok);
+            fail();
+        }
+
+        assert_string_equal(err.type, "server_error");
+    }
+
+    assert_true(n > 0);
+    assert_int_equal(len, ok_len);
+    assert_memory_equal(out, ok, len);
+
+    free(out);
+    free(ok);
+}
+
+
+static void
+test_response_nomem(void **state)
+{
+    static const char  answer[] =
+        "{\"id\":\"u1\",\"type\":\"textResponse\",\"textResponse\":\"Hello "
+        "from \\\"ws\\\" \\u00e9\",\"sources\":[{\"text\":\"t\",\"title\":"
+        "\"doc\"}],\"close\":true,\"error\":null,\"chatId\":42,"
+        "\"metrics\":{\"prompt_tokens\":79,\"completion_tokens\":5,"
+        "\"total_tokens\":84}}";
+
+    (void) state;
+
+    expect_nomem(answer, 0);
+    expect_nomem(answer, 1);
+}
+
+
 static void
 test_response_in_place(void **state)
 {
@@ -396,6 +471,7 @@ main(void)
         cmocka_unit_test(test_response_errors),
         cmocka_unit_test(test_chat_error_translate),
         cmocka_unit_test(test_response_in_place),
+        cmocka_unit_test(test_response_nomem),
     };
 
     return cmocka_run_group_tests_name("answer", tests, NULL, NULL);

@@ -121,4 +121,53 @@ test_str(const cJSON *obj, const char *name)
 }
 
 
+#ifdef TEST_WRAP_ALLOC
+
+/*
+ * The tests of running out of memory link with -Wl,--wrap=malloc and
+ * --wrap=realloc (the Makefile): every malloc and realloc of the core
+ * and of these tests, and cJSON's (it allocates through alm_json.c's
+ * malloc), comes here.  With test_alloc_left at n, n allocations
+ * succeed and every one after fails, until it is -1 again.
+ */
+
+static long  test_alloc_left = -1;
+
+void *__real_malloc(size_t size);
+void *__real_realloc(void *p, size_t size);
+void *__wrap_malloc(size_t size);
+void *__wrap_realloc(void *p, size_t size);
+
+
+static int
+test_alloc_fails(void)
+{
+    if (test_alloc_left == 0) {
+        return 1;
+    }
+
+    if (test_alloc_left > 0) {
+        test_alloc_left--;
+    }
+
+    return 0;
+}
+
+
+void *
+__wrap_malloc(size_t size)
+{
+    return test_alloc_fails() ? NULL : __real_malloc(size);
+}
+
+
+void *
+__wrap_realloc(void *p, size_t size)
+{
+    return test_alloc_fails() ? NULL : __real_realloc(p, size);
+}
+
+#endif
+
+
 #endif /* _TEST_COMMON_H_INCLUDED_ */

@@ -981,6 +981,94 @@ test_req_in_place(void **state)
 }
 
 
+/*
+ * Running out of memory (test_alloc_left, test_common.h): for every n
+ * the reading either succeeds exactly as without the limit or ends in
+ * a 500 server_error with nothing left to free; the sanitizer's leak
+ * check at exit holds the rest.
+ */
+
+static void
+expect_nomem(const char *body, int tree)
+{
+    int             rc;
+    long            n;
+    alm_error_t     err, ok_err;
+    alm_chat_req_t  req, ok;
+
+    memset(&ok_err, 0, sizeof(alm_error_t));
+
+    rc = tree ? alm_chat_req_tree(body, strlen(body), KEY, &ok, &ok_err)
+              : alm_chat_req_parse(body, strlen(body), KEY, &ok, &ok_err);
+    assert_int_equal(rc, ALM_OK);
+
+    for (n = 0; ; n++) {
+        memset(&err, 0, sizeof(alm_error_t));
+
+        test_alloc_left = n;
+        rc = tree ? alm_chat_req_tree(body, strlen(body), KEY, &req, &err)
+                  : alm_chat_req_parse(body, strlen(body), KEY, &req, &err);
+        test_alloc_left = -1;
+
+        if (rc == ALM_OK) {
+            break;
+        }
+
+        assert_int_equal(rc, ALM_ERROR);
+        assert_int_equal(err.status, 500);
+        assert_string_equal(err.type, "server_error");
+        assert_null(req.model);
+        assert_null(req.message);
+        assert_null(req.transcript);
+        assert_null(req.attachments);
+    }
+
+    /* at least one allocation failed on the way, and the last try is
+     * the reading without a limit */
+    assert_true(n > 0);
+    same_str("model", req.model, ok.model, body, strlen(body));
+    same_str("message", req.message, ok.message, body, strlen(body));
+    same_str("attachments", req.attachments, ok.attachments, body,
+             strlen(body));
+    same_str("transcript", req.transcript, ok.transcript, body,
+             strlen(body));
+
+    alm_chat_req_free(&req);
+    alm_chat_req_free(&ok);
+}
+
+
+static void
+test_req_nomem(void **state)
+{
+    size_t  i;
+
+    static const char *const  bodies[] = {
+        /* read in place */
+        "{\"model\":\"sales\",\"messages\":[{\"role\":\"user\","
+        "\"content\":\"How did sales do?\"}]}",
+        "{\"model\":\"sales\",\"stream\":true,\"messages\":[{\"role\":"
+        "\"system\",\"content\":\"Be brief.\"},{\"role\":\"user\","
+        "\"content\":\"Hi \\u00e9\"},{\"role\":\"assistant\",\"content\":"
+        "\"Hello!\"},{\"role\":\"user\",\"content\":\"Last \\\"q\\\"\"}]}",
+        /* through the tree */
+        "{\"model\":\"sales\",\"temperature\":0.5,\"stop\":[\"x\"],"
+        "\"messages\":[{\"role\":\"user\",\"content\":\"Earlier\"},"
+        "{\"role\":\"assistant\",\"content\":[{\"type\":\"text\","
+        "\"text\":\"Answer\"}]},{\"role\":\"user\",\"content\":["
+        "{\"type\":\"text\",\"text\":\"Look\"},{\"type\":\"image_url\","
+        "\"image_url\":{\"url\":\"" PNG "\"}}]}]}",
+    };
+
+    (void) state;
+
+    for (i = 0; i < sizeof(bodies) / sizeof(bodies[0]); i++) {
+        expect_nomem(bodies[i], 0);
+        expect_nomem(bodies[i], 1);
+    }
+}
+
+
 static void
 test_req_hash(void **state)
 {
@@ -1152,6 +1240,7 @@ main(void)
         cmocka_unit_test(test_req_attachments),
         cmocka_unit_test(test_req_history),
         cmocka_unit_test(test_req_in_place),
+        cmocka_unit_test(test_req_nomem),
         cmocka_unit_test(test_req_hash),
         cmocka_unit_test(test_req_upstream_body),
     };
