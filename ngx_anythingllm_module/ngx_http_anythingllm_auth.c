@@ -11,7 +11,8 @@
  *      12 hex digits are ever logged;
  *   3. the shared cache, else "HGETALL <prefix>key:<digest>" on the
  *      worker's Redis connection; the request waits without blocking
- *      the worker;
+ *      the worker, and the requests of one key that arrive before the
+ *      command is written share it;
  *   4. disabled, expired, scope, workspace;
  *   5. with rpm > 0: the minute's count, one for every nginx that
  *      shares the Redis (ngx_http_anythingllm_rate.c).
@@ -29,6 +30,11 @@
 #include "ngx_http_anythingllm_module.h"
 
 
+/* ngx_http_anythingllm_auth_lookup_open(): out of memory */
+#define NGX_HTTP_ANYTHINGLLM_LOOKUP_ERROR                                    \
+    ((ngx_http_anythingllm_lookup_t *) -1)
+
+
 #define ngx_http_anythingllm_auth_passed(res)                                \
     ((res) == NGX_HTTP_ANYTHINGLLM_AUTH_CACHED                               \
      || (res) == NGX_HTTP_ANYTHINGLLM_AUTH_REDIS                             \
@@ -44,6 +50,15 @@ static ngx_int_t ngx_http_anythingllm_auth_lookup(ngx_http_request_t *r,
 static ngx_int_t ngx_http_anythingllm_auth_redis_key(ngx_http_request_t *r,
     ngx_http_anythingllm_ctx_t *ctx, const char *name, size_t room,
     ngx_str_t *key);
+static ngx_http_anythingllm_lookup_t *ngx_http_anythingllm_auth_lookup_open(
+    ngx_http_request_t *r, ngx_http_anythingllm_ctx_t *ctx);
+static void ngx_http_anythingllm_auth_lookup_insert(ngx_rbtree_node_t *temp,
+    ngx_rbtree_node_t *node, ngx_rbtree_node_t *sentinel);
+static void ngx_http_anythingllm_auth_lookup_close(
+    ngx_http_anythingllm_lookup_t *lk);
+static void ngx_http_anythingllm_auth_lookup_answered(ngx_http_request_t *r,
+    ngx_http_anythingllm_ctx_t *ctx, ngx_http_anythingllm_redis_reply_t *rp,
+    ngx_uint_t first);
 static void ngx_http_anythingllm_auth_lookup_done(void *data,
     ngx_http_anythingllm_redis_reply_t *reply);
 static ngx_int_t ngx_http_anythingllm_auth_unreachable(ngx_http_request_t *r,
@@ -90,6 +105,37 @@ static const struct {
 static const char  *ngx_http_anythingllm_scope_names[] = {
     "chat", "read", "documents", "admin"
 };
+
+
+/*
+ * The lookups of one key in one turn of the event loop share a single
+ * HGETALL.  A lookup takes in others only while its command has not
+ * been written (ngx_http_anythingllm_redis_writes() unchanged since it
+ * was sent): every request that shares it is then answered by Redis as
+ * it was after the request arrived, exactly as by a command of its
+ * own, and a revocation is seen as soon as without sharing.
+ *
+ * A lookup is the worker's memory, not a request's: a request that
+ * goes away leaves its "waiting" queue (the auth cleanup), and the
+ * lookup is freed when its reply has been handed to those left, or at
+ * worker exit when it never comes.
+ */
+
+struct ngx_http_anythingllm_lookup_s {
+    ngx_rbtree_node_t           node;       /* key: the digest's start */
+    ngx_queue_t                 flight;     /* every lookup in flight */
+    ngx_queue_t                 waiting;    /* ctx->lookup_link */
+    ngx_uint_t                  writes;     /* redis_writes() at send */
+    ngx_msec_t                  started;
+    ngx_uint_t                  open;       /* in the tree */
+    char                        digest[ALM_DIGEST_HEX_LEN];
+};
+
+
+/* the lookups that take in others, by digest */
+static ngx_rbtree_t       ngx_http_anythingllm_lookups;
+static ngx_rbtree_node_t  ngx_http_anythingllm_lookups_sentinel;
+static ngx_queue_t        ngx_http_anythingllm_lookups_flight;
 
 
 ngx_int_t
@@ -294,15 +340,97 @@ static ngx_int_t
 ngx_http_anythingllm_auth_lookup(ngx_http_request_t *r,
     ngx_http_anythingllm_ctx_t *ctx)
 {
+    ngx_rbtree_key_t                key;
+    ngx_rbtree_node_t              *node, *sentinel;
+    ngx_http_anythingllm_lookup_t  *lk;
+
+    if (ngx_http_anythingllm_lookups.root == NULL) {
+        ngx_rbtree_init(&ngx_http_anythingllm_lookups,
+                        &ngx_http_anythingllm_lookups_sentinel,
+                        ngx_http_anythingllm_auth_lookup_insert);
+        ngx_queue_init(&ngx_http_anythingllm_lookups_flight);
+    }
+
+    ngx_memcpy(&key, ctx->key.digest, sizeof(ngx_rbtree_key_t));
+
+    node = ngx_http_anythingllm_lookups.root;
+    sentinel = ngx_http_anythingllm_lookups.sentinel;
+    lk = NULL;
+
+    while (node != sentinel) {
+
+        if (key != node->key) {
+            node = (key < node->key) ? node->left : node->right;
+            continue;
+        }
+
+        lk = (ngx_http_anythingllm_lookup_t *) node;
+
+        if (ngx_memcmp(ctx->key.digest, lk->digest, ALM_DIGEST_HEX_LEN)
+            == 0)
+        {
+            break;
+        }
+
+        node = (ngx_memcmp(ctx->key.digest, lk->digest, ALM_DIGEST_HEX_LEN)
+                < 0) ? node->left : node->right;
+        lk = NULL;
+    }
+
+    if (lk && lk->writes != ngx_http_anythingllm_redis_writes()) {
+        /* written: what Redis answers may be older than this request */
+        ngx_http_anythingllm_auth_lookup_close(lk);
+        lk = NULL;
+    }
+
+    if (lk == NULL) {
+        lk = ngx_http_anythingllm_auth_lookup_open(r, ctx);
+
+        if (lk == NULL) {
+            return ngx_http_anythingllm_auth_unreachable(r, ctx);
+        }
+
+        if (lk == NGX_HTTP_ANYTHINGLLM_LOOKUP_ERROR) {
+            return NGX_ERROR;
+        }
+
+    } else if (ngx_http_anythingllm_auth_set_cleanup(r, ctx) != NGX_OK) {
+        return NGX_ERROR;
+    }
+
+    ctx->lookup = lk;
+    ctx->request = r;
+    ctx->lookup_started = lk->started;
+    ngx_queue_insert_tail(&lk->waiting, &ctx->lookup_link);
+
+    return ngx_http_anythingllm_auth_wait(r, ctx, NULL);
+}
+
+
+/*
+ * A new lookup, its command sent; NULL when Redis cannot be reached,
+ * NGX_HTTP_ANYTHINGLLM_LOOKUP_ERROR when out of memory.
+ */
+
+static ngx_http_anythingllm_lookup_t *
+ngx_http_anythingllm_auth_lookup_open(ngx_http_request_t *r,
+    ngx_http_anythingllm_ctx_t *ctx)
+{
     ngx_str_t                          name;
     size_t                             argvlen[2];
     const char                        *argv[2];
+    ngx_http_anythingllm_lookup_t     *lk;
     ngx_http_anythingllm_redis_req_t  *rr;
 
     if (ngx_http_anythingllm_auth_redis_key(r, ctx, "key:", 0, &name)
         != NGX_OK)
     {
-        return NGX_ERROR;
+        return NGX_HTTP_ANYTHINGLLM_LOOKUP_ERROR;
+    }
+
+    lk = ngx_alloc(sizeof(ngx_http_anythingllm_lookup_t), r->connection->log);
+    if (lk == NULL) {
+        return NGX_HTTP_ANYTHINGLLM_LOOKUP_ERROR;
     }
 
     argv[0] = "HGETALL";
@@ -310,35 +438,156 @@ ngx_http_anythingllm_auth_lookup(ngx_http_request_t *r,
     argv[1] = (const char *) name.data;
     argvlen[1] = name.len;
 
-    ctx->lookup_started = ngx_current_msec;
-
     rr = ngx_http_anythingllm_redis_command(
                                        ngx_http_anythingllm_auth_lookup_done,
-                                       r, 2, argv, argvlen);
+                                       lk, 2, argv, argvlen);
     if (rr == NULL) {
-        return ngx_http_anythingllm_auth_unreachable(r, ctx);
+        ngx_free(lk);
+        return NULL;
     }
 
-    return ngx_http_anythingllm_auth_wait(r, ctx, rr);
+    ngx_memcpy(lk->digest, ctx->key.digest, ALM_DIGEST_HEX_LEN);
+    ngx_memcpy(&lk->node.key, lk->digest, sizeof(ngx_rbtree_key_t));
+    lk->writes = ngx_http_anythingllm_redis_writes();
+    lk->started = ngx_current_msec;
+    lk->open = 1;
+    ngx_queue_init(&lk->waiting);
+
+    ngx_rbtree_insert(&ngx_http_anythingllm_lookups, &lk->node);
+    ngx_queue_insert_tail(&ngx_http_anythingllm_lookups_flight, &lk->flight);
+
+    return lk;
 }
 
+
+static void
+ngx_http_anythingllm_auth_lookup_insert(ngx_rbtree_node_t *temp,
+    ngx_rbtree_node_t *node, ngx_rbtree_node_t *sentinel)
+{
+    ngx_rbtree_node_t              **p;
+    ngx_http_anythingllm_lookup_t   *a, *b;
+
+    a = (ngx_http_anythingllm_lookup_t *) node;
+
+    for ( ;; ) {
+
+        if (node->key != temp->key) {
+            p = (node->key < temp->key) ? &temp->left : &temp->right;
+
+        } else {
+            b = (ngx_http_anythingllm_lookup_t *) temp;
+
+            p = (ngx_memcmp(a->digest, b->digest, ALM_DIGEST_HEX_LEN) < 0)
+                ? &temp->left : &temp->right;
+        }
+
+        if (*p == sentinel) {
+            break;
+        }
+
+        temp = *p;
+    }
+
+    *p = node;
+    node->parent = temp;
+    node->left = sentinel;
+    node->right = sentinel;
+    ngx_rbt_red(node);
+}
+
+
+/* no more requests join the lookup */
+
+static void
+ngx_http_anythingllm_auth_lookup_close(ngx_http_anythingllm_lookup_t *lk)
+{
+    if (lk->open) {
+        ngx_rbtree_delete(&ngx_http_anythingllm_lookups, &lk->node);
+        lk->open = 0;
+    }
+}
+
+
+/*
+ * Every request still waiting gets the reply in the order it came;
+ * the first fills the cache for all.  A request's handling may end
+ * others (the streams of one connection): each is taken off the queue
+ * before it runs, and one that ends leaves the queue in its cleanup.
+ */
 
 static void
 ngx_http_anythingllm_auth_lookup_done(void *data,
     ngx_http_anythingllm_redis_reply_t *rp)
 {
-    ngx_http_request_t *r = data;
+    ngx_http_anythingllm_lookup_t *lk = data;
 
+    ngx_uint_t                   first;
+    ngx_queue_t                 *q;
+    ngx_http_anythingllm_ctx_t  *ctx;
+
+    ngx_http_anythingllm_auth_lookup_close(lk);
+    ngx_queue_remove(&lk->flight);
+
+    first = 1;
+
+    while (!ngx_queue_empty(&lk->waiting)) {
+        q = ngx_queue_head(&lk->waiting);
+        ngx_queue_remove(q);
+
+        ctx = ngx_queue_data(q, ngx_http_anythingllm_ctx_t, lookup_link);
+        ctx->lookup = NULL;
+
+        ngx_http_anythingllm_auth_lookup_answered(ctx->request, ctx, rp,
+                                                  first);
+        first = 0;
+    }
+
+    ngx_free(lk);
+}
+
+
+void
+ngx_http_anythingllm_auth_exit_process(void)
+{
+    ngx_queue_t                    *q, *w;
+    ngx_http_anythingllm_ctx_t     *ctx;
+    ngx_http_anythingllm_lookup_t  *lk;
+
+    if (ngx_http_anythingllm_lookups.root == NULL) {
+        return;
+    }
+
+    while (!ngx_queue_empty(&ngx_http_anythingllm_lookups_flight)) {
+        q = ngx_queue_head(&ngx_http_anythingllm_lookups_flight);
+        ngx_queue_remove(q);
+
+        lk = ngx_queue_data(q, ngx_http_anythingllm_lookup_t, flight);
+
+        for (w = ngx_queue_head(&lk->waiting);
+             w != ngx_queue_sentinel(&lk->waiting);
+             w = ngx_queue_next(w))
+        {
+            ctx = ngx_queue_data(w, ngx_http_anythingllm_ctx_t, lookup_link);
+            ctx->lookup = NULL;
+        }
+
+        ngx_free(lk);
+    }
+}
+
+
+static void
+ngx_http_anythingllm_auth_lookup_answered(ngx_http_request_t *r,
+    ngx_http_anythingllm_ctx_t *ctx, ngx_http_anythingllm_redis_reply_t *rp,
+    ngx_uint_t first)
+{
     ngx_int_t                          rc;
     ngx_str_t                          why;
     ngx_uint_t                         missed;
-    ngx_http_anythingllm_ctx_t        *ctx;
     ngx_http_anythingllm_main_conf_t  *amcf;
 
-    ctx = ngx_http_get_module_ctx(r, ngx_http_anythingllm_module);
     amcf = ngx_http_get_module_main_conf(r, ngx_http_anythingllm_module);
 
-    ctx->pending = NULL;
     ctx->auth_waiting = 0;
 
     if (rp->type == NGX_HTTP_ANYTHINGLLM_REDIS_NONE) {
@@ -373,10 +622,12 @@ ngx_http_anythingllm_auth_lookup_done(void *data,
     }
 
     if (rp->nelts == 0) {
-        ngx_http_anythingllm_cache_put_negative(amcf->cache_zone,
-                                                ctx->key.digest,
-                                                amcf->cache_invalid,
-                                                ctx->lookup_started);
+        if (first) {
+            ngx_http_anythingllm_cache_put_negative(amcf->cache_zone,
+                                                    ctx->key.digest,
+                                                    amcf->cache_invalid,
+                                                    ctx->lookup_started);
+        }
 
         ctx->auth_result = NGX_HTTP_ANYTHINGLLM_AUTH_DENIED_UNKNOWN;
         goto resume;
@@ -387,8 +638,11 @@ ngx_http_anythingllm_auth_lookup_done(void *data,
         goto resume;
     }
 
-    ngx_http_anythingllm_cache_put(amcf->cache_zone, &ctx->key,
-                                   amcf->cache_valid, ctx->lookup_started);
+    if (first) {
+        ngx_http_anythingllm_cache_put(amcf->cache_zone, &ctx->key,
+                                       amcf->cache_valid,
+                                       ctx->lookup_started);
+    }
 
     ctx->auth_result = NGX_HTTP_ANYTHINGLLM_AUTH_REDIS;
 
@@ -590,6 +844,11 @@ ngx_http_anythingllm_auth_cleanup(void *data)
     ngx_http_anythingllm_ctx_t *ctx = data;
 
     ngx_http_anythingllm_redis_cancel(&ctx->pending);
+
+    if (ctx->lookup) {
+        ngx_queue_remove(&ctx->lookup_link);
+        ctx->lookup = NULL;
+    }
 }
 
 

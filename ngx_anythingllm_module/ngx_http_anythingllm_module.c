@@ -644,4 +644,5 @@ ngx_http_anythingllm_exit_process(ngx_cycle_t *cycle)
 {
     ngx_http_anythingllm_metrics_exit_process();
     ngx_http_anythingllm_redis_exit_process(cycle);
+    ngx_http_anythingllm_auth_exit_process();
 }

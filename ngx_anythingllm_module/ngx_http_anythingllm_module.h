@@ -181,6 +181,8 @@ typedef struct ngx_http_anythingllm_redis_req_s
 
 typedef struct ngx_http_anythingllm_ctx_s  ngx_http_anythingllm_ctx_t;
 
+typedef struct ngx_http_anythingllm_lookup_s  ngx_http_anythingllm_lookup_t;
+
 typedef struct ngx_http_anythingllm_rate_fetch_s
     ngx_http_anythingllm_rate_fetch_t;
 
@@ -195,7 +197,10 @@ struct ngx_http_anythingllm_ctx_s {
     ngx_int_t                   auth_status;    /* verdict once known */
     ngx_http_anythingllm_key_t  key;
     ngx_str_t                   workspace;      /* slug judged, if any */
-    ngx_http_anythingllm_redis_req_t  *pending; /* lookup in flight */
+    ngx_http_anythingllm_redis_req_t  *pending; /* rate count in flight */
+    ngx_http_anythingllm_lookup_t     *lookup;  /* key lookup awaited */
+    ngx_queue_t                 lookup_link;    /* in lookup->waiting */
+    ngx_http_request_t         *request;        /* of a lookup's waiter */
     time_t                      retry_after;
     ngx_msec_t                  lookup_started;
     unsigned                    need_scope;     /* ALM_SCOPE_* */
@@ -382,6 +387,8 @@ ngx_http_anythingllm_redis_req_t *ngx_http_anythingllm_redis_command(
     int argc, const char **argv, const size_t *argvlen);
 void ngx_http_anythingllm_redis_cancel(
     ngx_http_anythingllm_redis_req_t **rrp);
+/* changes whenever the commands sent so far are written to Redis */
+ngx_uint_t ngx_http_anythingllm_redis_writes(void);
 /* argv[0..4] of "EVAL <script> 2 <key1> <key2>" */
 void ngx_http_anythingllm_redis_eval2(const char **argv, size_t *argvlen,
     const char *script, size_t script_len, ngx_str_t *key1, ngx_str_t *key2);
@@ -480,6 +487,8 @@ ngx_int_t ngx_http_anythingllm_add_cors(ngx_http_request_t *r);
 /* ngx_http_anythingllm_auth.c */
 
 ngx_int_t ngx_http_anythingllm_access_handler(ngx_http_request_t *r);
+/* at worker exit: the key lookups still in flight are freed */
+void ngx_http_anythingllm_auth_exit_process(void);
 
 
 /* ngx_http_anythingllm_rate.c */

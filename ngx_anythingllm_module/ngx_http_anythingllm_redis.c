@@ -283,6 +283,19 @@ ngx_http_anythingllm_redis_command(
  * The caller's handle is cleared; a cleared one is let be.
  */
 
+/*
+ * A command sent while this number stays the same has not been written
+ * to Redis yet: the commands of a turn of the event loop are written
+ * together once its handlers have run (redis_io.c).
+ */
+
+ngx_uint_t
+ngx_http_anythingllm_redis_writes(void)
+{
+    return ngx_http_anythingllm_redis_cmd.writes;
+}
+
+
 void
 ngx_http_anythingllm_redis_cancel(ngx_http_anythingllm_redis_req_t **rrp)
 {

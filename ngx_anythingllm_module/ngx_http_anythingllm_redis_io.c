@@ -181,6 +181,7 @@ ngx_http_anythingllm_redis_io_handler(ngx_event_t *ev)
      */
 
     if (ev->write) {
+        conn->writes++;
         conn->writing = 1;
         redisAsyncHandleWrite(conn->ac);
         conn->writing = 0;

@@ -54,6 +54,7 @@ struct ngx_http_anythingllm_redis_conn_s {
     ngx_queue_t                 pending;    /* commands in flight */
     ngx_msec_t                  backoff;
     ngx_uint_t                  state;
+    ngx_uint_t                  writes;     /* write handler runs, ever */
     const char                 *name;
     ngx_http_anythingllm_redis_gone_pt  gone;
     ngx_str_t                   addr;       /* connected to, for logs */

@@ -1,8 +1,9 @@
 """A TCP proxy in front of a server, for the tests that stand between a
 client (the gateway, the keys tool) and Redis.  Each connection it
 accepts is joined to a connection of its own to the target: what the
-target sends goes back as it comes, what the client sends goes through
-forward(), which a test's proxy overrides to hold, count or delay it.
+target sends goes back through backward(), what the client sends goes
+on through forward(); both pass everything as it comes, and a test's
+proxy overrides them to hold, count or delay it.
 close() ends the listener and every connection, and waits for the
 proxy's threads."""
 
@@ -46,9 +47,14 @@ class TcpProxy:
         either ends."""
         self.pump(c, s)
 
+    def backward(self, s, c):
+        """Passes what the target sends on s back to the client on c,
+        until either ends."""
+        self.pump(s, c)
+
     def closing(self):
-        """Called first by close(): lets go of whatever forward() waits
-        for."""
+        """Called first by close(): lets go of whatever forward() or
+        backward() waits for."""
 
     def close(self):
         """Ends the proxy and every connection through it; returns the
@@ -87,6 +93,14 @@ class TcpProxy:
         finally:
             shut(src, dst)
 
+    def _backward(self, s, c):
+        try:
+            self.backward(s, c)
+        except OSError:
+            pass
+        finally:
+            shut(s, c)
+
     def _accept(self):
         while True:
             try:
@@ -105,7 +119,7 @@ class TcpProxy:
             return
         with self.lock:
             self.socks.append(s)
-        self.start(self.pump, s, c)
+        self.start(self._backward, s, c)
         try:
             self.forward(c, s)
         except OSError:
