@@ -340,6 +340,7 @@ static ngx_int_t
 ngx_http_anythingllm_auth_lookup(ngx_http_request_t *r,
     ngx_http_anythingllm_ctx_t *ctx)
 {
+    ngx_int_t                       rc;
     ngx_rbtree_key_t                key;
     ngx_rbtree_node_t              *node, *sentinel;
     ngx_http_anythingllm_lookup_t  *lk;
@@ -366,14 +367,13 @@ ngx_http_anythingllm_auth_lookup(ngx_http_request_t *r,
 
         lk = (ngx_http_anythingllm_lookup_t *) node;
 
-        if (ngx_memcmp(ctx->key.digest, lk->digest, ALM_DIGEST_HEX_LEN)
-            == 0)
-        {
+        rc = ngx_memcmp(ctx->key.digest, lk->digest, ALM_DIGEST_HEX_LEN);
+
+        if (rc == 0) {
             break;
         }
 
-        node = (ngx_memcmp(ctx->key.digest, lk->digest, ALM_DIGEST_HEX_LEN)
-                < 0) ? node->left : node->right;
+        node = (rc < 0) ? node->left : node->right;
         lk = NULL;
     }
 
