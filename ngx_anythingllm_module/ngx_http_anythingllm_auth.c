@@ -51,9 +51,7 @@ static ngx_int_t ngx_http_anythingllm_auth_redis_key(ngx_http_request_t *r,
     ngx_http_anythingllm_ctx_t *ctx, const char *name, size_t room,
     ngx_str_t *key);
 static ngx_http_anythingllm_lookup_t *ngx_http_anythingllm_auth_lookup_open(
-    ngx_http_request_t *r, ngx_http_anythingllm_ctx_t *ctx);
-static void ngx_http_anythingllm_auth_lookup_insert(ngx_rbtree_node_t *temp,
-    ngx_rbtree_node_t *node, ngx_rbtree_node_t *sentinel);
+    ngx_http_request_t *r, ngx_http_anythingllm_ctx_t *ctx, uint32_t hash);
 static void ngx_http_anythingllm_auth_lookup_close(
     ngx_http_anythingllm_lookup_t *lk);
 static void ngx_http_anythingllm_auth_lookup_answered(ngx_http_request_t *r,
@@ -122,13 +120,13 @@ static const char  *ngx_http_anythingllm_scope_names[] = {
  */
 
 struct ngx_http_anythingllm_lookup_s {
-    ngx_rbtree_node_t           node;       /* key: the digest's start */
+    ngx_str_node_t              sn;         /* the digest, below */
     ngx_queue_t                 flight;     /* every lookup in flight */
     ngx_queue_t                 waiting;    /* ctx->lookup_link */
     ngx_uint_t                  writes;     /* redis_writes() at send */
     ngx_msec_t                  started;
     ngx_uint_t                  open;       /* in the tree */
-    char                        digest[ALM_DIGEST_HEX_LEN];
+    u_char                      digest[ALM_DIGEST_HEX_LEN];
 };
 
 
@@ -340,42 +338,26 @@ static ngx_int_t
 ngx_http_anythingllm_auth_lookup(ngx_http_request_t *r,
     ngx_http_anythingllm_ctx_t *ctx)
 {
-    ngx_int_t                       rc;
-    ngx_rbtree_key_t                key;
-    ngx_rbtree_node_t              *node, *sentinel;
+    uint32_t                        hash;
+    ngx_str_t                       name;
     ngx_http_anythingllm_lookup_t  *lk;
 
     if (ngx_http_anythingllm_lookups.root == NULL) {
         ngx_rbtree_init(&ngx_http_anythingllm_lookups,
                         &ngx_http_anythingllm_lookups_sentinel,
-                        ngx_http_anythingllm_auth_lookup_insert);
+                        ngx_str_rbtree_insert_value);
         ngx_queue_init(&ngx_http_anythingllm_lookups_flight);
     }
 
-    ngx_memcpy(&key, ctx->key.digest, sizeof(ngx_rbtree_key_t));
+    /* the digest is SHA-256: its first bytes spread the tree as well */
 
-    node = ngx_http_anythingllm_lookups.root;
-    sentinel = ngx_http_anythingllm_lookups.sentinel;
-    lk = NULL;
+    ngx_memcpy(&hash, ctx->key.digest, sizeof(uint32_t));
 
-    while (node != sentinel) {
+    name.len = ALM_DIGEST_HEX_LEN;
+    name.data = (u_char *) ctx->key.digest;
 
-        if (key != node->key) {
-            node = (key < node->key) ? node->left : node->right;
-            continue;
-        }
-
-        lk = (ngx_http_anythingllm_lookup_t *) node;
-
-        rc = ngx_memcmp(ctx->key.digest, lk->digest, ALM_DIGEST_HEX_LEN);
-
-        if (rc == 0) {
-            break;
-        }
-
-        node = (rc < 0) ? node->left : node->right;
-        lk = NULL;
-    }
+    lk = (ngx_http_anythingllm_lookup_t *)
+             ngx_str_rbtree_lookup(&ngx_http_anythingllm_lookups, &name, hash);
 
     if (lk && lk->writes != ngx_http_anythingllm_redis_writes()) {
         /* written: what Redis answers may be older than this request */
@@ -384,7 +366,7 @@ ngx_http_anythingllm_auth_lookup(ngx_http_request_t *r,
     }
 
     if (lk == NULL) {
-        lk = ngx_http_anythingllm_auth_lookup_open(r, ctx);
+        lk = ngx_http_anythingllm_auth_lookup_open(r, ctx, hash);
 
         if (lk == NULL) {
             return ngx_http_anythingllm_auth_unreachable(r, ctx);
@@ -414,7 +396,7 @@ ngx_http_anythingllm_auth_lookup(ngx_http_request_t *r,
 
 static ngx_http_anythingllm_lookup_t *
 ngx_http_anythingllm_auth_lookup_open(ngx_http_request_t *r,
-    ngx_http_anythingllm_ctx_t *ctx)
+    ngx_http_anythingllm_ctx_t *ctx, uint32_t hash)
 {
     ngx_str_t                          name;
     size_t                             argvlen[2];
@@ -447,52 +429,18 @@ ngx_http_anythingllm_auth_lookup_open(ngx_http_request_t *r,
     }
 
     ngx_memcpy(lk->digest, ctx->key.digest, ALM_DIGEST_HEX_LEN);
-    ngx_memcpy(&lk->node.key, lk->digest, sizeof(ngx_rbtree_key_t));
+    lk->sn.str.len = ALM_DIGEST_HEX_LEN;
+    lk->sn.str.data = lk->digest;
+    lk->sn.node.key = hash;
     lk->writes = ngx_http_anythingllm_redis_writes();
     lk->started = ngx_current_msec;
     lk->open = 1;
     ngx_queue_init(&lk->waiting);
 
-    ngx_rbtree_insert(&ngx_http_anythingllm_lookups, &lk->node);
+    ngx_rbtree_insert(&ngx_http_anythingllm_lookups, &lk->sn.node);
     ngx_queue_insert_tail(&ngx_http_anythingllm_lookups_flight, &lk->flight);
 
     return lk;
-}
-
-
-static void
-ngx_http_anythingllm_auth_lookup_insert(ngx_rbtree_node_t *temp,
-    ngx_rbtree_node_t *node, ngx_rbtree_node_t *sentinel)
-{
-    ngx_rbtree_node_t              **p;
-    ngx_http_anythingllm_lookup_t   *a, *b;
-
-    a = (ngx_http_anythingllm_lookup_t *) node;
-
-    for ( ;; ) {
-
-        if (node->key != temp->key) {
-            p = (node->key < temp->key) ? &temp->left : &temp->right;
-
-        } else {
-            b = (ngx_http_anythingllm_lookup_t *) temp;
-
-            p = (ngx_memcmp(a->digest, b->digest, ALM_DIGEST_HEX_LEN) < 0)
-                ? &temp->left : &temp->right;
-        }
-
-        if (*p == sentinel) {
-            break;
-        }
-
-        temp = *p;
-    }
-
-    *p = node;
-    node->parent = temp;
-    node->left = sentinel;
-    node->right = sentinel;
-    ngx_rbt_red(node);
 }
 
 
@@ -502,7 +450,7 @@ static void
 ngx_http_anythingllm_auth_lookup_close(ngx_http_anythingllm_lookup_t *lk)
 {
     if (lk->open) {
-        ngx_rbtree_delete(&ngx_http_anythingllm_lookups, &lk->node);
+        ngx_rbtree_delete(&ngx_http_anythingllm_lookups, &lk->sn.node);
         lk->open = 0;
     }
 }

@@ -12,6 +12,7 @@ proxy in front of Redis can hold Redis's replies back, so that a lookup
 stays written and unanswered while the test goes on.
 """
 
+import contextlib
 import http.client
 import os
 import signal
@@ -76,6 +77,23 @@ class HoldingProxy(TcpProxy):
             c.sendall(d)
 
 
+@contextlib.contextmanager
+def held_gateway(nginx, redis):
+    """A gateway (one worker) whose Redis is behind a HoldingProxy:
+    (nginx, proxy)."""
+    redis.add_key(KEY, scopes="read", workspaces="sales")
+    proxy = HoldingProxy(redis)
+    n = None
+    try:
+        n = nginx(GATEWAY % proxy.addr, workers=1)
+        yield n, proxy
+    finally:
+        # the gateway goes first: its reconnects would find no proxy
+        if n is not None:
+            n.stop()
+        assert proxy.close() == [], "threads of the proxy outlive it"
+
+
 def lookups(redis):
     """The HGETALL commands Redis has run since its statistics were
     reset."""
@@ -100,12 +118,21 @@ def connections(n, count):
     return conns
 
 
+def stopped(pid):
+    with open("/proc/%d/stat" % pid) as f:
+        return f.read().rsplit(")", 1)[1].split()[0] == "T"
+
+
 def send_together(n, conns, keys):
     """Sends a request on each connection (with the key of the same
     index) while the worker is stopped: its next turn reads them all."""
     worker, = n.worker_pids()
     os.kill(worker, signal.SIGSTOP)
     try:
+        # the signal is sent, not yet taken: a request sent before the
+        # worker stops would have a turn of its own
+        helpers.wait_until(lambda: stopped(worker), 5,
+                           message="the worker did not stop")
         for c, key in zip(conns, keys):
             c.request("GET", PATH, headers=bearer(key))
         # what was sent is in the worker's sockets before it goes on
@@ -160,11 +187,7 @@ def test_a_request_after_the_lookup_was_written_asks_again(nginx,
     revoked, then b comes: b asks Redis itself and is refused, a is let
     through by the answer Redis gave it before the revocation."""
     redis = redis_server
-    redis.add_key(KEY, scopes="read", workspaces="sales")
-    proxy = HoldingProxy(redis)
-    n = None
-    try:
-        n = nginx(GATEWAY % proxy.addr, workers=1)
+    with held_gateway(nginx, redis) as (n, proxy):
         a, b = connections(n, 2)
 
         proxy.hold()
@@ -183,10 +206,6 @@ def test_a_request_after_the_lookup_was_written_asks_again(nginx,
         assert statuses == [200, 401]
         a.close()
         b.close()
-    finally:
-        if n is not None:
-            n.stop()
-        assert proxy.close() == [], "threads of the proxy outlive it"
 
 
 def test_requests_that_go_away_leave_the_shared_lookup(nginx, redis_server):
@@ -195,11 +214,7 @@ def test_requests_that_go_away_leave_the_shared_lookup(nginx, redis_server):
     and the worker stays up (an ended request's place in the lookup
     would be memory freed with it)."""
     redis = redis_server
-    redis.add_key(KEY, scopes="read", workspaces="sales")
-    proxy = HoldingProxy(redis)
-    n = None
-    try:
-        n = nginx(GATEWAY % proxy.addr, workers=1)
+    with held_gateway(nginx, redis) as (n, proxy):
         workers = n.worker_pids()
         conns = connections(n, 10)
 
@@ -221,7 +236,3 @@ def test_requests_that_go_away_leave_the_shared_lookup(nginx, redis_server):
         assert n.worker_pids() == workers, "the worker was replaced"
         for c in kept:
             c.close()
-    finally:
-        if n is not None:
-            n.stop()
-        assert proxy.close() == [], "threads of the proxy outlive it"
